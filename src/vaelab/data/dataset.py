@@ -1,0 +1,145 @@
+"""The Dataset value, value checks, binarisation and the fixed-seed split every loader shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from vaelab.errors import DataError
+
+# Shuffling for splits uses its own seed so that a data set's splits never depend on a run's seed.
+SPLIT_SEED = 20240611
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: images (N, C, H, W) float32 and optional int64 labels (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A named data set with train/val/test splits that share one (C, H, W) shape."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse splits that disagree, so models can trust `shape` and labels."""
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        for split_name, split in splits.items():
+            if split.x.ndim != 4 or tuple(split.x.shape[1:]) != tuple(self.train.x.shape[1:]):
+                raise DataError(
+                    f"data set {self.name}: {split_name} images have shape {tuple(split.x.shape[1:])}, "
+                    f"train images {tuple(self.train.x.shape[1:])}; give every split images of one (C, H, W) shape"
+                )
+            if (split.y is None) != (self.train.y is None):
+                raise DataError(
+                    f"data set {self.name}: the {split_name} and train splits disagree on having labels; "
+                    "give labels for every split or for none"
+                )
+            if split.y is not None and len(split.y) != len(split.x):
+                raise DataError(
+                    f"data set {self.name}: the {split_name} split has {len(split.x)} images but "
+                    f"{len(split.y)} labels; give one label per image"
+                )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one example."""
+        c, h, w = self.train.x.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def check_finite(x: torch.Tensor, source: str) -> None:
+    """Raise DataError if `x` holds NaN or infinite values.
+
+    Args:
+        x: any floating tensor.
+        source: what the tensor came from (a file or data set name), quoted in the message.
+    """
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise DataError(
+            f"{source} has {bad} NaN or infinite value(s) out of {x.numel()}; "
+            "remove or replace them before training"
+        )
+
+
+def check_unit_interval(x: torch.Tensor, source: str) -> None:
+    """Raise DataError unless every value of `x` is finite and in [0, 1] (needed by Bernoulli likelihoods).
+
+    Args:
+        x: any tensor.
+        source: what the tensor came from (a file or data set name), quoted in the message.
+    """
+    check_finite(x, source)
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach())
+    if lo < 0 or hi > 1:
+        raise DataError(
+            f"{source} has values in [{float(lo):g}, {float(hi):g}], outside [0, 1]; "
+            "rescale it to [0, 1] (e.g. save 8-bit pixels as uint8, which vaelab divides by 255) "
+            "or use a Gaussian likelihood"
+        )
+
+
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample Bernoulli(x) elementwise for x in [0, 1]; same dtype and device as x.
+
+    Args:
+        x: probabilities in [0, 1] (not checked here: this runs on every batch; see check_unit_interval).
+        generator: optional torch.Generator on x's device, for reproducible samples.
+    """
+    # u < p with u ~ U[0, 1) is Bernoulli(p); about 3x faster than torch.bernoulli on CPU.
+    return torch.empty_like(x).uniform_(generator=generator).lt_(x).to(x.dtype)
+
+
+def static_binarize(ds: Dataset, seed: int) -> Dataset:
+    """Binarise every split once, with one generator seeded by `seed` (the fixed binarisation of the literature).
+
+    Args:
+        ds: a data set with values in [0, 1].
+        seed: seed of the generator; the same seed gives the same binary data set.
+    """
+    generator = torch.Generator(device=ds.train.x.device).manual_seed(seed)
+    splits = {}
+    for split_name in ("train", "val", "test"):
+        split: Split = getattr(ds, split_name)
+        check_unit_interval(split.x, f"data set {ds.name} ({split_name} split)")
+        splits[split_name] = Split(binarize(split.x, generator), split.y)
+    return replace(ds, **splits)
+
+
+def fixed_permutation(n: int) -> torch.Tensor:
+    """A permutation of range(n) that depends only on n (seeded by SPLIT_SEED)."""
+    return torch.from_numpy(np.random.default_rng(SPLIT_SEED).permutation(n))
+
+
+def split_shuffled(
+    name: str,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    classes: tuple[str, ...] | None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> Dataset:
+    """Shuffle with SPLIT_SEED and cut into train/val/test (each at least one example)."""
+    n = len(x)
+    if n < 3:
+        raise DataError(f"{name} has {n} example(s); give at least 3 (one each for train, val and test)")
+    n_val = max(1, round(n * val_fraction))
+    n_test = max(1, round(n * test_fraction))
+    n_train = n - n_val - n_test
+    order = fixed_permutation(n)
+    cuts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    splits = {k: Split(x[i].contiguous(), None if y is None else y[i].contiguous()) for k, i in cuts.items()}
+    return Dataset(name, classes=classes, **splits)

@@ -1,0 +1,239 @@
+"""Data: IDX reader, bundled data sets, registry, binarisation and value checks."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
+
+from vaelab.data import (
+    DATASETS,
+    Dataset,
+    Split,
+    binarize,
+    check_finite,
+    check_unit_interval,
+    load_dataset,
+    read_idx,
+    sources,
+    static_binarize,
+)
+from vaelab.errors import DataError
+
+pytestmark = pytest.mark.usefixtures("offline_data")
+
+
+# --- IDX reader ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("dtype", ["u1", "i1", ">i2", ">i4", ">f4", ">f8"])
+def test_read_idx_round_trip(tmp_path, write_idx, compress, dtype):
+    array = (np.arange(2 * 3 * 5) - 7).reshape(2, 3, 5).astype(dtype)
+    out = read_idx(write_idx(tmp_path / "a.idx", array, compress))
+    assert out.dtype == array.dtype.newbyteorder("=") and out.flags.writeable
+    np.testing.assert_array_equal(out, array)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(st.sampled_from([np.uint8, np.int16, np.float32]), array_shapes(min_dims=1, max_dims=4, max_side=4)))
+def test_read_idx_round_trip_any_shape(tmp_path_factory, write_idx, array):
+    path = write_idx(tmp_path_factory.mktemp("idx") / "x", array)
+    np.testing.assert_array_equal(read_idx(path), array)
+
+
+def test_read_idx_detects_gzip_by_content_not_name(tmp_path, write_idx):
+    array = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "raw.gz", array, compress=False)), array)
+    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "packed.idx", array, compress=True)), array)
+
+
+def test_read_idx_wrong_magic_names_file_and_magic(tmp_path, write_idx):
+    inner = write_idx(tmp_path / "inner", np.zeros((2, 2, 2), np.uint8))
+    twice = tmp_path / "t10k-images-idx3-ubyte.gz"
+    twice.write_bytes(gzip.compress(inner.read_bytes()))  # gzip of a gzip: the IDX magic is then 0x1f8b08..
+    with pytest.raises(DataError, match="not an IDX file") as info:
+        read_idx(twice, ndim=3)
+    message = str(info.value)
+    assert str(twice) in message and "0x1f8b08" in message and "0x00000803" in message and "\n" not in message
+
+
+def test_read_idx_wrong_ndim(tmp_path, write_idx):
+    path = write_idx(tmp_path / "labels.gz", np.zeros(5, np.uint8))
+    with pytest.raises(DataError, match=r"1-dimensional.*0x00000803"):
+        read_idx(path, ndim=3)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_truncated(tmp_path, compress):
+    header = bytes([0, 0, 8, 3]) + np.array([10, 28, 28], ">u4").tobytes()
+    raw = header + bytes(100)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    with pytest.raises(DataError, match="truncated") as info:
+        read_idx(path)
+    message = str(info.value)
+    assert str(path) in message and str(16 + 10 * 28 * 28) in message and str(len(raw)) in message
+    assert "download it again" in message
+
+
+def test_read_idx_truncated_header_trailing_bytes_short_file(tmp_path):
+    short_header = tmp_path / "short_header"
+    short_header.write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(short_header)
+    trailing = tmp_path / "trailing"
+    trailing.write_bytes(bytes([0, 0, 8, 1]) + np.array([2], ">u4").tobytes() + bytes(5))
+    with pytest.raises(DataError, match="3 more than"):
+        read_idx(trailing)
+    tiny = tmp_path / "tiny"
+    tiny.write_bytes(b"\x00\x00")
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(tiny)
+
+
+def test_read_idx_corrupt_gzip_and_missing_file(tmp_path, write_idx):
+    path = write_idx(tmp_path / "x.gz", np.zeros((4, 4, 4), np.uint8))
+    path.write_bytes(path.read_bytes()[:-12])  # cut the gzip trailer and some data
+    with pytest.raises(DataError, match="corrupt gzip") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(DataError, match="cannot read"):
+        read_idx(tmp_path / "missing.gz")
+
+
+# --- bundled data sets -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_mnist5k():
+    """Forget the in-process copy so each test sees its own VAELAB_DATA cache."""
+    sources._mnist5k_rows.cache_clear()
+    yield
+    sources._mnist5k_rows.cache_clear()
+
+
+def test_mnist5k_shapes_range_labels(fresh_mnist5k):
+    ds = load_dataset("mnist5k")
+    assert ds.name == "mnist5k" and ds.shape == (1, 28, 28) and ds.classes == tuple("0123456789")
+    assert [len(s.x) for s in (ds.train, ds.val, ds.test)] == [3500, 500, 1000]
+    for split in (ds.train, ds.val, ds.test):
+        assert split.x.dtype == torch.float32 and split.y.dtype == torch.int64
+        assert split.x.min() == 0 and split.x.max() == 1
+        assert set(split.y.tolist()) == set(range(10))
+    # A zero is mostly background, with some ink: a sanity check that pixels and labels stayed paired.
+    assert 0.05 < ds.train.x[ds.train.y == 1].mean() < ds.train.x[ds.train.y == 0].mean() < 0.4
+
+
+def test_mnist5k_deterministic_and_cached_on_disk(fresh_mnist5k, offline_data):
+    first = load_dataset("mnist5k")
+    assert (offline_data / "mnist5k.npz").is_file()
+    sources._mnist5k_rows.cache_clear()  # the next load reads the .npz
+    second = load_dataset("mnist5k")
+    for a, b in zip((first.train, first.val, first.test), (second.train, second.val, second.test)):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert first.train.x.data_ptr() != second.train.x.data_ptr()  # callers get their own tensors
+
+
+def test_mnist5k_damaged_or_unwritable_cache(fresh_mnist5k, offline_data, monkeypatch):
+    offline_data.mkdir(parents=True)
+    (offline_data / "mnist5k.npz").write_bytes(b"garbage")
+    assert len(load_dataset("mnist5k").train.x) == 3500
+    assert np.load(offline_data / "mnist5k.npz")["rows"].shape == (5000, 785)  # rewritten
+    sources._mnist5k_rows.cache_clear()
+    not_a_dir = offline_data / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("VAELAB_DATA", str(not_a_dir))
+    assert len(load_dataset("mnist5k").test.x) == 1000
+
+
+def test_digits():
+    ds = load_dataset("digits")
+    assert ds.shape == (1, 8, 8) and ds.classes == tuple("0123456789")
+    sizes = [len(s.x) for s in (ds.train, ds.val, ds.test)]
+    assert sum(sizes) == 1797 and sizes == [1258, 180, 359]
+    assert 0 <= ds.train.x.min() and ds.train.x.max() == 1
+
+
+# --- registry ----------------------------------------------------------------------------------------------
+
+
+def test_registry_is_a_plain_dict_of_the_named_sets():
+    assert type(DATASETS) is dict and list(DATASETS) == ["mnist5k", "digits", "fashion-mnist", "mnist"]
+
+
+def test_unknown_name_lists_known_names_and_forms():
+    with pytest.raises(DataError) as info:
+        load_dataset("mnsit")
+    message = str(info.value)
+    for word in ("'mnsit'", "mnist5k", "digits", "fashion-mnist", "folder:PATH", "npz:PATH", "npy:PATH"):
+        assert word in message
+    with pytest.raises(DataError, match="folder:PATH"):
+        load_dataset("folder:")
+
+
+def test_dataset_refuses_splits_that_disagree():
+    x = torch.zeros(2, 1, 3, 3)
+    with pytest.raises(DataError, match="shape"):
+        Dataset("t", Split(x), Split(torch.zeros(2, 1, 4, 4)), Split(x))
+    with pytest.raises(DataError, match="labels"):
+        Dataset("t", Split(x, torch.zeros(2, dtype=torch.long)), Split(x), Split(x))
+    assert Dataset("t", Split(x), Split(x), Split(x)).shape == (1, 3, 3)
+
+
+# --- binarisation and checks -------------------------------------------------------------------------------
+
+
+def test_binarize_is_bernoulli_of_x():
+    p = torch.linspace(0, 1, 11).repeat(20_000, 1)  # (20000, 11): each column one probability
+    sample = binarize(p, torch.Generator().manual_seed(0))
+    assert sample.dtype == p.dtype and sample.shape == p.shape
+    assert set(sample.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(sample[:, 0] == 0) and torch.all(sample[:, -1] == 1)
+    # The column means have standard error <= sqrt(0.25 / 20000) = 0.0035; 0.025 is 7 of them,
+    # and with a seeded generator the outcome is fixed anyway.
+    assert torch.allclose(sample.mean(0), p[0], atol=0.025)
+
+
+def test_binarize_reproducible_and_keeps_dtype():
+    x = torch.rand(64, 1, 8, 8, dtype=torch.float64)
+    a = binarize(x, torch.Generator().manual_seed(3))
+    b = binarize(x, torch.Generator().manual_seed(3))
+    assert a.dtype == torch.float64 and torch.equal(a, b)
+    assert not torch.equal(a, binarize(x, torch.Generator().manual_seed(4)))
+
+
+def test_static_binarize_deterministic_under_seed():
+    x = torch.rand(50, 1, 4, 4)
+    y = torch.arange(50) % 3
+    ds = Dataset("t", Split(x, y), Split(x[:10], y[:10]), Split(x[:20], y[:20]), ("a", "b", "c"))
+    a, b, c = static_binarize(ds, 7), static_binarize(ds, 7), static_binarize(ds, 8)
+    for name in ("train", "val", "test"):
+        sa, sb = getattr(a, name), getattr(b, name)
+        assert torch.equal(sa.x, sb.x) and set(sa.x.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(sa.y, getattr(ds, name).y)
+    assert not torch.equal(a.train.x, c.train.x) and a.classes == ds.classes and a.name == "t"
+    with pytest.raises(DataError, match=r"data set u .*outside \[0, 1\]"):
+        static_binarize(Dataset("u", Split(x * 2), Split(x), Split(x)), 0)
+
+
+def test_check_unit_interval():
+    check_unit_interval(torch.tensor([0.0, 0.5, 1.0]), "ok")
+    check_unit_interval(torch.empty(0), "empty")
+    with pytest.raises(DataError) as info:
+        check_unit_interval(torch.tensor([0.0, 1.5]), "my.npz")
+    assert "my.npz" in str(info.value) and "1.5" in str(info.value) and "rescale" in str(info.value)
+    with pytest.raises(DataError, match=r"-0\.5"):
+        check_unit_interval(torch.tensor([-0.5, 0.5]), "neg")
+    with pytest.raises(DataError, match="my.npz.*NaN"):
+        check_unit_interval(torch.tensor([0.5, float("nan")]), "my.npz")
+
+
+def test_check_finite():
+    check_finite(torch.tensor([-3.0, 1e30]), "ok")
+    check_finite(torch.arange(3), "ints")
+    with pytest.raises(DataError, match="src has 2 NaN or infinite"):
+        check_finite(torch.tensor([float("inf"), float("nan"), 0.0]), "src")

@@ -1,0 +1,243 @@
+"""Data: user images in folders (folder:PATH) and arrays (npz:PATH, npy:PATH)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vaelab.data import load_dataset
+from vaelab.errors import DataError
+
+pytestmark = pytest.mark.usefixtures("offline_data")
+
+
+def save_grey(path, value, size=(6, 4)):
+    """A flat grey image of `size` (width, height) whose pixels all equal `value`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, value).save(path)
+    return path
+
+
+def all_splits(ds):
+    return [ds.train, ds.val, ds.test]
+
+
+# --- folder:PATH -------------------------------------------------------------------------------------------
+
+
+def test_folder_without_classes(tmp_path):
+    for i in range(10):
+        save_grey(tmp_path / f"img{i}.png", 20 * i)
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.shape == (1, 4, 6) and ds.classes is None and ds.name == f"folder:{tmp_path}"
+    assert [len(s.x) for s in all_splits(ds)] == [8, 1, 1] and all(s.y is None for s in all_splits(ds))
+    values = sorted(round(float(s.x[i].mean()) * 255) for s in all_splits(ds) for i in range(len(s.x)))
+    assert values == [20 * i for i in range(10)]  # every image once, scaled by 1/255
+    assert torch.equal(load_dataset(f"folder:{tmp_path}").train.x, ds.train.x)  # fixed split
+
+
+def test_folder_with_class_subfolders(tmp_path):
+    # Pixel value encodes the class, so we can check labels stay with their images after shuffling.
+    for label, name in enumerate(["cat", "dog", "emu"]):
+        for i in range(4):
+            save_grey(tmp_path / name / f"{i}.png", 100 * label)
+    (tmp_path / "emu" / "notes.txt").write_text("ignored")
+    (tmp_path / ".hidden").mkdir()
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.classes == ("cat", "dog", "emu") and sum(len(s.x) for s in all_splits(ds)) == 12
+    for split in all_splits(ds):
+        assert split.y.dtype == torch.int64
+        assert torch.allclose(split.x.mean((1, 2, 3)) * 255, 100 * split.y.float(), atol=1e-3)
+
+
+def test_folder_colour_makes_all_rgb_and_jpeg_accepted(tmp_path):
+    save_grey(tmp_path / "a.png", 10)
+    save_grey(tmp_path / "b.png", 10)
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(tmp_path / "c.JPG")
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.shape == (3, 4, 6)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(f"folder:{tmp_path / 'nope'}")
+    with pytest.raises(DataError, match=r"no images found in .*\.png/\.jpg/\.jpeg"):
+        load_dataset(f"folder:{tmp_path}")
+    save_grey(tmp_path / "a.png", 1)
+    save_grey(tmp_path / "b.png", 1, size=(5, 5))
+    with pytest.raises(DataError) as info:
+        load_dataset(f"folder:{tmp_path}")
+    message = str(info.value)
+    assert "a.png is 6x4" in message and "b.png is 5x5" in message and "resize" in message
+
+
+def test_folder_corrupt_and_truncated_images(tmp_path):
+    save_grey(tmp_path / "a.png", 1)
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=r"cannot read image .*bad\.png"):
+        load_dataset(f"folder:{tmp_path}")
+    (tmp_path / "bad.png").unlink()
+    data = Image.effect_noise((64, 64), 50).convert("L")
+    data.save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:200])
+    with pytest.raises(DataError, match=r"cut\.png"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_folder_loose_images_beside_classes_and_empty_class(tmp_path):
+    save_grey(tmp_path / "cls" / "a.png", 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*empty has no"):
+        load_dataset(f"folder:{tmp_path}")
+    save_grey(tmp_path / "empty" / "b.png", 1)
+    save_grey(tmp_path / "loose.png", 1)
+    with pytest.raises(DataError, match="loose images"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+# --- npz:PATH and npy:PATH ---------------------------------------------------------------------------------
+
+
+def digits_u8(n=20, h=5, w=4):
+    """n uint8 images; image i is filled with 10 * i, so its pixels tell which one it was."""
+    return np.broadcast_to((10 * np.arange(n)).astype(np.uint8)[:, None, None], (n, h, w)).copy()
+
+
+def image_index(split):
+    """Inverse of digits_u8 after scaling by 1/255."""
+    return (split.x.mean((1, 2, 3)) * 255 / 10).round().long()
+
+
+@pytest.mark.parametrize("x_key,y_key", [("x", "y"), ("images", "labels"), ("arr_0", None), ("x", None)])
+def test_npz_single_array_layouts(tmp_path, x_key, y_key):
+    x = digits_u8()
+    arrays = {x_key: x} | ({y_key: np.arange(20) % 4} if y_key else {})
+    np.savez(tmp_path / "d.npz", **arrays)
+    ds = load_dataset(f"npz:{tmp_path / 'd.npz'}")
+    assert ds.shape == (1, 5, 4) and [len(s.x) for s in all_splits(ds)] == [16, 2, 2]
+    everything = torch.cat([image_index(s) for s in all_splits(ds)])
+    assert sorted(everything.tolist()) == list(range(20))  # uint8 scaled by 1/255, every image once
+    if y_key:
+        assert ds.classes == ("0", "1", "2", "3")
+        for split in all_splits(ds):
+            assert torch.equal(split.y, image_index(split) % 4)
+    else:
+        assert ds.classes is None and ds.train.y is None
+
+
+LAYOUTS = {  # name -> (C, H, W) of the images, and how to store canonical (N, C, H, W) images that way
+    "NHW": ((1, 7, 6), lambda c: c[:, 0]),
+    "NCHW": ((3, 7, 6), lambda c: c),
+    "NCHW grey": ((1, 7, 6), lambda c: c),
+    "NHWC": ((3, 7, 6), lambda c: c.transpose(0, 2, 3, 1)),
+    "NHWC grey": ((1, 7, 6), lambda c: c.transpose(0, 2, 3, 1)),
+    "flat": ((1, 1, 42), lambda c: c.reshape(len(c), -1)),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_array_layouts(tmp_path, layout):
+    shape, store = LAYOUTS[layout]
+    # Image i holds 1000 * i + its position, so each loaded image can be checked element by element.
+    canonical = (1000 * np.arange(10)[:, None] + np.arange(np.prod(shape))).reshape(10, *shape).astype(np.float32)
+    np.save(tmp_path / "a.npy", store(canonical))
+    ds = load_dataset(f"npy:{tmp_path / 'a.npy'}")
+    assert ds.shape == shape and ds.train.y is None
+    everything = torch.cat([s.x for s in all_splits(ds)])
+    assert torch.equal(everything[everything[:, 0, 0, 0].argsort()], torch.from_numpy(canonical))
+
+
+def test_float_arrays_are_kept_as_given(tmp_path):
+    x = np.linspace(-3, 5, 10 * 16, dtype=np.float64).reshape(10, 4, 4)
+    np.save(tmp_path / "g.npy", x)
+    ds = load_dataset(f"npy:{tmp_path / 'g.npy'}")
+    everything = torch.cat([s.x for s in all_splits(ds)])
+    assert everything.dtype == torch.float32 and everything.min() == -3 and everything.max() == 5
+
+
+def test_npz_presplit(tmp_path):
+    x = digits_u8(30)
+    y = np.arange(30) % 3
+    splits = {"train": slice(0, 20), "val": slice(20, 24), "test": slice(24, 30)}
+    np.savez(tmp_path / "s.npz", **{f"{v}_{k}": a[c] for k, c in splits.items() for v, a in (("x", x), ("y", y))})
+    ds = load_dataset(f"npz:{tmp_path / 's.npz'}")
+    assert [len(s.x) for s in all_splits(ds)] == [20, 4, 6] and ds.classes == ("0", "1", "2")
+    assert torch.equal(ds.test.y, torch.from_numpy(y[24:]))
+    assert torch.allclose(ds.test.x[:, 0] * 255, torch.from_numpy(x[24:]).float())
+
+
+def test_npz_presplit_without_val_holds_out_part_of_train(tmp_path):
+    x = digits_u8(30)
+    np.savez(
+        tmp_path / "s.npz",
+        x_train=x[:20],
+        x_test=x[20:],
+    )
+    ds = load_dataset(f"npz:{tmp_path / 's.npz'}")
+    assert [len(s.x) for s in all_splits(ds)] == [18, 2, 10] and ds.train.y is None
+
+
+def test_npz_string_labels(tmp_path):
+    np.savez(tmp_path / "s.npz", x=digits_u8(6), y=np.array(["b", "a", "b", "c", "a", "a"]))
+    ds = load_dataset(f"npz:{tmp_path / 's.npz'}")
+    assert ds.classes == ("a", "b", "c")
+    assert sorted(torch.cat([s.y for s in all_splits(ds)]).tolist()) == [0, 0, 0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_names_the_file(tmp_path, bad):
+    x = np.zeros((5, 3, 3), np.float32)
+    x[2, 1, 1] = bad
+    np.savez(tmp_path / "nan.npz", x=x)
+    with pytest.raises(DataError, match=r"nan\.npz.*NaN or infinite"):
+        load_dataset(f"npz:{tmp_path / 'nan.npz'}")
+
+
+def test_pickles_and_objects_are_refused(tmp_path):
+    objects = np.array([{"a": 1}, None, 3], dtype=object)
+    np.savez(tmp_path / "o.npz", x=objects)
+    with pytest.raises(DataError, match=r"o\.npz.*Python objects"):
+        load_dataset(f"npz:{tmp_path / 'o.npz'}")
+    np.save(tmp_path / "o.npy", objects, allow_pickle=True)
+    with pytest.raises(DataError, match=r"o\.npy.*Python objects"):
+        load_dataset(f"npy:{tmp_path / 'o.npy'}")
+    (tmp_path / "p.npz").write_bytes(pickle.dumps({"x": [1, 2, 3]}))
+    with pytest.raises(DataError, match=r"p\.npz is not an \.npy or \.npz file"):
+        load_dataset(f"npz:{tmp_path / 'p.npz'}")
+
+
+@pytest.mark.parametrize(
+    "arrays,match",
+    [
+        ({"x": np.zeros((0, 3, 3), np.uint8)}, r"shape \(0, 3, 3\)"),
+        ({"x": np.zeros(7, np.uint8)}, r"shape \(7,\)"),
+        ({"x": np.zeros((2, 2, 2, 2, 2), np.uint8)}, "shape"),
+        ({"x": np.array([["a", "b"]] * 4)}, "not numbers"),
+        ({"x": np.zeros((2, 3, 3), np.uint8)}, "at least 3"),
+        ({"x": np.zeros((5, 3, 3)), "y": np.arange(4)}, "one label per image"),
+        ({"x": np.zeros((5, 3, 3)), "y": np.array([0, 1, -1, 0, 1])}, "integers >= 0"),
+        ({"x": np.zeros((5, 3, 3)), "y": np.array([0, 1, 0.5, 0, 1])}, "integers >= 0"),
+        ({"pictures": np.zeros((5, 3, 3)), "other": np.zeros(5)}, r"\['other', 'pictures'\]"),
+        ({"x_train": np.zeros((5, 3, 3))}, "x_test"),
+        ({"x_train": np.zeros((5, 3, 3)), "x_test": np.zeros((2, 3, 3)), "y_train": np.zeros(5, int)}, "y_test"),
+        ({"x_train": np.zeros((5, 3, 3)), "x_test": np.zeros((2, 4, 4))}, "one .C, H, W. shape"),
+    ],
+)
+def test_npz_errors(tmp_path, arrays, match):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=match) as info:
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_mismatched_array_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(f"npz:{tmp_path / 'none.npz'}")
+    np.savez(tmp_path / "a.npz", x=digits_u8())
+    with pytest.raises(DataError, match="pass npz:"):
+        load_dataset(f"npy:{tmp_path / 'a.npz'}")
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 this is not really a zip")
+    with pytest.raises(DataError, match=r"junk\.npz"):
+        load_dataset(f"npz:{tmp_path / 'junk.npz'}")
