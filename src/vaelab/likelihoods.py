@@ -1,0 +1,67 @@
+"""Likelihood heads: decoder outputs (B, C, H, W) -> p(x|z), a torch.distributions object over whole images."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Bernoulli, Distribution, Independent, Normal
+
+# Numerics in one place: a learned Gaussian scale never drops below this floor, so that pixels
+# that never vary (MNIST's borders) cannot drive log p(x|z) to +infinity.
+SCALE_MIN = 1e-3
+
+
+def _image(base: Distribution) -> Distribution:
+    """Treat the last three dimensions (C, H, W) as one event: log_prob sums over pixels."""
+    return Independent(base, 3, validate_args=False)
+
+
+class BernoulliLikelihood(nn.Module):
+    """p(x|z) = prod_i Bernoulli(x_i; sigmoid(logit_i)), for binary or binarised data.
+
+    Kingma & Welling 2014, Appendix C.1. Grey values in [0, 1] are scored with the same formula
+    (binary cross-entropy), as is common practice; binarise for a proper likelihood.
+    """
+
+    needs_unit_interval = True
+
+    def forward(self, logits: torch.Tensor) -> Distribution:
+        return _image(Bernoulli(logits=logits, validate_args=False))
+
+
+class GaussianLikelihood(nn.Module):
+    """p(x|z) = prod_i N(x_i; mu_i, sigma^2): sigma fixed, or learned per channel (Appendix C.2).
+
+    The learned, shared scale follows Rybkin et al. 2021, "Simple and Effective VAE Training with
+    Calibrated Decoders" (sigma-VAE): one sigma per channel, learned jointly with the decoder.
+    """
+
+    needs_unit_interval = False
+
+    def __init__(self, *, sigma: float, channels: int, learned: bool = False):
+        super().__init__()
+        self.learned = learned
+        if learned:
+            # softplus(raw) + floor = sigma at initialisation
+            raw = math.log(math.expm1(max(sigma - SCALE_MIN, 1e-6)))
+            self.raw_scale = nn.Parameter(torch.full((channels, 1, 1), raw))
+        else:
+            self.register_buffer("fixed_scale", torch.tensor(float(sigma)), persistent=False)
+
+    def scale(self) -> torch.Tensor:
+        """Current sigma: (C, 1, 1) when learned, a scalar when fixed."""
+        if self.learned:
+            return F.softplus(self.raw_scale) + SCALE_MIN
+        return self.fixed_scale
+
+    def forward(self, mean: torch.Tensor) -> Distribution:
+        return _image(Normal(mean, self.scale(), validate_args=False))
+
+
+def build_likelihood(name: str, *, sigma: float, channels: int) -> nn.Module:
+    """The likelihood head for a --likelihood choice."""
+    if name == "bernoulli":
+        return BernoulliLikelihood()
+    return GaussianLikelihood(sigma=sigma, channels=channels, learned=name == "gaussian-learned")

@@ -1,0 +1,29 @@
+"""Models: PCA and autoencoders as baselines, the VAE; MODELS maps --model names to classes."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .baselines import AE, PCA
+from .common import Output
+from .vae import VAE
+
+MODELS: dict[str, type[nn.Module]] = {"pca": PCA, "ae": AE, "vae": VAE}
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Construct the model a ModelConfig describes (input_shape must be set); keeps the config on it."""
+    if config.input_shape is None:
+        raise ConfigError("model config has no input_shape; it is filled in from the data before building")
+    cls = MODELS[config.model]
+    accepted = inspect.signature(cls).parameters  # PCA takes only the shapes
+    model = cls(**{k: v for k, v in dataclasses.asdict(config).items() if k in accepted})
+    model.config = config
+    return model
+
+
+__all__ = ["AE", "MODELS", "Output", "PCA", "VAE", "build_model"]

@@ -1,0 +1,116 @@
+"""Baselines: PCA in closed form, and deterministic autoencoders (linear or deep)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, Independent, Normal
+
+from ..errors import ConfigError
+from ..nets import ENCODERS
+from .common import ImageDecoder, Output
+
+
+class PCA(nn.Module):
+    """Principal component analysis, fitted in closed form; decode gives probabilistic PCA's p(x|z).
+
+    The noise variance is the maximum-likelihood one of Tipping & Bishop 1999, "Probabilistic
+    Principal Component Analysis", eq. (8): the mean of the discarded eigenvalues.
+    """
+
+    def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.latent_dim = latent_dim
+        n_features = math.prod(self.input_shape)
+        if latent_dim > n_features:
+            raise ConfigError(f"--latent-dim {latent_dim} exceeds the {n_features} pixels PCA can project onto")
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("components", torch.zeros(latent_dim, n_features))  # (L, P), orthonormal rows
+        self.register_buffer("explained_variance", torch.zeros(latent_dim))
+        self.register_buffer("noise_variance", torch.ones(()))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> PCA:
+        """Fit to images x (N, C, H, W) via the SVD of the centred data (in float64)."""
+        if x.shape[0] < 2:
+            raise ConfigError("PCA needs at least 2 training examples")
+        flat = x.flatten(1).double()
+        mean = flat.mean(0)
+        _, s, vh = torch.linalg.svd(flat - mean, full_matrices=False)
+        eigenvalues = s**2 / (flat.shape[0] - 1)
+        components = vh[: self.latent_dim]
+        # deterministic signs: the largest-magnitude loading of each component is positive
+        signs = torch.sign(components.gather(1, components.abs().argmax(1, keepdim=True)))
+        discarded = eigenvalues[self.latent_dim:]
+        noise = discarded.mean() if discarded.numel() else torch.zeros((), dtype=flat.dtype)
+        self.mean.copy_(mean)
+        self.components.copy_(components * signs)
+        self.explained_variance.copy_(eigenvalues[: self.latent_dim])
+        self.noise_variance.copy_(noise.clamp_min(1e-6))
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Projections onto the principal components, (B, L)."""
+        return (x.flatten(1) - self.mean) @ self.components.T
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) = N(W z + mean, sigma^2 I) with W the components, over images (C, H, W)."""
+        loc = (z @ self.components + self.mean).unflatten(-1, self.input_shape)
+        return Independent(Normal(loc, self.noise_variance.sqrt(), validate_args=False), 3, validate_args=False)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        z = self.encode(x)
+        return Output(qz=None, pz=None, z=z, px_z=self.decode(z))
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Point codes (B, L)."""
+        return self.encode(x)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Projection onto the principal subspace, shape of x."""
+        return self.decode(self.encode(x)).mean
+
+
+class AE(nn.Module):
+    """Deterministic autoencoder trained on -log p(x|z) with z = f(x); linear=True drops all nonlinearities.
+
+    A linear AE with a Gaussian likelihood spans PCA's principal subspace at its optimum
+    (Baldi & Hornik 1989, "Neural networks and principal component analysis").
+    """
+
+    def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int, net: str = "mlp",
+                 hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli", sigma: float = 0.1,
+                 linear: bool = False):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.latent_dim = latent_dim
+        self.encoder = ENCODERS[net](input_shape=self.input_shape, hidden=hidden, linear=linear)
+        self.code = nn.Linear(self.encoder.out_features, latent_dim)
+        self.decoder = ImageDecoder(net=net, latent_dim=latent_dim, hidden=hidden, output_shape=self.input_shape,
+                                    likelihood=likelihood, sigma=sigma, linear=linear)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The code z = f(x), (B, L)."""
+        return self.code(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) for codes z (..., L)."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        z = self.encode(x)
+        return Output(qz=None, pz=None, z=z, px_z=self.decode(z))
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Point codes (B, L)."""
+        return self.encode(x)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x|f(x)), shape of x."""
+        return self.decode(self.encode(x)).mean

@@ -1,0 +1,70 @@
+"""The variational autoencoder: encoder -> q(z|x), decoder -> p(x|z), prior p(z)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Distribution
+
+from ..latents import LATENTS
+from ..nets import ENCODERS
+from .common import ImageDecoder, Output
+
+
+class VAE(nn.Module):
+    """Kingma & Welling 2014, "Auto-Encoding Variational Bayes"; Rezende et al. 2014.
+
+    Args:
+        input_shape: (C, H, W) of the data.
+        latent_dim: D, the size of z.
+        net: "mlp" or "conv" encoder/decoder bodies.
+        hidden: layer widths (mlp) or channel counts (conv), encoder order; the decoder mirrors them.
+        likelihood: "bernoulli", "gaussian" (fixed sigma) or "gaussian-learned".
+        sigma: the Gaussian likelihood's fixed (or initial) scale.
+        linear: drop all nonlinearities (a linear-Gaussian model).
+    """
+
+    def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int, net: str = "mlp",
+                 hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli", sigma: float = 0.1,
+                 linear: bool = False):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.latent_dim = latent_dim
+        self.encoder = ENCODERS[net](input_shape=self.input_shape, hidden=hidden, linear=linear)
+        self.posterior = LATENTS["gaussian"](in_features=self.encoder.out_features, latent_dim=latent_dim)
+        self.decoder = ImageDecoder(net=net, latent_dim=latent_dim, hidden=hidden, output_shape=self.input_shape,
+                                    likelihood=likelihood, sigma=sigma, linear=linear)
+
+    def encode(self, x: torch.Tensor) -> Distribution:
+        """q(z|x) for images x (B, C, H, W): batch shape (B,), event shape (D,)."""
+        return self.posterior(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) for codes z (..., D): batch shape z.shape[:-1], event shape (C, H, W)."""
+        return self.decoder(z)
+
+    def prior(self) -> Distribution:
+        """p(z)."""
+        return self.posterior.prior()
+
+    def forward(self, x: torch.Tensor, k: int | None = None) -> Output:
+        """One pass with reparameterised samples: z (B, D), or (K, B, D) when k is given."""
+        qz = self.encode(x)
+        z = qz.rsample() if k is None else qz.rsample((k,))
+        return Output(qz=qz, pz=self.prior(), z=z, px_z=self.decode(z))
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Point codes (B, D): the posterior means."""
+        return self.encode(x).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x|z) at z = E[q(z|x)], shape of x."""
+        return self.decode(self.embed(x)).mean
+
+    @torch.no_grad()
+    def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
+        """n images from the model: z ~ p(z), then the mean of p(x|z) (or a draw from it)."""
+        z = self.prior().sample((n,))
+        px_z = self.decode(z)
+        return px_z.mean if mean else px_z.sample()

@@ -1,0 +1,111 @@
+"""Encoder and decoder bodies: plain nn.Modules, no probability in them.
+
+An encoder maps images (B, C, H, W) to features (B, F); a decoder maps codes (B, D) to one
+parameter per pixel (B, C, H, W), which a likelihood head turns into p(x|z).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+def _activation(linear: bool) -> nn.Module:
+    return nn.Identity() if linear else nn.ReLU()
+
+
+def mlp(sizes: list[int], *, linear: bool = False, last_activation: bool = False) -> nn.Sequential:
+    """Linear layers between consecutive sizes, ReLU between them (none when linear)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if (i < len(sizes) - 2 or last_activation) and not linear:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    """Flatten, then a stack of fully connected layers."""
+
+    def __init__(self, *, input_shape: tuple[int, int, int], hidden: tuple[int, ...], linear: bool = False):
+        super().__init__()
+        self.body = mlp([math.prod(input_shape), *hidden], linear=linear, last_activation=True)
+        self.out_features = hidden[-1] if hidden else math.prod(input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.flatten(1))  # (B, F)
+
+
+class MLPDecoder(nn.Module):
+    """Fully connected layers in the encoder's reverse order, one output per pixel."""
+
+    def __init__(self, *, latent_dim: int, hidden: tuple[int, ...], output_shape: tuple[int, int, int],
+                 linear: bool = False):
+        super().__init__()
+        self.output_shape = output_shape
+        self.body = mlp([latent_dim, *reversed(hidden), math.prod(output_shape)], linear=linear)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(z).unflatten(-1, self.output_shape)  # (B, C, H, W)
+
+
+def _conv_sizes(size: int, n_layers: int) -> list[int]:
+    """Spatial sizes after each stride-2 convolution (kernel 4, padding 1 halves, rounding down)."""
+    sizes = [size]
+    for _ in range(n_layers):
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+class ConvEncoder(nn.Module):
+    """Stride-2 convolutions with the given channel counts, then flatten."""
+
+    def __init__(self, *, input_shape: tuple[int, int, int], hidden: tuple[int, ...], linear: bool = False):
+        super().__init__()
+        c, h, w = input_shape
+        hs, ws = _conv_sizes(h, len(hidden)), _conv_sizes(w, len(hidden))
+        if not hidden or min(hs[-1], ws[-1]) < 1:
+            raise ConfigError(
+                f"--net conv with --hidden {','.join(map(str, hidden)) or '(empty)'} needs images of at least "
+                f"{2 ** len(hidden)}x{2 ** len(hidden)} pixels, got {h}x{w}; use fewer conv layers or --net mlp"
+            )
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip((c, *hidden[:-1]), hidden):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), _activation(linear)]
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.out_features = hidden[-1] * hs[-1] * ws[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # (B, F)
+
+
+class ConvDecoder(nn.Module):
+    """A linear map to the encoder's last feature map, then stride-2 transposed convolutions back."""
+
+    def __init__(self, *, latent_dim: int, hidden: tuple[int, ...], output_shape: tuple[int, int, int],
+                 linear: bool = False):
+        super().__init__()
+        c, h, w = output_shape
+        hs, ws = _conv_sizes(h, len(hidden)), _conv_sizes(w, len(hidden))
+        self.start = (hidden[-1], hs[-1], ws[-1])
+        self.project = nn.Sequential(nn.Linear(latent_dim, math.prod(self.start)), _activation(linear))
+        channels = (*reversed(hidden), c)
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
+            j = len(hidden) - i  # index of the target size in hs/ws
+            # output_padding restores the pixel a floor-halving dropped on odd sizes
+            pad = (hs[j - 1] - 2 * hs[j], ws[j - 1] - 2 * ws[j])
+            layers.append(nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1, output_padding=pad))
+            if i < len(hidden) - 1:  # no activation on the pixel parameters
+                layers.append(_activation(linear))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(z).unflatten(-1, self.start))  # (B, C, H, W)
+
+
+ENCODERS = {"mlp": MLPEncoder, "conv": ConvEncoder}
+DECODERS = {"mlp": MLPDecoder, "conv": ConvDecoder}

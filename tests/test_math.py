@@ -1,0 +1,161 @@
+"""The mathematics: KL, reparameterisation, likelihoods, ELBO, PCA and the linear AE."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import kl_divergence
+
+from vaelab.latents import DiagonalGaussian, diagonal_normal
+from vaelab.likelihoods import SCALE_MIN, BernoulliLikelihood, GaussianLikelihood
+from vaelab.models import AE, PCA, VAE
+from vaelab.objectives import elbo, reconstruction
+
+
+def test_analytic_kl_matches_monte_carlo():
+    torch.manual_seed(0)
+    loc, scale = torch.randn(4, 5), torch.rand(4, 5) + 0.3
+    qz, pz = diagonal_normal(loc, scale), diagonal_normal(torch.zeros(5), torch.ones(5))
+    analytic = kl_divergence(qz, pz)  # (4,)
+    z = qz.sample((200_000,))  # (K, B, D)
+    mc = (qz.log_prob(z) - pz.log_prob(z)).mean(0)
+    closed = 0.5 * (scale**2 + loc**2 - 1 - 2 * scale.log()).sum(-1)  # Kingma & Welling, Appendix B
+    torch.testing.assert_close(analytic, closed)
+    # the MC standard error is about sqrt(Var/K) ~ 0.01 here
+    assert torch.allclose(analytic, mc, atol=0.05), (analytic, mc)
+
+
+def test_reparameterised_samples_have_right_moments_and_carry_gradients():
+    torch.manual_seed(0)
+    head = DiagonalGaussian(in_features=3, latent_dim=2)
+    h = torch.randn(1, 3)
+    qz = head(h)
+    z = qz.rsample((100_000,))  # (K, 1, 2)
+    torch.testing.assert_close(z.mean(0), qz.mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(z.std(0), qz.stddev, atol=0.02, rtol=0)
+    z.sum().backward()
+    assert head.mean.weight.grad is not None and head.mean.weight.grad.abs().sum() > 0
+    assert head.logvar.weight.grad is not None and head.logvar.weight.grad.abs().sum() > 0
+
+
+def test_bernoulli_log_likelihood_by_hand():
+    logits = torch.tensor([[[[0.3, -1.2], [2.0, 0.0]]]])  # (1, 1, 2, 2)
+    x = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+    p = torch.sigmoid(logits)
+    by_hand = (x * p.log() + (1 - x) * (1 - p).log()).sum()
+    px = BernoulliLikelihood()(logits)
+    assert px.batch_shape == (1,) and px.event_shape == (1, 2, 2)
+    torch.testing.assert_close(px.log_prob(x), by_hand.reshape(1))
+    torch.testing.assert_close(px.mean, p)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_gaussian_log_likelihood_by_hand(learned):
+    mean = torch.tensor([[[[0.2, 0.5], [0.9, 0.1]]]])
+    x = torch.tensor([[[[0.0, 0.4], [1.0, 0.3]]]])
+    lik = GaussianLikelihood(sigma=0.25, channels=1, learned=learned)
+    sigma = 0.25
+    by_hand = (-0.5 * ((x - mean) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)).sum()
+    torch.testing.assert_close(lik(mean).log_prob(x), by_hand.reshape(1), rtol=1e-5, atol=1e-5)
+    if learned:  # the scale is a parameter that gets gradients, and never drops below its floor
+        lik(mean).log_prob(x).sum().backward()
+        assert lik.raw_scale.grad is not None
+        with torch.no_grad():
+            lik.raw_scale.fill_(-50.0)
+        assert float(lik.scale().detach().min()) >= SCALE_MIN
+
+
+def test_elbo_terms_are_consistent_and_bound_log_likelihood_of_a_batch():
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,))
+    x = torch.bernoulli(torch.full((5, 1, 4, 4), 0.3))
+    out = model(x)
+    terms = elbo(out, x, beta=0.5)
+    assert all(v.shape == (5,) for v in terms.values())
+    torch.testing.assert_close(terms["loss"], terms["recon"] + 0.5 * terms["kl"])
+    assert (terms["kl"] >= 0).all() and (terms["recon"] >= 0).all()
+    torch.testing.assert_close(terms["recon"], -out.px_z.log_prob(x))
+
+
+def test_decode_accepts_importance_sample_dimension():
+    model = VAE(input_shape=(1, 8, 8), latent_dim=2, net="conv", hidden=(4, 8))
+    z = torch.randn(7, 3, 2)  # (K, B, D)
+    px = model.decode(z)
+    assert px.batch_shape == (7, 3) and px.event_shape == (1, 8, 8)
+    out = model(torch.rand(3, 1, 8, 8), k=7)
+    assert out.z.shape == (7, 3, 2) and out.px_z.batch_shape == (7, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 9, 13), (1, 8, 8)])
+def test_conv_decoder_restores_any_image_size(shape):
+    model = VAE(input_shape=shape, latent_dim=2, net="conv", hidden=(4, 8))
+    x = torch.rand(2, *shape)
+    assert model.reconstruct(x).shape == x.shape
+    assert model.sample(3).shape == (3, *shape)
+
+
+def _principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles between the column spaces of a and b (P, L), in radians."""
+    qa, _ = torch.linalg.qr(a)
+    qb, _ = torch.linalg.qr(b)
+    cosines = torch.linalg.svdvals(qa.T @ qb).clamp(-1, 1)
+    return torch.arccos(cosines)
+
+
+def test_pca_matches_numpy_svd_and_ppca_noise():
+    torch.manual_seed(0)
+    x = torch.randn(300, 1, 3, 4) @ torch.randn(4, 4)
+    pca = PCA(input_shape=(1, 3, 4), latent_dim=3).fit(x)
+    flat = x.flatten(1).double()
+    centred = flat - flat.mean(0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    angles = _principal_angles(pca.components.double().T, vh[:3].T)
+    assert angles.max() < 1e-4
+    eig = s**2 / (len(flat) - 1)
+    torch.testing.assert_close(pca.explained_variance.double(), eig[:3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pca.noise_variance.double(), eig[3:].mean(), rtol=1e-5, atol=1e-6)
+    # projecting twice changes nothing, and components are orthonormal
+    recon = pca.reconstruct(x)
+    torch.testing.assert_close(pca.reconstruct(recon), recon, atol=1e-4, rtol=0)
+    torch.testing.assert_close(pca.components @ pca.components.T, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_linear_autoencoder_spans_pca_subspace():
+    """Baldi & Hornik 1989: a linear AE trained on squared error recovers the principal subspace."""
+    torch.manual_seed(0)
+    n, p, latent = 512, 12, 3
+    scales = torch.tensor([5.0, 4.0, 3.0] + [0.3] * (p - 3))
+    basis, _ = torch.linalg.qr(torch.randn(p, p))
+    x = ((torch.randn(n, p) * scales) @ basis.T + 0.5).reshape(n, 1, 1, p)
+    pca = PCA(input_shape=(1, 1, p), latent_dim=latent).fit(x)
+    ae = AE(input_shape=(1, 1, p), latent_dim=latent, hidden=(), likelihood="gaussian", sigma=1.0, linear=True)
+    opt = torch.optim.Adam(ae.parameters(), lr=0.02)
+    for _ in range(1500):
+        loss = reconstruction(ae(x), x)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    decoder_weight = ae.decoder.body.body[0].weight.detach()  # (P, L): its columns span the AE's subspace
+    angles = _principal_angles(decoder_weight, pca.components.T)
+    assert angles.max() < 0.02, angles
+    # and it reconstructs as well as PCA does
+    pca_err = (pca.reconstruct(x) - x).pow(2).sum() / n
+    ae_err = (ae.reconstruct(x) - x).pow(2).sum() / n
+    assert ae_err < pca_err * 1.01
+
+
+def test_bernoulli_elbo_matches_pytorch_examples_formula():
+    """Our ELBO equals the familiar hand-written loss (BCE summed + closed-form KL) on the same sample."""
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=2, hidden=(6,))
+    x = torch.rand(3, 1, 4, 4)
+    torch.manual_seed(1)
+    terms = elbo(model(x), x)
+    torch.manual_seed(1)
+    qz = model.encode(x)
+    mu, logvar = qz.mean, qz.variance.log()
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    logits = model.decoder.body(z).reshape(3, 1, 4, 4)
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum((1, 2, 3))
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+    torch.testing.assert_close(terms["loss"], bce + kld, rtol=1e-5, atol=1e-5)
