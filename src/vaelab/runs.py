@@ -1,0 +1,197 @@
+"""Run directories on disk: atomic writes, checkpoints (safetensors + JSON, never pickled code), loading.
+
+A run directory holds:
+    config.json                  the RunConfig (strict JSON)
+    metrics.jsonl                one JSON object per epoch
+    checkpoints/latest.json      {"epoch": N, "dir": "epoch-000N"}, replaced atomically
+    checkpoints/epoch-000N/      model.safetensors, optimizer.pt (tensors only), trainer.json
+    report.html, figures/        written by `vaelab report`
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import RunConfig
+from .errors import CheckpointError, ConfigError, TrainingError
+from .fileio import atomic_write_text, fsync_dir
+from .models import build_model
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(name)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel / torch.compile wrappers, so no prefixes reach the disk."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory on disk and the trainer state stored with it."""
+
+    path: Path
+    epoch: int
+    state: dict[str, Any]
+
+
+def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoints/epoch-N atomically (build in a temporary folder, then rename), then point latest.json at it."""
+    epoch = int(state["epoch"])
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{epoch:04d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".partial"))
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "vaelab", "epoch": str(epoch)})
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # same epoch written before (a resumed run repeating it): move the old one aside
+            stale = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".stale"))
+            os.replace(final, stale / name)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, json.dumps({"epoch": epoch, "dir": name}) + "\n")
+    _prune(root, keep=keep, current=name)
+    return final
+
+
+def _prune(root: Path, *, keep: int, current: str) -> None:
+    done = sorted(p for p in root.glob("epoch-*") if p.is_dir() and p.name != current)
+    for old in done[: max(0, len(done) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint:
+    """The checkpoint latest.json points to, with clear errors when it is missing or damaged."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    try:
+        raw = json.loads(pointer.read_text())
+        path = root / str(raw["dir"])
+        epoch = int(raw["epoch"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir} has no checkpoint ({pointer} is missing); train it first") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{pointer} is damaged ({e}); delete it and point it at an epoch-* folder") from None
+    if path.parent != root or not path.is_dir():
+        raise CheckpointError(f"{pointer} points at {path}, which is not a checkpoint folder in {root}")
+    try:
+        state = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'trainer.json'} is unreadable ({e}); the checkpoint is damaged") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / 'trainer.json'} is not a JSON object; the checkpoint is damaged")
+    return Checkpoint(path=path, epoch=epoch, state=state)
+
+
+def is_complete(run_dir: Path) -> bool:
+    """Whether a run directory holds a run trained to the end of its epochs."""
+    try:
+        return bool(latest_checkpoint(run_dir).state.get("complete"))
+    except CheckpointError:
+        return False
+
+
+def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Load model.safetensors into `model` (strict: every key must match)."""
+    file = checkpoint.path / "model.safetensors"
+    try:
+        weights = load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({e}); it is truncated or tampered with"
+        ) from None
+    try:
+        unwrap(model).load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{file} does not match the model in config.json: {first}") from None
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
+    """Load optimizer.pt with weights_only=True: plain tensors and containers, never code."""
+    file = checkpoint.path / "optimizer.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state)
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError, ValueError, KeyError: all mean "damaged"
+        kind = type(e).__name__
+        raise CheckpointError(f"{file} cannot be loaded safely ({kind}); it is damaged or not vaelab's") from None
+
+
+def load_config(run_dir: Path) -> RunConfig:
+    """The RunConfig of a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory; give the --out folder of a `vaelab train` run")
+    try:
+        return RunConfig.load(run_dir / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load(run_dir: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained model of a run directory, in eval mode, from config.json and the latest checkpoint.
+
+    Args:
+        run_dir: the folder `vaelab train --out` wrote.
+        device: where to put the model.
+    """
+    config = load_config(Path(run_dir))
+    model = build_model(config.model)
+    load_weights(model, latest_checkpoint(Path(run_dir)))
+    return model.to(resolve_device(str(device))).eval()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of metrics.jsonl (empty when there are none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a crash: what came before is intact
+    return records

@@ -1,0 +1,231 @@
+"""The trainer: determinism, resume, checkpoints, NaN handling, save/load and configs."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import vaelab
+from vaelab import runs
+from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaelab.data import Dataset, Split
+from vaelab.errors import CheckpointError, ConfigError, TrainingError
+from vaelab.train import Trainer, kl_weight, prepare_data, train
+
+
+def tiny_data(n=96, shape=(1, 6, 6), seed=0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *shape, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    cut1, cut2 = int(n * 0.7), int(n * 0.85)
+    return Dataset(name="tiny", train=Split(x[:cut1], y[:cut1]), val=Split(x[cut1:cut2], y[cut1:cut2]),
+                   test=Split(x[cut2:], y[cut2:]), classes=("a", "b", "c"))
+
+
+def tiny_config(**train) -> RunConfig:
+    return RunConfig(data=DataConfig(name="tiny", binarize="dynamic"),
+                     model=ModelConfig(model="vae", hidden=(16,), latent_dim=2),
+                     train=TrainConfig(**{"epochs": 3, "batch_size": 16, "warmup_epochs": 1, **train}))
+
+
+def weights(model):
+    return {k: v.clone() for k, v in runs.unwrap(model).state_dict().items()}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_training_lowers_the_loss_and_writes_the_run_directory(tmp_path):
+    model = train(tiny_config(epochs=4), tmp_path / "run", dataset=tiny_data(), progress=False)
+    records = runs.read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    assert {"train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl", "beta"} <= records[0].keys()
+    assert (tmp_path / "run" / "config.json").exists()
+    checkpoint = runs.latest_checkpoint(tmp_path / "run")
+    assert checkpoint.epoch == 4 and checkpoint.state["complete"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("epoch-*")) == ["epoch-0003", "epoch-0004"]
+    assert not model.training
+
+
+def test_same_seed_same_weights_and_different_seed_differs(tmp_path):
+    a = train(tiny_config(), tmp_path / "a", dataset=tiny_data(), progress=False)
+    b = train(tiny_config(), tmp_path / "b", dataset=tiny_data(), progress=False)
+    c = train(tiny_config(seed=1), tmp_path / "c", dataset=tiny_data(), progress=False)
+    assert_same_weights(weights(a), weights(b))
+    assert not torch.equal(weights(a)["encoder.body.0.weight"], weights(c)["encoder.body.0.weight"])
+
+
+def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(tmp_path):
+    full = train(tiny_config(epochs=4), tmp_path / "full", dataset=tiny_data(), progress=False)
+    train(tiny_config(epochs=2), tmp_path / "cut", dataset=tiny_data(), progress=False)
+    resumed = train(tiny_config(epochs=4), tmp_path / "cut", resume=True, dataset=tiny_data(), progress=False)
+    assert_same_weights(weights(full), weights(resumed))
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+    full_metrics = runs.read_metrics(tmp_path / "full")
+    cut_metrics = runs.read_metrics(tmp_path / "cut")
+    assert [r["val_loss"] for r in full_metrics] == [r["val_loss"] for r in cut_metrics]
+
+
+def test_resume_refuses_other_settings_and_fresh_start_refuses_an_existing_run(tmp_path):
+    train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    with pytest.raises(TrainingError, match="--resume"):
+        train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    with pytest.raises(TrainingError, match="settings differ"):
+        train(tiny_config(epochs=2, lr=0.1), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        train(tiny_config(), tmp_path / "nothing", resume=True, dataset=tiny_data(), progress=False)
+
+
+def test_save_then_load_gives_identical_outputs(tmp_path):
+    model = train(tiny_config(), tmp_path / "run", dataset=tiny_data(), progress=False)
+    loaded = vaelab.load(tmp_path / "run")
+    x = tiny_data().test.x
+    torch.testing.assert_close(loaded.encode(x).mean, model.encode(x).mean, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode(x).stddev, model.encode(x).stddev, rtol=0, atol=0)
+    z = torch.randn(5, 2)
+    torch.testing.assert_close(loaded.decode(z).mean, model.decode(z).mean, rtol=0, atol=0)
+    assert loaded.sample(4).shape == (4, 1, 6, 6)
+
+
+def test_checkpoint_files_hold_no_code_and_no_wrapper_prefixes(tmp_path):
+    train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    checkpoint = runs.latest_checkpoint(tmp_path / "run")
+    from safetensors.torch import load_file
+
+    keys = load_file(checkpoint.path / "model.safetensors").keys()
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+    torch.load(checkpoint.path / "optimizer.pt", weights_only=True)  # plain tensors only
+    json.loads((checkpoint.path / "trainer.json").read_text())
+
+
+def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path, monkeypatch):
+    model = train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    before = runs.latest_checkpoint(tmp_path / "run")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runs, "save_file", crash)
+    with pytest.raises(OSError):
+        runs.save_checkpoint(tmp_path / "run", model=model, optimizer=None, state={"epoch": 2})
+    after = runs.latest_checkpoint(tmp_path / "run")
+    assert after.path == before.path and after.epoch == 1
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))  # no debris
+    vaelab.load(tmp_path / "run")
+
+
+def test_truncated_or_tampered_checkpoints_give_clear_errors(tmp_path):
+    train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    path = runs.latest_checkpoint(tmp_path / "run").path
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or tampered"):
+        vaelab.load(tmp_path / "run")
+    (path / "model.safetensors").write_bytes(data)
+    (path / "optimizer.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        train(tiny_config(epochs=2), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
+    (tmp_path / "run" / "checkpoints" / "latest.json").write_text("{")
+    with pytest.raises(CheckpointError, match="damaged"):
+        vaelab.load(tmp_path / "run")
+
+
+def test_malicious_pickle_as_optimizer_state_is_refused(tmp_path):
+    train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    path = runs.latest_checkpoint(tmp_path / "run").path
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state": Evil()}, path / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        train(tiny_config(epochs=2), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
+    assert not marker.exists()
+
+
+def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    grey = DataConfig(name="tiny", binarize="none")  # (binarising would turn the NaN into a 0)
+    config = dataclasses.replace(tiny_config(epochs=3), data=grey)
+    train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
+    good = (runs.latest_checkpoint(tmp_path / "run").path / "model.safetensors").read_bytes()
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=5))
+    trainer = Trainer(longer, tmp_path / "run", dataset=tiny_data(), progress=False)
+    trainer.train_x[3, 0, 0, 0] = float("nan")  # injected after the data checks, as a fault would be
+    with pytest.raises(TrainingError, match="NaN or infinite in epoch 4.*epoch 3"):
+        trainer.fit(resume=True)
+    checkpoint = runs.latest_checkpoint(tmp_path / "run")
+    assert checkpoint.epoch == 3
+    assert (checkpoint.path / "model.safetensors").read_bytes() == good
+
+
+def test_divergent_learning_rate_stops_with_a_clear_message(tmp_path):
+    config = RunConfig(data=DataConfig(name="tiny"),
+                       model=ModelConfig(model="vae", hidden=(16,), latent_dim=2, likelihood="gaussian-learned"),
+                       train=TrainConfig(epochs=3, batch_size=16, lr=1e6))
+    with pytest.raises(TrainingError, match="NaN or infinite"):
+        train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
+    vaelab.load(tmp_path / "run")  # the initial checkpoint is intact and loads
+
+
+def test_kl_warmup_is_linear_then_flat():
+    assert kl_weight(2.0, 0, 0.0) == 2.0
+    assert kl_weight(2.0, 4, 0.0) == 0.0
+    assert kl_weight(2.0, 4, 1.0) == 0.5
+    assert kl_weight(2.0, 4, 10.0) == 2.0
+
+
+def test_warmup_is_logged_and_beta_weights_the_kl(tmp_path):
+    train(tiny_config(epochs=2, warmup_epochs=2, beta=3.0), tmp_path / "run", dataset=tiny_data(), progress=False)
+    records = runs.read_metrics(tmp_path / "run")
+    assert 0 < records[0]["beta"] < records[1]["beta"] <= 3.0
+
+
+def test_binarisation_modes(tmp_path):
+    data = tiny_data()
+    dynamic = prepare_data(tiny_config(), data)
+    assert torch.equal(dynamic.train.x, data.train.x)  # resampled per batch, so kept grey
+    assert set(dynamic.test.x.unique().tolist()) <= {0.0, 1.0}
+    static = prepare_data(RunConfig(data=DataConfig(name="tiny", binarize="static")), data)
+    assert set(static.train.x.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(static.test.x, dynamic.test.x)  # held-out splits: one fixed seed for every run
+    again = prepare_data(RunConfig(data=DataConfig(name="tiny", binarize="static")), static)
+    assert torch.equal(again.train.x, static.train.x)  # preparing twice changes nothing
+
+
+def test_pca_and_ae_train_through_the_same_entry_point(tmp_path):
+    for name in ("pca", "ae"):
+        config = RunConfig(data=DataConfig(name="tiny"), model=ModelConfig(model=name, hidden=(16,), latent_dim=2,
+                                                                           likelihood="gaussian"),
+                           train=TrainConfig(epochs=2, batch_size=16))
+        model = train(config, tmp_path / name, dataset=tiny_data(), progress=False)
+        assert runs.is_complete(tmp_path / name)
+        loaded = vaelab.load(tmp_path / name)
+        x = tiny_data().test.x
+        torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
+
+
+def test_config_json_round_trip_and_strictness(tmp_path):
+    config = tiny_config()
+    config.save(tmp_path / "config.json")
+    assert RunConfig.load(tmp_path / "config.json") == config
+    raw = config.to_dict()
+    raw["train"]["learning_rate"] = 0.1
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="unknown key.*learning_rate"):
+        RunConfig.load(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RunConfig.load(tmp_path / "broken.json")
+    with pytest.raises(ConfigError, match="--latent-dim"):
+        ModelConfig(latent_dim=0)
+    with pytest.raises(ConfigError, match="--lr"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ConfigError, match="--likelihood"):
+        RunConfig.from_dict({"model": {"likelihood": "poisson"}})
