@@ -1,0 +1,257 @@
+"""The command line: `vaelab train | evaluate | sample | reconstruct | interpolate | report | demo`.
+
+Flags of `train` map one to one onto RunConfig fields (FLAGS below).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import BINARIZE, DEVICES, LIKELIHOODS, MODELS, NETS, OBJECTIVES, RunConfig
+from .errors import ConfigError, VaelabError
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expects comma-separated positive integers like 512,256, got {text!r}")
+    return sizes
+
+
+# (section, field, flag, argparse keyword arguments)
+FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("data", "name", "--data", dict(metavar="NAME", help="mnist5k (default), digits, fashion-mnist, mnist, "
+                                                         "folder:PATH, npz:PATH or npy:PATH")),
+    ("data", "binarize", "--binarize", dict(choices=BINARIZE, help="binarise pixels for a Bernoulli likelihood: "
+                                                                  "resampled every batch (dynamic) or once (static)")),
+    ("model", "model", "--model", dict(choices=MODELS, help="pca (closed form), ae or vae (default)")),
+    ("model", "likelihood", "--likelihood", dict(choices=LIKELIHOODS, help="p(x|z) (default bernoulli)")),
+    ("model", "latent_dim", "--latent-dim", dict(type=int, metavar="N", help="size of z (default 16)")),
+    ("model", "net", "--net", dict(choices=NETS, help="encoder/decoder bodies (default mlp)")),
+    ("model", "hidden", "--hidden", dict(type=_hidden, metavar="512,256",
+                                         help="layer widths (mlp, default 512,256) or channels (conv, default 32,64)")),
+    ("model", "sigma", "--sigma", dict(type=float, metavar="X", help="Gaussian likelihood scale, fixed (or initial "
+                                                                     "for gaussian-learned); default 0.1")),
+    ("model", "linear", "--linear", dict(action="store_const", const=True, help="no nonlinearities (linear AE/VAE)")),
+    ("train", "epochs", "--epochs", dict(type=int, metavar="N", help="passes over the training set (default 20)")),
+    ("train", "batch_size", "--batch-size", dict(type=int, metavar="N", help="default 128")),
+    ("train", "lr", "--lr", dict(type=float, metavar="X", help="Adam learning rate (default 1e-3)")),
+    ("train", "beta", "--beta", dict(type=float, metavar="X", help="KL weight (default 1; beta-VAE when != 1)")),
+    ("train", "warmup_epochs", "--warmup-epochs", dict(type=float, metavar="N",
+                                                       help="linear KL warm-up from 0 to beta over N epochs")),
+    ("train", "objective", "--objective", dict(choices=OBJECTIVES, help="training objective (default elbo)")),
+    ("train", "seed", "--seed", dict(type=int, metavar="N", help="random seed (default 0)")),
+    ("train", "device", "--device", dict(choices=DEVICES, help="auto (cuda if available), cpu or cuda")),
+]
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """The RunConfig the flags describe: `base` (or the defaults) with every given flag applied."""
+    base = base or RunConfig()
+    sections = {name: {} for name in ("data", "model", "train")}
+    for section, field, flag, _ in FLAGS:
+        value = getattr(args, _dest(flag), None)
+        if value is not None:
+            sections[section][field] = value
+    if "net" in sections["model"] and "hidden" not in sections["model"]:
+        sections["model"]["hidden"] = None  # the new net's default widths
+    return RunConfig(**{name: dataclasses.replace(getattr(base, name), **changes)
+                        for name, changes in sections.items()})
+
+
+def _default_out(config: RunConfig) -> Path:
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in f"{config.data.name}-{config.model.model}")
+    out, i = Path("runs") / stem, 2
+    while out.exists():
+        out, i = Path("runs") / f"{stem}-{i}", i + 1
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import runs
+    from .reports import write_report
+    from .train import train
+
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out RUN, the run directory to continue")
+        config = config_from_args(args, runs.load_config(args.out))
+    else:
+        config = config_from_args(args)
+    out = args.out or _default_out(config)
+    t0 = time.perf_counter()
+    train(config, out, resume=args.resume, progress=not args.quiet)
+    print(f"trained {config.model.model} on {config.data.name} in {time.perf_counter() - t0:.1f} s: {out}")
+    if not args.no_report:
+        report = write_report(out, baselines=not args.no_baselines, progress=not args.quiet)
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(args.run, device=args.device)
+    for key, value in result.items():
+        print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
+    print(f"written: {Path(args.run) / 'evaluation.json'}")
+    return 0
+
+
+def _run_and_data(run: Path, device: str):
+    from . import runs
+    from .train import prepare_data
+
+    config = runs.load_config(run)
+    return runs.load(run, device=device), prepare_data(config)
+
+
+def _index(value: int, n: int, flag: str) -> int:
+    if not -n <= value < n:
+        raise ConfigError(f"{flag} {value} is out of range: the test split has {n} images (0..{n - 1})")
+    return value % n
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import figures, runs
+
+    model = runs.load(args.run, device=args.device)
+    if not hasattr(model, "sample"):
+        raise ConfigError(f"{args.run} holds a {runs.load_config(args.run).model.model} model, which has no prior "
+                          "to sample from; sample from a --model vae run")
+    if args.n < 1 or args.n > 10_000:
+        raise ConfigError(f"--n must be between 1 and 10000, got {args.n}")
+    torch.manual_seed(args.seed)
+    out = figures.save_grid(model.sample(args.n), args.out or Path(args.run) / "samples.png", nrow=args.nrow)
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from . import figures
+
+    model, data = _run_and_data(args.run, args.device)
+    n = min(args.n, data.test.x.shape[0])
+    out = figures.save_grid(figures.reconstructions(model, data.test.x[:n]),
+                            args.out or Path(args.run) / "reconstructions.png", nrow=n)
+    print(f"written: {out} (originals on top, reconstructions below)")
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from . import figures
+
+    model, data = _run_and_data(args.run, args.device)
+    n = data.test.x.shape[0]
+    a, b = _index(args.a, n, "--a"), _index(args.b, n, "--b")
+    if args.steps < 2 or args.steps > 100:
+        raise ConfigError(f"--steps must be between 2 and 100, got {args.steps}")
+    strip = figures.interpolations(model, data.test.x[a:a + 1], data.test.x[b:b + 1], steps=args.steps)
+    out = figures.save_grid(strip, args.out or Path(args.run) / f"interpolate-{a}-{b}.png", nrow=args.steps)
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reports import write_report
+
+    print(f"report: {write_report(args.run, baselines=not args.no_baselines, progress=not args.quiet)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(Path(args.out), epochs=args.epochs, progress=not args.quiet)
+    print(f"demo report: {report.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="vaelab", description="Variational autoencoders: train, evaluate, "
+                                     "sample and explore. Run `vaelab demo` for a first look.")
+    parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model into a run directory and write its report",
+                       description="Train PCA, an autoencoder or a VAE; writes config.json, metrics.jsonl, "
+                                   "checkpoints/ and report.html into --out.")
+    for _, _, flag, kwargs in FLAGS:
+        p.add_argument(flag, dest=_dest(flag), default=None, **kwargs)
+    p.add_argument("--out", type=Path, metavar="DIR", help="run directory (default runs/<data>-<model>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                                                          "(a larger --epochs extends it)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("--no-baselines", action="store_true", help="report without training PCA/AE/VAE baselines")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_train)
+
+    def run_command(name: str, help: str, func) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help, description=help)
+        q.add_argument("run", type=Path, metavar="RUN", help="a run directory written by `vaelab train`")
+        q.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model (default cpu)")
+        q.set_defaults(func=func)
+        return q
+
+    run_command("evaluate", "test-set loss terms (ELBO, reconstruction, KL) and reconstruction error; "
+                            "writes RUN/evaluation.json", cmd_evaluate)
+    q = run_command("sample", "a grid of samples from the prior, as PNG", cmd_sample)
+    q.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    q.add_argument("--nrow", type=int, default=8, help="images per row (default 8)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", type=Path, help="PNG path (default RUN/samples.png)")
+    q = run_command("reconstruct", "test images and their reconstructions, as PNG", cmd_reconstruct)
+    q.add_argument("--n", type=int, default=10, help="number of test images (default 10)")
+    q.add_argument("--out", type=Path, help="PNG path (default RUN/reconstructions.png)")
+    q = run_command("interpolate", "decode the line between the codes of two test images, as PNG",
+                    cmd_interpolate)
+    q.add_argument("--a", type=int, default=0, help="index of the first test image")
+    q.add_argument("--b", type=int, default=1, help="index of the second test image")
+    q.add_argument("--steps", type=int, default=10, help="images along the line (default 10)")
+    q.add_argument("--out", type=Path, help="PNG path (default RUN/interpolate-A-B.png)")
+    q = run_command("report", "write RUN/report.html with figures, metrics and the PCA/AE/VAE table", cmd_report)
+    q.add_argument("--no-baselines", action="store_true", help="do not train missing baselines for the table")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
+
+    q = sub.add_parser("demo", help="train a VAE on the embedded MNIST digits and write its report (~1 min)",
+                       description="Train PCA, an AE and a VAE on mnist5k and write the VAE's report.")
+    q.add_argument("--out", default="runs/demo", help="folder for the demo runs (default runs/demo)")
+    q.add_argument("--epochs", type=int, default=30, help="VAE/AE epochs (default 30)")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
+    q.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: runs a subcommand; vaelab errors become one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VaelabError as e:
+        message = str(e)
+        print(message if message.startswith("vaelab:") else f"vaelab: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaelab: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,143 @@
+"""Pictures of a trained model: image grids (PIL) and plots (matplotlib), as PNG files."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .train import model_device  # noqa: E402
+
+
+def image_grid(images: torch.Tensor, *, nrow: int, pad: int = 1, scale: int = 1) -> Image.Image:
+    """Tile images (N, C, H, W) with values in [0, 1] into one PIL image, nrow images per row."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = images.shape
+    ncol = nrow
+    nrows = math.ceil(n / ncol)
+    grid = torch.ones(c, nrows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[i]
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(array[:, :, 0] if c == 1 else array[:, :, :3])
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    return picture
+
+
+def _upscale_for(images: torch.Tensor) -> int:
+    return max(1, 56 // images.shape[-1])  # small images (8x8 digits) are enlarged to stay visible
+
+
+def save_grid(images: torch.Tensor, path: Path, *, nrow: int) -> Path:
+    """Write image_grid(images) as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, nrow=nrow, scale=_upscale_for(images)).save(path)
+    return path
+
+
+@torch.no_grad()
+def reconstructions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Originals in the first row, reconstructions in the second: (2N, C, H, W)."""
+    x = x.to(model_device(model))
+    return torch.cat([x, model.reconstruct(x)])
+
+
+@torch.no_grad()
+def interpolations(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor, *, steps: int) -> torch.Tensor:
+    """Decoded points on the line between the codes of xa[i] and xb[i]: (P * steps, C, H, W), row by row."""
+    device = model_device(model)
+    za, zb = model.embed(xa.to(device)), model.embed(xb.to(device))  # (P, D)
+    t = torch.linspace(0, 1, steps, device=device)[None, :, None]  # (1, S, 1)
+    z = (1 - t) * za[:, None] + t * zb[:, None]  # (P, S, D)
+    return model.decode(z.flatten(0, 1)).mean
+
+
+@torch.no_grad()
+def traversals(model: nn.Module, x0: torch.Tensor, dims: list[int], *, scale: torch.Tensor,
+               steps: int = 9, span: float = 3.0) -> torch.Tensor:
+    """Vary one latent dimension at a time around the code of x0 (1, C, H, W), by +-span * scale[d]."""
+    device = model_device(model)
+    z0 = model.embed(x0.to(device))[0]  # (D,)
+    offsets = torch.linspace(-span, span, steps, device=device)
+    rows = []
+    for d in dims:
+        z = z0.repeat(steps, 1)
+        z[:, d] = z0[d] + offsets * scale[d]
+        rows.append(z)
+    return model.decode(torch.cat(rows)).mean
+
+
+def project_2d(codes: torch.Tensor) -> tuple[np.ndarray, str]:
+    """Codes (N, D) as 2-D points: themselves when D <= 2, else their first two principal components."""
+    codes = codes.double().cpu()
+    if codes.shape[1] == 1:
+        return torch.cat([codes, torch.zeros_like(codes)], 1).numpy(), "z"
+    if codes.shape[1] == 2:
+        return codes.numpy(), "z"
+    centred = codes - codes.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ vh[:2].T).numpy(), "PCA of the codes"
+
+
+def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,
+               classes: tuple[str, ...] | None = None) -> Path:
+    """Scatter of 2-D projected codes coloured by label."""
+    points, how = project_2d(codes)
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.6)
+    else:
+        lab = labels.cpu().numpy()
+        cmap = plt.get_cmap("tab10" if lab.max() < 10 else "tab20")
+        for k in np.unique(lab):
+            name = classes[k] if classes is not None and k < len(classes) else str(k)
+            sel = lab == k
+            ax.scatter(points[sel, 0], points[sel, 1], s=4, alpha=0.7, color=cmap(int(k) % cmap.N), label=name)
+        ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+    ax.set_xlabel(f"{how} 1" if how != "z" else "z1")
+    ax.set_ylabel(f"{how} 2" if how != "z" else "z2")
+    ax.set_title("test encodings")
+    return _save(fig, path)
+
+
+def training_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Train/validation loss per epoch, and the reconstruction and KL terms beside it."""
+    records = [r for r in records if "train_loss" in r]
+    if not records:
+        return None
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    axes[0].plot(epochs, [r["train_loss"] for r in records], label="train loss")
+    axes[0].plot(epochs, [r["val_loss"] for r in records], label="validation loss")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("nats per example")
+    axes[0].legend(frameon=False)
+    axes[1].plot(epochs, [r["val_recon"] for r in records], label="validation reconstruction")
+    ax_kl = axes[1].twinx()
+    ax_kl.plot(epochs, [r["val_kl"] for r in records], color="C3", label="validation KL")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("-log p(x|z)")
+    ax_kl.set_ylabel("KL", color="C3")
+    axes[1].legend(loc="upper right", frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

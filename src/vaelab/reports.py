@@ -1,0 +1,136 @@
+"""The HTML report of a run: figures, test metrics and the PCA/AE/VAE comparison, in RUN/report.html."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import figures, runs
+from .data import Dataset
+from .evaluate import compare_baselines, evaluate_run
+from .fileio import atomic_write_text
+from .train import EVAL_SEED, model_device, prepare_data
+
+N_RECON = 10
+N_SAMPLES = 64
+INTERP_PAIRS, INTERP_STEPS = 4, 10
+N_TRAVERSE = 8
+
+
+@torch.no_grad()
+def make_figures(run_dir: Path, model: torch.nn.Module, data: Dataset) -> dict[str, Path]:
+    """All report pictures of a trained model on its test split, as PNGs in RUN/figures."""
+    out = Path(run_dir) / "figures"
+    x = data.test.x
+    torch.manual_seed(EVAL_SEED)
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    pick = torch.randperm(x.shape[0], generator=gen)
+    made: dict[str, Path] = {}
+    recon = figures.reconstructions(model, x[pick[:N_RECON]])
+    made["reconstructions"] = figures.save_grid(recon, out / "reconstructions.png", nrow=N_RECON)
+    if hasattr(model, "sample"):
+        made["samples"] = figures.save_grid(model.sample(N_SAMPLES), out / "samples.png", nrow=8)
+    pairs = pick[N_RECON:N_RECON + 2 * INTERP_PAIRS].view(2, -1)
+    strip = figures.interpolations(model, x[pairs[0]], x[pairs[1]], steps=INTERP_STEPS)
+    made["interpolations"] = figures.save_grid(strip, out / "interpolations.png", nrow=INTERP_STEPS)
+    codes = torch.cat([model.embed(x[i:i + 1000].to(model_device(model))).cpu() for i in range(0, len(x), 1000)])
+    spread = codes.std(0)
+    dims = spread.argsort(descending=True)[:N_TRAVERSE].tolist()  # the dimensions the codes use most
+    grid = figures.traversals(model, x[pick[:1]], dims, scale=spread.to(model_device(model)))
+    made["traversals"] = figures.save_grid(grid, out / "traversals.png", nrow=grid.shape[0] // len(dims))
+    made["latent_map"] = figures.latent_map(codes, data.test.y, out / "latent_map.png", classes=data.classes)
+    curves = figures.training_curves(runs.read_metrics(run_dir), out / "training_curves.png")
+    if curves is not None:
+        made["training_curves"] = curves
+    return made
+
+
+CAPTIONS = {
+    "reconstructions": "Test images (top) and their reconstructions (bottom), decoded from the posterior mean.",
+    "samples": "Samples from the prior: z ~ p(z), shown as the mean of p(x|z).",
+    "interpolations": "Linear interpolations between the encodings of pairs of test images (one pair per row).",
+    "traversals": "Traversals: one latent dimension per row (the most used first), varied by +-3 standard "
+                  "deviations of the test codes around one test image's encoding.",
+    "latent_map": "Test encodings (posterior means) coloured by label; a PCA projection when the latent has "
+                  "more than two dimensions.",
+    "training_curves": "Loss per epoch on the training and validation sets (left); validation reconstruction "
+                       "and KL terms (right).",
+}
+
+
+def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool = False,
+                 data: Dataset | None = None) -> Path:
+    """Evaluate the run, draw its figures and write RUN/report.html; returns the report's path.
+
+    Args:
+        run_dir: a trained run directory.
+        baselines: train the PCA/AE/VAE runs missing from the comparison table (else leave them out).
+        progress: show progress while training baselines.
+        data: the run's data set already in memory, to skip loading it again.
+    """
+    run_dir = Path(run_dir)
+    config = runs.load_config(run_dir)
+    data = prepare_data(config, data)
+    model = runs.load(run_dir)
+    metrics = evaluate_run(run_dir, data=data)
+    table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data)
+    made = make_figures(run_dir, model, data)
+    page = _render(config_dict=config.to_dict(), metrics=metrics, table=table, made=made, run_dir=run_dir)
+    path = run_dir / "report.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(key)))}</td>" for key, _ in columns) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-2 else f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[str, Path], run_dir: Path) -> str:
+    settings = [{"setting": f"{section}.{k}", "value": json.dumps(v)}
+                for section in ("data", "model", "train") for k, v in config_dict[section].items()]
+    metric_rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float))]
+    pictures = "".join(
+        f'<figure><img src="{html.escape(str(path.relative_to(run_dir)))}" alt="{html.escape(name)}">'
+        f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>"
+        for name, path in made.items()
+    )
+    comparison = _table(table, [("model", "model"), ("latent_dim", "latent size"),
+                                ("sse_per_image", "squared error per test image"),
+                                ("mse_per_pixel", "MSE per pixel")])
+    title = f"vaelab report: {config_dict['model']['model']} on {config_dict['data']['name']}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; image-rendering: pixelated; }}
+figcaption {{ color: #555; font-size: 0.9em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<h2>Test metrics</h2>
+{_table(metric_rows, [("metric", "metric"), ("value", "value")])}
+<h2>PCA, AE and VAE at the same latent size</h2>
+<p>Reconstruction error on the test set (mean reconstruction from the code or posterior mean).</p>
+{comparison}
+<h2>Figures</h2>
+{pictures}
+<h2>Settings</h2>
+{_table(settings, [("setting", "setting"), ("value", "value")])}
+</body></html>
+"""
+

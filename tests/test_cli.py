@@ -1,0 +1,110 @@
+"""Every CLI subcommand end to end on tiny data, and the one-line errors for bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vaelab import runs
+from vaelab.cli import main
+
+TINY = ["--hidden", "16", "--latent-dim", "3", "--epochs", "2", "--batch-size", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def npz_data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=rng.integers(0, 256, (120, 8, 8), dtype=np.uint8), y=rng.integers(0, 4, 120))
+    return f"npz:{path}"
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory, npz_data):
+    out = tmp_path_factory.mktemp("runs") / "vae"
+    assert main(["train", "--data", npz_data, "--binarize", "dynamic", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_config_metrics_checkpoints_and_report(vae_run):
+    for name in ("config.json", "metrics.jsonl", "report.html", "evaluation.json", "figures/samples.png",
+                 "figures/latent_map.png", "figures/traversals.png", "figures/interpolations.png",
+                 "figures/reconstructions.png", "figures/training_curves.png"):
+        assert (vae_run / name).exists(), name
+    page = (vae_run / "report.html").read_text()
+    for model in ("pca", "ae", "vae"):
+        assert f"<td>{model}</td>" in page
+    assert runs.is_complete(vae_run / "baselines" / "ae") and runs.is_complete(vae_run / "baselines" / "pca")
+    config = json.loads((vae_run / "config.json").read_text())
+    assert config["model"]["hidden"] == [16] and config["data"]["binarize"] == "dynamic"
+
+
+def test_evaluate_sample_reconstruct_interpolate_report(vae_run, tmp_path, capsys):
+    assert main(["evaluate", str(vae_run)]) == 0
+    result = json.loads((vae_run / "evaluation.json").read_text())
+    assert result["test_loss"] == pytest.approx(result["test_recon"] + result["test_kl"])
+    assert result["test_elbo"] == -result["test_loss"]
+    assert main(["sample", str(vae_run), "--n", "6", "--nrow", "3", "--out", str(tmp_path / "s.png")]) == 0
+    assert Image.open(tmp_path / "s.png").size[0] > 8 * 3
+    assert main(["reconstruct", str(vae_run), "--n", "4", "--out", str(tmp_path / "r.png")]) == 0
+    assert main(["interpolate", str(vae_run), "--a", "0", "--b", "3", "--steps", "5",
+                 "--out", str(tmp_path / "i.png")]) == 0
+    assert main(["report", str(vae_run), "--no-baselines", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "written" in out and "report:" in out
+
+
+def test_resume_extends_a_run(vae_run, npz_data, tmp_path):
+    out = tmp_path / "again"
+    assert main(["train", "--data", npz_data, *TINY, "--out", str(out), "--no-report"]) == 0
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "4", "--quiet", "--no-report"]) == 0
+    assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("model", ["pca", "ae"])
+def test_train_baseline_models(npz_data, tmp_path, model):
+    out = tmp_path / model
+    assert main(["train", "--data", npz_data, "--model", model, "--likelihood", "gaussian", "--net", "conv",
+                 "--hidden", "4,8", "--latent-dim", "2", "--epochs", "1", "--quiet", "--no-baselines",
+                 "--out", str(out)]) == 0
+    assert (out / "report.html").exists()
+    assert "samples" not in (out / "report.html").read_text()  # no prior to sample from
+
+
+def run_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
+    assert "unknown" in run_error(["train", "--data", "no-such-set", "--out", str(tmp_path / "a")], capsys).lower()
+    grey = tmp_path / "grey.npz"
+    np.savez(grey, x=np.full((10, 4, 4), 2.5, dtype=np.float32))
+    err = run_error(["train", "--data", f"npz:{grey}", "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    assert "[0, 1]" in err and "bernoulli" in err
+    err = run_error(["train", "--data", npz_data, "--latent-dim", "0", "--out", str(tmp_path / "c")], capsys)
+    assert "--latent-dim" in err
+    err = run_error(["train", "--data", npz_data, "--net", "conv", "--hidden", "4,8,16,32",
+                     "--out", str(tmp_path / "d"), "--quiet"], capsys)
+    assert "--net mlp" in err
+    assert "not a directory" in run_error(["evaluate", str(tmp_path / "missing")], capsys)
+    assert "out of range" in run_error(["interpolate", str(vae_run), "--a", "100000"], capsys)
+    assert "--resume needs --out" in run_error(["train", "--resume"], capsys)
+    err = run_error(["train", "--data", npz_data, *TINY, "--out", str(vae_run)], capsys)
+    assert "already holds a run" in err
+    with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2 with usage
+        main(["train", "--hidden", "a,b"])
+    assert "comma-separated" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point_and_help():
+    done = subprocess.run([sys.executable, "-m", "vaelab", "train", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for flag in ("--data", "--model", "--likelihood", "--latent-dim", "--net", "--hidden", "--epochs",
+                 "--batch-size", "--lr", "--beta", "--warmup-epochs", "--binarize", "--seed", "--device",
+                 "--out", "--resume"):
+        assert flag in done.stdout, flag
