@@ -1,0 +1,234 @@
+"""Training throughput: vaelab's Trainer against a plain pytorch/examples-style DataLoader loop, same run.
+
+Model: MLP VAE 784-512-256 -> 16 -> 256-512-784, Bernoulli likelihood (BCE on grey values, as
+pytorch/examples/vae does), Adam lr 1e-3, batch 128, on Fashion-MNIST's training split (mnist5k
+when Fashion-MNIST is not available). Methods are run in interleaved rounds and the median of
+each is reported, because the machine is shared and noisy.
+
+The reference loop is pytorch/examples/vae/main.py's: a torchvision-style MNIST Dataset (uint8
+images, each turned into a PIL image and through ToTensor on access), DataLoader(shuffle=True),
+sigmoid + binary_cross_entropy, default Adam, loss.item() per batch. torchvision itself is not
+installed (its wheels pull CUDA), so its two per-sample steps are reproduced with Pillow and numpy.
+
+FLOPs: "model FLOPs" per training sample are 3x the forward pass (forward, then backward for
+activations and weights), the convention of model-FLOPs utilisation; torch's FlopCounterMode
+counts the forward. The FLOP limit is the machine's measured fp32 matmul rate divided by them.
+Autograd skips the input gradient of the first layer, so the FLOPs actually executed are fewer;
+both are printed. Last line: `speedup_vs_dataloader=X fraction_of_limit=Y`.
+
+    python benchmarks/train_speed.py [--rounds 5] [--examples 20000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from vaelab import runs
+from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaelab.data import Dataset, Split, load_dataset
+from vaelab.errors import DataError
+from vaelab.train import train
+
+BATCH = 128
+RESULTS = Path(__file__).parent / "results" / "train_speed.json"
+
+
+class ExamplesVAE(nn.Module):
+    """The pytorch/examples VAE, widened to the benchmark's 784-512-256-16 architecture."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(784, 512), nn.Linear(512, 256)
+        self.fc_mu, self.fc_logvar = nn.Linear(256, 16), nn.Linear(256, 16)
+        self.fc3, self.fc4, self.fc5 = nn.Linear(16, 256), nn.Linear(256, 512), nn.Linear(512, 784)
+
+    def forward(self, x):
+        h = F.relu(self.fc2(F.relu(self.fc1(x.view(-1, 784)))))
+        mu, logvar = self.fc_mu(h), self.fc_logvar(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc5(F.relu(self.fc4(F.relu(self.fc3(z)))))), mu, logvar
+
+
+def examples_loss(recon_x, x, mu, logvar):
+    bce = F.binary_cross_entropy(recon_x, x.view(-1, 784), reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())  # Appendix B, Kingma & Welling 2014
+    return bce + kld
+
+
+class TorchvisionStyleMNIST(torch.utils.data.Dataset):
+    """What torchvision.datasets.MNIST(transform=ToTensor()) does per item: uint8 -> PIL image -> float tensor."""
+
+    def __init__(self, x: torch.Tensor):
+        self.data = (x[:, 0] * 255).round().to(torch.uint8)  # (N, 28, 28), as torchvision stores it
+        self.targets = torch.zeros(len(x), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.data[index].numpy(), mode="L")
+        tensor = torch.from_numpy(np.array(img, np.uint8, copy=True)).unsqueeze(0).float().div(255)  # ToTensor
+        return tensor, int(self.targets[index])
+
+
+def dataloader_loop(x: torch.Tensor) -> float:
+    """One epoch of pytorch/examples/vae/main.py's train(): DataLoader, shuffle, .item() per batch."""
+    torch.manual_seed(0)
+    model = ExamplesVAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(TorchvisionStyleMNIST(x), batch_size=BATCH, shuffle=True)
+    model.train()
+    start = time.perf_counter()
+    train_loss = 0.0
+    for data, _ in loader:
+        optimizer.zero_grad()
+        recon_batch, mu, logvar = model(data)
+        loss = examples_loss(recon_batch, data, mu, logvar)
+        loss.backward()
+        train_loss += loss.item()
+        optimizer.step()
+    return len(x) / (time.perf_counter() - start)
+
+
+def tight_loop(x: torch.Tensor) -> float:
+    """The same model in memory, batches by index permutation, default Adam: a plain fast reference."""
+    torch.manual_seed(0)
+    model = ExamplesVAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    perm = torch.randperm(len(x))
+    for i in range(0, len(x), BATCH):
+        data = x[perm[i:i + BATCH]]
+        recon_batch, mu, logvar = model(data)
+        loss = examples_loss(recon_batch, data, mu, logvar)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return len(x) / (time.perf_counter() - start)
+
+
+def vaelab_trainer(data: Dataset, workdir: Path) -> float:
+    """vaelab's Trainer for two epochs; the second epoch's training throughput (no validation, no I/O)."""
+    config = RunConfig(data=DataConfig(name=data.name, binarize="none"),
+                       model=ModelConfig(model="vae", net="mlp", hidden=(512, 256), latent_dim=16,
+                                         likelihood="bernoulli"),
+                       train=TrainConfig(epochs=2, batch_size=BATCH, lr=1e-3, device="cpu"))
+    out = Path(tempfile.mkdtemp(dir=workdir))
+    train(config, out, dataset=data, progress=False)
+    return runs.read_metrics(out)[-1]["samples_per_s"]
+
+
+def flops_per_sample(data: Dataset) -> tuple[float, float]:
+    """(model FLOPs = 3 x forward, FLOPs executed by forward + backward) of vaelab's model, per example."""
+    from vaelab.models import VAE
+    from vaelab.objectives import elbo
+
+    model = VAE(input_shape=data.shape, latent_dim=16, hidden=(512, 256))
+    x = data.train.x[:BATCH]
+    with FlopCounterMode(display=False) as forward:
+        loss = elbo(model(x), x)["loss"].mean()
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    fwd = forward.get_total_flops() / BATCH
+    return 3 * fwd, fwd + backward.get_total_flops() / BATCH
+
+
+def matmul_rate(repeats: int = 10) -> float:
+    """The machine's fp32 matmul peak: best timing of square matmuls (1024, 2048), in FLOP/s."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
+    return best
+
+
+def load(examples: int) -> Dataset:
+    try:
+        data = load_dataset("fashion-mnist")
+    except DataError:
+        data = load_dataset("mnist5k")
+    x, y = data.train.x[:examples], data.train.y[:examples]
+    return Dataset(name=data.name, train=Split(x, y), val=data.val, test=data.test, classes=data.classes)
+
+
+METHODS = {"dataloader loop": dataloader_loop, "tight loop": tight_loop, "vaelab": None}
+
+
+def measure(method: str, examples: int) -> float:
+    """One measurement in this process: samples/s of a method, or the matmul peak in FLOP/s."""
+    if method == "matmul peak":
+        return matmul_rate()
+    data = load(examples)
+    if method == "vaelab":
+        with tempfile.TemporaryDirectory() as workdir:
+            return vaelab_trainer(data, Path(workdir))
+    return METHODS[method](data.train.x)
+
+
+def measure_fresh(method: str, examples: int) -> float:
+    """measure() in a new Python process, so no method inherits another's process state (allocator, caches)."""
+    done = subprocess.run([sys.executable, __file__, "--measure", method, "--examples", str(examples)],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--examples", type=int, default=20000, help="training examples per epoch")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(measure(args.measure, args.examples))
+        return
+    data = load(args.examples)
+    flops, executed = flops_per_sample(data)
+    print(f"data: {data.name}, {len(data.train.x)} training examples per epoch, batch {BATCH}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; each measurement in a fresh process")
+    names = [*METHODS, "matmul peak"]
+    rows: list[dict[str, float]] = []
+    for r in range(args.rounds):  # interleaved, so slow phases of a shared machine hit every method
+        rows.append({name: measure_fresh(name, args.examples) for name in names})
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:,.0f}" if k != "matmul peak" else f"{k} {v / 1e9:.0f} GFLOP/s"
+                                             for k, v in rows[-1].items()), flush=True)
+    # ratios are taken within each round, then the median over rounds
+    ratio = {k: statistics.median(row[k] / row["dataloader loop"] for row in rows) for k in METHODS}
+    fraction = {k: statistics.median(row[k] * flops / row["matmul peak"] for row in rows) for k in METHODS}
+    median = {k: statistics.median(row[k] for row in rows) for k in names}
+    print()
+    print(f"{'method':<18}{'samples/s':>12}{'vs dataloader':>16}{'of FLOP limit':>16}")
+    for name in METHODS:
+        print(f"{name:<18}{median[name]:>12,.0f}{ratio[name]:>15.2f}x{fraction[name]:>15.0%}")
+    peak = median["matmul peak"]
+    print(f"\nmodel FLOPs per training sample {flops / 1e6:.2f} M (executed: {executed / 1e6:.2f} M); "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s (median); FLOP limit {peak / flops:,.0f} samples/s "
+          f"({peak / executed:,.0f} counting executed FLOPs only); medians of per-round ratios")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"data": data.name, "examples": len(data.train.x), "rounds": rows,
+                                   "model_flops_per_sample": flops, "executed_flops_per_sample": executed,
+                                   "speedup_vs_dataloader": ratio["vaelab"],
+                                   "fraction_of_limit": fraction["vaelab"]}, indent=2) + "\n")
+    print(f"speedup_vs_dataloader={ratio['vaelab']:.2f} fraction_of_limit={fraction['vaelab']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
