@@ -108,3 +108,15 @@ def test_python_dash_m_entry_point_and_help():
                  "--batch-size", "--lr", "--beta", "--warmup-epochs", "--binarize", "--seed", "--device",
                  "--out", "--resume"):
         assert flag in done.stdout, flag
+
+
+def test_demo_trains_on_the_embedded_digits_and_prints_its_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "demo" / "vae" / "report.html"
+    assert str(report.resolve()) in out and report.exists()
+    config = json.loads((tmp_path / "demo" / "vae" / "config.json").read_text())
+    assert config["data"]["name"] == "mnist5k" and config["model"]["model"] == "vae"
+    # running it again reuses the finished run instead of training anew
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"]) == 0
+    assert len(runs.read_metrics(tmp_path / "demo" / "vae")) == 1
