@@ -48,7 +48,10 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("train", "beta", "--beta", dict(type=float, metavar="X", help="KL weight (default 1; beta-VAE when != 1)")),
     ("train", "warmup_epochs", "--warmup-epochs", dict(type=float, metavar="N",
                                                        help="linear KL warm-up from 0 to beta over N epochs")),
-    ("train", "objective", "--objective", dict(choices=OBJECTIVES, help="training objective (default elbo)")),
+    ("train", "objective", "--objective", dict(choices=OBJECTIVES, help="elbo (default) or iwae, the "
+                                                                      "K-sample bound of Burda et al. 2016")),
+    ("train", "k", "--k", dict(type=int, metavar="K", help="importance samples per example for --objective iwae "
+                                                         "(an averaged K-sample ELBO for elbo); default 1")),
     ("train", "seed", "--seed", dict(type=int, metavar="N", help="random seed (default 0)")),
     ("train", "device", "--device", dict(choices=DEVICES, help="auto (cuda if available), cpu or cuda")),
 ]
@@ -104,10 +107,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
-    result = evaluate_run(args.run, device=args.device)
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {args.k}")
+    result = evaluate_run(args.run, nll_k=args.k if args.nll else None, probe=not args.no_probe,
+                          chunk=args.chunk, device=args.device)
     for key, value in result.items():
-        print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
+        if isinstance(value, list):
+            value = "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
+        print(f"{key:>28}  {value:.4f}" if isinstance(value, float) else f"{key:>28}  {value}")
     print(f"written: {Path(args.run) / 'evaluation.json'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluate import compare_runs
+    from .fileio import atomic_write_text
+
+    _, markdown = compare_runs(args.runs)
+    print(markdown, end="")
+    atomic_write_text(args.out, markdown)
+    print(f"written: {args.out}")
     return 0
 
 
@@ -209,8 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
         q.set_defaults(func=func)
         return q
 
-    run_command("evaluate", "test-set loss terms (ELBO, reconstruction, KL) and reconstruction error; "
-                            "writes RUN/evaluation.json", cmd_evaluate)
+    q = run_command("evaluate", "the evaluation suite on the test set (ELBO, KL per dimension, active units, "
+                                "I(x;z), linear probes, reconstruction error; NLL with --nll); writes "
+                                "RUN/evaluation.json", cmd_evaluate)
+    q.add_argument("--nll", action="store_true", help="estimate log p(x) by importance sampling (IWAE bound)")
+    q.add_argument("--k", type=int, default=5000, help="importance samples per test image (default 5000)")
+    q.add_argument("--chunk", type=int, default=None, help="samples per pass (memory knob; default 200)")
+    q.add_argument("--no-probe", action="store_true", help="skip the logistic-regression probes")
+    q = sub.add_parser("compare", help="a table of several evaluated runs, printed and written as Markdown",
+                       description="Compare runs by their evaluation.json (runs without one are evaluated).")
+    q.add_argument("runs", type=Path, nargs="+", metavar="RUN")
+    q.add_argument("--out", type=Path, default=Path("compare.md"), help="Markdown file (default compare.md)")
+    q.set_defaults(func=cmd_compare)
     q = run_command("sample", "a grid of samples from the prior, as PNG", cmd_sample)
     q.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     q.add_argument("--nrow", type=int, default=8, help="images per row (default 8)")

@@ -16,7 +16,7 @@ NETS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
 BINARIZE = ("none", "dynamic", "static")
 DEVICES = ("auto", "cpu", "cuda")
-OBJECTIVES = ("elbo",)
+OBJECTIVES = ("elbo", "iwae")
 DEFAULT_HIDDEN = {"mlp": (512, 256), "conv": (32, 64)}
 CONFIG_VERSION = 1
 
@@ -95,6 +95,7 @@ class TrainConfig:
     beta: float = 1.0
     warmup_epochs: float = 0  # linear KL warm-up from 0 to beta over this many epochs
     objective: str = "elbo"
+    k: int = 1  # importance samples per example: IWAE's K, or an ELBO averaged over K samples
     seed: int = 0
     device: str = "auto"
 
@@ -105,6 +106,7 @@ class TrainConfig:
         _positive(self.beta, "--beta", allow_zero=True)
         _positive(self.warmup_epochs, "--warmup-epochs", allow_zero=True)
         _choice(self.objective, OBJECTIVES, "--objective")
+        _integer(self.k, "--k", minimum=1)
         _integer(self.seed, "--seed", minimum=0)
         _choice(self.device, DEVICES, "--device")
 

@@ -1,9 +1,16 @@
-"""Evaluation of a trained run: test loss terms, reconstruction error, and PCA/AE/VAE baselines beside it."""
+"""The evaluation suite of a trained run, written to RUN/evaluation.json, and comparisons of several runs.
+
+    test NLL (importance-sampled, K samples) in nats and bits/dim, with its standard error and ESS
+    test ELBO = -(reconstruction + KL), KL per latent dimension, active units, I(x; z)
+    linear probes on the codes, on PCA features of equal size and on pixels
+    reconstruction error of PCA, AE and VAE at the same latent size (compare_baselines)
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +19,24 @@ from torch import nn
 
 from . import runs
 from .config import RunConfig
-from .data import Dataset
+from .data import Dataset, binarize
+from .density import importance_sample, log_likelihood
+from .errors import ConfigError
 from .fileio import atomic_write_text
-from .train import EVAL_SEED, mean_terms, model_device, objective_for, prepare_data, train
+from .latent_stats import active_units, kl_per_dimension, linear_probes, mutual_information
+from .objectives import elbo
+from .system import model_device
+from .train import EVAL_SEED, mean_terms, objective_for, prepare_data, train
 
 BASELINES = ("pca", "ae", "vae")
+COMPARE_COLUMNS = [  # (key in evaluation.json, column title)
+    ("model", "model"), ("data", "data"), ("latent_dim", "z"), ("epoch", "epochs"),
+    ("nll", "NLL (nats)"), ("nll_k", "K"), ("test_elbo", "ELBO"), ("test_recon", "recon"), ("test_kl", "KL"),
+    ("active_units", "active units"), ("mutual_information", "I(x;z)"), ("probe_accuracy_latent", "probe acc"),
+    ("sse_per_image", "sq. error/image"),
+]
+
+__all__ = ["evaluate_run", "log_likelihood", "importance_sample", "compare_runs", "compare_baselines"]
 
 
 @torch.no_grad()
@@ -32,32 +52,124 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor, *, batch_size: int =
     return {"sse_per_image": per_image, "mse_per_pixel": per_image / math.prod(x.shape[1:])}
 
 
-def test_metrics(model: nn.Module, config: RunConfig, data: Dataset) -> dict[str, Any]:
-    """Test-set loss terms (for a VAE: -ELBO, reconstruction and KL in nats per example) and reconstruction error."""
+def has_posterior(model: nn.Module) -> bool:
+    """Whether the model has a latent posterior and prior (a VAE), as the density estimates need."""
+    return hasattr(model, "prior")
+
+
+def nll_test_set(config: RunConfig, data: Dataset) -> tuple[torch.Tensor, int | None]:
+    """The test images log p(x) is estimated on, and the seed they were binarised with (None: as given).
+
+    With --binarize, prepare_data has binarised the test split once with EVAL_SEED. A Bernoulli model
+    trained on grey values is scored on the test split binarised the same way, as a Bernoulli
+    likelihood is a density only on binary data.
+    """
+    x = data.test.x
+    if config.data.binarize != "none":
+        return x, EVAL_SEED
+    if config.model.likelihood == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
+        return binarize(x, torch.Generator().manual_seed(EVAL_SEED)), EVAL_SEED
+    return x, None
+
+
+def elbo_terms(model: nn.Module, config: RunConfig, x: torch.Tensor) -> dict[str, float]:
+    """Test loss terms: for a VAE the single-sample ELBO with analytic KL (whatever the training objective)."""
     torch.manual_seed(EVAL_SEED)
-    terms = mean_terms(model, objective_for(config), data.test.x)
-    result: dict[str, Any] = {"model": config.model.model, "data": data.name, "n_test": int(data.test.x.shape[0])}
-    result.update({f"test_{k}": v for k, v in terms.items()})
-    if config.model.model == "vae":
-        result["test_elbo"] = -terms["loss"]
-    result.update(reconstruction_error(model, data.test.x))
+    if not has_posterior(model):
+        return {f"test_{k}": v for k, v in mean_terms(model, objective_for(config), x).items()}
+    terms = mean_terms(model, lambda m, xb, beta: elbo(m(xb), xb, beta=beta), x)
+    return {"test_loss": terms["loss"], "test_recon": terms["recon"], "test_kl": terms["kl"],
+            "test_elbo": -terms["loss"]}
+
+
+def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: int | None = None,
+                 probe: bool = True, chunk: int | None = None) -> dict[str, Any]:
+    """Every metric of the suite on the test split (NLL only when nll_k is given)."""
+    x = data.test.x
+    result: dict[str, Any] = {"model": config.model.model, "data": data.name,
+                              "latent_dim": config.model.latent_dim, "n_test": int(x.shape[0])}
+    result.update(elbo_terms(model, config, x))
+    result.update(reconstruction_error(model, x))
+    if has_posterior(model):
+        result["kl_per_dim"] = kl_per_dimension(model, x)
+        result.update(active_units(model, x))
+        result["mutual_information"] = mutual_information(model, x)
+    if nll_k is not None:
+        if not has_posterior(model):
+            raise ConfigError(f"--nll needs a model with a latent posterior (a VAE), not {config.model.model}")
+        x_nll, seed = nll_test_set(config, data)
+        estimate = importance_sample(model, x_nll, k=nll_k, chunk=chunk, seed=EVAL_SEED)
+        result.update(estimate.summary(math.prod(x.shape[1:])))
+        result["test_binarize_seed"] = seed
+    if probe and data.train.y is not None:
+        with warnings.catch_warnings():  # lbfgs may stop at max_iter on raw pixels; the accuracy stands
+            warnings.simplefilter("ignore")
+            result.update(linear_probes(data.train.x, data.train.y, x, data.test.y, model))
     return result
 
 
-def evaluate_run(run_dir: str | Path, *, device: str = "cpu", data: Dataset | None = None) -> dict[str, Any]:
-    """Evaluate a run on its test split and write evaluation.json into the run directory."""
+def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool = True, chunk: int | None = None,
+                 device: str = "cpu", data: Dataset | None = None) -> dict[str, Any]:
+    """Evaluate a run's latest checkpoint on its test split and write RUN/evaluation.json.
+
+    Args:
+        run_dir: a trained run directory.
+        nll_k: estimate log p(x) with this many importance samples (None: skip, but keep an earlier
+            estimate of the same checkpoint found in evaluation.json).
+        probe: fit the linear probes (needs labels).
+        chunk: importance samples per pass.
+        device: where to run the model.
+        data: the run's data set, if already loaded.
+    """
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
     model = runs.load(run_dir, device=device)
-    data = prepare_data(config, data)
-    result = test_metrics(model, config, data)
+    epoch = runs.latest_checkpoint(run_dir).epoch
+    result = {"run": str(run_dir), "epoch": epoch, "objective": config.train.objective,
+              **test_metrics(model, config, prepare_data(config, data), nll_k=nll_k, probe=probe, chunk=chunk)}
+    previous = read_evaluation(run_dir)
+    if nll_k is None and previous.get("epoch") == epoch and "nll" in previous:
+        result.update({k: v for k, v in previous.items() if k.startswith(("nll", "ess_", "test_binarize"))})
     atomic_write_text(run_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
+def read_evaluation(run_dir: Path) -> dict[str, Any]:
+    """RUN/evaluation.json, or {} when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / "evaluation.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
+    """One row per run from its evaluation.json (evaluated now if missing), and the table as Markdown."""
+    rows = []
+    for run_dir in run_dirs:
+        result = read_evaluation(run_dir)
+        if not result:
+            result = evaluate_run(run_dir, probe=False)
+        rows.append({"run": str(run_dir), **result})
+    columns = [("run", "run"), *COMPARE_COLUMNS]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
+    return rows, "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
 def baseline_config(config: RunConfig, model: str) -> RunConfig:
     """The run's configuration with another --model: same data, latent size, net and budget."""
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, model=model, linear=False))
+    train_config = dataclasses.replace(config.train, objective="elbo", k=1)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, model=model, linear=False),
+                               train=train_config)
 
 
 def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progress: bool = False,
@@ -81,7 +193,6 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
                     continue
                 resume = (source / "config.json").exists()  # a baseline cut off earlier continues
                 train(baseline_config(config, name), source, resume=resume, dataset=data, progress=progress)
-        model = runs.load(source)
-        errors = reconstruction_error(model, data.test.x)
+        errors = reconstruction_error(runs.load(source), data.test.x)
         rows.append({"model": name, "latent_dim": config.model.latent_dim, "run": str(source), **errors})
     return rows

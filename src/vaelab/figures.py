@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .train import model_device  # noqa: E402
+from .system import model_device  # noqa: E402
 
 
 def image_grid(images: torch.Tensor, *, nrow: int, pad: int = 1, scale: int = 1) -> Image.Image:
@@ -131,6 +131,24 @@ def training_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     axes[1].set_ylabel("-log p(x|z)")
     ax_kl.set_ylabel("KL", color="C3")
     axes[1].legend(loc="upper right", frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def kl_per_dimension(kl: list[float], variance: list[float] | None, path: Path, *,
+                     threshold: float = 0.01) -> Path:
+    """Bars of the test KL per latent dimension, with the posterior-mean variance (active units) beside."""
+    d = np.arange(len(kl))
+    fig, axes = plt.subplots(1, 2 if variance is not None else 1, figsize=(10, 3.2), dpi=100, squeeze=False)
+    axes[0, 0].bar(d, kl, color="C0")
+    axes[0, 0].set_xlabel("latent dimension")
+    axes[0, 0].set_ylabel("KL(q(z_d|x) || p(z_d)), nats")
+    if variance is not None:
+        axes[0, 1].bar(d, variance, color=["C2" if v > threshold else "C7" for v in variance])
+        axes[0, 1].axhline(threshold, color="k", lw=0.8, ls="--")
+        axes[0, 1].set_yscale("log")
+        axes[0, 1].set_xlabel("latent dimension")
+        axes[0, 1].set_ylabel("Cov_x(E_q[z_d]) (active > 0.01)")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -4,6 +4,8 @@ The KL between them comes from `torch.distributions.kl_divergence`, analytic whe
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal
@@ -11,6 +13,12 @@ from torch.distributions import Distribution, Independent, Normal
 # Numerics in one place: log-variances outside this range only arise from diverging training,
 # and exp() of them would overflow or underflow float32.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+
+class Noise(Protocol):
+    """A source of standard normal noise of a requested (K, B, ...) shape, e.g. keyed by example and sample."""
+
+    def normal(self, shape: tuple[int, ...]) -> torch.Tensor: ...
 
 
 def diagonal_normal(loc: torch.Tensor, scale: torch.Tensor) -> Distribution:
@@ -40,6 +48,16 @@ class DiagonalGaussian(nn.Module):
     def prior(self) -> Distribution:
         """p(z) = N(0, I); batch shape (), event shape (D,)."""
         return diagonal_normal(self.zero, self.one)
+
+    @staticmethod
+    def rsample(qz: Distribution, k: int | None = None, noise: Noise | None = None) -> torch.Tensor:
+        """Reparameterised z = mu + sigma * eps: (B, D), or (K, B, D) with k; eps from `noise` when given."""
+        if noise is None:
+            return qz.rsample() if k is None else qz.rsample((k,))
+        base = qz.base_dist
+        eps = noise.normal(((1 if k is None else k), *base.loc.shape))  # (K, B, D)
+        z = base.loc + base.scale * eps.to(base.loc)
+        return z[0] if k is None else z
 
 
 LATENTS = {"gaussian": DiagonalGaussian}

@@ -2,8 +2,11 @@
 
 Every function returns a dict of (B,) tensors: "loss" (minimised), "recon" (-log p(x|z)) and "kl".
 Weights that schedules change during training (beta) are arguments; objectives know no epochs.
+Shapes: with K samples per example, z is (K, B, D) and log-densities of z are (K, B).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.distributions import kl_divergence
@@ -11,15 +14,48 @@ from torch.distributions import kl_divergence
 from .models import Output
 
 
-def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[str, torch.Tensor]:
+def _log_terms(out: Output, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x|z) and log p(z) - log q(z|x) at the samples z, each of shape z.shape[:-1]."""
+    return out.px_z.log_prob(x), out.pz.log_prob(out.z) - out.qz.log_prob(out.z)
+
+
+def log_weights(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> torch.Tensor:
+    """Log importance weights log p(x|z) + beta * (log p(z) - log q(z|x)), shape z.shape[:-1].
+
+    With beta = 1 these are log p(x, z) - log q(z|x), whose log-mean-exp over samples is the IWAE bound.
+    """
+    log_px_z, log_ratio = _log_terms(out, x)
+    return log_px_z + beta * log_ratio
+
+
+def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, kl: str = "analytic") -> dict[str, torch.Tensor]:
     """Negative ELBO with a KL weight: -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z)).
 
-    One reparameterised sample per example estimates the reconstruction term; the KL is analytic
-    (Kingma & Welling 2014, eq. 10). beta != 1 is the beta-VAE of Higgins et al. 2017.
+    Reparameterised samples (one, or K averaged) estimate the reconstruction term; the KL is analytic
+    (Kingma & Welling 2014, eq. 10), or with kl="mc" the Monte Carlo estimate log q(z|x) - log p(z)
+    on the same samples (their eq. 7). beta != 1 is the beta-VAE of Higgins et al. 2017.
     """
-    recon = -out.px_z.log_prob(x)  # (B,)
-    kl = kl_divergence(out.qz, out.pz)  # (B,)
-    return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+    if kl == "analytic":
+        log_px_z, kl_term = out.px_z.log_prob(x), kl_divergence(out.qz, out.pz)  # (B,) or (K, B); (B,)
+    else:
+        log_px_z, log_ratio = _log_terms(out, x)
+        kl_term = -(log_ratio.mean(0) if out.z.dim() == 3 else log_ratio)
+    recon = -(log_px_z.mean(0) if out.z.dim() == 3 else log_px_z)
+    return {"loss": recon + beta * kl_term, "recon": recon, "kl": kl_term}
+
+
+def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[str, torch.Tensor]:
+    """Negative IWAE bound: -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016, eq. 8).
+
+    Needs out.z of shape (K, B, D) (the model run with k=K). With K = 1 it equals the single-sample
+    ELBO with the Monte Carlo KL, elbo(kl="mc"), exactly. recon and kl are reported as sample means.
+    """
+    if out.z.dim() != 3:
+        raise ValueError("iwae needs K samples per example: call the model with k=K")
+    log_px_z, log_ratio = _log_terms(out, x)  # (K, B) each
+    log_w = log_px_z + beta * log_ratio
+    bound = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+    return {"loss": -bound, "recon": -log_px_z.mean(0), "kl": -log_ratio.mean(0)}
 
 
 def reconstruction(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[str, torch.Tensor]:
@@ -28,4 +64,4 @@ def reconstruction(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[s
     return {"loss": recon, "recon": recon, "kl": torch.zeros_like(recon)}
 
 
-OBJECTIVES = {"elbo": elbo}
+OBJECTIVES = {"elbo": elbo, "iwae": iwae}

@@ -12,12 +12,27 @@ from . import figures, runs
 from .data import Dataset
 from .evaluate import compare_baselines, evaluate_run
 from .fileio import atomic_write_text
-from .train import EVAL_SEED, model_device, prepare_data
+from .system import model_device
+from .train import EVAL_SEED, prepare_data
 
 N_RECON = 10
 N_SAMPLES = 64
 INTERP_PAIRS, INTERP_STEPS = 4, 10
 N_TRAVERSE = 8
+METRIC_NAMES = {
+    "nll": "test NLL, nats (importance-sampled, lower is better)", "nll_stderr": "NLL standard error",
+    "nll_bits_per_dim": "NLL, bits per dimension", "nll_k": "importance samples K",
+    "ess_mean": "effective sample size (mean)", "ess_fraction": "effective sample size / K",
+    "test_binarize_seed": "test set binarised once with seed",
+    "test_loss": "test loss (-ELBO for a VAE)", "test_elbo": "test ELBO, nats",
+    "test_recon": "reconstruction -log p(x|z)",
+    "test_kl": "KL(q(z|x) || p(z))", "active_units": "active units (Cov_x(E_q[z]) > 0.01)",
+    "mutual_information": "mutual information I(x; z), nats",
+    "probe_accuracy_latent": "probe accuracy: latent codes",
+    "probe_accuracy_pca": "probe accuracy: PCA features of equal size",
+    "probe_accuracy_pixels": "probe accuracy: pixels",
+    "sse_per_image": "squared error per test image", "mse_per_pixel": "squared error per pixel",
+}
 
 
 @torch.no_grad()
@@ -58,6 +73,8 @@ CAPTIONS = {
                   "more than two dimensions.",
     "training_curves": "Loss per epoch on the training and validation sets (left); validation reconstruction "
                        "and KL terms (right).",
+    "kl_per_dim": "KL per latent dimension on the test set (left) and the variance of the posterior means over "
+                  "the test set (right): dimensions above 0.01 are active units (Burda et al. 2016).",
 }
 
 
@@ -78,6 +95,9 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
     metrics = evaluate_run(run_dir, data=data)
     table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data)
     made = make_figures(run_dir, model, data)
+    if metrics.get("kl_per_dim"):
+        made["kl_per_dim"] = figures.kl_per_dimension(metrics["kl_per_dim"], metrics.get("posterior_mean_variance"),
+                                                      run_dir / "figures" / "kl_per_dim.png")
     page = _render(config_dict=config.to_dict(), metrics=metrics, table=table, made=made, run_dir=run_dir)
     path = run_dir / "report.html"
     atomic_write_text(path, page)
@@ -102,7 +122,8 @@ def _fmt(value: Any) -> str:
 def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[str, Path], run_dir: Path) -> str:
     settings = [{"setting": f"{section}.{k}", "value": json.dumps(v)}
                 for section in ("data", "model", "train") for k, v in config_dict[section].items()]
-    metric_rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float))]
+    metric_rows = [{"metric": METRIC_NAMES.get(k, k), "value": v} for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
     pictures = "".join(
         f'<figure><img src="{html.escape(str(path.relative_to(run_dir)))}" alt="{html.escape(name)}">'
         f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>"

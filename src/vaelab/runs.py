@@ -23,21 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RunConfig
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write_text, fsync_dir
 from .models import build_model
+from .system import resolve_device
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

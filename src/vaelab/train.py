@@ -6,7 +6,6 @@ from a checkpoint continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import json
@@ -28,7 +27,7 @@ from .data import Dataset, binarize, check_finite, check_unit_interval, load_dat
 from .errors import CheckpointError, TrainingError
 from .models import PCA, build_model
 from .objectives import OBJECTIVES, reconstruction
-from .runs import resolve_device
+from .system import keep_freed_memory, model_device, resolve_device
 
 EVAL_SEED = 0  # validation/test sets are binarised once, and evaluation noise drawn, with this seed
 PROGRESS_EVERY = 20  # steps between progress-bar updates, which are also the NaN checks (one sync each)
@@ -67,50 +66,38 @@ def kl_weight(beta: float, warmup_epochs: float, progress_epochs: float) -> floa
 
 
 @torch.no_grad()
-def mean_terms(model: nn.Module, objective: Callable, x: torch.Tensor, *, batch_size: int = 1000,
+def mean_terms(model: nn.Module, loss_terms: Callable, x: torch.Tensor, *, batch_size: int = 1000,
                beta: float = 1.0) -> dict[str, float]:
-    """Objective terms averaged over x, in eval mode and batches (no gradients)."""
+    """Loss terms (from objective_for) averaged over x, in eval mode and batches (no gradients)."""
     was_training = model.training
     model.eval()
     device = model_device(model)
     sums: dict[str, float] = {}
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
-        for k, v in objective(model(xb), xb, beta=beta).items():
+        for k, v in loss_terms(model, xb, beta=beta).items():
             sums[k] = sums.get(k, 0.0) + v.sum().item()
     model.train(was_training)
     return {k: v / x.shape[0] for k, v in sums.items()}
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of a model's first parameter or buffer."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
+def _loss_terms(model: nn.Module, x: torch.Tensor, *, beta: float, objective: Callable,
+                k: int | None) -> dict[str, torch.Tensor]:
+    out = model(x) if k is None else model(x, k=k)
+    return objective(out, x, beta=beta)
 
 
-def objective_for(config: RunConfig) -> Callable:
-    """The loss for this run: the AE's reconstruction loss, else the configured objective."""
-    return reconstruction if config.model.model in ("ae", "pca") else OBJECTIVES[config.train.objective]
+def objective_for(config: RunConfig) -> Callable[..., dict[str, torch.Tensor]]:
+    """loss_terms(model, x, beta=...) for this run: a forward pass (K samples for IWAE), then the objective.
 
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed blocks instead of returning them to the OS (once per process).
-
-    By default glibc serves blocks above 128 KiB with mmap and trims freed heap memory, so every
-    training step page-faults its activations and gradients in again (~200 faults per step for the
-    784-512-256 MLP VAE, ~15% of the step). Raising both thresholds keeps that memory for reuse:
-    the effect PyTorch's CPU performance guide gets from jemalloc or tcmalloc. No-op elsewhere.
+    Autoencoders and PCA use their reconstruction loss; VAEs the configured --objective, with
+    --k samples per example (the IWAE bound's K, or a K-sample average for the ELBO).
     """
-    if sys.platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 512 << 20))
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
+    if config.model.model in ("ae", "pca"):
+        return functools.partial(_loss_terms, objective=reconstruction, k=None)
+    k = config.train.k
+    return functools.partial(_loss_terms, objective=OBJECTIVES[config.train.objective],
+                             k=k if k > 1 or config.train.objective == "iwae" else None)
 
 
 def _make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -142,7 +129,7 @@ class Trainer:
             keep_freed_memory()
         torch.manual_seed(config.train.seed)  # initial weights
         self.model = build_model(self.config.model).to(self.device)
-        self.objective = objective_for(self.config)
+        self.loss_terms = objective_for(self.config)
         self.train_x = self.data.train.x.to(self.device)
         self.val_x = self.data.val.x.to(self.device)
         self.optimizer = None if isinstance(self.model, PCA) else _make_optimizer(self.model, config.train.lr)
@@ -195,7 +182,7 @@ class Trainer:
     def _fit_pca(self) -> nn.Module:
         t0 = time.perf_counter()
         self.model.fit(self.train_x)
-        val = mean_terms(self.model, self.objective, self.val_x)
+        val = mean_terms(self.model, self.loss_terms, self.val_x)
         record = {"epoch": 1, "seconds": time.perf_counter() - t0,
                   **{f"val_{k}": v for k, v in val.items()}}
         self._append_metrics(record)
@@ -223,7 +210,7 @@ class Trainer:
             if dynamic:
                 xb = binarize(xb, gen)
             beta = kl_weight(cfg.beta, cfg.warmup_epochs, epoch - 1 + i / steps)
-            terms = self.objective(self.model(xb), xb, beta=beta)
+            terms = self.loss_terms(self.model, xb, beta=beta)
             loss = terms["loss"].mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -237,7 +224,7 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - t0
         torch.manual_seed(EVAL_SEED)  # the same noise for every validation pass
-        val = mean_terms(self.model, self.objective, self.val_x)
+        val = mean_terms(self.model, self.loss_terms, self.val_x)
         if not all(math.isfinite(v) for v in val.values()):
             self._check_finite(torch.tensor([math.nan]), epoch, steps, where="validation loss")
         loss, recon, kl = (sums / n).tolist()

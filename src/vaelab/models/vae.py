@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from ..latents import LATENTS
+from ..latents import LATENTS, Noise
 from ..nets import ENCODERS
 from .common import ImageDecoder, Output
 
@@ -46,10 +46,13 @@ class VAE(nn.Module):
         """p(z)."""
         return self.posterior.prior()
 
-    def forward(self, x: torch.Tensor, k: int | None = None) -> Output:
-        """One pass with reparameterised samples: z (B, D), or (K, B, D) when k is given."""
+    def forward(self, x: torch.Tensor, k: int | None = None, noise: Noise | None = None) -> Output:
+        """One pass with reparameterised samples: z (B, D), or (K, B, D) when k is given.
+
+        noise: where the standard normal draws come from (default: torch's global generator).
+        """
         qz = self.encode(x)
-        z = qz.rsample() if k is None else qz.rsample((k,))
+        z = self.posterior.rsample(qz, k, noise)
         return Output(qz=qz, pz=self.prior(), z=z, px_z=self.decode(z))
 
     @torch.no_grad()

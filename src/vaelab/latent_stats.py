@@ -1,0 +1,111 @@
+"""How a model uses its latent space: KL per dimension, active units, mutual information, linear probes."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Independent, kl_divergence
+
+from .system import model_device
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, Sec. 5.2
+
+
+def _batches(model: nn.Module, x: torch.Tensor, batch_size: int = 1000):
+    device = model_device(model)
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start:start + batch_size].to(device)
+
+
+@torch.no_grad()
+def codes(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Point codes (N, D) on the CPU: posterior means for a VAE, the code for AE and PCA."""
+    model.eval()
+    return torch.cat([model.embed(xb).cpu() for xb in _batches(model, x)])
+
+
+@torch.no_grad()
+def kl_per_dimension(model: nn.Module, x: torch.Tensor) -> list[float] | None:
+    """Mean over x of KL(q(z_d|x) || p(z_d)) for each latent dimension d; None when q does not factorise."""
+    model.eval()
+    pz = model.prior()
+    if not (isinstance(pz, Independent) and pz.reinterpreted_batch_ndims == 1):
+        return None
+    total = None
+    for xb in _batches(model, x):
+        qz = model.encode(xb)
+        if not (isinstance(qz, Independent) and qz.reinterpreted_batch_ndims == 1):
+            return None
+        kl = kl_divergence(qz.base_dist, pz.base_dist).sum(0)  # (D,)
+        total = kl if total is None else total + kl
+    return (total / x.shape[0]).tolist()
+
+
+@torch.no_grad()
+def active_units(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict:
+    """Dimensions u with Cov_x(E_q[z_u]) > threshold (Burda et al. 2016): the count and each variance."""
+    variance = codes(model, x).double().var(0)
+    return {"active_units": int((variance > threshold).sum()), "active_unit_threshold": threshold,
+            "posterior_mean_variance": variance.tolist()}
+
+
+@torch.no_grad()
+def mutual_information(model: nn.Module, x: torch.Tensor, *, max_examples: int = 2000, seed: int = 0) -> float:
+    """I(x; z) under q(z|x) p_data(x), estimated on up to max_examples examples (nats).
+
+    I = E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], with the aggregate posterior q(z) approximated
+    by the mixture of the examples' posteriors (Hoffman & Johnson 2016; as computed by He et al. 2019
+    and Zhu et al. 2020). Biased low for small samples; it cannot exceed log(max_examples).
+    """
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    x = x[torch.randperm(x.shape[0], generator=g)[:max_examples]]
+    device = model_device(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        qz = model.encode(x.to(device))  # batch (N,)
+        z = qz.sample()  # (N, D): one sample per example
+        log_q_own = qz.log_prob(z)  # (N,)
+        # log q(z_i | x_j) for all pairs, in rows of z to bound memory: (rows, N)
+        log_q_mix = torch.cat([
+            torch.logsumexp(qz.log_prob(z[i:i + 256, None]), 1) for i in range(0, z.shape[0], 256)
+        ]) - math.log(z.shape[0])
+    return float((log_q_own - log_q_mix).mean())
+
+
+def linear_probes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                  model: nn.Module, *, max_train: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """Test accuracy of logistic regression on the model's codes, on PCA features of equal size, and on pixels.
+
+    The probes train on up to max_train training examples (a fixed-seed subset) with standardised
+    features; scikit-learn's LogisticRegression (lbfgs).
+    """
+    from sklearn.decomposition import PCA as SkPCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(train_x.shape[0], generator=g)[:max_train]
+    tx, ty = train_x[pick], train_y[pick].numpy()
+    flat_train, flat_test = tx.flatten(1).double().numpy(), test_x.flatten(1).double().numpy()
+    latent_dim = codes(model, tx[:1]).shape[1]
+    features = {
+        "latent": (codes(model, tx).double().numpy(), codes(model, test_x).double().numpy()),
+        "pca": _pca_features(flat_train, flat_test, min(latent_dim, *flat_train.shape), SkPCA),
+        "pixels": (flat_train, flat_test),
+    }
+    result = {}
+    for name, (f_train, f_test) in features.items():
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        probe.fit(f_train, ty)
+        result[f"probe_accuracy_{name}"] = float(probe.score(f_test, test_y.numpy()))
+    result["probe_train_examples"] = int(len(pick))
+    return result
+
+
+def _pca_features(train: np.ndarray, test: np.ndarray, n: int, pca_class) -> tuple[np.ndarray, np.ndarray]:
+    pca = pca_class(n_components=n, random_state=0).fit(train)
+    return pca.transform(train), pca.transform(test)

@@ -1,0 +1,217 @@
+"""Importance-sampled log p(x), IWAE, and the evaluation suite, checked against closed forms."""
+import json
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+
+from vaelab import runs
+from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaelab.data import Dataset, Split
+from vaelab.density import importance_sample, log_likelihood
+from vaelab.evaluate import compare_runs, evaluate_run
+from vaelab.latent_stats import active_units, mutual_information
+from vaelab.models import VAE
+from vaelab.objectives import elbo, iwae
+from vaelab.train import train
+
+P, D, S = 6, 2, 0.5  # pixels, latent size, noise scale of the linear-Gaussian model
+
+
+def ppca(seed=0):
+    """Probabilistic PCA as a linear VAE, x|z ~ N(Wz + b, S^2 I), with the exact posterior as encoder.
+
+    W has orthogonal columns, so M = W^T W + S^2 I is diagonal and the exact posterior
+    N(M^-1 W^T (x - b), S^2 M^-1) is a diagonal Gaussian the encoder heads can represent exactly.
+    """
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(P, D, generator=g))
+    w = q * torch.tensor([2.0, 1.2])
+    b = torch.randn(P, generator=g) * 0.3
+    model = VAE(input_shape=(1, 1, P), latent_dim=D, hidden=(), likelihood="gaussian", sigma=S, linear=True)
+    m = w.T @ w + S**2 * torch.eye(D)
+    with torch.no_grad():
+        model.decoder.body.body[0].weight.copy_(w)
+        model.decoder.body.body[0].bias.copy_(b)
+        a = torch.linalg.solve(m, w.T)  # M^-1 W^T
+        model.posterior.mean.weight.copy_(a)
+        model.posterior.mean.bias.copy_(-a @ b)
+        model.posterior.logvar.weight.zero_()
+        model.posterior.logvar.bias.copy_(torch.log(S**2 / torch.diagonal(m)))
+    exact = MultivariateNormal(b, w @ w.T + S**2 * torch.eye(P))
+    x = exact.sample((64,)).reshape(64, 1, 1, P)
+    return model.eval(), x, exact.log_prob(x.reshape(64, P))
+
+
+def test_exact_posterior_makes_the_estimate_exact_for_every_k():
+    model, x, exact = ppca()
+    for k in (1, 7, 100):
+        torch.testing.assert_close(log_likelihood(model, x, k=k), exact, rtol=0, atol=2e-4)
+
+
+def perturbed(model):
+    """The same model with a worse proposal: shifted means and wider posteriors."""
+    with torch.no_grad():
+        model.posterior.mean.bias.add_(0.4)
+        model.posterior.logvar.bias.add_(0.8)
+    return model
+
+
+def test_bound_is_below_exact_and_rises_towards_it_with_k():
+    model, x, exact = ppca()
+    model = perturbed(model)
+    gaps = []
+    for k in (1, 10, 100, 1000):
+        estimate = log_likelihood(model, x, k=k, seed=1)
+        gaps.append(float((exact - estimate).mean()))
+    assert all(g > 0 for g in gaps), gaps  # below the exact value
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3], gaps  # and rising towards it
+    assert gaps[-1] < 0.05 * gaps[0]
+
+
+def test_learned_proposal_is_below_exact_and_tightens():
+    """Learn the posterior means from data of the model, with variances held too wide: an imperfect proposal."""
+    model, x, exact = ppca()
+    torch.manual_seed(0)
+    model.posterior.mean.reset_parameters()
+    with torch.no_grad():
+        model.posterior.logvar.bias.add_(1.5)
+    model.decoder.requires_grad_(False)
+    model.posterior.logvar.requires_grad_(False)
+    opt = torch.optim.Adam(model.posterior.mean.parameters(), lr=0.05)
+    model.train()
+    for _ in range(150):
+        loss = elbo(model(x), x)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    gaps = [float(exact.mean() - log_likelihood(model, x, k=k, seed=2).mean()) for k in (1, 3, 10, 1000)]
+    assert gaps[0] > gaps[1] > gaps[2] > 0.02, gaps  # below the exact value, rising with K
+    assert abs(gaps[3]) < 0.02, gaps  # and at K=1000 equal to it within the estimate's noise (~0.005)
+
+
+def test_iwae_with_one_sample_equals_the_single_sample_elbo():
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,))
+    x = torch.bernoulli(torch.full((5, 1, 4, 4), 0.4))
+    out = model(x, k=1)
+    torch.testing.assert_close(iwae(out, x)["loss"], elbo(out, x, kl="mc")["loss"], rtol=0, atol=0)
+    # in expectation it is the analytic-KL ELBO: the Monte Carlo KL averages to the analytic one
+    out = model(x, k=20000)
+    torch.testing.assert_close(elbo(out, x, kl="mc")["kl"], elbo(out, x)["kl"], atol=0.05, rtol=0)
+    # and more samples give a tighter (smaller) loss on average
+    assert iwae(out, x)["loss"].mean() < elbo(out, x, kl="mc")["loss"].mean()
+
+
+def test_estimates_are_reproducible_and_independent_of_chunk_and_batch_size():
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)).eval()
+    x = torch.bernoulli(torch.full((11, 1, 4, 4), 0.4))
+    reference = log_likelihood(model, x, k=50, chunk=50, seed=3)
+    torch.testing.assert_close(log_likelihood(model, x, k=50, chunk=50, seed=3), reference, rtol=0, atol=0)
+    for chunk, batch_size in ((7, 11), (1, 4), (13, 1), (49, 3)):  # 50 is no multiple of 7, 13 or 49
+        got = log_likelihood(model, x, k=50, chunk=chunk, batch_size=batch_size, seed=3)
+        torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(log_likelihood(model, x, k=50, seed=4), reference)
+
+
+def test_every_sample_is_used_when_k_is_not_a_multiple_of_the_chunk():
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)).eval()
+    seen = []
+    forward = model.forward
+
+    def spy(x, k=None, noise=None):
+        seen.append(k)
+        return forward(x, k=k, noise=noise)
+
+    model.forward = spy
+    x = torch.rand(3, 1, 4, 4)
+    estimate = importance_sample(model, x, k=23, chunk=5)
+    assert sum(seen) == 23 and seen == [5, 5, 5, 5, 3]
+    assert (estimate.ess >= 1).all() and (estimate.ess <= 23 + 1e-4).all()
+
+
+def test_importance_sampling_runs_under_no_grad_and_leaves_global_rng_alone():
+    model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,))
+    x = torch.rand(4, 1, 4, 4)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    values = log_likelihood(model, x, k=10)
+    assert not values.requires_grad
+    assert torch.equal(torch.get_rng_state(), before)
+    assert model.training  # the mode is restored
+
+
+def tiny_data(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(3, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = (centres[y] * 0.8 + 0.2 * torch.rand(n, 1, 6, 6, generator=g)).clamp(0, 1)
+    a, b = int(n * 0.7), int(n * 0.85)
+    return Dataset(name="tiny", train=Split(x[:a], y[:a]), val=Split(x[a:b], y[a:b]), test=Split(x[b:], y[b:]))
+
+
+def tiny_config(**train_args):
+    return RunConfig(data=DataConfig(name="tiny", binarize="dynamic"),
+                     model=ModelConfig(hidden=(16,), latent_dim=3),
+                     train=TrainConfig(**{"epochs": 3, "batch_size": 16, **train_args}))
+
+
+def test_iwae_objective_trains(tmp_path):
+    train(tiny_config(objective="iwae", k=5), tmp_path / "run", dataset=tiny_data(), progress=False)
+    records = runs.read_metrics(tmp_path / "run")
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    # the validation loss of an IWAE run is its K-sample bound, never worse than the ELBO on average
+    result = evaluate_run(tmp_path / "run", nll_k=5, probe=False, data=tiny_data())
+    assert result["objective"] == "iwae"
+
+
+def test_evaluation_suite_writes_every_metric(tmp_path):
+    train(tiny_config(), tmp_path / "run", dataset=tiny_data(), progress=False)
+    result = evaluate_run(tmp_path / "run", nll_k=40, data=tiny_data())
+    saved = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert saved == result
+    for key in ("nll", "nll_stderr", "nll_bits_per_dim", "ess_mean", "test_elbo", "test_recon", "test_kl",
+                "kl_per_dim", "active_units", "mutual_information", "probe_accuracy_latent",
+                "probe_accuracy_pca", "probe_accuracy_pixels", "sse_per_image"):
+        assert key in result, key
+    assert result["nll_k"] == 40 and result["test_binarize_seed"] == 0
+    assert result["nll"] <= -result["test_elbo"] + 1.0  # the K=40 bound is no looser than the ELBO (up to noise)
+    assert result["nll_bits_per_dim"] == pytest.approx(result["nll"] / (36 * math.log(2)))
+    assert sum(result["kl_per_dim"]) == pytest.approx(result["test_kl"], rel=1e-4)
+    assert 0 <= result["active_units"] <= 3 and 1 <= result["ess_mean"] <= 40
+    assert -0.1 <= result["mutual_information"] <= math.log(result["n_test"]) + 1e-6  # (estimator noise near 0)
+    assert 0 <= result["probe_accuracy_latent"] <= 1
+    # a later evaluation without --nll keeps the estimate of the same checkpoint
+    again = evaluate_run(tmp_path / "run", probe=False, data=tiny_data())
+    assert again["nll"] == result["nll"]
+
+
+def test_compare_prints_a_markdown_row_per_run(tmp_path):
+    for name, beta in (("a", 1.0), ("b", 4.0)):
+        train(tiny_config(beta=beta), tmp_path / name, dataset=tiny_data(), progress=False)
+        evaluate_run(tmp_path / name, nll_k=10, probe=False, data=tiny_data())
+    rows, markdown = compare_runs([tmp_path / "a", tmp_path / "b"])
+    assert len(rows) == 2 and markdown.count("\n") == 4
+    assert "NLL (nats)" in markdown and str(tmp_path / "b") in markdown
+    assert rows[1]["test_kl"] < rows[0]["test_kl"]  # a larger beta buys a smaller KL
+
+
+def test_active_units_and_mutual_information_on_known_encoders():
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=4, hidden=()).eval()
+    x = torch.rand(400, 1, 4, 4)
+    with torch.no_grad():
+        model.posterior.mean.weight[2:].zero_()  # dimensions 2 and 3 ignore x
+        model.posterior.mean.weight[:2] *= 10
+        model.posterior.logvar.bias.fill_(-12.0)  # near-deterministic
+    assert active_units(model, x)["active_units"] == 2
+    assert mutual_information(model, x, max_examples=400) == pytest.approx(math.log(400), abs=0.05)
+    with torch.no_grad():
+        model.posterior.mean.weight.zero_()  # the posterior ignores x entirely
+        model.posterior.logvar.bias.zero_()
+    assert active_units(model, x)["active_units"] == 0
+    assert abs(mutual_information(model, x, max_examples=400)) < 0.05
