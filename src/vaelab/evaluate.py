@@ -23,7 +23,7 @@ from .data import Dataset, binarize
 from .density import importance_sample, log_likelihood
 from .errors import ConfigError
 from .fileio import atomic_write_text
-from .latent_stats import active_units, kl_per_dimension, linear_probes, mutual_information
+from .latent_stats import active_units, kl_per_unit, linear_probes, mutual_information
 from .objectives import elbo
 from .system import model_device
 from .train import EVAL_SEED, mean_terms, objective_for, prepare_data, train
@@ -91,7 +91,7 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
     result.update(elbo_terms(model, config, x))
     result.update(reconstruction_error(model, x))
     if has_posterior(model):
-        result["kl_per_dim"] = kl_per_dimension(model, x)
+        result["kl_per_dim"] = kl_per_unit(model, x)
         result.update(active_units(model, x))
         result["mutual_information"] = mutual_information(model, x)
     if nll_k is not None:

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Independent, kl_divergence
 
 from .system import model_device
 
@@ -27,19 +26,11 @@ def codes(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kl_per_dimension(model: nn.Module, x: torch.Tensor) -> list[float] | None:
-    """Mean over x of KL(q(z_d|x) || p(z_d)) for each latent dimension d; None when q does not factorise."""
+def kl_per_unit(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Mean over x of the analytic KL per latent unit (Output.kl_units): per dimension of a factorised
+    posterior, per group of a hierarchy, one value otherwise."""
     model.eval()
-    pz = model.prior()
-    if not (isinstance(pz, Independent) and pz.reinterpreted_batch_ndims == 1):
-        return None
-    total = None
-    for xb in _batches(model, x):
-        qz = model.encode(xb)
-        if not (isinstance(qz, Independent) and qz.reinterpreted_batch_ndims == 1):
-            return None
-        kl = kl_divergence(qz.base_dist, pz.base_dist).sum(0)  # (D,)
-        total = kl if total is None else total + kl
+    total = sum(model(xb).kl_units().sum(0) for xb in _batches(model, x))
     return (total / x.shape[0]).tolist()
 
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import kl_divergence
 
 from .models import Output
 
 
 def _log_terms(out: Output, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x|z) and log p(z) - log q(z|x) at the samples z, each of shape z.shape[:-1]."""
-    return out.px_z.log_prob(x), out.pz.log_prob(out.z) - out.qz.log_prob(out.z)
+    """log p(x|z) and log p(z) - log q(z|x) at the samples z: (B,), or (K, B) with K samples."""
+    return out.log_px_z(x), out.log_pz() - out.log_qz()
+
+
+def _per_example(t: torch.Tensor) -> torch.Tensor:
+    """Per-example terms are (B,); one computed at K samples, (K, B), is averaged over them."""
+    return t.mean(0) if t.dim() > 1 else t
 
 
 def log_weights(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> torch.Tensor:
@@ -36,11 +40,11 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, kl: str = "analytic
     on the same samples (their eq. 7). beta != 1 is the beta-VAE of Higgins et al. 2017.
     """
     if kl == "analytic":
-        log_px_z, kl_term = out.px_z.log_prob(x), kl_divergence(out.qz, out.pz)  # (B,) or (K, B); (B,)
+        log_px_z, kl_term = out.log_px_z(x), out.kl()
     else:
         log_px_z, log_ratio = _log_terms(out, x)
-        kl_term = -(log_ratio.mean(0) if out.z.dim() == 3 else log_ratio)
-    recon = -(log_px_z.mean(0) if out.z.dim() == 3 else log_px_z)
+        kl_term = -log_ratio
+    recon, kl_term = -_per_example(log_px_z), _per_example(kl_term)
     return {"loss": recon + beta * kl_term, "recon": recon, "kl": kl_term}
 
 
@@ -50,7 +54,7 @@ def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[str, torch.
     Needs out.z of shape (K, B, D) (the model run with k=K). With K = 1 it equals the single-sample
     ELBO with the Monte Carlo KL, elbo(kl="mc"), exactly. recon and kl are reported as sample means.
     """
-    if out.z.dim() != 3:
+    if out.k is None:
         raise ValueError("iwae needs K samples per example: call the model with k=K")
     log_px_z, log_ratio = _log_terms(out, x)  # (K, B) each
     log_w = log_px_z + beta * log_ratio
@@ -60,7 +64,7 @@ def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[str, torch.
 
 def reconstruction(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[str, torch.Tensor]:
     """-log p(x|z) at the deterministic code z = f(x): the autoencoder's loss (beta is unused)."""
-    recon = -out.px_z.log_prob(x)  # (B,)
+    recon = -out.log_px_z(x)  # (B,)
     return {"loss": recon, "recon": recon, "kl": torch.zeros_like(recon)}
 
 

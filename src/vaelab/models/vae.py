@@ -53,7 +53,7 @@ class VAE(nn.Module):
         """
         qz = self.encode(x)
         z = self.posterior.rsample(qz, k, noise)
-        return Output(qz=qz, pz=self.prior(), z=z, px_z=self.decode(z))
+        return Output(qz=qz, pz=self.prior(), z=z, px_z=self.decode(z), k=k)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
