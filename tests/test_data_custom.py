@@ -222,7 +222,7 @@ def test_pickles_and_objects_are_refused(tmp_path):
         ({"pictures": np.zeros((5, 3, 3)), "other": np.zeros(5)}, r"\['other', 'pictures'\]"),
         ({"x_train": np.zeros((5, 3, 3))}, "x_test"),
         ({"x_train": np.zeros((5, 3, 3)), "x_test": np.zeros((2, 3, 3)), "y_train": np.zeros(5, int)}, "y_test"),
-        ({"x_train": np.zeros((5, 3, 3)), "x_test": np.zeros((2, 4, 4))}, "one .C, H, W. shape"),
+        ({"x_train": np.zeros((5, 3, 3)), "x_test": np.zeros((2, 4, 4))}, "of one shape"),
     ],
 )
 def test_npz_errors(tmp_path, arrays, match):

@@ -175,10 +175,14 @@ def test_divergent_learning_rate_stops_with_a_clear_message(tmp_path):
 
 
 def test_kl_warmup_is_linear_then_flat():
-    assert kl_weight(2.0, 0, 0.0) == 2.0
-    assert kl_weight(2.0, 4, 0.0) == 0.0
-    assert kl_weight(2.0, 4, 1.0) == 0.5
-    assert kl_weight(2.0, 4, 10.0) == 2.0
+    assert kl_weight(TrainConfig(beta=2.0), 0.0) == 2.0
+    warm = TrainConfig(beta=2.0, warmup_epochs=4)
+    assert [kl_weight(warm, t) for t in (0.0, 1.0, 10.0)] == [0.0, 0.5, 2.0]
+
+
+def test_cyclical_kl_annealing_rises_and_holds_in_every_cycle():
+    cyc = TrainConfig(beta=1.0, epochs=8, kl_cycles=2, kl_cycle_ratio=0.5)  # cycles of 4 epochs, rising over 2
+    assert [kl_weight(cyc, t) for t in (0.0, 1.0, 2.0, 3.5, 4.0, 5.0, 7.9)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0]
 
 
 def test_warmup_is_logged_and_beta_weights_the_kl(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import BINARIZE, DEVICES, LIKELIHOODS, MODELS, NETS, OBJECTIVES, RunConfig
+from .config import BINARIZE, DEVICES, LATENT_FAMILIES, LIKELIHOODS, MODELS, NETS, OBJECTIVES, RunConfig
 from .errors import ConfigError, VaelabError
 
 
@@ -42,12 +42,24 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("model", "sigma", "--sigma", dict(type=float, metavar="X", help="Gaussian likelihood scale, fixed (or initial "
                                                                      "for gaussian-learned); default 0.1")),
     ("model", "linear", "--linear", dict(action="store_const", const=True, help="no nonlinearities (linear AE/VAE)")),
+    ("model", "latent", "--latent", dict(choices=LATENT_FAMILIES, help="gaussian (default) or vmf: von Mises-Fisher "
+                                                                       "on the sphere (Davidson et al. 2018)")),
+    ("model", "kappa", "--kappa", dict(type=float, metavar="K", help="fixed vMF concentration (default: learned)")),
+    ("model", "bn_mu", "--bn-mu", dict(type=float, metavar="GAMMA", help="BN-VAE: batch-normalise posterior means "
+                                                                         "with fixed scale GAMMA (Zhu et al. 2020)")),
     ("train", "epochs", "--epochs", dict(type=int, metavar="N", help="passes over the training set (default 20)")),
     ("train", "batch_size", "--batch-size", dict(type=int, metavar="N", help="default 128")),
     ("train", "lr", "--lr", dict(type=float, metavar="X", help="Adam learning rate (default 1e-3)")),
     ("train", "beta", "--beta", dict(type=float, metavar="X", help="KL weight (default 1; beta-VAE when != 1)")),
     ("train", "warmup_epochs", "--warmup-epochs", dict(type=float, metavar="N",
                                                        help="linear KL warm-up from 0 to beta over N epochs")),
+    ("train", "kl_cycles", "--kl-cycles", dict(type=int, metavar="N", help="cyclical KL annealing with N cycles "
+                                                                          "(Fu et al. 2019)")),
+    ("train", "kl_cycle_ratio", "--kl-cycle-ratio", dict(type=float, metavar="R",
+                                                         help="share of each cycle spent rising (default 0.5)")),
+    ("train", "free_bits", "--free-bits", dict(type=float, metavar="LAMBDA", help="free bits: each latent unit's "
+                                                                                  "KL counts at least LAMBDA nats "
+                                                                                  "(Kingma et al. 2016)")),
     ("train", "objective", "--objective", dict(choices=OBJECTIVES, help="elbo (default) or iwae, the "
                                                                       "K-sample bound of Burda et al. 2016")),
     ("train", "k", "--k", dict(type=int, metavar="K", help="importance samples per example for --objective iwae "

@@ -11,13 +11,16 @@ from typing import Any
 from .errors import ConfigError
 from .fileio import atomic_write_text
 
-MODELS = ("pca", "ae", "vae")
-NETS = ("mlp", "conv")
+MODELS = ("pca", "ae", "vae", "text-vae")
+TEXT_MODELS = ("text-vae",)
+LATENT_FAMILIES = ("gaussian", "vmf")
+IMAGE_NETS, TEXT_NETS = ("mlp", "conv"), ("lstm", "gru")
+NETS = IMAGE_NETS + TEXT_NETS
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
 BINARIZE = ("none", "dynamic", "static")
 DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVES = ("elbo", "iwae")
-DEFAULT_HIDDEN = {"mlp": (512, 256), "conv": (32, 64)}
+DEFAULT_HIDDEN = {"mlp": (512, 256), "conv": (32, 64), "lstm": (256,), "gru": (256,)}
 CONFIG_VERSION = 1
 
 
@@ -56,17 +59,31 @@ class ModelConfig:
     """Architecture; together with the weights it rebuilds the model, nothing else needed."""
 
     model: str = "vae"
-    net: str = "mlp"
+    net: str | None = None  # None: mlp for images, lstm for text
     hidden: tuple[int, ...] | None = None  # None: the net's default, DEFAULT_HIDDEN
     latent_dim: int = 16
     likelihood: str = "bernoulli"
     sigma: float = 0.1  # scale of the fixed-variance Gaussian likelihood; initial scale when learned
     linear: bool = False  # AE without any nonlinearity (spans PCA's subspace)
-    input_shape: tuple[int, int, int] | None = None  # (C, H, W), filled in from the data
+    latent: str = "gaussian"  # the posterior/prior family: diagonal Gaussian, or von Mises-Fisher on a sphere
+    kappa: float | None = None  # vMF concentration held fixed (None: learned per example)
+    bn_mu: float | None = None  # BN-VAE: batch-normalise the posterior means with this fixed scale gamma
+    embedding_dim: int = 128  # text: size of the token embeddings
+    word_dropout: float = 0.0  # text: share of decoder inputs replaced by <unk> in training (Bowman et al. 2016)
+    input_shape: tuple[int, ...] | None = None  # (C, H, W) of images, or (T,) of text, filled in from the data
+    vocab_size: int | None = None  # text: filled in from the data
 
     def __post_init__(self) -> None:
         _choice(self.model, MODELS, "--model")
-        _choice(self.net, NETS, "--net")
+        if self.net is None:
+            object.__setattr__(self, "net", "lstm" if self.model in TEXT_MODELS else "mlp")
+        _choice(self.net, TEXT_NETS if self.model in TEXT_MODELS else IMAGE_NETS,
+                f"--net (for --model {self.model})")
+        _integer(self.embedding_dim, "--embedding-dim", minimum=1)
+        if not isinstance(self.word_dropout, (int, float)) or not 0 <= self.word_dropout < 1:
+            raise ConfigError(f"--word-dropout must be in [0, 1), got {self.word_dropout!r}")
+        if self.vocab_size is not None:
+            _integer(self.vocab_size, "vocab_size", minimum=2)
         _choice(self.likelihood, LIKELIHOODS, "--likelihood")
         _integer(self.latent_dim, "--latent-dim", minimum=1)
         _positive(self.sigma, "--sigma")
@@ -76,10 +93,21 @@ class ModelConfig:
         for h in hidden:
             _integer(h, "--hidden (each size)", minimum=1)
         object.__setattr__(self, "hidden", hidden)
+        _choice(self.latent, LATENT_FAMILIES, "--latent")
+        if self.kappa is not None:
+            _positive(self.kappa, "--kappa")
+            if self.latent != "vmf":
+                raise ConfigError("--kappa sets the concentration of --latent vmf; drop it or add --latent vmf")
+        if self.bn_mu is not None:
+            _positive(self.bn_mu, "--bn-mu")
+            if self.latent != "gaussian":
+                raise ConfigError("--bn-mu batch-normalises Gaussian posterior means; use it with --latent gaussian")
+        if self.latent == "vmf" and self.latent_dim < 2:
+            raise ConfigError("--latent vmf needs --latent-dim >= 2 (z lives on the sphere S^(d-1) in R^d)")
         if self.input_shape is not None:
             shape = tuple(self.input_shape)
-            if len(shape) != 3:
-                raise ConfigError(f"input_shape must be (C, H, W), got {self.input_shape!r}")
+            if not shape:
+                raise ConfigError(f"input_shape must list the data's dimensions, got {self.input_shape!r}")
             for s in shape:
                 _integer(s, "input_shape", minimum=1)
             object.__setattr__(self, "input_shape", shape)
@@ -94,6 +122,9 @@ class TrainConfig:
     lr: float = 1e-3
     beta: float = 1.0
     warmup_epochs: float = 0  # linear KL warm-up from 0 to beta over this many epochs
+    kl_cycles: int = 0  # cyclical KL annealing: this many cycles over the run (0: off)
+    kl_cycle_ratio: float = 0.5  # fraction of each cycle spent rising from 0 to beta
+    free_bits: float = 0.0  # free bits: KL per latent unit counts as at least this many nats
     objective: str = "elbo"
     k: int = 1  # importance samples per example: IWAE's K, or an ELBO averaged over K samples
     seed: int = 0
@@ -105,8 +136,17 @@ class TrainConfig:
         _positive(self.lr, "--lr")
         _positive(self.beta, "--beta", allow_zero=True)
         _positive(self.warmup_epochs, "--warmup-epochs", allow_zero=True)
+        _integer(self.kl_cycles, "--kl-cycles", minimum=0)
+        _positive(self.kl_cycle_ratio, "--kl-cycle-ratio")
+        if self.kl_cycle_ratio > 1:
+            raise ConfigError(f"--kl-cycle-ratio must be in (0, 1], got {self.kl_cycle_ratio}")
+        if self.kl_cycles and self.warmup_epochs:
+            raise ConfigError("--kl-cycles and --warmup-epochs are two KL schedules; choose one")
+        _positive(self.free_bits, "--free-bits", allow_zero=True)
         _choice(self.objective, OBJECTIVES, "--objective")
         _integer(self.k, "--k", minimum=1)
+        if self.free_bits and self.objective != "elbo":
+            raise ConfigError("--free-bits applies to the ELBO's KL term; use it with --objective elbo")
         _integer(self.seed, "--seed", minimum=0)
         _choice(self.device, DEVICES, "--device")
 

@@ -32,18 +32,28 @@ class DiagonalGaussian(nn.Module):
     Kingma & Welling 2014, "Auto-Encoding Variational Bayes", Sec. 3 and Appendix C.2.
     """
 
-    def __init__(self, *, in_features: int, latent_dim: int):
+    def __init__(self, *, in_features: int, latent_dim: int, bn_mu: float | None = None):
         super().__init__()
         self.latent_dim = latent_dim
         self.mean = nn.Linear(in_features, latent_dim)
         self.logvar = nn.Linear(in_features, latent_dim)
         self.register_buffer("zero", torch.zeros(latent_dim), persistent=False)
         self.register_buffer("one", torch.ones(latent_dim), persistent=False)
+        self.mean_bn = None
+        if bn_mu is not None:
+            # BN-VAE (Zhu et al. 2020, Sec. 3.2): mu = gamma * BN(mu) + beta with gamma fixed and beta learned
+            # keeps E[mu_d^2] >= gamma^2 over the data, so the expected KL is at least D * gamma^2 / 2.
+            self.mean_bn = nn.BatchNorm1d(latent_dim, affine=False)
+            self.register_buffer("bn_gamma", torch.tensor(float(bn_mu)))
+            self.bn_beta = nn.Parameter(torch.zeros(latent_dim))
 
     def forward(self, h: torch.Tensor) -> Distribution:
         """Posterior from encoder features h (B, F); batch shape (B,), event shape (D,)."""
         logvar = self.logvar(h).clamp(LOGVAR_MIN, LOGVAR_MAX)
-        return diagonal_normal(self.mean(h), torch.exp(0.5 * logvar))
+        mu = self.mean(h)
+        if self.mean_bn is not None:
+            mu = self.bn_gamma * self.mean_bn(mu) + self.bn_beta
+        return diagonal_normal(mu, torch.exp(0.5 * logvar))
 
     def prior(self) -> Distribution:
         """p(z) = N(0, I); batch shape (), event shape (D,)."""
@@ -60,4 +70,11 @@ class DiagonalGaussian(nn.Module):
         return z[0] if k is None else z
 
 
-LATENTS = {"gaussian": DiagonalGaussian}
+def build_latent(name: str, *, in_features: int, latent_dim: int, kappa: float | None = None,
+                 bn_mu: float | None = None) -> nn.Module:
+    """The posterior head and prior of a --latent family."""
+    if name == "vmf":
+        from .vmf import VMFLatent  # the Bessel-function machinery loads only when asked for
+
+        return VMFLatent(in_features=in_features, latent_dim=latent_dim, kappa=kappa)
+    return DiagonalGaussian(in_features=in_features, latent_dim=latent_dim, bn_mu=bn_mu)

@@ -32,12 +32,16 @@ def log_weights(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> torch.Ten
     return log_px_z + beta * log_ratio
 
 
-def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, kl: str = "analytic") -> dict[str, torch.Tensor]:
+def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0,
+         kl: str = "analytic") -> dict[str, torch.Tensor]:
     """Negative ELBO with a KL weight: -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z)).
 
     Reparameterised samples (one, or K averaged) estimate the reconstruction term; the KL is analytic
     (Kingma & Welling 2014, eq. 10), or with kl="mc" the Monte Carlo estimate log q(z|x) - log p(z)
     on the same samples (their eq. 7). beta != 1 is the beta-VAE of Higgins et al. 2017.
+    free_bits > 0 charges each latent unit's KL, averaged over the batch, at least free_bits nats
+    (Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow", eq. 15);
+    the "kl" term returned stays the true KL.
     """
     if kl == "analytic":
         log_px_z, kl_term = out.log_px_z(x), out.kl()
@@ -45,10 +49,22 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, kl: str = "analytic
         log_px_z, log_ratio = _log_terms(out, x)
         kl_term = -log_ratio
     recon, kl_term = -_per_example(log_px_z), _per_example(kl_term)
-    return {"loss": recon + beta * kl_term, "recon": recon, "kl": kl_term}
+    charged = kl_term if free_bits <= 0 else _free_bits_kl(out, free_bits)
+    return {"loss": recon + beta * charged, "recon": recon, "kl": kl_term}
 
 
-def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[str, torch.Tensor]:
+def _free_bits_kl(out: Output, free_bits: float) -> torch.Tensor:
+    """Per-example KL in which units whose batch-mean KL is below free_bits are charged free_bits instead.
+
+    Averaged over the batch this is sum_u max(free_bits, mean_b KL_bu); units under the floor get no gradient.
+    """
+    units = out.kl_units()  # (B, U), or (K, B, U) when it depends on the samples
+    units = units.mean(0) if units.dim() > 2 else units
+    floor = units.new_tensor(free_bits)
+    return torch.where(units.mean(0) >= free_bits, units, floor).sum(-1)
+
+
+def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0) -> dict[str, torch.Tensor]:
     """Negative IWAE bound: -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016, eq. 8).
 
     Needs out.z of shape (K, B, D) (the model run with k=K). With K = 1 it equals the single-sample
@@ -56,14 +72,17 @@ def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[str, torch.
     """
     if out.k is None:
         raise ValueError("iwae needs K samples per example: call the model with k=K")
+    if free_bits:
+        raise ValueError("free bits apply to the ELBO's KL term, not to the IWAE bound")
     log_px_z, log_ratio = _log_terms(out, x)  # (K, B) each
     log_w = log_px_z + beta * log_ratio
     bound = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
     return {"loss": -bound, "recon": -log_px_z.mean(0), "kl": -log_ratio.mean(0)}
 
 
-def reconstruction(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> dict[str, torch.Tensor]:
-    """-log p(x|z) at the deterministic code z = f(x): the autoencoder's loss (beta is unused)."""
+def reconstruction(out: Output, x: torch.Tensor, *, beta: float = 1.0,
+                   free_bits: float = 0.0) -> dict[str, torch.Tensor]:
+    """-log p(x|z) at the deterministic code z = f(x): the autoencoder's loss (beta, free_bits unused)."""
     recon = -out.log_px_z(x)  # (B,)
     return {"loss": recon, "recon": recon, "kl": torch.zeros_like(recon)}
 

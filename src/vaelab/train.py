@@ -22,9 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import runs
-from .config import RunConfig
+from .config import TEXT_MODELS, RunConfig, TrainConfig
 from .data import Dataset, binarize, check_finite, check_unit_interval, load_dataset, static_binarize
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .models import PCA, build_model
 from .objectives import OBJECTIVES, reconstruction
 from .system import keep_freed_memory, model_device, resolve_device
@@ -42,6 +42,15 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
     """Load the run's data set and apply its binarisation; checks values for the chosen likelihood."""
     ds = dataset if dataset is not None else load_dataset(config.data.name)
     mode = config.data.binarize
+    text_model = config.model.model in TEXT_MODELS
+    if ds.is_text != text_model:
+        wanted = "a text data set such as fortunes" if text_model else "an image data set such as mnist5k"
+        raise ConfigError(f"--model {config.model.model} needs {wanted}, but {ds.name!r} holds "
+                          f"{'text' if ds.is_text else 'images'}")
+    if ds.is_text:
+        if mode != "none":
+            raise ConfigError(f"--binarize {mode} applies to images; {ds.name!r} is text (drop --binarize)")
+        return ds
     needs_unit = config.model.likelihood == "bernoulli" or mode != "none"
     for split_name in ("train", "val", "test"):
         x = getattr(ds, split_name).x
@@ -58,11 +67,20 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
     return dataclasses.replace(held_out, train=train)
 
 
-def kl_weight(beta: float, warmup_epochs: float, progress_epochs: float) -> float:
-    """Linear KL warm-up: beta * min(1, t / warmup) (Bowman et al. 2016; Sonderby et al. 2016)."""
-    if warmup_epochs <= 0:
-        return beta
-    return beta * min(1.0, progress_epochs / warmup_epochs)
+def kl_weight(config: TrainConfig, progress_epochs: float) -> float:
+    """The KL weight after `progress_epochs` (fractional) epochs of training.
+
+    Linear warm-up: beta * min(1, t / warmup) (Bowman et al. 2016; Sonderby et al. 2016). Cyclical
+    annealing: the run splits into kl_cycles equal cycles, and in each the weight rises linearly from 0
+    to beta over the first kl_cycle_ratio of it, then holds (Fu et al. 2019, eq. 3).
+    """
+    if config.kl_cycles > 0:
+        period = config.epochs / config.kl_cycles
+        phase = (progress_epochs % period) / period
+        return config.beta * min(1.0, phase / config.kl_cycle_ratio)
+    if config.warmup_epochs <= 0:
+        return config.beta
+    return config.beta * min(1.0, progress_epochs / config.warmup_epochs)
 
 
 @torch.no_grad()
@@ -81,14 +99,16 @@ def mean_terms(model: nn.Module, loss_terms: Callable, x: torch.Tensor, *, batch
     return {k: v / x.shape[0] for k, v in sums.items()}
 
 
-def _loss_terms(model: nn.Module, x: torch.Tensor, *, beta: float, objective: Callable,
-                k: int | None) -> dict[str, torch.Tensor]:
+def _loss_terms(model: nn.Module, x: torch.Tensor, *, beta: float, objective: Callable, k: int | None,
+                free_bits: float = 0.0) -> dict[str, torch.Tensor]:
     out = model(x) if k is None else model(x, k=k)
-    return objective(out, x, beta=beta)
+    return objective(out, x, beta=beta, free_bits=free_bits)
 
 
 def objective_for(config: RunConfig) -> Callable[..., dict[str, torch.Tensor]]:
-    """loss_terms(model, x, beta=...) for this run: a forward pass (K samples for IWAE), then the objective.
+    """loss_terms(model, x, beta=..., free_bits=...): a forward pass (K samples for IWAE), then the objective.
+
+    Validation and evaluation call it with the defaults (beta=1, no free bits): the true bound.
 
     Autoencoders and PCA use their reconstruction loss; VAEs the configured --objective, with
     --k samples per example (the IWAE bound's K, or a K-sample average for the ELBO).
@@ -122,7 +142,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.data = prepare_data(config, dataset)
-        model_config = dataclasses.replace(config.model, input_shape=self.data.shape)
+        model_config = dataclasses.replace(config.model, input_shape=self.data.shape,
+                                           vocab_size=len(self.data.vocab) if self.data.is_text else None)
         self.config = dataclasses.replace(config, model=model_config)
         self.device = resolve_device(config.train.device)
         if self.device.type == "cpu":
@@ -209,8 +230,8 @@ class Trainer:
             xb = torch.index_select(self.train_x, 0, perm[i * batch:(i + 1) * batch])  # faster than x[idx]
             if dynamic:
                 xb = binarize(xb, gen)
-            beta = kl_weight(cfg.beta, cfg.warmup_epochs, epoch - 1 + i / steps)
-            terms = self.loss_terms(self.model, xb, beta=beta)
+            beta = kl_weight(cfg, epoch - 1 + i / steps)
+            terms = self.loss_terms(self.model, xb, beta=beta, free_bits=cfg.free_bits)
             loss = terms["loss"].mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

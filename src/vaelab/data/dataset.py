@@ -23,22 +23,28 @@ class Split:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A named data set with train/val/test splits that share one (C, H, W) shape."""
+    """A named data set with train/val/test splits that share one shape.
+
+    Images: x is (N, C, H, W) float. Text: x is (N, T) int64 token ids padded with 0, and `vocab`
+    lists the tokens (vocab[0] is the padding token).
+    """
 
     name: str
     train: Split
     val: Split
     test: Split
     classes: tuple[str, ...] | None = None
+    vocab: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         """Refuse splits that disagree, so models can trust `shape` and labels."""
         splits = {"train": self.train, "val": self.val, "test": self.test}
+        ndim, kind = (2, "token sequences (N, T)") if self.is_text else (4, "images (N, C, H, W)")
         for split_name, split in splits.items():
-            if split.x.ndim != 4 or tuple(split.x.shape[1:]) != tuple(self.train.x.shape[1:]):
+            if split.x.ndim != ndim or tuple(split.x.shape[1:]) != tuple(self.train.x.shape[1:]):
                 raise DataError(
-                    f"data set {self.name}: {split_name} images have shape {tuple(split.x.shape[1:])}, "
-                    f"train images {tuple(self.train.x.shape[1:])}; give every split images of one (C, H, W) shape"
+                    f"data set {self.name}: {split_name} split has shape {tuple(split.x.shape)}, train "
+                    f"{tuple(self.train.x.shape)}; give every split {kind} of one shape"
                 )
             if (split.y is None) != (self.train.y is None):
                 raise DataError(
@@ -52,10 +58,14 @@ class Dataset:
                 )
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one example."""
-        c, h, w = self.train.x.shape[1:]
-        return int(c), int(h), int(w)
+    def is_text(self) -> bool:
+        """Whether the examples are token sequences rather than images."""
+        return self.vocab is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image, or (T,) of one padded token sequence."""
+        return tuple(int(s) for s in self.train.x.shape[1:])
 
 
 def check_finite(x: torch.Tensor, source: str) -> None:
