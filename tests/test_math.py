@@ -159,3 +159,17 @@ def test_bernoulli_elbo_matches_pytorch_examples_formula():
     bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum((1, 2, 3))
     kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
     torch.testing.assert_close(terms["loss"], bce + kld, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_units_compute_a_times_sigmoid_b():
+    from vaelab.nets import GatedLinear
+
+    torch.manual_seed(0)
+    layer = GatedLinear(5, 3)
+    x = torch.randn(4, 5)
+    a = x @ layer.proj.weight[:3].T + layer.proj.bias[:3]
+    b = x @ layer.proj.weight[3:].T + layer.proj.bias[3:]
+    torch.testing.assert_close(layer(x), a * torch.sigmoid(b))
+    model = VAE(input_shape=(1, 8, 8), latent_dim=2, hidden=(6, 4), activation="gated")
+    assert model.reconstruct(torch.rand(3, 1, 8, 8)).shape == (3, 1, 8, 8)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())

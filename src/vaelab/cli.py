@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import BINARIZE, DEVICES, LATENT_FAMILIES, LIKELIHOODS, MODELS, NETS, OBJECTIVES, RunConfig
+from .config import ACTIVATIONS, BINARIZE, DEVICES, LATENT_FAMILIES, LIKELIHOODS, MODELS, NETS, OBJECTIVES, RunConfig
 from .errors import ConfigError, VaelabError
 
 
@@ -41,6 +41,8 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                          help="layer widths (mlp, default 512,256) or channels (conv, default 32,64)")),
     ("model", "sigma", "--sigma", dict(type=float, metavar="X", help="Gaussian likelihood scale, fixed (or initial "
                                                                      "for gaussian-learned); default 0.1")),
+    ("model", "activation", "--activation", dict(choices=ACTIVATIONS, help="MLP units: relu (default) or gated "
+                                                                           "linear units (as in VampPrior)")),
     ("model", "linear", "--linear", dict(action="store_const", const=True, help="no nonlinearities (linear AE/VAE)")),
     ("model", "latent", "--latent", dict(choices=LATENT_FAMILIES, help="gaussian (default) or vmf: von Mises-Fisher "
                                                                        "on the sphere (Davidson et al. 2018)")),

@@ -14,6 +14,7 @@ from .fileio import atomic_write_text
 MODELS = ("pca", "ae", "vae", "text-vae")
 TEXT_MODELS = ("text-vae",)
 LATENT_FAMILIES = ("gaussian", "vmf")
+ACTIVATIONS = ("relu", "gated")
 IMAGE_NETS, TEXT_NETS = ("mlp", "conv"), ("lstm", "gru")
 NETS = IMAGE_NETS + TEXT_NETS
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
@@ -65,6 +66,7 @@ class ModelConfig:
     likelihood: str = "bernoulli"
     sigma: float = 0.1  # scale of the fixed-variance Gaussian likelihood; initial scale when learned
     linear: bool = False  # AE without any nonlinearity (spans PCA's subspace)
+    activation: str = "relu"  # MLP hidden units: relu, or gated linear units (VampPrior's GatedDense)
     latent: str = "gaussian"  # the posterior/prior family: diagonal Gaussian, or von Mises-Fisher on a sphere
     kappa: float | None = None  # vMF concentration held fixed (None: learned per example)
     bn_mu: float | None = None  # BN-VAE: batch-normalise the posterior means with this fixed scale gamma
@@ -94,6 +96,9 @@ class ModelConfig:
             _integer(h, "--hidden (each size)", minimum=1)
         object.__setattr__(self, "hidden", hidden)
         _choice(self.latent, LATENT_FAMILIES, "--latent")
+        _choice(self.activation, ACTIVATIONS, "--activation")
+        if self.activation != "relu" and self.net != "mlp":
+            raise ConfigError(f"--activation {self.activation} is for --net mlp; drop it or use --net mlp")
         if self.kappa is not None:
             _positive(self.kappa, "--kappa")
             if self.latent != "vmf":

@@ -17,22 +17,42 @@ def _activation(linear: bool) -> nn.Module:
     return nn.Identity() if linear else nn.ReLU()
 
 
-def mlp(sizes: list[int], *, linear: bool = False, last_activation: bool = False) -> nn.Sequential:
-    """Linear layers between consecutive sizes, ReLU between them (none when linear)."""
+class GatedLinear(nn.Module):
+    """h = (W x + b) * sigmoid(V x + c): gated linear units (Dauphin et al. 2017), the "GatedDense" layers
+    of the MLP VAEs in VampPrior (Tomczak & Welling 2018) and Exemplar VAE; one matmul for both halves."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.proj = nn.Linear(n_in, 2 * n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.glu(self.proj(x), dim=-1)
+
+
+def mlp(sizes: list[int], *, linear: bool = False, last_activation: bool = False,
+        activation: str = "relu") -> nn.Sequential:
+    """Layers between consecutive sizes: Linear + ReLU, or gated linear units; the last is plain Linear
+    unless last_activation. linear=True drops every nonlinearity."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if (i < len(sizes) - 2 or last_activation) and not linear:
-            layers.append(nn.ReLU())
+        hidden_layer = (i < len(sizes) - 2 or last_activation) and not linear
+        if hidden_layer and activation == "gated":
+            layers.append(GatedLinear(n_in, n_out))
+        else:
+            layers.append(nn.Linear(n_in, n_out))
+            if hidden_layer:
+                layers.append(nn.ReLU())
     return nn.Sequential(*layers)
 
 
 class MLPEncoder(nn.Module):
     """Flatten, then a stack of fully connected layers."""
 
-    def __init__(self, *, input_shape: tuple[int, int, int], hidden: tuple[int, ...], linear: bool = False):
+    def __init__(self, *, input_shape: tuple[int, int, int], hidden: tuple[int, ...], linear: bool = False,
+                 activation: str = "relu"):
         super().__init__()
-        self.body = mlp([math.prod(input_shape), *hidden], linear=linear, last_activation=True)
+        self.body = mlp([math.prod(input_shape), *hidden], linear=linear, last_activation=True,
+                        activation=activation)
         self.out_features = hidden[-1] if hidden else math.prod(input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,13 +63,19 @@ class MLPDecoder(nn.Module):
     """Fully connected layers in the encoder's reverse order, one output per pixel."""
 
     def __init__(self, *, latent_dim: int, hidden: tuple[int, ...], output_shape: tuple[int, int, int],
-                 linear: bool = False):
+                 linear: bool = False, activation: str = "relu"):
         super().__init__()
         self.output_shape = output_shape
-        self.body = mlp([latent_dim, *reversed(hidden), math.prod(output_shape)], linear=linear)
+        self.body = mlp([latent_dim, *reversed(hidden), math.prod(output_shape)], linear=linear,
+                        activation=activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.body(z).unflatten(-1, self.output_shape)  # (B, C, H, W)
+
+
+def _relu_only(activation: str) -> None:
+    if activation != "relu":
+        raise ConfigError(f"--activation {activation} is for --net mlp; conv bodies use ReLU")
 
 
 def _conv_sizes(size: int, n_layers: int) -> list[int]:
@@ -63,8 +89,10 @@ def _conv_sizes(size: int, n_layers: int) -> list[int]:
 class ConvEncoder(nn.Module):
     """Stride-2 convolutions with the given channel counts, then flatten."""
 
-    def __init__(self, *, input_shape: tuple[int, int, int], hidden: tuple[int, ...], linear: bool = False):
+    def __init__(self, *, input_shape: tuple[int, int, int], hidden: tuple[int, ...], linear: bool = False,
+                 activation: str = "relu"):
         super().__init__()
+        _relu_only(activation)
         c, h, w = input_shape
         hs, ws = _conv_sizes(h, len(hidden)), _conv_sizes(w, len(hidden))
         if not hidden or min(hs[-1], ws[-1]) < 1:
@@ -86,8 +114,9 @@ class ConvDecoder(nn.Module):
     """A linear map to the encoder's last feature map, then stride-2 transposed convolutions back."""
 
     def __init__(self, *, latent_dim: int, hidden: tuple[int, ...], output_shape: tuple[int, int, int],
-                 linear: bool = False):
+                 linear: bool = False, activation: str = "relu"):
         super().__init__()
+        _relu_only(activation)
         c, h, w = output_shape
         hs, ws = _conv_sizes(h, len(hidden)), _conv_sizes(w, len(hidden))
         self.start = (hidden[-1], hs[-1], ws[-1])

@@ -10,9 +10,10 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from .baselines import AE, PCA
 from .common import Output
+from .text_vae import TextVAE
 from .vae import VAE
 
-MODELS: dict[str, type[nn.Module]] = {"pca": PCA, "ae": AE, "vae": VAE}
+MODELS: dict[str, type[nn.Module]] = {"pca": PCA, "ae": AE, "vae": VAE, "text-vae": TextVAE}
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -26,4 +27,4 @@ def build_model(config: ModelConfig) -> nn.Module:
     return model
 
 
-__all__ = ["AE", "MODELS", "Output", "PCA", "VAE", "build_model"]
+__all__ = ["AE", "MODELS", "Output", "PCA", "TextVAE", "VAE", "build_model"]

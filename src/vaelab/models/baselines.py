@@ -84,14 +84,16 @@ class AE(nn.Module):
 
     def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int, net: str = "mlp",
                  hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli", sigma: float = 0.1,
-                 linear: bool = False):
+                 linear: bool = False, activation: str = "relu"):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
-        self.encoder = ENCODERS[net](input_shape=self.input_shape, hidden=hidden, linear=linear)
+        self.encoder = ENCODERS[net](input_shape=self.input_shape, hidden=hidden, linear=linear,
+                                     activation=activation)
         self.code = nn.Linear(self.encoder.out_features, latent_dim)
         self.decoder = ImageDecoder(net=net, latent_dim=latent_dim, hidden=hidden, output_shape=self.input_shape,
-                                    likelihood=likelihood, sigma=sigma, linear=linear)
+                                    likelihood=likelihood, sigma=sigma, linear=linear,
+                                    activation=activation)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The code z = f(x), (B, L)."""

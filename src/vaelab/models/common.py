@@ -59,12 +59,12 @@ class ImageDecoder(nn.Module):
     """z (..., D) -> p(x|z) over images (C, H, W): a decoder body, then a likelihood head."""
 
     def __init__(self, *, net: str, latent_dim: int, hidden: tuple[int, ...], output_shape: tuple[int, int, int],
-                 likelihood: str, sigma: float, linear: bool = False):
+                 likelihood: str, sigma: float, linear: bool = False, activation: str = "relu"):
         super().__init__()
         self.latent_dim = latent_dim
         self.output_shape = tuple(output_shape)
         self.body = DECODERS[net](latent_dim=latent_dim, hidden=hidden, output_shape=self.output_shape,
-                                  linear=linear)
+                                  linear=linear, activation=activation)
         self.likelihood = build_likelihood(likelihood, sigma=sigma, channels=self.output_shape[0])
 
     def forward(self, z: torch.Tensor) -> Distribution:

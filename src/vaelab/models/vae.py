@@ -21,6 +21,7 @@ class VAE(nn.Module):
         likelihood: "bernoulli", "gaussian" (fixed sigma) or "gaussian-learned".
         sigma: the Gaussian likelihood's fixed (or initial) scale.
         linear: drop all nonlinearities (a linear-Gaussian model).
+        activation: "relu" or "gated" (gated linear units) between the MLP layers.
         latent: "gaussian" (diagonal posterior, standard normal prior) or "vmf" (von Mises-Fisher
             posterior, uniform prior on the sphere S^(D-1)).
         kappa: fixed vMF concentration (None: learned).
@@ -29,16 +30,18 @@ class VAE(nn.Module):
 
     def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int, net: str = "mlp",
                  hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli", sigma: float = 0.1,
-                 linear: bool = False, latent: str = "gaussian", kappa: float | None = None,
+                 linear: bool = False, activation: str = "relu", latent: str = "gaussian", kappa: float | None = None,
                  bn_mu: float | None = None):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
-        self.encoder = ENCODERS[net](input_shape=self.input_shape, hidden=hidden, linear=linear)
+        self.encoder = ENCODERS[net](input_shape=self.input_shape, hidden=hidden, linear=linear,
+                                     activation=activation)
         self.posterior = build_latent(latent, in_features=self.encoder.out_features, latent_dim=latent_dim,
                                       kappa=kappa, bn_mu=bn_mu)
         self.decoder = ImageDecoder(net=net, latent_dim=latent_dim, hidden=hidden, output_shape=self.input_shape,
-                                    likelihood=likelihood, sigma=sigma, linear=linear)
+                                    likelihood=likelihood, sigma=sigma, linear=linear,
+                                    activation=activation)
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for images x (B, C, H, W): batch shape (B,), event shape (D,)."""
