@@ -162,7 +162,7 @@ def test_digits():
 
 
 def test_registry_is_a_plain_dict_of_the_named_sets():
-    assert type(DATASETS) is dict and list(DATASETS) == ["mnist5k", "digits", "fashion-mnist", "mnist"]
+    assert type(DATASETS) is dict and list(DATASETS) == ["mnist5k", "digits", "fashion-mnist", "mnist", "fortunes"]
 
 
 def test_unknown_name_lists_known_names_and_forms():

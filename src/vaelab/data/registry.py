@@ -7,6 +7,7 @@ from collections.abc import Callable
 from vaelab.data.custom import load_folder, load_npy, load_npz
 from vaelab.data.dataset import Dataset
 from vaelab.data.sources import load_digits, load_fashion_mnist, load_mnist, load_mnist5k
+from vaelab.data.text import load_fortunes
 from vaelab.errors import DataError
 
 DEFAULT_DATASET = "mnist5k"
@@ -16,6 +17,7 @@ DATASETS: dict[str, Callable[[], Dataset]] = {
     "digits": load_digits,
     "fashion-mnist": load_fashion_mnist,
     "mnist": load_mnist,
+    "fortunes": load_fortunes,
 }
 
 # "folder:PATH", "npz:PATH", "npy:PATH" -> loader(PATH)

@@ -104,7 +104,7 @@ class TextVAE(nn.Module):
     def _state(self, z: torch.Tensor) -> RNNState:
         """Initial decoder state from z (N, D): (1, N, H), or the pair (h_0, c_0) for an LSTM."""
         s = self.initial_state(z).unsqueeze(0)
-        return tuple(s.chunk(2, -1)) if self.net == "lstm" else s
+        return tuple(c.contiguous() for c in s.chunk(2, -1)) if self.net == "lstm" else s  # cuDNN wants contiguous
 
     def decoder_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The tokens the decoder reads for targets x (N, T): <bos>, x_1 .. x_{T-1}, with word dropout in training."""
