@@ -33,10 +33,12 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                          "folder:PATH, npz:PATH or npy:PATH")),
     ("data", "binarize", "--binarize", dict(choices=BINARIZE, help="binarise pixels for a Bernoulli likelihood: "
                                                                   "resampled every batch (dynamic) or once (static)")),
-    ("model", "model", "--model", dict(choices=MODELS, help="pca (closed form), ae or vae (default)")),
+    ("model", "model", "--model", dict(choices=MODELS, help="pca (closed form), ae, vae (default), or text-vae "
+                                                           "(sentence VAE, for --data fortunes)")),
     ("model", "likelihood", "--likelihood", dict(choices=LIKELIHOODS, help="p(x|z) (default bernoulli)")),
     ("model", "latent_dim", "--latent-dim", dict(type=int, metavar="N", help="size of z (default 16)")),
-    ("model", "net", "--net", dict(choices=NETS, help="encoder/decoder bodies (default mlp)")),
+    ("model", "net", "--net", dict(choices=NETS, help="encoder/decoder bodies: mlp (default) or conv; lstm "
+                                                     "(default) or gru for text")),
     ("model", "hidden", "--hidden", dict(type=_hidden, metavar="512,256",
                                          help="layer widths (mlp, default 512,256) or channels (conv, default 32,64)")),
     ("model", "sigma", "--sigma", dict(type=float, metavar="X", help="Gaussian likelihood scale, fixed (or initial "
@@ -44,6 +46,11 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("model", "activation", "--activation", dict(choices=ACTIVATIONS, help="MLP units: relu (default) or gated "
                                                                            "linear units (as in VampPrior)")),
     ("model", "linear", "--linear", dict(action="store_const", const=True, help="no nonlinearities (linear AE/VAE)")),
+    ("model", "embedding_dim", "--embedding-dim", dict(type=int, metavar="N", help="text: token embedding size "
+                                                                                   "(default 128)")),
+    ("model", "word_dropout", "--word-dropout", dict(type=float, metavar="P", help="text: share of decoder inputs "
+                                                                                  "replaced by <unk> in training "
+                                                                                  "(Bowman et al. 2016)")),
     ("model", "latent", "--latent", dict(choices=LATENT_FAMILIES, help="gaussian (default) or vmf: von Mises-Fisher "
                                                                        "on the sphere (Davidson et al. 2018)")),
     ("model", "kappa", "--kappa", dict(type=float, metavar="K", help="fixed vMF concentration (default: learned)")),
@@ -83,8 +90,11 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
         value = getattr(args, _dest(flag), None)
         if value is not None:
             sections[section][field] = value
-    if "net" in sections["model"] and "hidden" not in sections["model"]:
-        sections["model"]["hidden"] = None  # the new net's default widths
+    changes = sections["model"]
+    if "model" in changes and "net" not in changes:
+        changes["net"] = None  # the new model's default body (mlp for images, lstm for text)
+    if "net" in changes and "hidden" not in changes:
+        changes["hidden"] = None  # the new net's default widths
     return RunConfig(**{name: dataclasses.replace(getattr(base, name), **changes)
                         for name, changes in sections.items()})
 
@@ -170,7 +180,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1 or args.n > 10_000:
         raise ConfigError(f"--n must be between 1 and 10000, got {args.n}")
     torch.manual_seed(args.seed)
+    vocab = _vocab(args.run)
+    if vocab is not None:
+        from . import text_views
+
+        return _write_lines(text_views.samples(model, vocab, args.n), args.out or Path(args.run) / "samples.txt")
     out = figures.save_grid(model.sample(args.n), args.out or Path(args.run) / "samples.png", nrow=args.nrow)
+    print(f"written: {out}")
+    return 0
+
+
+def _vocab(run: Path) -> tuple[str, ...] | None:
+    """The vocabulary of a text run (rebuilt from its data set), None for images."""
+    from . import runs
+    from .config import TEXT_MODELS
+    from .train import prepare_data
+
+    config = runs.load_config(run)
+    return prepare_data(config).vocab if config.model.model in TEXT_MODELS else None
+
+
+def _write_lines(lines: list[str], out: Path) -> int:
+    from .fileio import atomic_write_text
+
+    print("\n".join(lines))
+    atomic_write_text(out, "\n".join(lines) + "\n")
     print(f"written: {out}")
     return 0
 
@@ -180,6 +214,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     model, data = _run_and_data(args.run, args.device)
     n = min(args.n, data.test.x.shape[0])
+    if data.is_text:
+        from . import text_views
+
+        pairs = text_views.reconstructions(model, data.test.x[:n], data.vocab)
+        return _write_lines([f"{a}\n  -> {b}" for a, b in pairs], args.out or Path(args.run) / "reconstructions.txt")
     out = figures.save_grid(figures.reconstructions(model, data.test.x[:n]),
                             args.out or Path(args.run) / "reconstructions.png", nrow=n)
     print(f"written: {out} (originals on top, reconstructions below)")
@@ -194,6 +233,11 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     a, b = _index(args.a, n, "--a"), _index(args.b, n, "--b")
     if args.steps < 2 or args.steps > 100:
         raise ConfigError(f"--steps must be between 2 and 100, got {args.steps}")
+    if data.is_text:
+        from . import text_views
+
+        lines = text_views.interpolation(model, data.test.x[a], data.test.x[b], data.vocab, steps=args.steps)
+        return _write_lines(lines, args.out or Path(args.run) / f"interpolate-{a}-{b}.txt")
     strip = figures.interpolations(model, data.test.x[a:a + 1], data.test.x[b:b + 1], steps=args.steps)
     out = figures.save_grid(strip, args.out or Path(args.run) / f"interpolate-{a}-{b}.png", nrow=args.steps)
     print(f"written: {out}")
@@ -254,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("runs", type=Path, nargs="+", metavar="RUN")
     q.add_argument("--out", type=Path, default=Path("compare.md"), help="Markdown file (default compare.md)")
     q.set_defaults(func=cmd_compare)
-    q = run_command("sample", "a grid of samples from the prior, as PNG", cmd_sample)
+    q = run_command("sample", "a grid of samples from the prior, as PNG (sentences, as text, for text models)",
+                    cmd_sample)
     q.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     q.add_argument("--nrow", type=int, default=8, help="images per row (default 8)")
     q.add_argument("--seed", type=int, default=0)
@@ -278,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=30, help="VAE/AE epochs (default 30)")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=cmd_demo)
+
+    from .web import add_serve_command  # (FastAPI and uvicorn load only when `serve` runs)
+
+    add_serve_command(sub)
     return parser
 
 

@@ -1,0 +1,342 @@
+// The latent explorer page: plain browser JavaScript, no build step, no network beyond this server.
+"use strict";
+
+const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+  "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
+  "#c7c7c7", "#dbdb8d", "#9edae5"];
+const N_SAMPLES = 16;
+
+const state = {
+  run: null,       // run name, from ?run= or the server's default
+  summary: null,
+  map: null,       // points, labels, projection {mean, components}
+  base: null,      // the sliders' centre (Array of D numbers)
+  z: null,         // the vector shown in #decoded
+  view: null,      // canvas transform: data -> pixels
+  dots: null,      // offscreen canvas holding the scatter
+};
+
+const $ = (id) => document.getElementById(id);
+
+function setStatus(text) { $("status").textContent = text; }
+
+function apiUrl(path, params = {}) {
+  const query = new URLSearchParams(params);
+  if (state.run !== null) query.set("run", state.run);
+  const qs = query.toString();
+  return qs ? `${path}?${qs}` : path;
+}
+
+async function fetchOk(url) {
+  const response = await fetch(url);
+  if (!response.ok) {
+    let detail = `${response.status} ${response.statusText}`;
+    try { detail = (await response.json()).detail || detail; } catch (e) { /* not JSON: keep the status */ }
+    throw new Error(detail);
+  }
+  return response;
+}
+
+async function getJson(path, params) { return (await fetchOk(apiUrl(path, params))).json(); }
+
+// Load a PNG from the API into an <img>, via a blob so errors arrive as JSON messages, not broken images.
+async function showImage(img, path, params, attrs = {}) {
+  const blob = await (await fetchOk(apiUrl(path, params))).blob();
+  const old = img.src;
+  img.src = URL.createObjectURL(blob);
+  await img.decode();
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+  for (const [key, value] of Object.entries(attrs)) img.dataset[key] = value;
+}
+
+// ---- decoding, latest request wins: at most one request in flight, and only the newest waiting one
+let pendingZ = null;
+let decoding = false;
+
+function requestDecode(z) {
+  pendingZ = z.slice();
+  if (!decoding) pumpDecode();
+}
+
+async function pumpDecode() {
+  decoding = true;
+  while (pendingZ !== null) {
+    const z = pendingZ;
+    pendingZ = null;
+    const text = z.map((v) => +v.toPrecision(6)).join(",");
+    try {
+      await showImage($("decoded"), "/api/decode", { z: text }, { z: text });
+      $("z-text").textContent = `z = (${z.map((v) => v.toFixed(2)).join(", ")})`;
+      drawMap(z);
+    } catch (e) {
+      setStatus(`decode: ${e.message}`);
+    }
+  }
+  decoding = false;
+}
+
+// ---- the map: z = mean + p0 * c0 + p1 * c1 (the server's projection), and back by projecting
+function toLatent(p) {
+  const { mean, components } = state.map.projection;
+  return mean.map((m, j) => m + p[0] * components[0][j] + p[1] * components[1][j]);
+}
+
+function toPlane(z) {
+  const { mean, components } = state.map.projection;
+  return [0, 1].map((k) => z.reduce((s, v, j) => s + (v - mean[j]) * components[k][j], 0));
+}
+
+function setUpMap() {
+  const canvas = $("map");
+  const ratio = window.devicePixelRatio || 1;
+  const size = canvas.clientWidth || canvas.width;
+  canvas.width = canvas.height = Math.round(size * ratio);
+  const pts = state.map.points;
+  let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+  for (const [x, y] of pts) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
+  // equal scale on both axes, so distances on the map are distances in the plane
+  const span = Math.max(x1 - x0, y1 - y0, 1e-6) * 1.15;
+  const cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
+  const scale = canvas.width / span;
+  state.view = {
+    toPx: (p) => [canvas.width / 2 + (p[0] - cx) * scale, canvas.height / 2 - (p[1] - cy) * scale],
+    fromPx: (px, py) => [cx + (px - canvas.width / 2) / scale, cy - (py - canvas.height / 2) / scale],
+  };
+  const dots = document.createElement("canvas");
+  dots.width = canvas.width; dots.height = canvas.height;
+  const ctx = dots.getContext("2d");
+  const r = Math.max(1.5, 2 * ratio);
+  pts.forEach((p, i) => {
+    const label = state.map.labels ? state.map.labels[i] : 0;
+    ctx.fillStyle = PALETTE[((label % PALETTE.length) + PALETTE.length) % PALETTE.length];
+    ctx.globalAlpha = 0.75;
+    const [px, py] = state.view.toPx(p);
+    ctx.beginPath(); ctx.arc(px, py, r, 0, 2 * Math.PI); ctx.fill();
+  });
+  state.dots = dots;
+  drawLegend();
+}
+
+function drawLegend() {
+  const legend = $("legend");
+  legend.replaceChildren();
+  const { labels, classes } = state.map;
+  if (!labels) return;
+  for (const label of [...new Set(labels)].sort((a, b) => a - b)) {
+    const item = document.createElement("span");
+    const swatch = document.createElement("i");
+    swatch.style.background = PALETTE[label % PALETTE.length];
+    item.append(swatch, classes && classes[label] !== undefined ? classes[label] : String(label));
+    legend.append(item);
+  }
+}
+
+function drawMap(hoverZ) {
+  const canvas = $("map");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(state.dots, 0, 0);
+  const mark = (z, colour, size) => {
+    const [px, py] = state.view.toPx(toPlane(z));
+    ctx.strokeStyle = colour; ctx.lineWidth = 2;
+    ctx.beginPath(); ctx.moveTo(px - size, py); ctx.lineTo(px + size, py);
+    ctx.moveTo(px, py - size); ctx.lineTo(px, py + size); ctx.stroke();
+  };
+  if (state.base) mark(state.base, "#000", 9);
+  if (hoverZ) mark(hoverZ, "#e00", 6);
+}
+
+function eventToLatent(event) {
+  const canvas = $("map");
+  const rect = canvas.getBoundingClientRect();
+  const px = (event.clientX - rect.left) * (canvas.width / rect.width);
+  const py = (event.clientY - rect.top) * (canvas.height / rect.height);
+  return toLatent(state.view.fromPx(px, py));
+}
+
+// ---- sliders around the base vector
+function setBase(z, description) {
+  state.base = z.slice();
+  state.z = z.slice();
+  $("base-text").textContent = description;
+  buildSliders();
+  requestDecode(state.z);
+}
+
+function buildSliders() {
+  const { dims, span, kl } = state.summary.sliders;
+  const box = $("sliders");
+  box.replaceChildren();
+  dims.forEach((d, i) => {
+    const row = document.createElement("label");
+    const name = document.createElement("span");
+    name.textContent = kl ? `z${d} · KL ${kl[i].toFixed(2)}` : `z${d}`;
+    const input = document.createElement("input");
+    input.type = "range";
+    input.dataset.dim = d;
+    input.min = state.base[d] - span[i];
+    input.max = state.base[d] + span[i];
+    input.step = span[i] / 50;
+    input.value = state.base[d];
+    const value = document.createElement("output");
+    value.textContent = (+input.value).toFixed(2);
+    input.addEventListener("input", () => {
+      state.z[d] = +input.value;
+      value.textContent = state.z[d].toFixed(2);
+      requestDecode(state.z);
+    });
+    row.append(name, input, value);
+    box.append(row);
+  });
+}
+
+async function chooseTestImage(index) {
+  const n = state.summary.n_test;
+  if (!(Number.isInteger(index) && index >= 0 && index < n)) {
+    setStatus(`test image index must be 0..${n - 1}`);
+    return;
+  }
+  try {
+    const enc = await getJson(`/api/encoding/${index}`);
+    const label = enc.label === null ? "" : ` (${className(enc.label)})`;
+    setBase(enc.z, `the encoding of test image ${index}${label}`);
+    await showImage($("recon"), `/api/reconstruct/${index}`, {}, { index: String(index) });
+  } catch (e) {
+    setStatus(`test image: ${e.message}`);
+  }
+}
+
+function className(label) {
+  const classes = state.summary.classes;
+  return classes && classes[label] !== undefined ? classes[label] : String(label);
+}
+
+// ---- interpolation and samples
+async function interpolate() {
+  const a = +$("interp-a").value, b = +$("interp-b").value, n = +$("interp-n").value;
+  const last = state.summary.n_test - 1;
+  const msg = $("interp-msg");
+  if (![a, b].every((i) => Number.isInteger(i) && i >= 0 && i <= last)) {
+    msg.textContent = `indices must be whole numbers 0..${last}`;
+    return;
+  }
+  if (!(Number.isInteger(n) && n >= 2 && n <= 32)) { msg.textContent = "frames must be 2..32"; return; }
+  try {
+    await showImage($("interp-strip"), "/api/interpolate", { a, b, n }, { frames: String(n) });
+    msg.textContent = `${n} frames decoded on the line between the encodings of test images ${a} and ${b}`;
+  } catch (e) {
+    msg.textContent = e.message;
+  }
+}
+
+async function resample() {
+  const msg = $("samples-msg");
+  if (!state.summary.has_prior) {
+    msg.textContent = `This ${state.summary.model} model has no prior to sample from; only a VAE generates ` +
+      "new images. The map and the decoder still work.";
+    $("resample").disabled = true;
+    $("samples").hidden = true;
+    return;
+  }
+  const seed = crypto.getRandomValues(new Uint32Array(1))[0];
+  const params = { n: N_SAMPLES, seed };
+  if (state.summary.temperature) params.t = $("temperature").value;
+  try {
+    await showImage($("samples"), "/api/samples", params, { seed: String(seed) });
+    msg.textContent = `seed ${seed}`;
+  } catch (e) {
+    msg.textContent = e.message;
+  }
+}
+
+// ---- metrics
+function fmt(v, digits = 2) {
+  if (v === undefined || v === null) return null;
+  return Number.isInteger(v) ? String(v) : v.toFixed(digits);
+}
+
+function showMetrics() {
+  const s = state.summary, m = s.metrics, last = s.last_epoch || {};
+  const rows = [
+    ["test NLL (nats)", m.nll !== undefined ? fmt(m.nll) + (m.nll_stderr !== undefined ? ` ± ${fmt(m.nll_stderr)}` : "") : null],
+    ["NLL, bits/dim", fmt(m.nll_bits_per_dim, 4)],
+    ["test ELBO", fmt(m.test_elbo)],
+    ["reconstruction", fmt(m.test_recon)],
+    ["KL(q(z|x) ‖ p(z))", s.has_prior ? fmt(m.test_kl !== undefined ? m.test_kl : last.val_kl) : null],
+    ["active units", m.active_units !== undefined ? `${m.active_units} of ${s.latent_dim}` : null],
+    ["I(x; z), nats", fmt(m.mutual_information)],
+    ["probe accuracy", fmt(m.probe_accuracy_latent, 3)],
+    ["sq. error / image", fmt(m.sse_per_image)],
+    ["validation loss", fmt(last.val_loss)],
+    ["epochs", s.epoch !== null ? String(s.epoch) : null],
+  ];
+  const dl = $("metrics");
+  dl.replaceChildren();
+  for (const [name, value] of rows) {
+    if (value === null) continue;
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = name; dd.textContent = value;
+    dl.append(dt, dd);
+  }
+  $("metrics-note").textContent = m.nll === undefined
+    ? "No NLL yet: run `vaelab evaluate RUN --nll` and reload." : "";
+}
+
+// ---- start
+async function chooseRun() {
+  const listing = await getJson("/api/runs");
+  const asked = new URLSearchParams(location.search).get("run");
+  const names = listing.runs.map((r) => r.name);
+  state.run = names.includes(asked) ? asked : listing.default;
+  if (names.length > 1) {
+    const select = $("run");
+    for (const name of names) select.append(new Option(name, name, false, name === state.run));
+    select.addEventListener("change", () => { location.search = new URLSearchParams({ run: select.value }); });
+    $("run-choice").hidden = false;
+  }
+}
+
+function wire() {
+  const canvas = $("map");
+  canvas.addEventListener("mousemove", (e) => requestDecode(eventToLatent(e)));
+  canvas.addEventListener("mouseleave", () => requestDecode(state.z));
+  canvas.addEventListener("click", (e) => {
+    const z = eventToLatent(e);
+    const p = toPlane(z).map((v) => v.toFixed(2)).join(", ");
+    setBase(z, `the map point (${p})`);
+  });
+  $("base-index").addEventListener("change", () => chooseTestImage(+$("base-index").value));
+  $("base-reset").addEventListener("click", () => setBase(state.base, $("base-text").textContent));
+  $("interp-go").addEventListener("click", interpolate);
+  $("resample").addEventListener("click", resample);
+}
+
+async function main() {
+  try {
+    await chooseRun();
+    [state.summary, state.map] = await Promise.all([getJson("/api/summary"), getJson("/api/map")]);
+  } catch (e) {
+    setStatus(e.message);
+    return;
+  }
+  const s = state.summary;
+  $("summary").textContent = `${s.run}: ${s.model} on ${s.data}, ${s.latent_dim}-d latent, ` +
+    `${s.n_test} test images`;
+  document.title = `vaelab explorer: ${s.run}`;
+  const last = s.n_test - 1;
+  for (const id of ["base-index", "interp-a", "interp-b"]) $(id).max = last;
+  $("interp-b").value = Math.min(1, last);
+  $("map-note").textContent = (state.map.projection.kind === "pca"
+    ? `The ${s.latent_dim}-d test encodings projected on their first two principal components; a point ` +
+      "decodes as the mean code plus that offset in the plane. "
+    : "The test encodings as they are. ") + "Hover to decode any point; click to centre the sliders there.";
+  $("temperature-choice").hidden = !s.temperature;
+  showMetrics();
+  setUpMap();
+  drawMap(null);
+  wire();
+  await Promise.all([chooseTestImage(0), interpolate(), resample()]);
+  document.body.dataset.ready = "true";
+}
+
+main();

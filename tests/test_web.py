@@ -1,0 +1,455 @@
+"""The latent explorer: run discovery, every API endpoint and its refusals, latency, the CLI hook, and the
+page in a real (headless) Chromium driven by Playwright."""
+import argparse
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaelab.errors import VaelabError
+from vaelab.train import train
+from vaelab.web import add_serve_command, bind, is_loopback, url
+from vaelab.web.catalog import find_runs
+from vaelab.web.explorer import projection
+
+fastapi = pytest.importorskip("fastapi")
+with warnings.catch_warnings():  # starlette 1.x nudges TestClient users towards httpx2; httpx still works
+    warnings.filterwarnings("ignore", message=".*httpx2")
+    from fastapi.testclient import TestClient
+
+from vaelab.web.app import LOOPBACK_HOSTS, create_app  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+SIDE, N_TEST = 8, 30  # 8x8 images; the npz split keeps 10% (30 of 300) for testing
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bars(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images of one horizontal bar, one vertical bar or a diagonal (labels 0, 1, 2), lightly noised."""
+    rng = np.random.default_rng(seed)
+    x, y = np.zeros((n, SIDE, SIDE), np.float32), rng.integers(0, 3, n)
+    for i in range(n):
+        p = int(rng.integers(1, SIDE - 1))
+        if y[i] == 0:
+            x[i, p, :] = 1
+        elif y[i] == 1:
+            x[i, :, p] = 1
+        else:
+            x[i] = np.eye(SIDE, k=p - SIDE // 2)
+    return np.clip(x + 0.1 * rng.random(x.shape), 0, 1).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    """runs/vae (a 3-d VAE: PCA map) and runs/pca (2-d, no prior), trained on an npz file of bars."""
+    root = tmp_path_factory.mktemp("web")
+    x, y = bars()
+    np.savez(root / "bars.npz", x=x, y=y)
+    data = DataConfig(name=f"npz:{root / 'bars.npz'}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 32-unit MLP gains nothing from threads, and loses much on a busy machine
+    try:
+        for name, d in (("vae", 3), ("pca", 2)):
+            config = RunConfig(data=data, model=ModelConfig(model=name, hidden=(32,), latent_dim=d),
+                               train=TrainConfig(epochs=8, batch_size=32, device="cpu"))
+            train(config, root / "runs" / name, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "runs"
+
+
+@pytest.fixture(scope="module")
+def client(runs_root) -> TestClient:
+    return TestClient(create_app(runs_root), raise_server_exceptions=False)
+
+
+def image(response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.content.startswith(PNG_MAGIC)
+    return Image.open(io.BytesIO(response.content))
+
+
+# ---- discovery and projection
+
+
+def test_find_runs_names_one_run_or_every_run_below_a_folder(runs_root, tmp_path):
+    assert find_runs(runs_root) == {"pca": runs_root / "pca", "vae": runs_root / "vae"}
+    assert list(find_runs(runs_root / "vae")) == ["vae"]
+    with pytest.raises(VaelabError, match="no trained runs"):
+        find_runs(tmp_path)
+    with pytest.raises(VaelabError, match="not a directory"):
+        find_runs(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("d", [1, 2, 5])
+def test_projection_maps_points_back_to_codes_in_its_plane(d):
+    codes = torch.randn(50, d) @ torch.randn(d, d)
+    points, how = projection(codes)
+    mean = torch.tensor(how["mean"], dtype=torch.float64)  # (D,)
+    comps = torch.tensor(how["components"], dtype=torch.float64)  # (2, D)
+    back = mean + points.double() @ comps
+    if d <= 2:  # the identity: every code is recovered
+        assert how["kind"] == "identity"
+        torch.testing.assert_close(back.float(), codes, atol=1e-5, rtol=0)
+    else:  # the orthogonal projection onto the plane of the two leading principal components
+        assert how["kind"] == "pca"
+        torch.testing.assert_close(comps @ comps.T, torch.eye(2, dtype=comps.dtype), atol=1e-6, rtol=0)
+        centred = codes.double() - mean
+        torch.testing.assert_close(back - mean, centred @ comps.T @ comps, atol=1e-5, rtol=0)
+        assert points[:, 0].var() >= points[:, 1].var()
+
+
+# ---- happy paths
+
+
+def test_runs_summary_and_map(client):
+    listing = client.get("/api/runs").json()
+    assert [r["name"] for r in listing["runs"]] == ["pca", "vae"] and listing["default"] == "pca"
+    s = client.get("/api/summary", params={"run": "vae"}).json()
+    assert s["model"] == "vae" and s["latent_dim"] == 3 and s["n_test"] == N_TEST and s["has_prior"]
+    assert s["input_shape"] == [1, SIDE, SIDE] and s["classes"] == ["0", "1", "2"]
+    assert len(s["kl_per_dim"]) == 3 and sorted(s["sliders"]["dims"]) == [0, 1, 2]
+    assert s["last_epoch"]["epoch"] == 8 and not s["evaluated"]
+    m = client.get("/api/map", params={"run": "vae"}).json()
+    assert len(m["points"]) == len(m["labels"]) == len(m["indices"]) == N_TEST
+    assert m["projection"]["kind"] == "pca" and len(m["projection"]["mean"]) == 3
+    assert client.get("/api/map").json()["projection"]["kind"] == "identity"  # the default run: pca, 2-d
+
+
+def test_metrics_come_from_evaluation_json(runs_root):
+    (runs_root / "pca" / "evaluation.json").write_text(json.dumps({"nll": 12.5, "test_kl": float("nan")}))
+    try:
+        s = TestClient(create_app(runs_root / "pca")).get("/api/summary").json()
+    finally:
+        (runs_root / "pca" / "evaluation.json").unlink()
+    assert s["metrics"] == {"nll": 12.5} and s["evaluated"]  # NaN is dropped: strict JSON has no NaN
+
+
+def test_pictures_have_the_expected_sizes(client):
+    vae = {"run": "vae"}
+    assert image(client.get("/api/decode", params={"z": "0.1,-2,3e-1", **vae})).size == (SIDE, SIDE)
+    assert image(client.get("/api/reconstruct/3", params=vae)).size == (2 * (SIDE + 1) + 1, SIDE + 2)
+    strip = client.get("/api/interpolate", params={"a": 0, "b": N_TEST - 1, "n": 7, **vae})
+    assert image(strip).size == (7 * (SIDE + 1) + 1, SIDE + 2) and strip.headers["x-frames"] == "7"
+    grid = client.get("/api/samples", params={"n": 9, "seed": 4, **vae})
+    assert image(grid).size == (3 * (SIDE + 1) + 1,) * 2 and grid.headers["x-seed"] == "4"
+    again = client.get("/api/samples", params={"n": 9, "seed": 4, **vae})
+    assert again.content == grid.content  # a seed fixes the samples
+    enc = client.get("/api/encoding/3", params=vae).json()
+    assert enc["index"] == 3 and len(enc["z"]) == 3 and enc["label"] in (0, 1, 2)
+
+
+def test_decoding_an_encoding_gives_the_reconstruction(client):
+    z = ",".join(repr(v) for v in client.get("/api/encoding/5", params={"run": "vae"}).json()["z"])
+    decoded = np.asarray(image(client.get("/api/decode", params={"z": z, "run": "vae"})))
+    pair = np.asarray(image(client.get("/api/reconstruct/5", params={"run": "vae"})))
+    np.testing.assert_array_equal(decoded, pair[1:1 + SIDE, SIDE + 2:2 * SIDE + 2])
+
+
+def test_page_and_static_files_are_served_with_a_strict_policy(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for element in ('id="map"', 'id="decoded"', 'id="sliders"', 'id="interp-a"', 'id="interp-b"',
+                    'id="interp-go"', 'id="interp-strip"', 'id="samples"', 'id="resample"', 'id="metrics"'):
+        assert element in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and "https://" not in r.text
+
+
+def test_temperature_reaches_a_model_whose_sample_takes_it(client, monkeypatch):
+    model = client.app.state.catalog.get("vae").model
+    seen = []
+
+    def sample(n: int, *, temperature: float = 1.0) -> torch.Tensor:
+        seen.append(temperature)
+        return torch.full((n, 1, SIDE, SIDE), 0.5)
+
+    monkeypatch.setattr(model, "sample", sample)
+    assert client.get("/api/summary", params={"run": "vae"}).json()["has_prior"]
+    image(client.get("/api/samples", params={"n": 2, "t": 0.7, "run": "vae"}))
+    assert seen == [0.7]
+
+
+# ---- refusals: 422 for bad values, 400 for what the model cannot do, always a JSON message
+
+
+REFUSED = [
+    ("/api/decode?z=1,2&run=vae", 422, "3 dimensions"),
+    ("/api/decode?z=1,2,3,4&run=vae", 422, "3 dimensions"),
+    ("/api/decode?z=nan,0,0&run=vae", 422, "finite"),
+    ("/api/decode?z=0,inf,0&run=vae", 422, "finite"),
+    ("/api/decode?z=0,0,-Infinity&run=vae", 422, "finite"),
+    ("/api/decode?z=a,b,c&run=vae", 422, "numbers"),
+    ("/api/decode?z=&run=vae", 422, "dimensions"),
+    ("/api/decode?z=1,,2&run=vae", 422, "numbers"),
+    ("/api/decode?z=1e9,0,0&run=vae", 422, "within"),
+    ("/api/decode?z=" + "1" * 200 + ",0,0&run=vae", 422, "too long"),
+    ("/api/decode?z=" + "1," * 20_000 + "&run=vae", 422, "z"),
+    ("/api/decode?run=vae", 422, "z"),
+    (f"/api/reconstruct/{N_TEST}?run=vae", 422, "out of range"),
+    ("/api/reconstruct/-1?run=vae", 422, "out of range"),
+    ("/api/reconstruct/abc?run=vae", 422, "index"),
+    ("/api/reconstruct/99999999999999999999999?run=vae", 422, "index"),
+    (f"/api/encoding/{N_TEST}?run=vae", 422, "out of range"),
+    ("/api/interpolate?a=0&b=30&run=vae", 422, "b 30 is out of range"),
+    ("/api/interpolate?a=-5&b=1&run=vae", 422, "a -5 is out of range"),
+    ("/api/interpolate?a=0&b=1&n=33&run=vae", 422, "between 2 and 32"),
+    ("/api/interpolate?a=0&b=1&n=1&run=vae", 422, "between 2 and 32"),
+    ("/api/interpolate?a=0&run=vae", 422, "b"),
+    ("/api/samples?n=0&run=vae", 422, "between 1 and 64"),
+    ("/api/samples?n=65&run=vae", 422, "between 1 and 64"),
+    ("/api/samples?n=100000000&run=vae", 422, "between 1 and 64"),
+    ("/api/samples?t=0&run=vae", 422, "temperature"),
+    ("/api/samples?t=-1&run=vae", 422, "temperature"),
+    ("/api/samples?t=nan&run=vae", 422, "temperature"),
+    ("/api/samples?t=inf&run=vae", 422, "temperature"),
+    ("/api/samples?t=hot&run=vae", 422, "t"),
+    ("/api/samples?seed=-1&run=vae", 422, "seed"),
+    ("/api/samples?t=0.5&run=vae", 400, "no sampling temperature"),
+    ("/api/samples?run=pca", 400, "no prior"),
+    ("/api/samples", 400, "no prior"),
+    ("/api/summary?run=nope", 422, "unknown run"),
+    ("/api/map?run=../../etc", 422, "unknown run"),
+    ("/api/decode?z=0,0&run=..%2F..%2Fetc%2Fpasswd", 422, "unknown run"),
+    ("/api/summary?run=/etc", 422, "unknown run"),
+    ("/api/summary?run=vae/../pca", 422, "unknown run"),
+    ("/api/summary?run=" + "x" * 300, 422, "run"),
+]
+
+
+@pytest.mark.parametrize(("path", "status", "message"), REFUSED)
+def test_bad_requests_get_a_clear_json_message(client, path, status, message):
+    r = client.get(path)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and message in detail
+    assert "Traceback" not in r.text and len(r.text) < 600
+
+
+def test_no_client_path_reaches_the_file_system(client, runs_root):
+    for path in ("/static/../app.py", "/static/..%2f__init__.py", "/static/%2e%2e/catalog.py",
+                 f"/static/{runs_root}/vae/config.json", "/api/reconstruct/..%2f..%2fetc%2fpasswd"):
+        r = client.get(path)
+        assert r.status_code in (404, 422) and "import" not in r.text and "model" not in r.text
+
+
+def test_only_loopback_host_headers_are_answered_when_asked(runs_root):
+    guarded = TestClient(create_app(runs_root / "pca", allowed_hosts=LOOPBACK_HOSTS), base_url="http://127.0.0.1")
+    assert guarded.get("/api/runs").status_code == 200
+    assert guarded.get("/api/runs", headers={"host": "localhost:8000"}).status_code == 200
+    assert guarded.get("/api/runs", headers={"host": "[::1]:8000"}).status_code == 200
+    r = guarded.get("/api/runs", headers={"host": "evil.example:8000"})
+    assert r.status_code == 400 and "this machine" in r.json()["detail"]
+
+
+def test_decode_latency_p95_is_well_under_100_ms(client):
+    rng = np.random.default_rng(0)
+    client.get("/api/decode", params={"z": "0,0,0", "run": "vae"})  # warm-up
+    times = []
+    for _ in range(50):
+        z = ",".join(f"{v:.4f}" for v in rng.normal(size=3))
+        t0 = time.perf_counter()
+        image(client.get("/api/decode", params={"z": z, "run": "vae"}))
+        times.append(time.perf_counter() - t0)
+    p95 = sorted(times)[math.ceil(0.95 * len(times)) - 1]
+    print(f"decode latency over 50 requests: median {1e3 * sorted(times)[25]:.1f} ms, p95 {1e3 * p95:.1f} ms")
+    assert p95 < 0.1
+
+
+# ---- the CLI hook
+
+
+def test_serve_subcommand_parses_with_safe_defaults():
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "runs/x"])
+    assert (args.run, args.host, args.port, args.device) == (Path("runs/x"), "127.0.0.1", 8000, "cpu")
+    args = parser.parse_args(["serve", "r", "--host", "0.0.0.0", "--port", "9000"])
+    assert (args.host, args.port) == ("0.0.0.0", 9000) and callable(args.func)
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+
+
+def test_bind_refuses_a_taken_port_with_one_line():
+    sock = bind("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        assert url(sock) == f"http://127.0.0.1:{port}/"
+        with pytest.raises(VaelabError, match=f"cannot listen on 127.0.0.1:{port}"):
+            bind("127.0.0.1", port)
+    finally:
+        sock.close()
+
+
+SERVE = """import argparse, sys
+from vaelab.web import add_serve_command
+parser = argparse.ArgumentParser(prog="vaelab")
+add_serve_command(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def test_serve_prints_its_address_and_serves(runs_root):
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", str(runs_root), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert "serving 2 runs" in line and "http://127.0.0.1:" in line, (line, proc.stderr.read())
+        address = line.split(" at ")[1].split()[0]
+        listing = httpx.get(address + "api/runs", timeout=10).json()
+        assert [r["name"] for r in listing["runs"]] == ["pca", "vae"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+# ---- the page in a real browser
+
+
+@pytest.fixture(scope="module")
+def live_url(runs_root):
+    """The explorer served by uvicorn on a free loopback port, in a background thread."""
+    import uvicorn
+
+    app = create_app(runs_root, allowed_hosts=LOOPBACK_HOSTS)
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    yield url(sock)
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing (apt-get install chromium): the browser tests need it"
+        if os.environ.get("VAELAB_REQUIRE_BROWSER"):  # CI (.ci/run) installs Chromium: skipping there is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need `pip install playwright`")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield browser
+        browser.close()
+
+
+def open_page(browser, address: str):
+    """A page at `address` that records console errors and uncaught exceptions, once it is ready."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(address)
+    page.wait_for_selector("body[data-ready=true]", timeout=15_000)
+    return page, errors
+
+
+PIXELS = """() => { const img = document.querySelector('#decoded'); const c = document.createElement('canvas');
+  c.width = img.naturalWidth; c.height = img.naturalHeight; c.getContext('2d').drawImage(img, 0, 0);
+  return c.toDataURL(); }"""
+
+
+def decoded_after(page, action) -> tuple[str, str]:
+    """The decoded image's pixels before and after `action`, once a new vector has been decoded."""
+    before_z, before = page.get_attribute("#decoded", "data-z"), page.evaluate(PIXELS)
+    action()
+    page.wait_for_function("z => document.querySelector('#decoded').dataset.z !== z", arg=before_z,
+                           timeout=10_000)
+    page.wait_for_timeout(150)  # hover and click may queue one more decode of the same point
+    return before, page.evaluate(PIXELS)
+
+
+def test_live_server_answers_keep_alive_requests_without_stalls(live_url):
+    import httpx
+
+    rng = np.random.default_rng(1)
+    times = []
+    with httpx.Client(base_url=live_url, timeout=10) as http:  # one connection, as a browser keeps it
+        for _ in range(51):
+            z = ",".join(f"{v:.4f}" for v in rng.normal(size=3))
+            t0 = time.perf_counter()
+            image(http.get("/api/decode", params={"z": z, "run": "vae"}))
+            times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])
+    print(f"live decode over HTTP: median {1e3 * times[25]:.1f} ms, p95 {1e3 * times[47]:.1f} ms")
+    assert times[47] < 0.1
+    # a Nagle / delayed-ACK stall costs ~40 ms per response; decoding itself takes a few
+    assert times[25] < 0.03
+
+
+def test_page_map_sliders_interpolation_and_samples_in_chromium(browser, live_url):
+    page, errors = open_page(browser, live_url + "?run=vae")
+    assert page.locator("#metrics dd").count() >= 2
+    assert page.locator("#run option").count() == 2 and page.input_value("#run") == "vae"
+    box = page.locator("#map").bounding_box()
+    before, after = decoded_after(page, lambda: page.mouse.click(box["x"] + 0.1 * box["width"],
+                                                                 box["y"] + 0.9 * box["height"]))
+    assert after != before, "clicking the map did not change the decoded image"
+
+    sliders = page.locator("#sliders input[type=range]")
+    assert sliders.count() == 3
+    track = sliders.first.bounding_box()
+    y = track["y"] + track["height"] / 2
+
+    def drag():
+        page.mouse.move(track["x"] + track["width"] / 2, y)
+        page.mouse.down()
+        page.mouse.move(track["x"] + track["width"] - 1, y, steps=5)
+        page.mouse.up()
+
+    before, after = decoded_after(page, drag)
+    assert after != before, "moving a slider did not change the decoded image"
+
+    page.fill("#interp-a", "2")
+    page.fill("#interp-b", "7")
+    page.fill("#interp-n", "6")
+    page.click("#interp-go")
+    page.wait_for_selector("#interp-strip[data-frames='6']", timeout=10_000)
+    width = page.evaluate("document.querySelector('#interp-strip').naturalWidth")
+    assert (width - 1) // (SIDE + 1) == 6
+
+    seed = page.get_attribute("#samples", "data-seed")
+    page.click("#resample")
+    page.wait_for_function("s => document.querySelector('#samples').dataset.seed !== s", arg=seed, timeout=10_000)
+    assert page.evaluate("document.querySelector('#samples').naturalWidth") > 0
+    assert errors == [], errors
+    page.close()
+
+
+def test_page_for_a_model_without_prior_says_so_in_chromium(browser, live_url):
+    page, errors = open_page(browser, live_url)  # the default run: pca
+    assert "no prior" in page.inner_text("#samples-msg")
+    assert page.is_disabled("#resample")
+    assert page.is_hidden("#samples")
+    assert page.locator("#sliders input[type=range]").count() == 2
+    assert page.evaluate("document.querySelector('#decoded').naturalWidth") == SIDE
+    assert errors == [], errors
+    page.close()
