@@ -22,7 +22,7 @@ from torch import nn
 from .objectives import log_weights
 from .system import keep_freed_memory, model_device
 
-MAX_ELEMENTS = 1 << 23  # pixels of p(x|z) materialised per pass (32 MiB of float32 logits)
+MAX_ELEMENTS = 1 << 23  # parameters of p(x|z) materialised per pass (32 MiB of float32 logits)
 DEFAULT_CHUNK = 200  # samples per pass: large enough for efficient matmuls, small enough to stay in cache
 
 
@@ -39,14 +39,20 @@ class Estimate:
     ess: torch.Tensor
     k: int
 
-    def summary(self, n_dims: int) -> dict[str, float]:
-        """Mean NLL in nats with its standard error, in bits per dimension, and the mean ESS."""
+    def summary(self, n_dims: int | None = None, tokens: torch.Tensor | None = None) -> dict[str, float]:
+        """Mean NLL in nats with its standard error and the mean ESS; in bits per dimension for images
+        (n_dims values each), or per token and as perplexity exp(sum NLL / sum tokens) for text."""
         nll = -self.log_px.double()
         n = nll.numel()
         stderr = float(nll.std() / math.sqrt(n)) if n > 1 else float("nan")
-        return {"nll": float(nll.mean()), "nll_stderr": stderr,
-                "nll_bits_per_dim": float(nll.mean()) / (n_dims * math.log(2)), "nll_k": self.k,
-                "ess_mean": float(self.ess.double().mean()), "ess_fraction": float(self.ess.double().mean()) / self.k}
+        result = {"nll": float(nll.mean()), "nll_stderr": stderr, "nll_k": self.k,
+                  "ess_mean": float(self.ess.double().mean()), "ess_fraction": float(self.ess.double().mean()) / self.k}
+        if n_dims is not None:
+            result["nll_bits_per_dim"] = float(nll.mean()) / (n_dims * math.log(2))
+        if tokens is not None:
+            per_token = float(nll.sum() / tokens.double().sum())
+            result.update(nll_per_token=per_token, perplexity=math.exp(per_token))
+        return result
 
 
 @dataclass
@@ -96,9 +102,11 @@ class _NoiseView:
         return full[self.offset:self.offset + k_chunk]
 
 
-def _sizes(n: int, n_pixels: int, k: int, chunk: int | None, batch_size: int | None) -> tuple[int, int]:
-    chunk = max(1, min(k, chunk or DEFAULT_CHUNK))
-    batch_size = batch_size or max(1, MAX_ELEMENTS // (chunk * n_pixels))
+def _sizes(n: int, outputs: int, k: int, chunk: int | None, batch_size: int | None) -> tuple[int, int]:
+    if chunk is None:  # fewer samples per pass when even one example's would exceed the budget
+        chunk = min(DEFAULT_CHUNK, max(1, MAX_ELEMENTS // outputs))
+    chunk = max(1, min(k, chunk))
+    batch_size = batch_size or max(1, MAX_ELEMENTS // (chunk * outputs))
     return chunk, max(1, min(n, batch_size))
 
 
@@ -123,7 +131,9 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         keep_freed_memory()  # ~25% faster passes over large (K_chunk, B, pixels) tensors
     was_training = model.training
     model.eval()
-    chunk, batch_size = _sizes(x.shape[0], math.prod(x.shape[1:]), k, chunk, batch_size)
+    # parameters of p(x|z) per sample: one per pixel, or one per token and vocabulary entry for text
+    outputs = math.prod(x.shape[1:]) * (getattr(model, "vocab_size", None) or 1)
+    chunk, batch_size = _sizes(x.shape[0], outputs, k, chunk, batch_size)
     log_px, ess = [], []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)

@@ -20,18 +20,21 @@ from torch import nn
 from . import runs
 from .config import RunConfig
 from .data import Dataset, binarize
+from .data.text import token_counts
 from .density import importance_sample, log_likelihood
 from .errors import ConfigError
 from .fileio import atomic_write_text
 from .latent_stats import active_units, kl_per_unit, linear_probes, mutual_information
 from .objectives import elbo
 from .system import model_device
+from .text_views import token_accuracy
 from .train import EVAL_SEED, mean_terms, objective_for, prepare_data, train
 
 BASELINES = ("pca", "ae", "vae")
 COMPARE_COLUMNS = [  # (key in evaluation.json, column title)
     ("model", "model"), ("data", "data"), ("latent_dim", "z"), ("epoch", "epochs"),
-    ("nll", "NLL (nats)"), ("nll_k", "K"), ("test_elbo", "ELBO"), ("test_recon", "recon"), ("test_kl", "KL"),
+    ("nll", "NLL (nats)"), ("nll_k", "K"), ("perplexity", "PPL"), ("test_elbo", "ELBO"), ("test_recon", "recon"),
+    ("test_kl", "KL"),
     ("active_units", "active units"), ("mutual_information", "I(x;z)"), ("probe_accuracy_latent", "probe acc"),
     ("sse_per_image", "sq. error/image"),
 ]
@@ -65,6 +68,8 @@ def nll_test_set(config: RunConfig, data: Dataset) -> tuple[torch.Tensor, int | 
     likelihood is a density only on binary data.
     """
     x = data.test.x
+    if data.is_text:
+        return x, None
     if config.data.binarize != "none":
         return x, EVAL_SEED
     if config.model.likelihood == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
@@ -89,7 +94,10 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
     result: dict[str, Any] = {"model": config.model.model, "data": data.name,
                               "latent_dim": config.model.latent_dim, "n_test": int(x.shape[0])}
     result.update(elbo_terms(model, config, x))
-    result.update(reconstruction_error(model, x))
+    if data.is_text:
+        result["token_accuracy"] = token_accuracy(model, x)
+    else:
+        result.update(reconstruction_error(model, x))
     if has_posterior(model):
         result["kl_per_dim"] = kl_per_unit(model, x)
         result.update(active_units(model, x))
@@ -99,7 +107,10 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
             raise ConfigError(f"--nll needs a model with a latent posterior (a VAE), not {config.model.model}")
         x_nll, seed = nll_test_set(config, data)
         estimate = importance_sample(model, x_nll, k=nll_k, chunk=chunk, seed=EVAL_SEED)
-        result.update(estimate.summary(math.prod(x.shape[1:])))
+        if data.is_text:
+            result.update(estimate.summary(tokens=token_counts(x_nll)))
+        else:
+            result.update(estimate.summary(math.prod(x.shape[1:])))
         result["test_binarize_seed"] = seed
     if probe and data.train.y is not None:
         with warnings.catch_warnings():  # lbfgs may stop at max_iter on raw pixels; the accuracy stands
@@ -183,6 +194,8 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
     config = runs.load_config(run_dir)
     data = prepare_data(config, data)
     rows = []
+    if data.is_text:  # PCA and autoencoders of token ids are not a thing
+        return rows
     for name in BASELINES:
         if name == config.model.model:
             source = run_dir

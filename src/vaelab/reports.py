@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import figures, runs
+from . import figures, runs, text_views
 from .data import Dataset
 from .evaluate import compare_baselines, evaluate_run
 from .fileio import atomic_write_text
@@ -32,6 +32,8 @@ METRIC_NAMES = {
     "probe_accuracy_pca": "probe accuracy: PCA features of equal size",
     "probe_accuracy_pixels": "probe accuracy: pixels",
     "sse_per_image": "squared error per test image", "mse_per_pixel": "squared error per pixel",
+    "nll_per_token": "NLL per token, nats", "perplexity": "perplexity exp(NLL per token)",
+    "token_accuracy": "greedy reconstruction: share of tokens right",
 }
 
 
@@ -57,10 +59,13 @@ def make_figures(run_dir: Path, model: torch.nn.Module, data: Dataset) -> dict[s
     grid = figures.traversals(model, x[pick[:1]], dims, scale=spread.to(model_device(model)))
     made["traversals"] = figures.save_grid(grid, out / "traversals.png", nrow=grid.shape[0] // len(dims))
     made["latent_map"] = figures.latent_map(codes, data.test.y, out / "latent_map.png", classes=data.classes)
-    curves = figures.training_curves(runs.read_metrics(run_dir), out / "training_curves.png")
-    if curves is not None:
-        made["training_curves"] = curves
+    made.update(_curves(run_dir))
     return made
+
+
+def _curves(run_dir: Path) -> dict[str, Path]:
+    curves = figures.training_curves(runs.read_metrics(run_dir), Path(run_dir) / "figures" / "training_curves.png")
+    return {} if curves is None else {"training_curves": curves}
 
 
 CAPTIONS = {
@@ -94,11 +99,15 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
     model = runs.load(run_dir)
     metrics = evaluate_run(run_dir, data=data)
     table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data)
-    made = make_figures(run_dir, model, data)
+    if data.is_text:  # sentences instead of pictures
+        made, text = _curves(run_dir), text_views.html_sections(model, data.test.x, data.vocab, seed=EVAL_SEED)
+    else:
+        made, text = make_figures(run_dir, model, data), ""
     if metrics.get("kl_per_dim"):
         made["kl_per_dim"] = figures.kl_per_dimension(metrics["kl_per_dim"], metrics.get("posterior_mean_variance"),
                                                       run_dir / "figures" / "kl_per_dim.png")
-    page = _render(config_dict=config.to_dict(), metrics=metrics, table=table, made=made, run_dir=run_dir)
+    page = _render(config_dict=config.to_dict(), metrics=metrics, table=table, made=made, run_dir=run_dir,
+                   text=text)
     path = run_dir / "report.html"
     atomic_write_text(path, page)
     return path
@@ -119,7 +128,8 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[str, Path], run_dir: Path) -> str:
+def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[str, Path], run_dir: Path,
+            text: str = "") -> str:
     settings = [{"setting": f"{section}.{k}", "value": json.dumps(v)}
                 for section in ("data", "model", "train") for k, v in config_dict[section].items()]
     metric_rows = [{"metric": METRIC_NAMES.get(k, k), "value": v} for k, v in metrics.items()
@@ -129,9 +139,11 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
         f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>"
         for name, path in made.items()
     )
-    comparison = _table(table, [("model", "model"), ("latent_dim", "latent size"),
-                                ("sse_per_image", "squared error per test image"),
-                                ("mse_per_pixel", "MSE per pixel")])
+    comparison = "" if not table else (
+        "<h2>PCA, AE and VAE at the same latent size</h2><p>Reconstruction error on the test set (mean "
+        "reconstruction from the code or posterior mean).</p>"
+        + _table(table, [("model", "model"), ("latent_dim", "latent size"),
+                         ("sse_per_image", "squared error per test image"), ("mse_per_pixel", "MSE per pixel")]))
     title = f"vaelab report: {config_dict['model']['model']} on {config_dict['data']['name']}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -145,9 +157,8 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <h1>{html.escape(title)}</h1>
 <h2>Test metrics</h2>
 {_table(metric_rows, [("metric", "metric"), ("value", "value")])}
-<h2>PCA, AE and VAE at the same latent size</h2>
-<p>Reconstruction error on the test set (mean reconstruction from the code or posterior mean).</p>
 {comparison}
+{text}
 <h2>Figures</h2>
 {pictures}
 <h2>Settings</h2>

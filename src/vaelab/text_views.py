@@ -1,0 +1,69 @@
+"""What a text VAE says: prior samples, reconstructions and interpolations as sentences, and token accuracy."""
+from __future__ import annotations
+
+import html
+
+import torch
+from torch import nn
+
+from .data.text import PAD, tokens_to_text
+from .system import model_device
+
+
+@torch.no_grad()
+def samples(model: nn.Module, vocab: tuple[str, ...], n: int) -> list[str]:
+    """n sentences greedily decoded from z ~ p(z)."""
+    model.eval()
+    return [tokens_to_text(row, vocab) for row in model.sample(n)]
+
+
+@torch.no_grad()
+def reconstructions(model: nn.Module, x: torch.Tensor, vocab: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(sentence, greedy decode of its posterior mean) pairs for token rows x (N, T)."""
+    model.eval()
+    decoded = model.reconstruct(x.to(model_device(model)))
+    return [(tokens_to_text(a, vocab), tokens_to_text(b, vocab)) for a, b in zip(x, decoded)]
+
+
+@torch.no_grad()
+def interpolation(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor, vocab: tuple[str, ...],
+                  steps: int = 7) -> list[str]:
+    """Greedy decodes along the line between the posterior means of two sentences (T,) each."""
+    model.eval()
+    device = model_device(model)
+    za, zb = model.embed(torch.stack([xa, xb]).to(device))
+    t = torch.linspace(0, 1, steps, device=device)[:, None]
+    return [tokens_to_text(row, vocab) for row in model.greedy((1 - t) * za + t * zb)]
+
+
+@torch.no_grad()
+def token_accuracy(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> float:
+    """Share of real tokens (words and <eos>) that greedy reconstruction from the posterior mean gets right."""
+    model.eval()
+    device = model_device(model)
+    right = total = 0
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(device)
+        mask = xb != PAD
+        right += int(((model.reconstruct(xb) == xb) & mask).sum())
+        total += int(mask.sum())
+    return right / max(total, 1)
+
+
+def html_sections(model: nn.Module, x: torch.Tensor, vocab: tuple[str, ...], *, seed: int = 0) -> str:
+    """The report's text sections: samples, reconstructions and two interpolations."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(x.shape[0], generator=g)[:14]
+    torch.manual_seed(seed)
+    items = "".join(f"<li>{html.escape(s)}</li>" for s in samples(model, vocab, 10))
+    rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>"
+                   for a, b in reconstructions(model, x[pick[:10]], vocab))
+    lines = []
+    for i in (10, 12):
+        path = interpolation(model, x[pick[i]], x[pick[i + 1]], vocab)
+        lines.append("<ol>" + "".join(f"<li>{html.escape(s)}</li>" for s in path) + "</ol>")
+    return (f"<h2>Samples from the prior</h2><p>z ~ p(z), decoded greedily.</p><ul>{items}</ul>"
+            f"<h2>Reconstructions</h2><p>Test sentences and the greedy decode of their posterior mean.</p>"
+            f"<table><thead><tr><th>sentence</th><th>reconstruction</th></tr></thead><tbody>{rows}</tbody></table>"
+            f"<h2>Interpolations</h2><p>Greedy decodes along the line between the posterior means of two test "
+            f"sentences (first and last lines are theirs).</p>{''.join(lines)}")
