@@ -215,3 +215,16 @@ def test_active_units_and_mutual_information_on_known_encoders():
         model.posterior.logvar.bias.zero_()
     assert active_units(model, x)["active_units"] == 0
     assert abs(mutual_information(model, x, max_examples=400)) < 0.05
+
+
+def test_active_units_threshold_follows_the_prior_scale_on_the_sphere():
+    """Uniform on S^(D-1): each coordinate has variance 1/D, so the 0.01 threshold scales to 0.01/D."""
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=32, hidden=(), latent="vmf", kappa=30.0).eval()
+    x = torch.rand(500, 1, 4, 4)
+    with torch.no_grad():
+        model.posterior.mu.weight.mul_(50)  # mean directions spread over the sphere
+    result = active_units(model, x)
+    variance = torch.tensor(result["posterior_mean_variance"])
+    assert variance.max() < 0.01 < variance.max() * 32  # unscaled, none would count
+    assert result["active_units"] == 32

@@ -36,9 +36,17 @@ def kl_per_unit(model: nn.Module, x: torch.Tensor) -> list[float]:
 
 @torch.no_grad()
 def active_units(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict:
-    """Dimensions u with Cov_x(E_q[z_u]) > threshold (Burda et al. 2016): the count and each variance."""
+    """Dimensions u with Cov_x(E_q[z_u]) > threshold * Var_p(z_u) (Burda et al. 2016): the count and variances.
+
+    Burda et al.'s threshold 0.01 is for a N(0, I) prior, whose coordinates have variance 1. It is scaled
+    by the prior's variance per coordinate so that it means the same elsewhere: on the sphere S^(D-1)
+    under the uniform prior each coordinate has variance 1/D, and even perfectly spread vMF means
+    (length A(kappa) < 1) would rarely pass an unscaled 0.01 at D = 32.
+    """
     variance = codes(model, x).double().var(0)
-    return {"active_units": int((variance > threshold).sum()), "active_unit_threshold": threshold,
+    prior_variance = getattr(model.prior(), "variance", None) if hasattr(model, "prior") else None
+    scale = prior_variance.detach().double().cpu().flatten() if prior_variance is not None else 1.0
+    return {"active_units": int((variance > threshold * scale).sum()), "active_unit_threshold": threshold,
             "posterior_mean_variance": variance.tolist()}
 
 

@@ -223,6 +223,11 @@ class HypersphericalUniform(Distribution):
         """E[z] = 0."""
         return self._zero.expand(self.dim)
 
+    @property
+    def variance(self) -> torch.Tensor:
+        """Var[z_i] = 1/m for each coordinate: the m squares sum to 1 and are exchangeable."""
+        return (self._zero + 1.0 / self.dim).expand(self.dim)
+
     def rsample(self, sample_shape: tuple[int, ...] = (), noise: Noise | None = None) -> torch.Tensor:
         """Normalised standard normals (Muller 1959), (*sample_shape, m)."""
         return F.normalize(_normal(noise, (*sample_shape, self.dim), self._zero), dim=-1)
