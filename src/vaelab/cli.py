@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -118,9 +119,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config_from_args(args, runs.load_config(args.out))
     else:
         config = config_from_args(args)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and args.out is None:  # each process would otherwise pick its own default folder
+        raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
     out = args.out or _default_out(config)
     t0 = time.perf_counter()
     train(config, out, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # only rank 0 speaks and writes the report
+        return 0
     print(f"trained {config.model.model} on {config.data.name} in {time.perf_counter() - t0:.1f} s: {out}")
     if not args.no_report:
         report = write_report(out, baselines=not args.no_baselines, progress=not args.quiet)
@@ -336,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except VaelabError as e:
-        message = str(e)
-        print(message if message.startswith("vaelab:") else f"vaelab: error: {message}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"vaelab: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vaelab: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)

@@ -21,21 +21,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import runs
+from . import distributed, runs
 from .config import TEXT_MODELS, RunConfig, TrainConfig
 from .data import Dataset, binarize, check_finite, check_unit_interval, load_dataset, static_binarize
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import PCA, build_model
 from .objectives import OBJECTIVES, reconstruction
-from .system import keep_freed_memory, model_device, resolve_device
+from .system import keep_freed_memory, model_device
 
 EVAL_SEED = 0  # validation/test sets are binarised once, and evaluation noise drawn, with this seed
 PROGRESS_EVERY = 20  # steps between progress-bar updates, which are also the NaN checks (one sync each)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed seed per (run seed, epoch)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, *rank: int) -> int:
+    """A well-mixed seed per (run seed, epoch), and per process of a distributed job when rank is given."""
+    return int(np.random.SeedSequence([seed, epoch, *rank]).generate_state(1)[0])
 
 
 def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
@@ -130,6 +130,10 @@ def _make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 class Trainer:
     """Trains one run into its run directory; `fit` returns the trained model.
 
+    Under torchrun each process trains a DistributedDataParallel replica: every step's global batch
+    (N x --batch-size examples of a permutation all processes share) is split among them, gradients are
+    averaged, metrics summed over processes, and only rank 0 writes to the run directory.
+
     Args:
         config: the run's configuration (input_shape may be left empty: it comes from the data).
         run_dir: where config.json, metrics.jsonl and checkpoints go.
@@ -145,43 +149,53 @@ class Trainer:
         model_config = dataclasses.replace(config.model, input_shape=self.data.shape,
                                            vocab_size=len(self.data.vocab) if self.data.is_text else None)
         self.config = dataclasses.replace(config, model=model_config)
-        self.device = resolve_device(config.train.device)
+        self.job, self.device = distributed.join(config.train.device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        torch.manual_seed(config.train.seed)  # initial weights
+        torch.manual_seed(config.train.seed)  # initial weights, the same in every process
         self.model = build_model(self.config.model).to(self.device)
+        self.net = self.job.wrap(self.model, self.device)  # what training steps call: DDP in a job of several
         self.loss_terms = objective_for(self.config)
         self.train_x = self.data.train.x.to(self.device)
         self.val_x = self.data.val.x.to(self.device)
         self.optimizer = None if isinstance(self.model, PCA) else _make_optimizer(self.model, config.train.lr)
 
     def _log(self, message: str) -> None:
-        if self.progress:
+        if self.progress and self.job.is_main:
             tqdm.write(message, file=sys.stderr)
+
+    def _save(self, state: dict[str, Any], record: dict[str, Any] | None = None) -> None:
+        """Rank 0 appends the epoch's metrics and writes the checkpoint; every process waits for it."""
+        if self.job.is_main:
+            if record is not None:
+                self._append_metrics(record)
+            runs.save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, state=state)
+        self.job.barrier()
 
     def fit(self, *, resume: bool = False) -> nn.Module:
         """Train from scratch (the run directory must not hold a run yet) or resume from its last checkpoint."""
         start_epoch = self._resume() if resume else self._start()
         if isinstance(self.model, PCA):
-            return self._fit_pca()
-        for epoch in range(start_epoch, self.config.train.epochs + 1):
-            record = self._epoch(epoch)
-            self._append_metrics(record)
-            runs.save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
-                                 state={"epoch": epoch, "complete": epoch == self.config.train.epochs,
-                                        "metrics": record})
-            self._log(_format_record(record, self.config.train.epochs))
-        return self.model.eval()
+            model = self._fit_pca()
+        else:
+            for epoch in range(start_epoch, self.config.train.epochs + 1):
+                record = self._epoch(epoch)
+                self._save({"epoch": epoch, "complete": epoch == self.config.train.epochs, "metrics": record},
+                           record)
+                self._log(_format_record(record, self.config.train.epochs))
+            model = self.model.eval()
+        distributed.leave(self.job)
+        return model
 
     def _start(self) -> int:
-        if (self.run_dir / "config.json").exists():
-            raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
-                                "or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config.save(self.run_dir / "config.json")
-        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        runs.save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
-                             state={"epoch": 0, "complete": self.config.train.epochs == 0})
+        if self.job.is_main:
+            if (self.run_dir / "config.json").exists():
+                raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
+                                    "or choose another --out")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.config.save(self.run_dir / "config.json")
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self._save({"epoch": 0, "complete": self.config.train.epochs == 0})
         return 1
 
     def _resume(self) -> int:
@@ -189,14 +203,16 @@ class Trainer:
         if _identity(stored) != _identity(self.config):
             raise TrainingError(f"--resume: the settings differ from {self.run_dir / 'config.json'} in more than "
                                 "--epochs/--device; resume with the run's own settings, or start a new --out")
-        if self.config.train != stored.train:
-            self.config.save(self.run_dir / "config.json")  # training extended (or shortened) by --epochs
         checkpoint = runs.latest_checkpoint(self.run_dir)
         runs.load_weights(self.model, checkpoint)
         if self.optimizer is not None:
             runs.load_optimizer(self.optimizer, checkpoint)
-        kept = [r for r in runs.read_metrics(self.run_dir) if r.get("epoch", 0) <= checkpoint.epoch]
-        runs.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        self.job.barrier()  # everyone has read the checkpoint before rank 0 writes anything
+        if self.job.is_main:
+            if self.config.train != stored.train:
+                self.config.save(self.run_dir / "config.json")  # training extended (or shortened) by --epochs
+            kept = [r for r in runs.read_metrics(self.run_dir) if r.get("epoch", 0) <= checkpoint.epoch]
+            runs.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         self._log(f"resuming {self.run_dir} after epoch {checkpoint.epoch}")
         return checkpoint.epoch + 1
 
@@ -206,53 +222,69 @@ class Trainer:
         val = mean_terms(self.model, self.loss_terms, self.val_x)
         record = {"epoch": 1, "seconds": time.perf_counter() - t0,
                   **{f"val_{k}": v for k, v in val.items()}}
-        self._append_metrics(record)
-        runs.save_checkpoint(self.run_dir, model=self.model, optimizer=None,
-                             state={"epoch": 1, "complete": True, "metrics": record})
+        self._save({"epoch": 1, "complete": True, "metrics": record}, record)
         return self.model.eval()
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
-        cfg = self.config.train
-        n, batch = self.train_x.shape[0], cfg.batch_size
-        steps = math.ceil(n / batch)
-        seed = epoch_seed(cfg.seed, epoch)
-        torch.manual_seed(seed)  # reparameterisation noise
-        gen = torch.Generator(device=self.device).manual_seed(seed)  # permutation and binarisation
+        cfg, job = self.config.train, self.job
+        n = self.train_x.shape[0]
+        global_batch = cfg.batch_size * job.world
+        steps = math.ceil(n / global_batch)
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, job.rank))  # reparameterisation noise, per process
+        noise = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch, job.rank))
+        shared = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch))
+        perm = torch.randperm(n, generator=shared, device=self.device)  # the same in every process
         dynamic = self.config.data.binarize == "dynamic"
         self.model.train()
-        sums = torch.zeros(3, device=self.device)  # loss, recon, kl summed over examples
+        sums = torch.zeros(4, device=self.device)  # loss, recon, kl summed over examples; examples
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen, device=self.device)
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=None if self.progress else True,  # None: only on a terminal
+                   disable=None if self.progress and job.is_main else True,  # None: only on a terminal
                    file=sys.stderr, dynamic_ncols=True)
         for i in range(steps):
-            xb = torch.index_select(self.train_x, 0, perm[i * batch:(i + 1) * batch])  # faster than x[idx]
+            step_idx = perm[i * global_batch:(i + 1) * global_batch]
+            if step_idx.numel() < job.world:  # a tail too short to give every process an example
+                break
+            mine = step_idx[job.rank::job.world]
+            xb = torch.index_select(self.train_x, 0, mine)  # faster than x[idx]
             if dynamic:
-                xb = binarize(xb, gen)
+                xb = binarize(xb, noise)
             beta = kl_weight(cfg, epoch - 1 + i / steps)
-            terms = self.loss_terms(self.model, xb, beta=beta, free_bits=cfg.free_bits)
-            loss = terms["loss"].mean()
+            terms = self.loss_terms(self.net, xb, beta=beta, free_bits=cfg.free_bits)
+            # the mean over the step's global batch: DDP averages gradients over the job's processes
+            loss = terms["loss"].sum() * (job.world / step_idx.numel())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             with torch.no_grad():
-                sums += torch.stack([terms["loss"].sum(), terms["recon"].sum(), terms["kl"].sum()])
+                sums += torch.stack([terms["loss"].sum(), terms["recon"].sum(), terms["kl"].sum(),
+                                     sums.new_tensor(float(mine.numel()))])
             if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps:
                 self._check_finite(sums, epoch, i + 1)
-                bar.set_postfix(loss=f"{sums[0].item() / min(n, (i + 1) * batch):.2f}", refresh=False)
+                bar.set_postfix(loss=f"{sums[0].item() / sums[3].item():.2f}", refresh=False)
                 bar.update((i + 1) - bar.n)
         bar.close()
+        sums = job.sum(sums)  # over all processes: logged losses cover all the data
         seconds = time.perf_counter() - t0
-        torch.manual_seed(EVAL_SEED)  # the same noise for every validation pass
-        val = mean_terms(self.model, self.loss_terms, self.val_x)
+        val = self._validate()
         if not all(math.isfinite(v) for v in val.values()):
             self._check_finite(torch.tensor([math.nan]), epoch, steps, where="validation loss")
-        loss, recon, kl = (sums / n).tolist()
+        loss, recon, kl = (sums[:3] / sums[3]).tolist()
         return {"epoch": epoch, "step": epoch * steps, "beta": beta, "lr": cfg.lr,
                 "train_loss": loss, "train_recon": recon, "train_kl": kl,
                 **{f"val_{k}": v for k, v in val.items()},
-                "seconds": seconds, "samples_per_s": n / seconds}
+                "seconds": seconds, "samples_per_s": float(sums[3]) / seconds}
+
+    def _validate(self) -> dict[str, float]:
+        """The true bound (beta 1, no free bits) on the validation set, each process on its share."""
+        torch.manual_seed(EVAL_SEED + self.job.rank)  # the same noise for every validation pass
+        mine = self.val_x[self.job.rank::self.job.world]
+        local = mean_terms(self.model, self.loss_terms, mine) if mine.shape[0] else {}
+        keys = ("loss", "recon", "kl")
+        sums = torch.tensor([local.get(k, 0.0) * mine.shape[0] for k in keys] + [float(mine.shape[0])],
+                            dtype=torch.float64, device=self.device)
+        sums = self.job.sum(sums)
+        return {k: float(sums[j] / sums[3]) for j, k in enumerate(keys)}
 
     def _check_finite(self, sums: torch.Tensor, epoch: int, step: int, where: str = "training loss") -> None:
         if bool(torch.isfinite(sums).all()):

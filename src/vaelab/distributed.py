@@ -1,0 +1,75 @@
+"""Multi-process training on torch.distributed: what the trainer needs to know about its place in a job.
+
+Started by torchrun (`torchrun --nproc_per_node=N -m vaelab train ...`), each process reads RANK,
+LOCAL_RANK and WORLD_SIZE from the environment; the backend is nccl on CUDA and gloo on the CPU.
+A plain `vaelab train` is a job of one process and does no collective work at all.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .errors import TrainingError
+from .system import resolve_device
+
+
+@dataclass(frozen=True)
+class Job:
+    """This process's place in the job: world size, global rank and rank on this machine."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes config, metrics, checkpoints and reports; the others only compute."""
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of t over all processes (t itself in a job of one)."""
+        if self.world > 1:
+            t = t.clone()
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (e.g. until rank 0 has written a checkpoint)."""
+        if self.world > 1:
+            tdist.barrier()
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """DistributedDataParallel around the model in a job of several processes (gradients averaged)."""
+        if self.world == 1 or not any(p.requires_grad for p in model.parameters()):
+            return model
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def join(device_name: str) -> tuple[Job, torch.device]:
+    """This process's Job and device; joins the process group when torchrun started several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Job(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise TrainingError(f"rank {rank} wants cuda:{local_rank} but this machine has "
+                                f"{torch.cuda.device_count()} GPUs; lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Job(world=world, rank=rank, local_rank=local_rank), device
+
+
+def leave(job: Job) -> None:
+    """Leave the process group at the end of training (all processes together)."""
+    if job.world > 1 and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()

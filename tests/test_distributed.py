@@ -1,0 +1,75 @@
+"""torchrun: two gloo processes on the CPU match one process over the same global batches, resume, fail loudly."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vaelab import runs
+
+COMMON = ["--model", "ae", "--likelihood", "gaussian", "--hidden", "16", "--latent-dim", "3", "--lr", "0.01",
+          "--seed", "3", "--device", "cpu", "--no-report", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=rng.integers(0, 256, (200, 6, 6), dtype=np.uint8))  # 160 train examples
+    return f"npz:{path}"
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "vaelab", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def weights(run):
+    return load_file(runs.latest_checkpoint(run).path / "model.safetensors")
+
+
+def test_two_processes_match_one_over_the_same_global_batches(data, tmp_path):
+    # one process with batch 32 sees the same global batches as two processes with batch 16 each
+    one = torchrun(1, "--data", data, *COMMON, "--batch-size", "32", "--epochs", "3", "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "3", "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys() and not any(k.startswith("module.") for k in b)  # unwrapped on disk
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    m1, m2 = runs.read_metrics(tmp_path / "one"), runs.read_metrics(tmp_path / "two")
+    assert len(m2) == 3  # only rank 0 wrote: one line per epoch
+    for r1, r2 in zip(m1, m2):  # metrics are all-reduced, so they cover all the data
+        assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-4)
+        assert r1["val_loss"] == pytest.approx(r2["val_loss"], rel=1e-4)
+
+
+def test_a_distributed_run_resumes(data, tmp_path):
+    out = str(tmp_path / "run")
+    first = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", out)
+    assert first.returncode == 0, first.stderr
+    again = torchrun(2, "--resume", "--out", out, "--epochs", "3", "--device", "cpu", "--no-report", "--quiet")
+    assert again.returncode == 0, again.stderr
+    full = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "3", "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "run")] == [1, 2, 3]
+    a, b = weights(tmp_path / "run"), weights(tmp_path / "full")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 3
+
+
+def test_a_failing_rank_fails_the_job_with_its_error(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # rank 0 refuses to overwrite an existing run
+    done = torchrun(2, "--data", data, *COMMON, "--epochs", "1", "--out", str(out), timeout=120)
+    assert done.returncode != 0
+    assert "vaelab: error (rank 0)" in done.stderr and "already holds a run" in done.stderr
