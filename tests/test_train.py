@@ -233,3 +233,19 @@ def test_config_json_round_trip_and_strictness(tmp_path):
         TrainConfig(lr=float("nan"))
     with pytest.raises(ConfigError, match="--likelihood"):
         RunConfig.from_dict({"model": {"likelihood": "poisson"}})
+
+
+def test_gradient_clipping_bounds_every_step(tmp_path, monkeypatch):
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = clip(params, max_norm, *args, **kwargs)
+        grads = [p.grad.norm() for p in params if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train(tiny_config(epochs=1, grad_clip=0.5), tmp_path / "run", dataset=tiny_data(), progress=False)
+    assert norms and max(norms) <= 0.5 + 1e-5

@@ -74,6 +74,8 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                                       "K-sample bound of Burda et al. 2016")),
     ("train", "k", "--k", dict(type=int, metavar="K", help="importance samples per example for --objective iwae "
                                                          "(an averaged K-sample ELBO for elbo); default 1")),
+    ("train", "grad_clip", "--grad-clip", dict(type=float, metavar="X", help="clip the gradients' global norm "
+                                                                            "to X (default: no clipping)")),
     ("train", "seed", "--seed", dict(type=int, metavar="N", help="random seed (default 0)")),
     ("train", "device", "--device", dict(choices=DEVICES, help="auto (cuda if available), cpu or cuda")),
 ]

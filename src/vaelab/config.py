@@ -134,6 +134,7 @@ class TrainConfig:
     k: int = 1  # importance samples per example: IWAE's K, or an ELBO averaged over K samples
     seed: int = 0
     device: str = "auto"
+    grad_clip: float | None = None  # clip the gradients' global norm to this before each step
 
     def __post_init__(self) -> None:
         _integer(self.epochs, "--epochs", minimum=0)
@@ -154,6 +155,8 @@ class TrainConfig:
             raise ConfigError("--free-bits applies to the ELBO's KL term; use it with --objective elbo")
         _integer(self.seed, "--seed", minimum=0)
         _choice(self.device, DEVICES, "--device")
+        if self.grad_clip is not None:
+            _positive(self.grad_clip, "--grad-clip")
 
 
 @dataclass(frozen=True)

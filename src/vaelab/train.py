@@ -255,6 +255,8 @@ class Trainer:
             loss = terms["loss"].sum() * (job.world / step_idx.numel())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             with torch.no_grad():
                 sums += torch.stack([terms["loss"].sum(), terms["recon"].sum(), terms["kl"].sum(),
