@@ -31,6 +31,7 @@ from ..hvae_cells import ResidualCell, SpectralNorms, scale_sizes
 from ..latents import Noise, diagonal_normal
 from ..likelihoods import build_likelihood
 
+SOFTPLUS_ONE = math.log(math.expm1(1.0))  # softplus(0 + SOFTPLUS_ONE) = 1
 KL_BALANCE_EPS = 0.01  # NVAE's kl_per_group adds 0.01: a collapsed group keeps a small, nonzero coefficient
 
 
@@ -170,7 +171,144 @@ class HVAE(nn.Module):
         self.register_buffer("zero", torch.zeros(self.latent_dim), persistent=False)
         self.register_buffer("one", torch.ones(self.latent_dim), persistent=False)
 
-        self._weight_names = [name for name, m in self.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        modules = dict(self.named_modules())
-        self.spectral = SpectralNorms([modules[n].weight.shape for n in self._weight_names])
+        # every conv and linear layer enters the spectral regulariser; a tuple, so not registered twice
+        self._weighted = tuple(m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        self.spectral = SpectralNorms([m.weight.shape for m in self._weighted])
+
+    def _cells(self, channels: int) -> nn.Sequential:
+        return nn.Sequential(*(ResidualCell(channels, channels) for _ in range(self.cells)))
+
+    def bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features for each group, in top-down order: L tensors (B, c_l, h_l, w_l)."""
+        h = self.stem(x)
+        features = []
+        for s, blocks in enumerate(self.enc):
+            for block in blocks:
+                h = block(h)
+                features.append(h)
+            if s < len(self.down):
+                h = self.down[s](h)
+        return features[::-1]  # the deepest features inform the top group, as in NVAE
+
+    def _posterior(self, mu_p: torch.Tensor, scale_p: torch.Tensor, params: torch.Tensor) -> Distribution:
+        """q(z_l | x, z_<l) relative to its prior (NVAE eq. 2): mu_q = mu_p + dmu, sigma_q = sigma_p * dsigma.
+
+        As in NVAE's code, the floor is added after the product (their scale is exp(log s_p + log ds) + 0.01);
+        scale_p is the prior's scale without its floor, and dsigma = 1 where the head outputs 0.
+        """
+        delta_mu, raw = params.chunk(2, -3)  # (.., 2 C_z, h, w) -> channel halves
+        delta_sigma = F.softplus(raw + SOFTPLUS_ONE)
+        return spatial_normal(mu_p + delta_mu, scale_p * delta_sigma + self.scale_floor)
+
+    def _draw(self, loc: torch.Tensor, scale: torch.Tensor, k: int | None, noise: Noise | None) -> torch.Tensor:
+        """loc + scale * eps with eps (K or 1, B, C, h, w): one draw from `noise` per group, in top-down order."""
+        batch = loc.shape[-4]
+        shape = (1 if k is None else k, batch, *loc.shape[-3:])
+        eps = torch.randn(shape, device=loc.device) if noise is None else noise.normal(shape).to(loc)
+        z = loc + scale * eps  # (K, B, C, h, w)
+        return z[0] if k is None else z
+
+    def _top_down(self, batch: int, features: list[torch.Tensor] | None = None, *, k: int | None = None,
+                  noise: Noise | None = None, z_top: torch.Tensor | None = None, temperature: float = 1.0,
+                  use_mean: bool = False) -> tuple[list[Group], torch.Tensor]:
+        """The shared top-down pass; returns the groups and one likelihood parameter per pixel, (K*B, C, H, W).
+
+        With features, z_l comes from the posterior (its mean if use_mean), else from the prior with its
+        scale times temperature; z_top, when given, fixes z_1 (B, C_z, h, w).
+        """
+        kk = 1 if k is None else k
+        lead = (batch,) if k is None else (k, batch)
+        unflat = (lambda t: t) if k is None else (lambda t: t.view(*lead, *t.shape[1:]))  # (K*B, ..) -> (K, B, ..)
+        groups, s = [], None
+        for i, scale in enumerate(self.group_scale):
+            if i == 0:  # p(z_1) = N(0, I), as in NVAE's code
+                mu_p, scale_p = self._top_prior_params(batch)
+                qz = None if features is None else self._posterior(mu_p, scale_p, self.post_heads[0](features[0]))
+                s = self.h0.expand(kk * batch, *self.h0.shape)
+            else:
+                if scale != self.group_scale[i - 1]:
+                    s = self.up[scale](s)
+                mu_p, raw_p = self.prior_heads[i - 1](s).chunk(2, 1)  # (K*B, C_z, h, w)
+                mu_p, scale_p = unflat(mu_p), unflat(soft_scale(raw_p, self.scale_floor))
+                qz = None
+                if features is not None:  # bottom-up features of x (B, ..) meet the state of each sample (K, B, ..)
+                    context = unflat(self.post_combine[i - 1](s)) + features[i]
+                    qz = self._posterior(mu_p, scale_p, unflat(self.post_heads[i](context.reshape(s.shape))))
+            pz = spatial_normal(mu_p, scale_p + self.scale_floor)
+            if i == 0 and z_top is not None:
+                z = z_top
+            elif qz is not None:
+                z = qz.mean if use_mean else self._draw(qz.base_dist.loc, qz.base_dist.scale, k, noise)
+            elif temperature == 0:  # no draw at all: deterministic, and the global generator is left alone
+                z = mu_p
+            else:
+                z = self._draw(mu_p, temperature * pz.base_dist.scale, k, noise)
+            groups.append(Group(qz, pz, z))
+            z_flat = z.expand(*lead, *z.shape[-3:]).reshape(kk * batch, *z.shape[-3:])  # (K*B, C_z, h, w)
+            s = self.dec[i](self.merge[i](torch.cat([s, z_flat], 1)))
+        height, width = self.input_shape[1:]
+        return groups, self.head(s)[..., :height, :width]
+
+    def forward(self, x: torch.Tensor, k: int | None = None, noise: Noise | None = None) -> HierarchicalOutput:
+        """One pass with reparameterised samples of every group: (B, ..), or (K, B, ..) when k is given.
+
+        noise: where the standard normal draws come from (default: torch's global generator).
+        """
+        groups, params = self._top_down(x.shape[0], self.bottom_up(x), k=k, noise=noise)
+        lead = x.shape[:1] if k is None else (k, x.shape[0])
+        return HierarchicalOutput(groups, self.likelihood(params.view(*lead, *self.input_shape)), k)
+
+    def encode(self, x: torch.Tensor) -> Distribution:
+        """q(z_1 | x) of the top group, flattened: batch shape (B,), event shape (D_top,)."""
+        mu_p, scale_p = self._top_prior_params(x.shape[0])
+        qz = self._posterior(mu_p, scale_p, self.post_heads[0](self.bottom_up(x)[0])).base_dist
+        return diagonal_normal(qz.loc.flatten(1), qz.scale.flatten(1))
+
+    def _top_prior_params(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z_1) = N(0, I) (as in NVAE's code): its mean (B, C_z, h, w) and its scale without the floor."""
+        mu_p = self.h0.new_zeros(batch, *self.group_shapes[0])
+        return mu_p, mu_p.new_tensor(1.0 - self.scale_floor)
+
+    def prior(self) -> Distribution:
+        """p(z_1) = N(0, I) over the flattened top group: event shape (D_top,)."""
+        return diagonal_normal(self.zero, self.one)
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x | z_1, z_>1 = prior means) for flattened top-group codes z (..., D_top): batch shape z.shape[:-1].
+
+        The lower groups at temperature 0 make p(x|z) a function of the top group alone, so generic code
+        (interpolations, traversals, the latent explorer) works on z_1 as on a VAE's z.
+        """
+        lead = z.shape[:-1]
+        z_top = z.reshape(-1, *self.group_shapes[0])
+        _, params = self._top_down(z_top.shape[0], z_top=z_top, temperature=0.0)
+        return self.likelihood(params.view(*lead, *self.input_shape))
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Point codes (B, D_top): the top group's posterior means, flattened."""
+        return self.encode(x).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x|z) with every group at its posterior mean, shape of x."""
+        _, params = self._top_down(x.shape[0], self.bottom_up(x), use_mean=True)
+        return self.likelihood(params).mean
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, *, mean: bool = True) -> torch.Tensor:
+        """n images: z_l ~ N(mu_p, (t sigma_p)^2) top-down, then the mean of p(x|z) (or a draw from it).
+
+        Temperatures below 1 trade diversity for quality (NVAE Sec. 5); t = 0 is deterministic.
+        """
+        _, params = self._top_down(n, temperature=temperature)
+        px_z = self.likelihood(params)
+        return px_z.mean if mean else px_z.sample()
+
+    def spectral_penalty(self, iterations: int = 1) -> torch.Tensor:
+        """sum_i sigma_max(W_i) over every conv and linear weight: NVAE's spectral regulariser L_SR (Sec. 3.3.2).
+
+        Add lambda * this to the loss (NVAE: lambda = 0.1 or 0.01); each call advances the power iteration.
+        """
+        return self.spectral([m.weight for m in self._weighted], iterations).sum()
 
