@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import math
 import os
 import sys
 import time
@@ -34,7 +36,8 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                          "folder:PATH, npz:PATH or npy:PATH")),
     ("data", "binarize", "--binarize", dict(choices=BINARIZE, help="binarise pixels for a Bernoulli likelihood: "
                                                                   "resampled every batch (dynamic) or once (static)")),
-    ("model", "model", "--model", dict(choices=MODELS, help="pca (closed form), ae, vae (default), or text-vae "
+    ("model", "model", "--model", dict(choices=MODELS, help="pca (closed form), ae, vae (default), hvae "
+                                                           "(hierarchical, NVAE-style) or text-vae "
                                                            "(sentence VAE, for --data fortunes)")),
     ("model", "likelihood", "--likelihood", dict(choices=LIKELIHOODS, help="p(x|z) (default bernoulli)")),
     ("model", "latent_dim", "--latent-dim", dict(type=int, metavar="N", help="size of z (default 16)")),
@@ -57,6 +60,12 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("model", "kappa", "--kappa", dict(type=float, metavar="K", help="fixed vMF concentration (default: learned)")),
     ("model", "bn_mu", "--bn-mu", dict(type=float, metavar="GAMMA", help="BN-VAE: batch-normalise posterior means "
                                                                          "with fixed scale GAMMA (Zhu et al. 2020)")),
+    ("model", "groups", "--groups", dict(type=_hidden, metavar="2,2", help="hvae: latent groups per scale, top "
+                                                                       "(coarsest) first; default 2 per scale")),
+    ("model", "cells", "--cells", dict(type=int, metavar="N", help="hvae: residual cells per group (default 1)")),
+    ("model", "scale_floor", "--scale-floor", dict(type=float, metavar="X", help="hvae: every latent standard "
+                                                                                 "deviation is softplus(.) + X "
+                                                                                 "(default 0.01, as NVAE)")),
     ("train", "epochs", "--epochs", dict(type=int, metavar="N", help="passes over the training set (default 20)")),
     ("train", "batch_size", "--batch-size", dict(type=int, metavar="N", help="default 128")),
     ("train", "lr", "--lr", dict(type=float, metavar="X", help="Adam learning rate (default 1e-3)")),
@@ -76,6 +85,12 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                          "(an averaged K-sample ELBO for elbo); default 1")),
     ("train", "grad_clip", "--grad-clip", dict(type=float, metavar="X", help="clip the gradients' global norm "
                                                                             "to X (default: no clipping)")),
+    ("train", "kl_balance", "--kl-balance", dict(action="store_const", const=True,
+                                                 help="hvae: NVAE's KL balancing across groups during KL "
+                                                      "warm-up (Vahdat & Kautz 2020, App. A)")),
+    ("train", "spectral_reg", "--spectral-reg", dict(type=float, metavar="LAMBDA",
+                                                     help="hvae: add LAMBDA * sum of the weights' largest singular "
+                                                          "values, by power iteration (NVAE Sec. 3.3.2)")),
     ("train", "seed", "--seed", dict(type=int, metavar="N", help="random seed (default 0)")),
     ("train", "device", "--device", dict(choices=DEVICES, help="auto (cuda if available), cpu or cuda")),
 ]
@@ -85,8 +100,22 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+# --preset NAME: a starting configuration that the other flags then change
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # a small NVAE-style hierarchy for 28x28 images that trains on a 2-core CPU: scales 14x14 and 7x7, two groups
+    # of 8 channels at each, one residual cell per group; KL warm-up with balancing, spectral regularisation
+    "hvae-s": {"model": {"model": "hvae", "net": "conv", "hidden": (16, 32), "groups": (2, 2), "latent_dim": 8,
+                         "cells": 1},
+               "train": {"batch_size": 100, "warmup_epochs": 5, "kl_balance": True, "spectral_reg": 0.01}},
+}
+
+
 def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """The RunConfig the flags describe: `base` (or the defaults) with every given flag applied."""
+    """The RunConfig the flags describe: `base` (or the defaults, or --preset) with every given flag applied."""
+    preset = getattr(args, "preset", None)
+    if base is None and preset is not None:
+        base = RunConfig.from_dict({name: {**dataclasses.asdict(getattr(RunConfig(), name)), **values}
+                                    for name, values in PRESETS[preset].items()}, f"--preset {preset}")
     base = base or RunConfig()
     sections = {name: {} for name in ("data", "model", "train")}
     for section, field, flag, _ in FLAGS:
@@ -193,7 +222,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from . import text_views
 
         return _write_lines(text_views.samples(model, vocab, args.n), args.out or Path(args.run) / "samples.txt")
-    out = figures.save_grid(model.sample(args.n), args.out or Path(args.run) / "samples.png", nrow=args.nrow)
+    kwargs = {}
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if "temperature" in inspect.signature(model.sample).parameters:
+        kwargs["temperature"] = args.temperature
+    elif args.temperature != 1:
+        raise ConfigError(f"{args.run} holds a {runs.load_config(args.run).model.model} model, whose prior has no "
+                          "temperature; drop --temperature (it applies to --model hvae)")
+    out = figures.save_grid(model.sample(args.n, **kwargs), args.out or Path(args.run) / "samples.png",
+                            nrow=args.nrow)
     print(f"written: {out}")
     return 0
 
@@ -279,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoints/ and report.html into --out.")
     for _, _, flag, kwargs in FLAGS:
         p.add_argument(flag, dest=_dest(flag), default=None, **kwargs)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration (hvae-s: a small "
+                                                             "hierarchical VAE for 28x28 images); flags override it")
     p.add_argument("--out", type=Path, metavar="DIR", help="run directory (default runs/<data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                                                           "(a larger --epochs extends it)")
@@ -310,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                     cmd_sample)
     q.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     q.add_argument("--nrow", type=int, default=8, help="images per row (default 8)")
+    q.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="hvae: scale the priors' standard deviations by T (0 <= T; default 1)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", type=Path, help="PNG path (default RUN/samples.png)")
     q = run_command("reconstruct", "test images and their reconstructions, as PNG", cmd_reconstruct)

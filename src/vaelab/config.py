@@ -11,7 +11,8 @@ from typing import Any
 from .errors import ConfigError
 from .fileio import atomic_write_text
 
-MODELS = ("pca", "ae", "vae", "text-vae")
+MODELS = ("pca", "ae", "vae", "hvae", "text-vae")
+HIERARCHICAL_MODELS = ("hvae",)
 TEXT_MODELS = ("text-vae",)
 LATENT_FAMILIES = ("gaussian", "vmf")
 ACTIVATIONS = ("relu", "gated")
@@ -74,11 +75,17 @@ class ModelConfig:
     word_dropout: float = 0.0  # text: share of decoder inputs replaced by <unk> in training (Bowman et al. 2016)
     input_shape: tuple[int, ...] | None = None  # (C, H, W) of images, or (T,) of text, filled in from the data
     vocab_size: int | None = None  # text: filled in from the data
+    groups: tuple[int, ...] | None = None  # hvae: latent groups per scale, top scale first (None: 2 per scale)
+    cells: int = 1  # hvae: residual cells per group, in the encoder and in the decoder
+    scale_floor: float = 0.01  # hvae: every prior/posterior standard deviation is softplus(.) + this (NVAE)
 
     def __post_init__(self) -> None:
         _choice(self.model, MODELS, "--model")
         if self.net is None:
-            object.__setattr__(self, "net", "lstm" if self.model in TEXT_MODELS else "mlp")
+            default = "lstm" if self.model in TEXT_MODELS else "conv" if self.model in HIERARCHICAL_MODELS else "mlp"
+            object.__setattr__(self, "net", default)
+        if self.model in HIERARCHICAL_MODELS and self.net != "conv":
+            raise ConfigError(f"--model {self.model} is convolutional; drop --net {self.net} or use --net conv")
         _choice(self.net, TEXT_NETS if self.model in TEXT_MODELS else IMAGE_NETS,
                 f"--net (for --model {self.model})")
         _integer(self.embedding_dim, "--embedding-dim", minimum=1)
@@ -95,6 +102,7 @@ class ModelConfig:
         for h in hidden:
             _integer(h, "--hidden (each size)", minimum=1)
         object.__setattr__(self, "hidden", hidden)
+        self._check_hierarchy(hidden)
         _choice(self.latent, LATENT_FAMILIES, "--latent")
         _choice(self.activation, ACTIVATIONS, "--activation")
         if self.activation != "relu" and self.net != "mlp":
@@ -117,6 +125,26 @@ class ModelConfig:
                 _integer(s, "input_shape", minimum=1)
             object.__setattr__(self, "input_shape", shape)
 
+    def _check_hierarchy(self, hidden: tuple[int, ...]) -> None:
+        _integer(self.cells, "--cells", minimum=1)
+        if not isinstance(self.scale_floor, (int, float)) or not 0 < self.scale_floor < 1:
+            raise ConfigError(f"--scale-floor must be in (0, 1), got {self.scale_floor!r}")
+        if self.model not in HIERARCHICAL_MODELS:
+            if self.groups is not None:
+                raise ConfigError("--groups sets the latent groups of --model hvae; drop it or use --model hvae")
+            return
+        if self.groups is not None and not isinstance(self.groups, (tuple, list)):
+            raise ConfigError(f"--groups must list one count per scale, like 2,2; got {self.groups!r}")
+        groups = (2,) * len(hidden) if self.groups is None else tuple(self.groups)
+        for g in groups:
+            _integer(g, "--groups (each count)", minimum=1)
+        if len(groups) != len(hidden):
+            raise ConfigError(f"--groups needs one count per scale, i.e. per entry of --hidden "
+                              f"{','.join(map(str, hidden))}; got {','.join(map(str, groups))}")
+        if self.latent != "gaussian" or self.bn_mu is not None or self.linear:
+            raise ConfigError(f"--model {self.model} has Gaussian latent groups; drop --latent/--bn-mu/--linear")
+        object.__setattr__(self, "groups", groups)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -135,6 +163,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     grad_clip: float | None = None  # clip the gradients' global norm to this before each step
+    kl_balance: bool = False  # hierarchies: NVAE's KL balancing across groups while the KL weight is below 1
+    spectral_reg: float = 0.0  # hierarchies: weight lambda of NVAE's spectral regulariser sum_i sigma_max(W_i)
 
     def __post_init__(self) -> None:
         _integer(self.epochs, "--epochs", minimum=0)
@@ -157,6 +187,11 @@ class TrainConfig:
         _choice(self.device, DEVICES, "--device")
         if self.grad_clip is not None:
             _positive(self.grad_clip, "--grad-clip")
+        if not isinstance(self.kl_balance, bool):
+            raise ConfigError(f"kl_balance must be true or false, got {self.kl_balance!r}")
+        if self.kl_balance and self.objective != "elbo":
+            raise ConfigError("--kl-balance reweights the ELBO's KL term; use it with --objective elbo")
+        _positive(self.spectral_reg, "--spectral-reg", allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -166,6 +201,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.model not in HIERARCHICAL_MODELS:
+            if self.train.kl_balance or self.train.spectral_reg:
+                raise ConfigError("--kl-balance and --spectral-reg regularise a hierarchy of latent groups; "
+                                  "use them with --model hvae")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with the config version."""

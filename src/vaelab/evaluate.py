@@ -24,7 +24,7 @@ from .data.text import token_counts
 from .density import importance_sample, log_likelihood
 from .errors import ConfigError
 from .fileio import atomic_write_text
-from .latent_stats import active_units, kl_per_unit, linear_probes, mutual_information
+from .latent_stats import active_units, active_units_per_group, kl_per_unit, linear_probes, mutual_information
 from .objectives import elbo
 from .system import model_device
 from .text_views import token_accuracy
@@ -98,9 +98,13 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
         result["token_accuracy"] = token_accuracy(model, x)
     else:
         result.update(reconstruction_error(model, x))
-    if has_posterior(model):
+    if hasattr(model, "group_means"):  # a hierarchy: KL and active units per latent group
+        result["kl_per_group"] = kl_per_unit(model, x)
+        result["active_units_per_group"] = active_units_per_group(model, x)
+    elif has_posterior(model):
         result["kl_per_dim"] = kl_per_unit(model, x)
-        result.update(active_units(model, x))
+    if has_posterior(model):
+        result.update(active_units(model, x))  # of the top group, for a hierarchy
         result["mutual_information"] = mutual_information(model, x)
     if nll_k is not None:
         if not has_posterior(model):

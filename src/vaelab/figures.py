@@ -136,13 +136,14 @@ def training_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def kl_per_dimension(kl: list[float], variance: list[float] | None, path: Path, *,
-                     threshold: float = 0.01) -> Path:
-    """Bars of the test KL per latent dimension, with the posterior-mean variance (active units) beside."""
+                     threshold: float = 0.01, unit: str = "latent dimension") -> Path:
+    """Bars of the test KL per latent dimension (or per unit named by `unit`, e.g. latent group),
+    with the posterior-mean variance (active units) beside."""
     d = np.arange(len(kl))
     fig, axes = plt.subplots(1, 2 if variance is not None else 1, figsize=(10, 3.2), dpi=100, squeeze=False)
     axes[0, 0].bar(d, kl, color="C0")
-    axes[0, 0].set_xlabel("latent dimension")
-    axes[0, 0].set_ylabel("KL(q(z_d|x) || p(z_d)), nats")
+    axes[0, 0].set_xlabel(unit)
+    axes[0, 0].set_ylabel("KL(q(z_d|x) || p(z_d)), nats" if variance is not None else "KL(q || p), nats")
     if variance is not None:
         axes[0, 1].bar(d, variance, color=["C2" if v > threshold else "C7" for v in variance])
         axes[0, 1].axhline(threshold, color="k", lw=0.8, ls="--")

@@ -51,6 +51,18 @@ def active_units(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_UN
 
 
 @torch.no_grad()
+def active_units_per_group(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> list[int]:
+    """Active units of each latent group of a hierarchy (model.group_means): Cov_x(E_q[z_u]) > threshold.
+
+    Lower groups have conditional priors, so Burda et al.'s unscaled threshold is used throughout.
+    """
+    model.eval()
+    means = [model.group_means(xb) for xb in _batches(model, x)]  # per batch: L tensors (B, s_l)
+    return [int((torch.cat([m[g].cpu() for m in means]).double().var(0) > threshold).sum())
+            for g in range(len(means[0]))]
+
+
+@torch.no_grad()
 def mutual_information(model: nn.Module, x: torch.Tensor, *, max_examples: int = 2000, seed: int = 0) -> float:
     """I(x; z) under q(z|x) p_data(x), estimated on up to max_examples examples (nats).
 

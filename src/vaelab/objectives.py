@@ -11,6 +11,7 @@ import math
 import torch
 
 from .models import Output
+from .models.hvae import kl_balance_coefficients
 
 
 def _log_terms(out: Output, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +33,7 @@ def log_weights(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> torch.Ten
     return log_px_z + beta * log_ratio
 
 
-def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0,
+def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0, kl_balance: bool = False,
          kl: str = "analytic") -> dict[str, torch.Tensor]:
     """Negative ELBO with a KL weight: -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z)).
 
@@ -41,7 +42,9 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
     on the same samples (their eq. 7). beta != 1 is the beta-VAE of Higgins et al. 2017.
     free_bits > 0 charges each latent unit's KL, averaged over the batch, at least free_bits nats
     (Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow", eq. 15);
-    the "kl" term returned stays the true KL.
+    the "kl" term returned stays the true KL. For a hierarchy the units are its latent groups.
+    kl_balance (hierarchies): while beta < 1, charge sum_l gamma_l KL_l with NVAE's balancing
+    coefficients (Vahdat & Kautz 2020, Appendix A) in place of the KL.
     """
     if kl == "analytic":
         log_px_z, kl_term = out.log_px_z(x), out.kl()
@@ -50,6 +53,8 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
         kl_term = -log_ratio
     recon, kl_term = -_per_example(log_px_z), _per_example(kl_term)
     charged = kl_term if free_bits <= 0 else _free_bits_kl(out, free_bits)
+    if kl_balance and beta < 1:
+        charged = _balanced_kl(out)
     return {"loss": recon + beta * charged, "recon": recon, "kl": kl_term}
 
 
@@ -64,7 +69,18 @@ def _free_bits_kl(out: Output, free_bits: float) -> torch.Tensor:
     return torch.where(units.mean(0) >= free_bits, units, floor).sum(-1)
 
 
-def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0) -> dict[str, torch.Tensor]:
+def _balanced_kl(out: Output) -> torch.Tensor:
+    """sum_l gamma_l KL_l per example, gamma from the batch (detached, mean 1): NVAE's balanced KL term."""
+    sizes = getattr(out, "group_sizes", None)
+    if sizes is None:
+        raise ValueError("KL balancing needs a hierarchy of latent groups (a pass of --model hvae)")
+    units = out.kl_units()  # (B, L) or (K, B, L)
+    units = units.mean(0) if units.dim() > 2 else units
+    return (units * kl_balance_coefficients(units, sizes)).sum(-1)
+
+
+def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0,
+         kl_balance: bool = False) -> dict[str, torch.Tensor]:
     """Negative IWAE bound: -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016, eq. 8).
 
     Needs out.z of shape (K, B, D) (the model run with k=K). With K = 1 it equals the single-sample
@@ -72,17 +88,17 @@ def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
     """
     if out.k is None:
         raise ValueError("iwae needs K samples per example: call the model with k=K")
-    if free_bits:
-        raise ValueError("free bits apply to the ELBO's KL term, not to the IWAE bound")
+    if free_bits or kl_balance:
+        raise ValueError("free bits and KL balancing apply to the ELBO's KL term, not to the IWAE bound")
     log_px_z, log_ratio = _log_terms(out, x)  # (K, B) each
     log_w = log_px_z + beta * log_ratio
     bound = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
     return {"loss": -bound, "recon": -log_px_z.mean(0), "kl": -log_ratio.mean(0)}
 
 
-def reconstruction(out: Output, x: torch.Tensor, *, beta: float = 1.0,
-                   free_bits: float = 0.0) -> dict[str, torch.Tensor]:
-    """-log p(x|z) at the deterministic code z = f(x): the autoencoder's loss (beta, free_bits unused)."""
+def reconstruction(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0,
+                   kl_balance: bool = False) -> dict[str, torch.Tensor]:
+    """-log p(x|z) at the deterministic code z = f(x): the autoencoder's loss (beta, free_bits, kl_balance unused)."""
     recon = -out.log_px_z(x)  # (B,)
     return {"loss": recon, "recon": recon, "kl": torch.zeros_like(recon)}
 

@@ -80,6 +80,8 @@ CAPTIONS = {
                        "and KL terms (right).",
     "kl_per_dim": "KL per latent dimension on the test set (left) and the variance of the posterior means over "
                   "the test set (right): dimensions above 0.01 are active units (Burda et al. 2016).",
+    "kl_per_group": "KL(q(z_l | x, z_<l) || p(z_l | z_<l)) per latent group of the hierarchy on the test set, "
+                    "top group first.",
 }
 
 
@@ -106,6 +108,9 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
     if metrics.get("kl_per_dim"):
         made["kl_per_dim"] = figures.kl_per_dimension(metrics["kl_per_dim"], metrics.get("posterior_mean_variance"),
                                                       run_dir / "figures" / "kl_per_dim.png")
+    if metrics.get("kl_per_group"):
+        made["kl_per_group"] = figures.kl_per_dimension(metrics["kl_per_group"], None,
+                                                        run_dir / "figures" / "kl_per_group.png", unit="latent group")
     page = _render(config_dict=config.to_dict(), metrics=metrics, table=table, made=made, run_dir=run_dir,
                    text=text)
     path = run_dir / "report.html"

@@ -100,9 +100,9 @@ def mean_terms(model: nn.Module, loss_terms: Callable, x: torch.Tensor, *, batch
 
 
 def _loss_terms(model: nn.Module, x: torch.Tensor, *, beta: float, objective: Callable, k: int | None,
-                free_bits: float = 0.0) -> dict[str, torch.Tensor]:
+                free_bits: float = 0.0, kl_balance: bool = False) -> dict[str, torch.Tensor]:
     out = model(x) if k is None else model(x, k=k)
-    return objective(out, x, beta=beta, free_bits=free_bits)
+    return objective(out, x, beta=beta, free_bits=free_bits, kl_balance=kl_balance)
 
 
 def objective_for(config: RunConfig) -> Callable[..., dict[str, torch.Tensor]]:
@@ -250,9 +250,11 @@ class Trainer:
             if dynamic:
                 xb = binarize(xb, noise)
             beta = kl_weight(cfg, epoch - 1 + i / steps)
-            terms = self.loss_terms(self.net, xb, beta=beta, free_bits=cfg.free_bits)
+            terms = self.loss_terms(self.net, xb, beta=beta, free_bits=cfg.free_bits, kl_balance=cfg.kl_balance)
             # the mean over the step's global batch: DDP averages gradients over the job's processes
             loss = terms["loss"].sum() * (job.world / step_idx.numel())
+            if cfg.spectral_reg:  # NVAE's spectral regulariser, lambda * sum_i sigma_max(W_i) (Sec. 3.3.2)
+                loss = loss + cfg.spectral_reg * self.model.spectral_penalty()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:

@@ -1,4 +1,4 @@
-"""Models: PCA and autoencoders as baselines, the VAE; MODELS maps --model names to classes."""
+"""Models: PCA and autoencoders as baselines, the VAE and its hierarchy; MODELS maps --model names to classes."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +10,11 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from .baselines import AE, PCA
 from .common import Output
+from .hvae import HVAE, HierarchicalOutput
 from .text_vae import TextVAE
 from .vae import VAE
 
-MODELS: dict[str, type[nn.Module]] = {"pca": PCA, "ae": AE, "vae": VAE, "text-vae": TextVAE}
+MODELS: dict[str, type[nn.Module]] = {"pca": PCA, "ae": AE, "vae": VAE, "hvae": HVAE, "text-vae": TextVAE}
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -27,4 +28,4 @@ def build_model(config: ModelConfig) -> nn.Module:
     return model
 
 
-__all__ = ["AE", "MODELS", "Output", "PCA", "TextVAE", "VAE", "build_model"]
+__all__ = ["AE", "HVAE", "HierarchicalOutput", "MODELS", "Output", "PCA", "TextVAE", "VAE", "build_model"]

@@ -63,6 +63,7 @@ class HierarchicalOutput:
     groups: list[Group]
     px_z: Distribution
     k: int | None = None
+    group_sizes: list[int] | None = None  # latent units per group, for KL balancing
 
     def log_px_z(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) at the samples: (B,) or (K, B)."""
@@ -256,7 +257,7 @@ class HVAE(nn.Module):
         """
         groups, params = self._top_down(x.shape[0], self.bottom_up(x), k=k, noise=noise)
         lead = x.shape[:1] if k is None else (k, x.shape[0])
-        return HierarchicalOutput(groups, self.likelihood(params.view(*lead, *self.input_shape)), k)
+        return HierarchicalOutput(groups, self.likelihood(params.view(*lead, *self.input_shape)), k, self.group_sizes)
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z_1 | x) of the top group, flattened: batch shape (B,), event shape (D_top,)."""
@@ -288,6 +289,12 @@ class HVAE(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Point codes (B, D_top): the top group's posterior means, flattened."""
         return self.encode(x).mean
+
+    @torch.no_grad()
+    def group_means(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Posterior means of every group, each flattened to (B, s_l), with the groups above at their means."""
+        groups, _ = self._top_down(x.shape[0], self.bottom_up(x), use_mean=True)
+        return [g.z.flatten(1) for g in groups]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

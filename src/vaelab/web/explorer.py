@@ -197,7 +197,7 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
     evaluation = read_evaluation(run_dir)
     d = codes.shape[1]
     kl = evaluation.get("kl_per_dim")
-    if (not isinstance(kl, list) or len(kl) != d) and hasattr(model, "prior"):
+    if (not isinstance(kl, list) or len(kl) != d) and hasattr(model, "prior") and not hasattr(model, "group_means"):
         try:
             kl = kl_per_unit(model, data.test.x.to(model_device(model)))
         except (NotImplementedError, RuntimeError):  # a latent family without an analytic per-unit KL

@@ -1,0 +1,191 @@
+"""The hierarchical VAE (NVAE-style): shapes, KL per group, reductions to the VAE and the ELBO, sampling,
+spectral norms, KL balancing, and the model end to end through the CLI."""
+import json
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal, kl_divergence
+
+from vaelab import runs
+from vaelab.cli import main
+from vaelab.config import ModelConfig, RunConfig, TrainConfig
+from vaelab.density import importance_sample
+from vaelab.errors import ConfigError
+from vaelab.hvae_cells import ResidualCell, SpectralNorms
+from vaelab.models import HVAE, build_model
+from vaelab.models.hvae import kl_balance_coefficients
+from vaelab.objectives import elbo, iwae
+
+
+def small(**kwargs) -> HVAE:
+    torch.manual_seed(0)
+    args = dict(input_shape=(1, 12, 12), latent_dim=3, hidden=(8, 12), groups=(1, 2))
+    return HVAE(**{**args, **kwargs}).eval()
+
+
+def binary(n: int = 5, shape=(1, 12, 12)) -> torch.Tensor:
+    return (torch.rand(n, *shape, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+
+
+def test_shapes_across_groups_and_scales():
+    model = small()  # scales 6x6 and 3x3; top scale (3x3) has 1 group, the 6x6 scale 2
+    assert model.group_shapes == [(3, 3, 3), (3, 6, 6), (3, 6, 6)]
+    assert model.group_sizes == [27, 108, 108] and model.latent_dim == 27
+    x = binary()
+    out = model(x)
+    assert [g.z.shape for g in out.groups] == [(5, 3, 3, 3), (5, 3, 6, 6), (5, 3, 6, 6)]
+    assert out.log_px_z(x).shape == (5,) and out.log_pz().shape == (5,) and out.kl_units().shape == (5, 3)
+    out_k = model(x, k=4)
+    assert [g.z.shape for g in out_k.groups] == [(4, 5, 3, 3, 3), (4, 5, 3, 6, 6), (4, 5, 3, 6, 6)]
+    assert out_k.log_px_z(x).shape == (4, 5) and out_k.log_qz().shape == (4, 5) and out_k.kl().shape == (4, 5)
+    assert model.sample(7).shape == (7, 1, 12, 12) and model.reconstruct(x).shape == x.shape
+    assert model.encode(x).batch_shape == (5,) and model.encode(x).event_shape == (27,)
+    assert model.decode(torch.zeros(2, 6, 27)).mean.shape == (2, 6, 1, 12, 12)  # interpolations in the top group
+    assert [m.shape for m in model.group_means(x)] == [(5, 27), (5, 108), (5, 108)]
+    odd = small(input_shape=(3, 7, 9))  # odd sizes are cropped back after the sub-pixel head
+    assert odd.sample(2).shape == (2, 3, 7, 9)
+
+
+def test_kl_per_group_matches_a_monte_carlo_estimate():
+    model = small()
+    x = binary(2)
+    out = model(x, k=20_000)
+    # at fixed samples of the groups above, log q(z_l) - log p(z_l) at z_l ~ q averages to KL_l
+    for g, analytic in zip(out.groups, out.kl_units().unbind(-1), strict=True):
+        mc = g.qz.log_prob(g.z) - g.pz.log_prob(g.z)  # (K, B)
+        torch.testing.assert_close(mc.mean(0), analytic.mean(0), atol=0.2, rtol=0.02)
+    total = out.log_qz() - out.log_pz()
+    torch.testing.assert_close(total.mean(0), out.kl().mean(0), atol=0.3, rtol=0.02)
+
+
+def test_posterior_is_relative_to_the_prior():
+    model = small()
+    mu_p, scale_p = torch.randn(2, 3, 6, 6), torch.rand(2, 3, 6, 6) + 0.5
+    q = model._posterior(mu_p, scale_p, torch.zeros(2, 6, 6, 6))  # a head output of 0: no change
+    torch.testing.assert_close(q.base_dist.loc, mu_p)
+    torch.testing.assert_close(q.base_dist.scale, scale_p + model.scale_floor)
+
+
+def test_one_group_is_a_conv_vae_with_a_standard_normal_prior():
+    model = small(hidden=(8,), groups=(1,))
+    x = binary()
+    torch.manual_seed(3)
+    out = model(x)
+    (group,) = out.groups
+    assert torch.equal(group.pz.base_dist.loc, torch.zeros_like(group.z))
+    torch.testing.assert_close(group.pz.base_dist.scale, torch.ones_like(group.z))
+    q = group.qz.base_dist
+    # the ordinary VAE's ELBO: E_q[log p(x|z)] - KL(q(z|x) || N(0, I)), KL in closed form (Kingma & Welling, App. B)
+    kl = 0.5 * (q.scale**2 + q.loc**2 - 1 - 2 * q.scale.log()).flatten(1).sum(-1)
+    terms = elbo(out, x)
+    torch.testing.assert_close(terms["kl"], kl)
+    torch.testing.assert_close(terms["loss"], -out.px_z.log_prob(x) + kl)
+    standard = Independent(Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale)), 3)
+    torch.testing.assert_close(out.kl(), kl_divergence(group.qz, standard))
+
+
+def test_iwae_with_one_sample_equals_the_elbo_of_the_hierarchy():
+    model = small()
+    x = binary()
+    torch.manual_seed(4)
+    out = model(x, k=1)
+    torch.testing.assert_close(iwae(out, x)["loss"], elbo(out, x, kl="mc")["loss"])
+    # and the importance-sampled log p(x) over the whole hierarchy: at least the ELBO on average, chunk-invariant
+    a = importance_sample(model, x, k=64, chunk=64, seed=0)
+    b = importance_sample(model, x, k=64, chunk=7, batch_size=2, seed=0)
+    torch.testing.assert_close(a.log_px, b.log_px, atol=1e-4, rtol=0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        mean_elbo = -torch.stack([elbo(model(x), x)["loss"] for _ in range(50)]).mean(0)
+    assert float(a.log_px.mean()) > float(mean_elbo.mean())
+
+
+def test_temperature_zero_sampling_is_deterministic_and_lower_temperature_narrows():
+    model = small()
+    torch.manual_seed(0)
+    a = model.sample(4, temperature=0.0)
+    torch.manual_seed(1)
+    b = model.sample(4, temperature=0.0)
+    assert torch.equal(a, b) and torch.equal(a[0], a[3])
+    torch.manual_seed(2)
+    hot = model.sample(64, temperature=1.0).std(0).mean()
+    torch.manual_seed(2)
+    cool = model.sample(64, temperature=0.3).std(0).mean()
+    assert cool < hot
+
+
+def test_spectral_norm_estimate_matches_the_largest_singular_value():
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 8, 3, 3), torch.randn(5, 7)]
+    norms = SpectralNorms([w.shape for w in weights])
+    estimate = norms(weights, iterations=100)
+    exact = torch.stack([torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2) for w in weights])
+    torch.testing.assert_close(estimate, exact, rtol=1e-4, atol=0)
+    # the buffers keep u, so a single further iteration stays at the answer; the estimate carries gradients
+    w = weights[0].clone().requires_grad_()
+    norms([w, weights[1]], iterations=1)[0].backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    model = small()
+    assert model.spectral_penalty(iterations=30) > 0
+
+
+def test_kl_balancing_coefficients_and_when_they_apply():
+    kl = torch.tensor([[1.0, 4.0, 0.0], [3.0, 4.0, 0.0]])  # per-group KLs of two examples
+    gamma = kl_balance_coefficients(kl, [2, 4, 8])
+    raw = (torch.tensor([2.0, 4.0, 0.0]) + 0.01) / torch.tensor([2.0, 4.0, 8.0])  # (mean |KL_l| + 0.01) / s_l
+    torch.testing.assert_close(gamma, raw / raw.mean())
+    model = small()
+    x = binary()
+    torch.manual_seed(0)
+    out = model(x)
+    plain, balanced = elbo(out, x, beta=0.5), elbo(out, x, beta=0.5, kl_balance=True)
+    assert not torch.allclose(plain["loss"], balanced["loss"])
+    torch.testing.assert_close(plain["kl"], balanced["kl"])  # the KL reported stays the true one
+    torch.testing.assert_close(elbo(out, x, beta=1.0)["loss"], elbo(out, x, beta=1.0, kl_balance=True)["loss"])
+
+
+def test_residual_cell_resamples_and_starts_near_the_identity():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 7, 7)
+    assert ResidualCell(4, 6, resample="down")(x).shape == (2, 6, 4, 4)
+    assert ResidualCell(4, 4, resample="up", out_size=(14, 14))(x).shape == (2, 4, 14, 14)
+    cell = ResidualCell(4, 4).eval()
+    assert (cell(x) - x).abs().mean() < 0.3 * x.abs().mean()
+
+
+def test_config_checks_name_the_flag():
+    with pytest.raises(ConfigError, match="--groups needs one count per scale"):
+        ModelConfig(model="hvae", hidden=(8, 16), groups=(1,))
+    with pytest.raises(ConfigError, match="--groups sets the latent groups of --model hvae"):
+        ModelConfig(model="vae", groups=(2,))
+    with pytest.raises(ConfigError, match="convolutional"):
+        ModelConfig(model="hvae", net="mlp")
+    with pytest.raises(ConfigError, match="--scale-floor"):
+        ModelConfig(model="hvae", scale_floor=1.5)
+    with pytest.raises(ConfigError, match="use them with --model hvae"):
+        RunConfig(train=TrainConfig(spectral_reg=0.1))
+    config = ModelConfig(model="hvae", input_shape=(1, 12, 12), hidden=(8, 12), latent_dim=2)
+    assert config.net == "conv" and config.groups == (2, 2)
+    assert isinstance(build_model(config), HVAE)
+
+
+def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "hvae"
+    assert main(["train", "--preset", "hvae-s", "--data", "digits", "--binarize", "dynamic", "--epochs", "2",
+                 "--warmup-epochs", "1", "--hidden", "8,12", "--latent-dim", "4", "--out", str(out),
+                 "--no-baselines", "--quiet"]) == 0
+    config = runs.load_config(out)
+    assert config.model.model == "hvae" and config.model.groups == (2, 2) and config.train.kl_balance
+    assert config.train.spectral_reg == 0.01
+    assert (out / "report.html").exists() and (out / "figures" / "kl_per_group.png").exists()
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert len(evaluation["kl_per_group"]) == 4 and len(evaluation["active_units_per_group"]) == 4
+    assert main(["evaluate", str(out), "--nll", "--k", "20", "--no-probe"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["nll"] > 0
+    assert main(["sample", str(out), "--n", "4", "--temperature", "0.5"]) == 0
+    assert main(["interpolate", str(out), "--steps", "4"]) == 0
+    model = runs.load(out)  # the spectral buffers are part of the checkpoint and load back
+    assert isinstance(model, HVAE)
+    capsys.readouterr()
+    assert main(["sample", str(out), "--temperature", "-1"]) == 2
+    assert "--temperature" in capsys.readouterr().err
