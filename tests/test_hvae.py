@@ -189,3 +189,22 @@ def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", str(out), "--temperature", "-1"]) == 2
     assert "--temperature" in capsys.readouterr().err
+    _explorer_serves(out, model.latent_dim)
+
+
+def _explorer_serves(run_dir, d: int) -> None:
+    """The latent explorer on a hierarchy: the top group as z, prior samples with a temperature."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    from vaelab.web.app import create_app
+
+    client = TestClient(create_app(run_dir), raise_server_exceptions=False)
+    summary = client.get("/api/summary").json()
+    assert summary["model"] == "hvae" and summary["temperature"] is True and summary["latent_dim"] == d
+    for path in ("/api/samples?n=4&t=0.5", "/api/decode?z=" + ",".join(["0.1"] * d), "/api/interpolate?a=0&b=1&n=3",
+                 "/api/reconstruct/0", "/api/map"):
+        assert client.get(path).status_code == 200, path
+    assert client.get("/api/decode?z=0.1").status_code == 422  # wrong latent length
