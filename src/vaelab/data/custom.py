@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import zipfile
 import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -16,6 +18,9 @@ from vaelab.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "P"}  # P: palettes are usually colour
 _SHAPES = "(N, H, W), (N, C, H, W), (N, H, W, C) or flat (N, D)"
+MAX_CLASSES = 2**16  # integer labels are class ids below this; a stray 10**12 must not allocate 10**12 class names
+# what reading a member of a damaged or exotic zip can raise (RuntimeError: an encrypted member)
+_ZIP_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
 
 
 def load_folder(spec: str) -> Dataset:
@@ -163,33 +168,62 @@ def _np_load(path: Path) -> np.ndarray | np.lib.npyio.NpzFile:
     try:
         with path.open("rb") as f:
             magic = f.read(6)
-        # Check the format ourselves: anything but .npy or zip could be a pickle, which np.load would try.
-        if not magic.startswith((b"\x93NUMPY", b"PK")):
-            raise DataError(
-                f"{path} is not an .npy or .npz file (pickles are never loaded); "
-                "save the arrays with numpy.save or numpy.savez"
-            )
+            # Check the format ourselves: anything but .npy or zip could be a pickle, which np.load would try.
+            if not magic.startswith((b"\x93NUMPY", b"PK")):
+                raise DataError(
+                    f"{path} is not an .npy or .npz file (pickles are never loaded); "
+                    "save the arrays with numpy.save or numpy.savez"
+                )
+            if magic.startswith(b"\x93NUMPY"):
+                f.seek(0)
+                _check_npy_size(f, path.stat().st_size, str(path))
         return np.load(path, allow_pickle=False)
     except ValueError as e:  # numpy refuses object arrays when allow_pickle=False
         raise DataError(
             f"{path} holds Python objects or an unreadable header ({e}); vaelab never unpickles, "
             "so save plain numeric arrays with numpy.save or numpy.savez"
         ) from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
+    except _ZIP_ERRORS as e:
         raise DataError(f"cannot read {path} ({e}); save it with numpy.save or numpy.savez") from None
+    except MemoryError:
+        raise DataError(f"{path} holds more data than fits in memory; use a smaller array") from None
+
+
+def _check_npy_size(stream: IO[bytes], size: int, source: str) -> None:
+    """Refuse an .npy header that promises more bytes than there are: np.load would allocate them all first."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+    except ValueError:
+        return  # not a readable header: np.load says so itself
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > size:
+        raise DataError(
+            f"{source} is truncated or damaged: its header promises shape {shape} of {dtype} ({needed:,} bytes), "
+            f"but there are only {size:,}; save the array again with numpy.save or numpy.savez"
+        )
 
 
 def _array(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
-    """One array of an .npz, refusing pickled object arrays."""
+    """One array of an .npz, refusing pickled object arrays, members that are not .npy and lying headers."""
+    member = key if key in archive.zip.namelist() else f"{key}.npy"  # the member NpzFile[key] reads
     try:
-        return archive[key]
+        with archive.zip.open(member) as stream:
+            _check_npy_size(stream, archive.zip.getinfo(member).file_size, f"{path} [{key}]")
+        array = archive[key]
     except ValueError as e:
         raise DataError(
             f"{path} [{key}] holds Python objects or an unreadable header ({e}); vaelab never unpickles, "
             "so save plain numeric arrays"
         ) from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except _ZIP_ERRORS as e:
         raise DataError(f"cannot read {path} [{key}] ({e}); the file is damaged, save it again") from None
+    except MemoryError:
+        raise DataError(f"{path} [{key}] holds more data than fits in memory; use a smaller array") from None
+    if not isinstance(array, np.ndarray):  # NpzFile hands back the raw bytes of a member that is not .npy
+        raise DataError(f"{path} [{key}] is not an .npy array; write the archive with numpy.savez")
+    return array
 
 
 def to_images(array: np.ndarray, source: str) -> torch.Tensor:
@@ -234,11 +268,12 @@ def to_labels(arrays: list[np.ndarray], counts: list[int], source: str) -> tuple
         names = np.unique(np.concatenate(arrays))
         return [torch.from_numpy(np.searchsorted(names, a).astype(np.int64)) for a in arrays], tuple(map(str, names))
     for array in arrays:
-        integral = array.dtype.kind in "biu" or (array.dtype.kind == "f" and np.all(np.mod(array, 1) == 0))
-        if not integral or (len(array) and array.min() < 0):
+        finite = array.dtype.kind == "f" and bool(np.all(np.isfinite(array)))
+        integral = array.dtype.kind in "biu" or (finite and bool(np.all(np.mod(array, 1) == 0)))
+        if not integral or (len(array) and (array.min() < 0 or array.max() >= MAX_CLASSES)):
             raise DataError(
-                f"{source} labels must be integers >= 0 or strings; found {array.dtype} values "
-                f"from {array.min()} to {array.max()}"
+                f"{source} labels must be integers >= 0 and below {MAX_CLASSES} (class ids), or strings; found "
+                f"{array.dtype} values from {array.min()} to {array.max()}: number the classes 0, 1, 2, ..."
             )
     labels = [torch.from_numpy(a.astype(np.int64)) for a in arrays]
     n_classes = 1 + max(int(t.max()) for t in labels if len(t))
