@@ -168,7 +168,10 @@ def load(run_dir: str | Path, *, device: str | torch.device = "cpu") -> nn.Modul
         device: where to put the model.
     """
     config = load_config(Path(run_dir))
-    model = build_model(config.model)
+    try:
+        model = build_model(config.model)
+    except ConfigError as e:  # e.g. config.json edited to a model too large to build, or without input_shape
+        raise CheckpointError(f"{Path(run_dir) / 'config.json'} describes no model vaelab can build: {e}") from None
     load_weights(model, latest_checkpoint(Path(run_dir)))
     return model.to(resolve_device(str(device))).eval()
 

@@ -23,7 +23,16 @@ def build_model(config: ModelConfig) -> nn.Module:
         raise ConfigError("model config has no input_shape; it is filled in from the data before building")
     cls = MODELS[config.model]
     accepted = inspect.signature(cls).parameters  # PCA takes only the shapes
-    model = cls(**{k: v for k, v in dataclasses.asdict(config).items() if k in accepted})
+    try:
+        model = cls(**{k: v for k, v in dataclasses.asdict(config).items() if k in accepted})
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as RuntimeError
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        raise ConfigError(
+            f"the {config.model} model (--hidden {','.join(map(str, config.hidden))}, --latent-dim "
+            f"{config.latent_dim}, input {config.input_shape}) needs more memory than there is; "
+            "choose smaller --hidden sizes or --latent-dim"
+        ) from None
     model.config = config
     return model
 
