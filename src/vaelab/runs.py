@@ -5,6 +5,7 @@ A run directory holds:
     metrics.jsonl                one JSON object per epoch
     checkpoints/latest.json      {"epoch": N, "dir": "epoch-000N"}, replaced atomically
     checkpoints/epoch-000N/      model.safetensors, optimizer.pt (tensors only), trainer.json
+                                 (epoch-000N-<random> when epoch N is written a second time)
     report.html, figures/        written by `vaelab report`
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,18 +72,20 @@ def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.O
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-        final = root / name
-        if final.exists():  # same epoch written before (a resumed run repeating it): move the old one aside
-            stale = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".stale"))
-            os.replace(final, stale / name)
-            shutil.rmtree(stale, ignore_errors=True)
+        final, replaced = root / name, None
+        if final.exists():
+            # The same epoch written again (a PCA run refitted on --resume): latest.json may point at the old
+            # folder, so the new one takes a fresh name and the old one goes only once latest.json has moved.
+            final, replaced = root / f"{name}-{uuid.uuid4().hex[:8]}", final
         os.replace(tmp, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST, json.dumps({"epoch": epoch, "dir": name}) + "\n")
-    _prune(root, keep=keep, current=name)
+    atomic_write_text(root / LATEST, json.dumps({"epoch": epoch, "dir": final.name}) + "\n")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    _prune(root, keep=keep, current=final.name)
     return final
 
 
