@@ -13,6 +13,7 @@ from torch.distributions import Distribution, Independent, Normal
 # Numerics in one place: log-variances outside this range only arise from diverging training,
 # and exp() of them would overflow or underflow float32.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+BN_EPS = 1e-12  # BN-VAE normalisation of the posterior means: see DiagonalGaussian
 
 
 class Noise(Protocol):
@@ -43,7 +44,11 @@ class DiagonalGaussian(nn.Module):
         if bn_mu is not None:
             # BN-VAE (Zhu et al. 2020, Sec. 3.2): mu = gamma * BN(mu) + beta with gamma fixed and beta learned
             # keeps E[mu_d^2] >= gamma^2 over the data, so the expected KL is at least D * gamma^2 / 2.
-            self.mean_bn = nn.BatchNorm1d(latent_dim, affine=False)
+            # The bound needs BN's eps << Var(mu). With torch's eps = 1e-5 the KL still has a gradient
+            # eps / (Var + eps)^2 towards Var(mu) = 0, and Adam (which rescales small, consistent gradients to
+            # full steps) follows it: a text VAE's encoder made its states constant within 100 steps and the KL
+            # fell to 0.002 (the paper trains with SGD). At eps = 1e-12 that pull vanishes (it only guards 0/0).
+            self.mean_bn = nn.BatchNorm1d(latent_dim, affine=False, eps=BN_EPS)
             self.register_buffer("bn_gamma", torch.tensor(float(bn_mu)))
             self.bn_beta = nn.Parameter(torch.zeros(latent_dim))
 
