@@ -1,8 +1,16 @@
 """Shared test setup: keep data offline and every cache in temporary folders."""
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (and in CI), so a failure is never a fluke of one
+# run; HYPOTHESIS_PROFILE=explore searches afresh. No deadlines: the CI machine is shared and slow.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -31,8 +31,15 @@ def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
         raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}")
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range, e.g. 10**400 from a JSON file
+        return False
+
+
 def _positive(value: float, flag: str, *, allow_zero: bool = False) -> None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     if not number or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{flag} must be a finite number {bound}, got {value!r}")
@@ -184,6 +191,8 @@ class TrainConfig:
         if self.free_bits and self.objective != "elbo":
             raise ConfigError("--free-bits applies to the ELBO's KL term; use it with --objective elbo")
         _integer(self.seed, "--seed", minimum=0)
+        if self.seed >= 2**63:  # torch.manual_seed takes a signed 64-bit integer
+            raise ConfigError(f"--seed must be below 2**63, got {self.seed}")
         _choice(self.device, DEVICES, "--device")
         if self.grad_clip is not None:
             _positive(self.grad_clip, "--grad-clip")
@@ -241,7 +250,7 @@ class RunConfig:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path} does not exist; is this a vaelab run directory?") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[...
             raise ConfigError(f"{path} is not valid JSON ({e}); restore it or start a new run") from None
         return cls.from_dict(raw, str(path))
 

@@ -10,6 +10,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,7 @@ from vaelab.config import RunConfig
 from vaelab.data import load_folder, load_npy, load_npz, read_idx
 from vaelab.errors import VaelabError
 
-FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def loads_or_refuses(load, *args) -> None:
@@ -114,3 +115,21 @@ def test_config_file_with_random_bytes(tmp_path, text):
     path = tmp_path / "config.json"
     path.write_bytes(text)
     loads_or_refuses(RunConfig.load, path)
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("train", "lr", 10**400),  # math.isfinite would raise OverflowError
+    ("train", "seed", 2**64),  # torch.manual_seed would raise RuntimeError deep in training
+], ids=["lr", "seed"])
+def test_config_parser_on_huge_integers(section, key, value):
+    raw = json.loads(json.dumps(VALID))
+    raw[section][key] = value
+    with pytest.raises(VaelabError, match=key.replace("_", "[-_]")):
+        RunConfig.from_dict(raw)
+
+
+def test_config_file_nested_deeper_than_the_json_parser_goes(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(VaelabError, match="not valid JSON"):
+        RunConfig.load(path)
