@@ -8,6 +8,8 @@ result are those of one uninterrupted run of the same number of epochs.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,15 +19,37 @@ from vaelab.data import Dataset
 from vaelab.train import train
 
 
+def keep_best(out: Path, best: Path) -> None:
+    """Copy the run in `out` (config and its latest checkpoint) to `best`, replacing it in one rename."""
+    latest = runs.latest_checkpoint(out)
+    best.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=best.parent, prefix=f".{best.name}.", suffix=".partial"))
+    shutil.copy2(out / "config.json", tmp / "config.json")
+    shutil.copytree(latest.path, tmp / runs.CHECKPOINTS / latest.path.name)
+    shutil.copy2(latest.path.parent / runs.LATEST, tmp / runs.CHECKPOINTS / runs.LATEST)
+    old = best.with_name(f".{best.name}.old")
+    if best.exists():
+        best.rename(old)
+    tmp.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def train_within(config: RunConfig, out: Path, *, cpu_s: float, dataset: Dataset,
-                 resume: bool = False) -> dict[str, float]:
-    """Train epochs until the next one would pass cpu_s; returns epochs, cpu_s and wall_s spent here."""
+                 resume: bool = False, best: Path | None = None) -> dict[str, float]:
+    """Train epochs until the next one would pass cpu_s; returns epochs, cpu_s and wall_s spent here.
+
+    With `best`, the checkpoint with the lowest validation loss so far is kept there as a loadable run
+    (early stopping on validation, the published protocol); `best_epoch` and `best_val_loss` are returned.
+    """
     cpu0, wall0 = time.process_time(), time.perf_counter()
     done = runs.latest_checkpoint(out).epoch if resume and (out / "config.json").exists() else 0
     if done == 0 and not (out / "config.json").exists():
         train(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=0)), out,
               dataset=dataset, progress=False)
     last = 0.0
+    records = runs.read_metrics(out)
+    best_val = min((r["val_loss"] for r in records), default=float("inf"))
+    best_epoch = min(records, key=lambda r: r["val_loss"])["epoch"] if records else 0
     while True:
         used = time.process_time() - cpu0
         if used + 1.1 * last > cpu_s:
@@ -36,6 +60,10 @@ def train_within(config: RunConfig, out: Path, *, cpu_s: float, dataset: Dataset
               resume=True, dataset=dataset, progress=False)
         last = time.process_time() - start
         record = runs.read_metrics(out)[-1]
+        if best is not None and record["val_loss"] < best_val:
+            best_val, best_epoch = record["val_loss"], done
+            keep_best(out, best)
         print(f"epoch {done}: val {record['val_loss']:.2f} (kl {record['val_kl']:.2f}), "
               f"{last / 60:.2f} CPU min, {used / 60 + last / 60:.1f} of {cpu_s / 60:.0f}", flush=True)
-    return {"epochs": done, "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0}
+    return {"epochs": done, "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0,
+            "best_epoch": best_epoch, "best_val_loss": best_val}

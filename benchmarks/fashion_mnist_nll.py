@@ -3,16 +3,20 @@
 Published: 228.70 +- 0.15 nats (Exemplar VAE, Norouzi et al., NeurIPS 2020, Table 1, "VAE w/ Gaussian
 prior"), whose MLP VAE follows VampPrior (Tomczak & Welling 2018): two hidden layers of 300 gated units,
 z = 40, Bernoulli likelihood, KL warm-up, Adam, batch 100. Their runs train for up to 2,000 epochs with
-early stopping; this script has a budget of one hour on 2 cores: 120 CPU minutes (process time over
-both threads), training and the K=5000 evaluation together. Training runs whole epochs until the next
-would leave less than --eval-cpu-minutes for the evaluation.
+early stopping. The issue allows one hour on 2 cores (120 CPU minutes); this script's default budget is
+half that, 60 CPU minutes (process time over all threads), training and the K=5000 evaluation together:
+one torch thread per process is the most efficient use of a shared 2-core machine (a second thread
+costs ~2.5x the CPU time per epoch here), so the run fits in one hour on one core. Training runs
+whole epochs until the next would leave less than --eval-cpu-minutes for the evaluation; the model
+evaluated is the epoch with the best validation ELBO (early stopping, as published; kept in
+runs/fashion-mnist-nll-best).
 
 Protocol here: train 50,000 / validation 10,000 (the last 10k of the training file) / test 10,000;
 training images binarised afresh every batch; the test set binarised once with a fixed seed (0); log p(x)
 by importance sampling with K = 5000 over the whole test set. Writes
 benchmarks/results/fashion_mnist_nll.json with keys nll, stderr, k, epochs, wall_s (and details).
 
-    python benchmarks/fashion_mnist_nll.py [--cpu-minutes 120] [--k 5000] [--out runs/fashion-mnist-nll]
+    OMP_NUM_THREADS=1 python benchmarks/fashion_mnist_nll.py --threads 1 [--cpu-minutes 60] [--k 5000]
 """
 from __future__ import annotations
 
@@ -34,16 +38,27 @@ RESULTS = Path(__file__).parent / "results" / "fashion_mnist_nll.json"
 PUBLISHED = (228.70, 0.15)
 
 
+def best_dir(out: Path) -> Path:
+    """Where the checkpoint with the best validation loss is kept, beside the run."""
+    return out.with_name(out.name + "-best")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-minutes", type=float, default=120, help="training + evaluation budget")
-    parser.add_argument("--eval-cpu-minutes", type=float, default=16, help="kept back for the K=5000 estimate")
+    parser.add_argument("--cpu-minutes", type=float, default=60, help="training + evaluation budget")
+    parser.add_argument("--eval-cpu-minutes", type=float, default=10, help="kept back for the K=5000 estimate")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-epochs", type=float, default=10)
     parser.add_argument("--k", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=Path("runs/fashion-mnist-nll"))
     parser.add_argument("--resume", action="store_true", help="continue (or only evaluate) the run in --out")
+    parser.add_argument("--spent-cpu-minutes", type=float, default=0.0,
+                        help="with --resume: training CPU minutes the run in --out has already used")
+    parser.add_argument("--spent-wall-minutes", type=float, default=0.0, help="with --resume: and wall minutes")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = RunConfig(
         data=DataConfig(name="fashion-mnist", binarize="dynamic"),
         model=ModelConfig(model="vae", net="mlp", hidden=(300, 300), activation="gated", latent_dim=40,
@@ -52,9 +67,12 @@ def main() -> None:
                           seed=0, device="cpu"),
     )
     data = prepare_data(config)
-    spent = train_within(config, args.out, cpu_s=60 * (args.cpu_minutes - args.eval_cpu_minutes), dataset=data,
-                         resume=args.resume)
-    model = runs.load(args.out)
+    budget_s = 60 * (args.cpu_minutes - args.eval_cpu_minutes - args.spent_cpu_minutes)
+    best = best_dir(args.out)
+    spent = train_within(config, args.out, cpu_s=budget_s, dataset=data, resume=args.resume, best=best)
+    spent = {**spent, "cpu_s": spent["cpu_s"] + 60 * args.spent_cpu_minutes,
+             "wall_s": spent["wall_s"] + 60 * args.spent_wall_minutes}
+    model = runs.load(best)  # early stopping: the epoch with the best validation ELBO
     x, seed = nll_test_set(config, data)
     cpu0, start = time.process_time(), time.perf_counter()
     estimate = importance_sample(model, x, k=args.k, seed=0)
@@ -66,7 +84,8 @@ def main() -> None:
               "wall_s": spent["wall_s"] + eval_s, "cpu_s": spent["cpu_s"] + eval_cpu_s,
               "train_s": spent["wall_s"], "train_cpu_s": spent["cpu_s"], "eval_s": eval_s, "eval_cpu_s": eval_cpu_s,
               "train_epoch_s": sum(r["seconds"] for r in records), "test_binarize_seed": seed,
-              "ess_fraction": summary["ess_fraction"], "val_elbo": -records[-1]["val_loss"],
+              "ess_fraction": summary["ess_fraction"], "best_epoch": spent["best_epoch"],
+              "val_elbo": -spent["best_val_loss"], "val_elbo_last": -records[-1]["val_loss"],
               "published": {"nll": PUBLISHED[0], "stderr": PUBLISHED[1]}, "config": config.to_dict(),
               "threads": torch.get_num_threads()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
