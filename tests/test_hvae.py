@@ -49,13 +49,13 @@ def test_shapes_across_groups_and_scales():
 def test_kl_per_group_matches_a_monte_carlo_estimate():
     model = small()
     x = binary(2)
-    out = model(x, k=20_000)
+    out = model(x, k=4_000)
     # at fixed samples of the groups above, log q(z_l) - log p(z_l) at z_l ~ q averages to KL_l
     for g, analytic in zip(out.groups, out.kl_units().unbind(-1), strict=True):
         mc = g.qz.log_prob(g.z) - g.pz.log_prob(g.z)  # (K, B)
-        torch.testing.assert_close(mc.mean(0), analytic.mean(0), atol=0.2, rtol=0.02)
+        torch.testing.assert_close(mc.mean(0), analytic.mean(0), atol=0.1, rtol=0.01)  # errors seen over seeds: < 0.04
     total = out.log_qz() - out.log_pz()
-    torch.testing.assert_close(total.mean(0), out.kl().mean(0), atol=0.3, rtol=0.02)
+    torch.testing.assert_close(total.mean(0), out.kl().mean(0), atol=0.15, rtol=0.01)
 
 
 def test_posterior_is_relative_to_the_prior():
@@ -91,12 +91,12 @@ def test_iwae_with_one_sample_equals_the_elbo_of_the_hierarchy():
     out = model(x, k=1)
     torch.testing.assert_close(iwae(out, x)["loss"], elbo(out, x, kl="mc")["loss"])
     # and the importance-sampled log p(x) over the whole hierarchy: at least the ELBO on average, chunk-invariant
-    a = importance_sample(model, x, k=64, chunk=64, seed=0)
-    b = importance_sample(model, x, k=64, chunk=7, batch_size=2, seed=0)
+    a = importance_sample(model, x, k=32, chunk=32, seed=0)
+    b = importance_sample(model, x, k=32, chunk=7, batch_size=2, seed=0)
     torch.testing.assert_close(a.log_px, b.log_px, atol=1e-4, rtol=0)
     torch.manual_seed(5)
     with torch.no_grad():
-        mean_elbo = -torch.stack([elbo(model(x), x)["loss"] for _ in range(50)]).mean(0)
+        mean_elbo = -torch.stack([elbo(model(x), x)["loss"] for _ in range(20)]).mean(0)
     assert float(a.log_px.mean()) > float(mean_elbo.mean())
 
 
@@ -171,7 +171,7 @@ def test_config_checks_name_the_flag():
 
 def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     out = tmp_path / "hvae"
-    assert main(["train", "--preset", "hvae-s", "--data", "digits", "--binarize", "dynamic", "--epochs", "2",
+    assert main(["train", "--preset", "hvae-s", "--data", "digits", "--binarize", "dynamic", "--epochs", "1",
                  "--warmup-epochs", "1", "--hidden", "8,12", "--latent-dim", "4", "--out", str(out),
                  "--no-baselines", "--quiet"]) == 0
     config = runs.load_config(out)

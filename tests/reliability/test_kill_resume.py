@@ -10,8 +10,8 @@ import torch
 from vaelab import runs
 from vaelab.errors import CheckpointError
 
-EPOCHS = 6
-TRAIN = ["--data", "mnist5k", "--binarize", "dynamic", "--hidden", "256", "--latent-dim", "8", "--batch-size", "32",
+EPOCHS = 4
+TRAIN = ["--data", "mnist5k", "--binarize", "dynamic", "--hidden", "128", "--latent-dim", "8", "--batch-size", "32",
          "--device", "cpu", "--seed", "3", "--no-report", "--quiet"]
 
 
