@@ -165,6 +165,31 @@ def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
     assert (checkpoint.path / "model.safetensors").read_bytes() == good
 
 
+@pytest.mark.parametrize("fault", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 85899345920 bytes. Error code 12 (Cannot allocate memory)"),
+], ids=["cuda", "cpu"])
+def test_out_of_memory_in_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path, fault):
+    config = tiny_config(epochs=2)
+    train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=4))
+    trainer = Trainer(longer, tmp_path / "run", dataset=tiny_data(), progress=False)
+
+    def allocate(*args, **kwargs):
+        raise fault
+    trainer.loss_terms = allocate
+    with pytest.raises(TrainingError, match=r"out of memory on cpu in epoch 3 \(--batch-size 16.*\(epoch 2\) is "
+                                            r"intact: lower --batch-size") as caught:
+        trainer.fit(resume=True)
+    assert "\n" not in str(caught.value) and caught.value.__cause__ is None
+    assert runs.latest_checkpoint(tmp_path / "run").epoch == 2
+    trainer = Trainer(longer, tmp_path / "run", dataset=tiny_data(), progress=False)
+    trainer.loss_terms = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not dressed up as memory
+        trainer.fit(resume=True)
+
+
 def test_divergent_learning_rate_stops_with_a_clear_message(tmp_path):
     config = RunConfig(data=DataConfig(name="tiny"),
                        model=ModelConfig(model="vae", hidden=(16,), latent_dim=2, likelihood="gaussian-learned"),

@@ -179,7 +179,12 @@ class Trainer:
             model = self._fit_pca()
         else:
             for epoch in range(start_epoch, self.config.train.epochs + 1):
-                record = self._epoch(epoch)
+                try:
+                    record = self._epoch(epoch)
+                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                    if not _out_of_memory(e):
+                        raise
+                    raise TrainingError(self._oom_message(epoch)) from None
                 self._save({"epoch": epoch, "complete": epoch == self.config.train.epochs, "metrics": record},
                            record)
                 self._log(_format_record(record, self.config.train.epochs))
@@ -290,6 +295,15 @@ class Trainer:
         sums = self.job.sum(sums)
         return {k: float(sums[j] / sums[3]) for j, k in enumerate(keys)}
 
+    def _oom_message(self, epoch: int) -> str:
+        try:
+            last = f"epoch {runs.latest_checkpoint(self.run_dir).epoch}"
+        except CheckpointError:
+            last = "none"
+        return (f"out of memory on {self.device} in epoch {epoch} (--batch-size {self.config.train.batch_size}, "
+                f"--hidden {','.join(map(str, self.config.model.hidden))}); training stopped. The last good checkpoint "
+                f"({last}) is intact: lower --batch-size or --hidden, or free memory, then --resume")
+
     def _check_finite(self, sums: torch.Tensor, epoch: int, step: int, where: str = "training loss") -> None:
         if bool(torch.isfinite(sums).all()):
             return
@@ -307,6 +321,14 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an exception from torch means an allocation failed (CUDA, MPS or the CPU allocator)."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
 def _identity(config: RunConfig) -> RunConfig:
