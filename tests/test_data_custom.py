@@ -60,6 +60,17 @@ def test_folder_colour_makes_all_rgb_and_jpeg_accepted(tmp_path):
     assert ds.shape == (3, 4, 6)
 
 
+def test_folder_16_bit_greys_are_rescaled_not_clipped(tmp_path):
+    levels = [0, 257 * 64, 257 * 128, 65535]  # 16-bit PNGs of 0, 1/4, 1/2 and full scale
+    for i, level in enumerate(levels):
+        Image.fromarray(np.full((4, 6), level, dtype=np.uint16)).save(tmp_path / f"img{i}.png")
+    assert Image.open(tmp_path / "img1.png").mode.startswith("I")  # (Pillow reads them as I;16 or I)
+    save_grey(tmp_path / "img4.png", 192)  # mixed with an 8-bit one
+    ds = load_dataset(f"folder:{tmp_path}")
+    values = sorted(round(float(s.x[i].mean()) * 255) for s in all_splits(ds) for i in range(len(s.x)))
+    assert values == [0, 64, 128, 192, 255]
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(f"folder:{tmp_path / 'nope'}")

@@ -84,10 +84,20 @@ def _read_images(files: list[Path]) -> np.ndarray:
                 f"images differ in size: {files[0]} is {first.size[0]}x{first.size[1]}, "
                 f"{path} is {im.size[0]}x{im.size[1]} (width x height); resize them all to one size"
             )
+    images = [_eight_bit(im) for im in images]
     mode = "RGB" if any(im.mode in _COLOUR_MODES for im in images) else "L"
     arrays = [np.asarray(im.convert(mode), dtype=np.uint8) for im in images]
     stacked = np.stack(arrays)  # (N, H, W) or (N, H, W, 3)
     return stacked[:, None] if mode == "L" else stacked.transpose(0, 3, 1, 2)
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """16- and 32-bit grey images (16-bit PNGs open as I;16 or I) rescaled to 8 bits: Pillow's convert("L")
+    would clip them at 255, turning almost every pixel white. 0..65535 maps to 0..255."""
+    if im.mode != "I" and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
 
 
 def load_npz(spec: str) -> Dataset:
