@@ -105,6 +105,35 @@ def test_read_idx_corrupt_gzip_and_missing_file(tmp_path, write_idx):
         read_idx(tmp_path / "missing.gz")
 
 
+def test_read_idx_gzip_bomb_is_refused_without_inflating_it(tmp_path):
+    """A 4x4x4 header followed by 256 MB of zeros (~250 KB of gzip): only the promised bytes are inflated."""
+    import gzip
+    import tracemalloc
+
+    path = tmp_path / "bomb.gz"
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(bytes([0, 0, 8, 3]) + (4).to_bytes(4, "big") * 3)
+        zeros = bytes(1 << 20)
+        for _ in range(256):
+            f.write(zeros)
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="more than its IDX header promises"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # far below the 256 MB inside
+    # and a second gzip member after a complete file is more data than promised, too
+    good = gzip.compress(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + b"\x01\x02")
+    path.write_bytes(good + gzip.compress(b"\x03"))
+    with pytest.raises(DataError, match="more than its IDX header promises"):
+        read_idx(path)
+    path.write_bytes(good)
+    assert read_idx(path).tolist() == [1, 2]
+
+
 # --- bundled data sets -------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import struct
@@ -16,6 +15,35 @@ from vaelab.errors import DataError
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtypes.
 _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _gunzip(data: bytes, path: Path) -> bytes:
+    """Decompress a gzip IDX file, at most one byte past what the IDX header inside it promises.
+
+    A few kilobytes of gzip can expand to gigabytes (a "gzip bomb"); reading the header first bounds the
+    output by the array it declares, and one byte more is enough for read_idx to report the excess.
+    """
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip wrapper; checks the CRC at the end of the stream
+    out = d.decompress(data, 4)
+    if len(out) < 4 and not d.eof:
+        raise EOFError("the compressed stream ends early")
+    if len(out) < 4 or out[0] or out[1] or out[2] not in _DTYPES:
+        return out  # not IDX inside: read_idx's checks say so
+    header = 4 + 4 * out[3]
+    out += d.decompress(d.unconsumed_tail, header - 4)
+    if len(out) < header:
+        if not d.eof:
+            raise EOFError("the compressed stream ends early")
+        return out  # a complete stream holding a truncated IDX file: said by read_idx
+    expected = header + math.prod(struct.unpack(f">{out[3]}I", out[4:header])) * np.dtype(_DTYPES[out[2]]).itemsize
+    out += d.decompress(d.unconsumed_tail, expected - header + 1)
+    if len(out) == expected and not d.eof:
+        out += d.decompress(d.unconsumed_tail, 1)  # the end of the stream: its CRC is checked here
+    if len(out) <= expected and not d.eof:
+        raise EOFError("the compressed stream ends early")
+    if d.unused_data:
+        return out + b"\0"  # another gzip member follows: more data than the header promises
+    return out
 
 
 def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
@@ -33,7 +61,7 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
     compressed = raw[:2] == _GZIP_MAGIC
     if compressed:
         try:
-            raw = gzip.decompress(raw)
+            raw = _gunzip(raw, path)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path} is a corrupt gzip file ({e}); delete it and download it again") from None
 
