@@ -295,22 +295,22 @@ class Trainer:
         sums = self.job.sum(sums)
         return {k: float(sums[j] / sums[3]) for j, k in enumerate(keys)}
 
-    def _oom_message(self, epoch: int) -> str:
+    def _last_good(self) -> str:
+        """The epoch of the run's last checkpoint, for error messages."""
         try:
-            last = f"epoch {runs.latest_checkpoint(self.run_dir).epoch}"
+            return f"epoch {runs.latest_checkpoint(self.run_dir).epoch}"
         except CheckpointError:
-            last = "none"
+            return "none"
+
+    def _oom_message(self, epoch: int) -> str:
         return (f"out of memory on {self.device} in epoch {epoch} (--batch-size {self.config.train.batch_size}, "
                 f"--hidden {','.join(map(str, self.config.model.hidden))}); training stopped. The last good checkpoint "
-                f"({last}) is intact: lower --batch-size or --hidden, or free memory, then --resume")
+                f"({self._last_good()}) is intact: lower --batch-size or --hidden, or free memory, then --resume")
 
     def _check_finite(self, sums: torch.Tensor, epoch: int, step: int, where: str = "training loss") -> None:
         if bool(torch.isfinite(sums).all()):
             return
-        try:
-            last = f"epoch {runs.latest_checkpoint(self.run_dir).epoch}"
-        except CheckpointError:
-            last = "none"
+        last = self._last_good()
         raise TrainingError(
             f"the {where} became NaN or infinite in epoch {epoch} (by step {step}); training stopped. "
             f"The last good checkpoint ({last}) in {self.run_dir / runs.CHECKPOINTS} is intact. "

@@ -17,7 +17,7 @@ _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _gunzip(data: bytes, path: Path) -> bytes:
+def _gunzip(data: bytes) -> bytes:
     """Decompress a gzip IDX file, at most one byte past what the IDX header inside it promises.
 
     A few kilobytes of gzip can expand to gigabytes (a "gzip bomb"); reading the header first bounds the
@@ -61,7 +61,7 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
     compressed = raw[:2] == _GZIP_MAGIC
     if compressed:
         try:
-            raw = _gunzip(raw, path)
+            raw = _gunzip(raw)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path} is a corrupt gzip file ({e}); delete it and download it again") from None
 
