@@ -5,11 +5,14 @@ Fashion-MNIST, or mnist5k when it is missing), same binarised test images, same 
 
 The reference follows the shape of Pythae's `VAE.get_nll`: one image at a time; for each block of
 100 samples the image is copied 100 times and the copies are encoded again; sigmoid outputs scored
-with F.binary_cross_entropy; one .item() per image. vaelab's estimator encodes each image once and
-scores (K_chunk, B) samples per pass with log_prob of the model's distributions.
+with F.binary_cross_entropy; one .item() per image; autograd on, as in Pythae (its get_nll has no
+torch.no_grad). The same loop under no_grad is timed too, to show what that alone costs. vaelab's
+estimator encodes each image once and scores (K_chunk, B) samples per pass with log_prob of the
+model's distributions.
 
-Prints images/second for both, the ratio, and whether the two mean estimates agree within their
-combined standard error. Then (unless --quick) times K=1000 over the whole 10k test set.
+Each is timed --rounds times, interleaved; prints the medians' images/second for both, the ratio, and
+whether the two mean estimates agree within their combined standard error. Then (unless --quick)
+times K=1000 over the whole 10k test set.
 Last line: `speedup=X agree=true|false`.
 
     python benchmarks/nll_speed.py [--images 200] [--k 1000] [--quick]
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,9 +42,18 @@ from vaelab.train import prepare_data, train
 RESULTS = Path(__file__).parent / "results" / "nll_speed.json"
 
 
-@torch.no_grad()
-def pythae_style_nll(model, data: torch.Tensor, n_samples: int = 1000, batch_size: int = 100) -> np.ndarray:
-    """log p(x) per image the way Pythae's get_nll computes it: per image, re-encoding batch_size copies."""
+def pythae_style_nll(model, data: torch.Tensor, n_samples: int = 1000, batch_size: int = 100,
+                     grad: bool = True) -> np.ndarray:
+    """log p(x) per image the way Pythae's get_nll computes it: per image, re-encoding batch_size copies.
+
+    Pythae's get_nll runs with autograd on (no torch.no_grad: every pass records a graph through the
+    weights), hence grad=True by default; grad=False times the same loop under no_grad, for comparison.
+    """
+    with torch.set_grad_enabled(grad):
+        return _pythae_style_nll(model, data, n_samples, batch_size)
+
+
+def _pythae_style_nll(model, data: torch.Tensor, n_samples: int, batch_size: int) -> np.ndarray:
     n_full_batch = max(1, n_samples // batch_size)
     log_p = []
     for i in range(len(data)):
@@ -87,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3, help="timings of each, interleaved; medians reported")
     parser.add_argument("--quick", action="store_true", help="skip timing the whole test set")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
@@ -95,21 +109,31 @@ def main() -> None:
     print(f"model: MLP VAE 784-512-256-16 trained 3 epochs on {name}; {len(x)} test images, K={args.k}, "
           f"{torch.get_num_threads()} threads")
 
-    start = time.perf_counter()
-    torch.manual_seed(0)
-    reference = pythae_style_nll(model, x, n_samples=args.k)
-    t_ref = time.perf_counter() - start
-    start = time.perf_counter()
-    ours = log_likelihood(model, x, k=args.k, seed=0).double().numpy()
-    t_ours = time.perf_counter() - start
+    times_ref, times_ours, times_no_grad = [], [], []
+    for _ in range(args.rounds):  # interleaved, medians: the machine is shared and noisy
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        reference = pythae_style_nll(model, x, n_samples=args.k)
+        times_ref.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        pythae_style_nll(model, x, n_samples=args.k, grad=False)
+        times_no_grad.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ours = log_likelihood(model, x, k=args.k, seed=0).double().numpy()
+        times_ours.append(time.perf_counter() - start)
+    t_ref, t_ours = statistics.median(times_ref), statistics.median(times_ours)
 
     m_ref, se_ref = mean_and_stderr(reference)
     m_ours, se_ours = mean_and_stderr(ours)
     combined = math.sqrt(se_ref**2 + se_ours**2)
     agree = abs(m_ref - m_ours) <= combined
     paired_m, paired_se = mean_and_stderr(ours - reference)
-    print(f"\n{'estimator':<22}{'seconds':>9}{'images/s':>11}{'mean log p(x)':>16}{'stderr':>9}")
+    print(f"\nmedians of {args.rounds} interleaved rounds")
+    print(f"{'estimator':<22}{'seconds':>9}{'images/s':>11}{'mean log p(x)':>16}{'stderr':>9}")
     print(f"{'Pythae-style loop':<22}{t_ref:>9.2f}{len(x) / t_ref:>11.1f}{m_ref:>16.3f}{se_ref:>9.3f}")
+    t_no_grad = statistics.median(times_no_grad)
+    print(f"{'same loop, no_grad':<22}{t_no_grad:>9.2f}{len(x) / t_no_grad:>11.1f}{'':>16}{'':>9}")
     print(f"{'vaelab':<22}{t_ours:>9.2f}{len(x) / t_ours:>11.1f}{m_ours:>16.3f}{se_ours:>9.3f}")
     print(f"difference of means {m_ours - m_ref:+.3f} (combined standard error {combined:.3f}); "
           f"paired difference {paired_m:+.4f} +- {paired_se:.4f}")
@@ -125,7 +149,9 @@ def main() -> None:
     speedup = t_ref / t_ours
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"data": name, "images": len(x), "k": args.k, "seconds_reference": t_ref,
-                                   "seconds_vaelab": t_ours, "speedup": speedup, "agree": agree,
+                                   "seconds_vaelab": t_ours, "rounds_reference": times_ref,
+                                   "rounds_vaelab": times_ours, "rounds_reference_no_grad": times_no_grad,
+                                   "speedup_vs_no_grad_loop": t_no_grad / t_ours, "speedup": speedup, "agree": agree,
                                    "mean_reference": m_ref, "mean_vaelab": m_ours, "full_test_set": full},
                                   indent=2) + "\n")
     print(f"speedup={speedup:.2f} agree={'true' if agree else 'false'}")
