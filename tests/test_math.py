@@ -47,6 +47,21 @@ def test_bernoulli_log_likelihood_by_hand():
     assert px.batch_shape == (1,) and px.event_shape == (1, 2, 2)
     torch.testing.assert_close(px.log_prob(x), by_hand.reshape(1))
     torch.testing.assert_close(px.mean, p)
+    # the two code paths (same shape: fused BCE; K samples against one image: broadcast) agree with
+    # torch's Bernoulli in values and gradients, also for extreme logits and grey targets
+    torch.manual_seed(0)
+    wide = (torch.randn(3, 2, 1, 4, 4) * 30).requires_grad_()
+    grey = torch.rand(2, 1, 4, 4)
+    fast = BernoulliLikelihood()(wide)
+    ours = fast.log_prob(grey)  # broadcast path
+    same = fast.log_prob(grey.expand(3, -1, -1, -1, -1))  # fused path
+    ref = torch.distributions.Bernoulli(logits=wide, validate_args=False).log_prob(grey.expand(3, -1, -1, -1, -1))
+    ref = ref.flatten(-3).sum(-1)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(same, ref)
+    grads = [torch.autograd.grad(v.sum(), wide, retain_graph=True)[0] for v in (ours, same, ref)]
+    torch.testing.assert_close(grads[0], grads[2])
+    torch.testing.assert_close(grads[1], grads[2])
 
 
 @pytest.mark.parametrize("learned", [False, True])

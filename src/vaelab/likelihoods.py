@@ -30,8 +30,10 @@ class BernoulliImage(Independent):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits = self.base_dist.logits
-        # -log p per pixel = softplus(l) - x * l, in two fused passes
-        nll = torch.addcmul(torch.logaddexp(logits, logits.new_zeros(())), logits, value, value=-1)
+        if value.shape == logits.shape:  # training: one fused kernel each way, ~2x faster than the two below
+            nll = F.binary_cross_entropy_with_logits(logits, value.to(logits.dtype), reduction="none")
+        else:  # K samples against one image: -log p per pixel = softplus(l) - x * l, broadcasting x for free
+            nll = torch.addcmul(torch.logaddexp(logits, logits.new_zeros(())), logits, value, value=-1)
         return -nll.flatten(-3).sum(-1)
 
 
