@@ -71,12 +71,27 @@ def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert [r["val_loss"] for r in full_metrics] == [r["val_loss"] for r in cut_metrics]
 
 
+def test_resume_with_a_lower_learning_rate_fine_tunes_from_the_checkpoint(tmp_path):
+    train(tiny_config(epochs=2), tmp_path / "run", dataset=tiny_data(), progress=False)
+    before = weights(vaelab.load(tmp_path / "run"))
+    trainer = Trainer(tiny_config(epochs=3, lr=1e-4), tmp_path / "run", dataset=tiny_data(), progress=False)
+    trainer.fit(resume=True)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-4]  # not the 1e-3 saved with Adam's state
+    assert trainer.optimizer.state  # Adam's moments were carried over, not restarted
+    assert [r["lr"] for r in runs.read_metrics(tmp_path / "run")] == [1e-3, 1e-3, 1e-4]
+    assert runs.load_config(tmp_path / "run").train.lr == 1e-4
+    after = weights(vaelab.load(tmp_path / "run"))
+    step = max(float((after[k] - before[k]).abs().max()) for k in before)
+    assert 0 < step < 0.01  # one epoch of Adam steps of about 1e-4 each
+
+
 def test_resume_refuses_other_settings_and_fresh_start_refuses_an_existing_run(tmp_path):
     train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
     with pytest.raises(TrainingError, match="--resume"):
         train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
     with pytest.raises(TrainingError, match="settings differ"):
-        train(tiny_config(epochs=2, lr=0.1), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
+        train(tiny_config(epochs=2, batch_size=8), tmp_path / "run", resume=True, dataset=tiny_data(),
+              progress=False)
     with pytest.raises(CheckpointError, match="not a directory"):
         train(tiny_config(), tmp_path / "nothing", resume=True, dataset=tiny_data(), progress=False)
 

@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "hierarchical VAE for 28x28 images); flags override it")
     p.add_argument("--out", type=Path, metavar="DIR", help="run directory (default runs/<data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
-                                                          "(a larger --epochs extends it)")
+                                                          "(a larger --epochs extends it; --lr changes the rate "
+                                                          "from there)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--no-baselines", action="store_true", help="report without training PCA/AE/VAE baselines")
     p.add_argument("--quiet", action="store_true", help="no progress output")

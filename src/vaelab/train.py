@@ -207,11 +207,13 @@ class Trainer:
         stored = runs.load_config(self.run_dir)
         if _identity(stored) != _identity(self.config):
             raise TrainingError(f"--resume: the settings differ from {self.run_dir / 'config.json'} in more than "
-                                "--epochs/--device; resume with the run's own settings, or start a new --out")
+                                "--epochs/--lr/--device; resume with the run's own settings, or start a new --out")
         checkpoint = runs.latest_checkpoint(self.run_dir)
         runs.load_weights(self.model, checkpoint)
         if self.optimizer is not None:
             runs.load_optimizer(self.optimizer, checkpoint)
+            for group in self.optimizer.param_groups:  # the saved state holds the old rate; --lr may lower it
+                group["lr"] = self.config.train.lr
         self.job.barrier()  # everyone has read the checkpoint before rank 0 writes anything
         if self.job.is_main:
             if self.config.train != stored.train:
@@ -332,8 +334,9 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def _identity(config: RunConfig) -> RunConfig:
-    """What must not change when a run is resumed: everything but the epoch budget and the device."""
-    train = dataclasses.replace(config.train, epochs=0, device="auto")
+    """What must not change when a run is resumed: everything but the epoch budget, the learning rate (to
+    fine-tune at a lower one; each epoch's rate is in metrics.jsonl) and the device."""
+    train = dataclasses.replace(config.train, epochs=0, lr=1.0, device="auto")
     return dataclasses.replace(config, train=train, model=dataclasses.replace(config.model, input_shape=None))
 
 
