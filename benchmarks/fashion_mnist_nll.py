@@ -4,19 +4,20 @@ Published: 228.70 +- 0.15 nats (Exemplar VAE, Norouzi et al., NeurIPS 2020, Tabl
 prior"), whose MLP VAE follows VampPrior (Tomczak & Welling 2018): two hidden layers of 300 gated units,
 z = 40, Bernoulli likelihood, KL warm-up, Adam, batch 100. Their runs train for up to 2,000 epochs with
 early stopping. The issue allows one hour on 2 cores (120 CPU minutes); this script's default budget is
-half that, 60 CPU minutes (process time over all threads), training and the K=5000 evaluation together:
-one torch thread per process is the most efficient use of a shared 2-core machine (a second thread
-costs ~2.5x the CPU time per epoch here), so the run fits in one hour on one core. Training runs
-whole epochs until the next would leave less than --eval-cpu-minutes for the evaluation; the model
-evaluated is the epoch with the best validation ELBO (early stopping, as published; kept in
-runs/fashion-mnist-nll-best).
+90 CPU minutes (process time over all threads), training and the K=5000 evaluation together: one torch
+thread per process is the most efficient use of a shared 2-core machine (a second thread costs ~2.5x the
+CPU time per epoch here). Training runs whole epochs at Adam's 1e-3 until the next would leave less than
+--finetune-cpu-minutes (default 20) at --finetune-lr (default 1e-4) plus --eval-cpu-minutes for the
+evaluation: at 1e-3 the validation ELBO stalls after ~400 epochs at Adam's noise floor, and the lower
+rate gains about a nat more. The model evaluated is the epoch with the best validation ELBO (early
+stopping, as published; kept in runs/fashion-mnist-nll-best).
 
 Protocol here: train 50,000 / validation 10,000 (the last 10k of the training file) / test 10,000;
 training images binarised afresh every batch; the test set binarised once with a fixed seed (0); log p(x)
 by importance sampling with K = 5000 over the whole test set. Writes
 benchmarks/results/fashion_mnist_nll.json with keys nll, stderr, k, epochs, wall_s (and details).
 
-    OMP_NUM_THREADS=1 python benchmarks/fashion_mnist_nll.py --threads 1 [--cpu-minutes 60] [--k 5000]
+    OMP_NUM_THREADS=1 python benchmarks/fashion_mnist_nll.py --threads 1 [--cpu-minutes 90] [--k 5000]
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def best_dir(out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-minutes", type=float, default=60, help="training + evaluation budget")
+    parser.add_argument("--cpu-minutes", type=float, default=90, help="training + evaluation budget")
     parser.add_argument("--eval-cpu-minutes", type=float, default=10, help="kept back for the K=5000 estimate")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-epochs", type=float, default=10)
@@ -57,9 +58,9 @@ def main() -> None:
                         help="with --resume: training CPU minutes the run in --out has already used")
     parser.add_argument("--spent-wall-minutes", type=float, default=0.0, help="with --resume: and wall minutes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--finetune-lr", type=float, default=None,
+    parser.add_argument("--finetune-lr", type=float, default=1e-4,
                         help="spend the last --finetune-cpu-minutes of training at this lower learning rate")
-    parser.add_argument("--finetune-cpu-minutes", type=float, default=0.0)
+    parser.add_argument("--finetune-cpu-minutes", type=float, default=20.0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
