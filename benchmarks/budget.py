@@ -47,12 +47,11 @@ def train_within(config: RunConfig, out: Path, *, cpu_s: float, dataset: Dataset
         train(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=0)), out,
               dataset=dataset, progress=False)
     last = 0.0
-    records = runs.read_metrics(out)
-    best_val = min((r["val_loss"] for r in records), default=float("inf"))
-    best_epoch = min(records, key=lambda r: r["val_loss"])["epoch"] if records else 0
+    best_record = min(runs.read_metrics(out), key=lambda r: r["val_loss"], default=None)
+    best_val, best_epoch = (best_record["val_loss"], best_record["epoch"]) if best_record else (float("inf"), 0)
     while True:
         used = time.process_time() - cpu0
-        if used + 1.1 * last > cpu_s:
+        if cpu_s <= 0 or used + 1.1 * last > cpu_s:  # (a budget already spent trains nothing)
             break
         start = time.process_time()
         done += 1

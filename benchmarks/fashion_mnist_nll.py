@@ -75,9 +75,7 @@ def main() -> None:
     finetune_s = 60 * args.finetune_cpu_minutes if args.finetune_lr else 0.0
     budget_s = 60 * (args.cpu_minutes - args.eval_cpu_minutes - args.spent_cpu_minutes) - finetune_s
     best = best_dir(args.out)
-    spent = {"epochs": 0, "cpu_s": 0.0, "wall_s": 0.0}
-    if budget_s > 0:
-        spent = train_within(config, args.out, cpu_s=budget_s, dataset=data, resume=args.resume, best=best)
+    spent = train_within(config, args.out, cpu_s=budget_s, dataset=data, resume=args.resume, best=best)
     finetune_from = runs.latest_checkpoint(args.out).epoch
     if finetune_s > 0:  # the same run, resumed at a lower rate: Adam's noise floor drops with it
         low = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=args.finetune_lr))

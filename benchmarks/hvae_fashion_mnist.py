@@ -46,6 +46,12 @@ def hvae_config(epochs: int = 0) -> RunConfig:
     }, "hvae benchmark")
 
 
+def read_result(name: str) -> dict:
+    """A results file of benchmarks/results, or {} while it does not exist."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def estimate(run_dir: Path, x: torch.Tensor, k: int) -> tuple[dict, float]:
     model = runs.load(run_dir)
     cpu0 = time.process_time()
@@ -66,8 +72,7 @@ def main() -> None:
     parser.add_argument("--eval-only", action="store_true", help="evaluate the HVAE run in --out as it is")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    vae_result = json.loads((RESULTS / "fashion_mnist_nll.json").read_text()) \
-        if (RESULTS / "fashion_mnist_nll.json").exists() else {}
+    vae_result = read_result("fashion_mnist_nll.json")
     budget_s = 60 * args.cpu_minutes if args.cpu_minutes else vae_result.get("train_cpu_s", 50 * 60)
     config = hvae_config()
     data = prepare_data(config)
@@ -75,8 +80,8 @@ def main() -> None:
     if not args.eval_only:
         spent = train_within(config, args.out, cpu_s=budget_s, dataset=data, best=best_dir(args.out))
         (RESULTS / "hvae_fashion_mnist_training.json").write_text(json.dumps(spent, indent=2) + "\n")
-    elif (RESULTS / "hvae_fashion_mnist_training.json").exists():
-        spent = json.loads((RESULTS / "hvae_fashion_mnist_training.json").read_text())
+    else:
+        spent = read_result("hvae_fashion_mnist_training.json") or spent
     x, seed = nll_test_set(config, data)
     x = x[:args.n_test]
     nll = {}
@@ -85,8 +90,7 @@ def main() -> None:
         summary, cpu_s = estimate(run_dir, x, args.k)
         nll[name] = {"nll": summary["nll"], "stderr": summary["nll_stderr"], "eval_cpu_s": cpu_s,
                      "ess_fraction": summary["ess_fraction"], "epoch": runs.latest_checkpoint(run_dir).epoch}
-    if (RESULTS / "fashion_mnist_nll.json").exists():  # read again: the VAE's run may have finished meanwhile
-        vae_result = json.loads((RESULTS / "fashion_mnist_nll.json").read_text())
+    vae_result = read_result("fashion_mnist_nll.json") or vae_result  # the VAE's run may have finished meanwhile
     torch.manual_seed(0)
     samples = torch.cat([runs.load(best["vae"]).sample(32), runs.load(best["hvae"]).sample(32)])
     grid = figures.save_grid(samples, RESULTS / "hvae_fashion_mnist_samples.png", nrow=8)

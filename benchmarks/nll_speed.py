@@ -109,20 +109,19 @@ def main() -> None:
     print(f"model: MLP VAE 784-512-256-16 trained 3 epochs on {name}; {len(x)} test images, K={args.k}, "
           f"{torch.get_num_threads()} threads")
 
+    def timed(estimator, times: list[float]):
+        torch.manual_seed(0)  # the reference draws from the global generator
+        start = time.perf_counter()
+        value = estimator()
+        times.append(time.perf_counter() - start)
+        return value
+
     times_ref, times_ours, times_no_grad = [], [], []
     for _ in range(args.rounds):  # interleaved, medians: the machine is shared and noisy
-        start = time.perf_counter()
-        torch.manual_seed(0)
-        reference = pythae_style_nll(model, x, n_samples=args.k)
-        times_ref.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        torch.manual_seed(0)
-        pythae_style_nll(model, x, n_samples=args.k, grad=False)
-        times_no_grad.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ours = log_likelihood(model, x, k=args.k, seed=0).double().numpy()
-        times_ours.append(time.perf_counter() - start)
-    t_ref, t_ours = statistics.median(times_ref), statistics.median(times_ours)
+        reference = timed(lambda: pythae_style_nll(model, x, n_samples=args.k), times_ref)
+        timed(lambda: pythae_style_nll(model, x, n_samples=args.k, grad=False), times_no_grad)
+        ours = timed(lambda: log_likelihood(model, x, k=args.k, seed=0).double().numpy(), times_ours)
+    t_ref, t_ours, t_no_grad = (statistics.median(t) for t in (times_ref, times_ours, times_no_grad))
 
     m_ref, se_ref = mean_and_stderr(reference)
     m_ours, se_ours = mean_and_stderr(ours)
@@ -132,7 +131,6 @@ def main() -> None:
     print(f"\nmedians of {args.rounds} interleaved rounds")
     print(f"{'estimator':<22}{'seconds':>9}{'images/s':>11}{'mean log p(x)':>16}{'stderr':>9}")
     print(f"{'Pythae-style loop':<22}{t_ref:>9.2f}{len(x) / t_ref:>11.1f}{m_ref:>16.3f}{se_ref:>9.3f}")
-    t_no_grad = statistics.median(times_no_grad)
     print(f"{'same loop, no_grad':<22}{t_no_grad:>9.2f}{len(x) / t_no_grad:>11.1f}{'':>16}{'':>9}")
     print(f"{'vaelab':<22}{t_ours:>9.2f}{len(x) / t_ours:>11.1f}{m_ours:>16.3f}{se_ours:>9.3f}")
     print(f"difference of means {m_ours - m_ref:+.3f} (combined standard error {combined:.3f}); "

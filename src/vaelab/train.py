@@ -181,7 +181,7 @@ class Trainer:
             for epoch in range(start_epoch, self.config.train.epochs + 1):
                 try:
                     record = self._epoch(epoch)
-                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
                     if not _out_of_memory(e):
                         raise
                     raise TrainingError(self._oom_message(epoch)) from None
