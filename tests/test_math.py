@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributions import kl_divergence
+from torch.distributions import Independent, Normal, kl_divergence
 
-from vaelab.latents import DiagonalGaussian, diagonal_normal
+from vaelab.latents import DiagonalGaussian, StandardNormal, diagonal_normal, standard_normal
 from vaelab.likelihoods import SCALE_MIN, BernoulliLikelihood, GaussianLikelihood
 from vaelab.models import AE, PCA, VAE
 from vaelab.objectives import elbo, reconstruction
@@ -23,6 +23,26 @@ def test_analytic_kl_matches_monte_carlo():
     torch.testing.assert_close(analytic, closed)
     # the MC standard error is about sqrt(Var/K) ~ 0.01 here
     assert torch.allclose(analytic, mc, atol=0.05), (analytic, mc)
+
+
+@pytest.mark.parametrize("stored_logvar", [True, False])
+def test_kl_against_the_standard_normal_prior_equals_torchs_normal_kl(stored_logvar):
+    """The registered DiagonalNormal-StandardNormal KL: same values and gradients as torch's Normal-Normal KL."""
+    torch.manual_seed(0)
+    loc, logvar = torch.randn(6, 5, requires_grad=True), (3 * torch.randn(6, 5)).requires_grad_()
+    scale = torch.exp(0.5 * logvar)
+    qz = diagonal_normal(loc, scale, logvar if stored_logvar else None)
+    pz = standard_normal(torch.zeros(5), torch.ones(5))
+    assert isinstance(pz, StandardNormal) and isinstance(qz, Independent)
+    ours = kl_divergence(qz, pz)
+    generic = kl_divergence(Independent(Normal(loc, scale), 1), Independent(Normal(torch.zeros(5), torch.ones(5)), 1))
+    torch.testing.assert_close(ours, generic)
+    grads = torch.autograd.grad(ours.sum(), (loc, logvar), retain_graph=True)
+    torch.testing.assert_close(grads, torch.autograd.grad(generic.sum(), (loc, logvar)))
+    # expand keeps the class and the log-variance, so the fast KL still applies to an expanded posterior
+    wide = qz.expand((2, 6))
+    assert type(wide) is type(qz) and wide.batch_shape == (2, 6)
+    torch.testing.assert_close(kl_divergence(wide, pz), ours.expand(2, 6))
 
 
 def test_reparameterised_samples_have_right_moments_and_carry_gradients():

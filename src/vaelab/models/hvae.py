@@ -28,7 +28,7 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from ..errors import ConfigError
 from ..hvae_cells import ResidualCell, SpectralNorms, scale_sizes
-from ..latents import Noise, diagonal_normal
+from ..latents import Noise, diagonal_normal, standard_normal
 from ..likelihoods import build_likelihood
 
 SOFTPLUS_ONE = math.log(math.expm1(1.0))  # softplus(0 + SOFTPLUS_ONE) = 1
@@ -272,7 +272,7 @@ class HVAE(nn.Module):
 
     def prior(self) -> Distribution:
         """p(z_1) = N(0, I) over the flattened top group: event shape (D_top,)."""
-        return diagonal_normal(self.zero, self.one)
+        return standard_normal(self.zero, self.one)
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x | z_1, z_>1 = prior means) for flattened top-group codes z (..., D_top): batch shape z.shape[:-1].
