@@ -22,13 +22,12 @@ benchmarks/results/fashion_mnist_nll.json with keys nll, stderr, k, epochs, wall
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
-from budget import train_within
+from budget import train_then_finetune
 
 from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -75,12 +74,8 @@ def main() -> None:
     finetune_s = 60 * args.finetune_cpu_minutes if args.finetune_lr else 0.0
     budget_s = 60 * (args.cpu_minutes - args.eval_cpu_minutes - args.spent_cpu_minutes) - finetune_s
     best = best_dir(args.out)
-    spent = train_within(config, args.out, cpu_s=budget_s, dataset=data, resume=args.resume, best=best)
-    finetune_from = runs.latest_checkpoint(args.out).epoch
-    if finetune_s > 0:  # the same run, resumed at a lower rate: Adam's noise floor drops with it
-        low = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=args.finetune_lr))
-        tuned = train_within(low, args.out, cpu_s=finetune_s, dataset=data, resume=True, best=best)
-        spent = {**tuned, "cpu_s": spent["cpu_s"] + tuned["cpu_s"], "wall_s": spent["wall_s"] + tuned["wall_s"]}
+    spent = train_then_finetune(config, args.out, cpu_s=budget_s, finetune_s=finetune_s, finetune_lr=args.finetune_lr,
+                                dataset=data, resume=args.resume, best=best)
     spent = {**spent, "cpu_s": spent["cpu_s"] + 60 * args.spent_cpu_minutes,
              "wall_s": spent["wall_s"] + 60 * args.spent_wall_minutes}
     model = runs.load(best)  # early stopping: the epoch with the best validation ELBO
@@ -96,7 +91,7 @@ def main() -> None:
               "train_s": spent["wall_s"], "train_cpu_s": spent["cpu_s"], "eval_s": eval_s, "eval_cpu_s": eval_cpu_s,
               "train_epoch_s": sum(r["seconds"] for r in records), "test_binarize_seed": seed,
               "ess_fraction": summary["ess_fraction"], "best_epoch": spent["best_epoch"],
-              "finetune_lr": args.finetune_lr, "finetune_from_epoch": finetune_from if finetune_s else None,
+              "finetune_lr": args.finetune_lr, "finetune_from_epoch": spent["finetune_from_epoch"],
               "val_elbo": -spent["best_val_loss"], "val_elbo_last": -records[-1]["val_loss"],
               "published": {"nll": PUBLISHED[0], "stderr": PUBLISHED[1]}, "config": config.to_dict(),
               "threads": torch.get_num_threads()}
