@@ -19,6 +19,11 @@ from vaelab.data import Dataset
 from vaelab.train import train
 
 
+def best_dir(out: Path) -> Path:
+    """Where the checkpoint with the best validation loss is kept, beside the run."""
+    return out.with_name(out.name + "-best")
+
+
 def keep_best(out: Path, best: Path) -> None:
     """Copy the run in `out` (config and its latest checkpoint) to `best`, replacing it in one rename."""
     latest = runs.latest_checkpoint(out)
@@ -74,9 +79,12 @@ def train_then_finetune(config: RunConfig, out: Path, *, cpu_s: float, finetune_
 
     The lower rate lowers Adam's noise floor once the validation ELBO has stalled (a nat or more for the
     MLP VAE on Fashion-MNIST). Returns train_within's dict over both phases, with finetune_from_epoch.
+    A negative cpu_s (a resumed run already past the first phase's share) comes out of finetune_s, so the
+    two phases together never exceed cpu_s + finetune_s.
     """
     spent = train_within(config, out, cpu_s=cpu_s, dataset=dataset, resume=resume, best=best)
     start = runs.latest_checkpoint(out).epoch
+    finetune_s += min(0.0, cpu_s)
     if finetune_s <= 0 or not finetune_lr:
         return {**spent, "finetune_from_epoch": None}
     low = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=finetune_lr))

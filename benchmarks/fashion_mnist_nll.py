@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import train_then_finetune
+from budget import best_dir, train_then_finetune
 
 from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -37,11 +37,6 @@ from vaelab.train import prepare_data
 
 RESULTS = Path(__file__).parent / "results" / "fashion_mnist_nll.json"
 PUBLISHED = (228.70, 0.15)
-
-
-def best_dir(out: Path) -> Path:
-    """Where the checkpoint with the best validation loss is kept, beside the run."""
-    return out.with_name(out.name + "-best")
 
 
 def main() -> None:

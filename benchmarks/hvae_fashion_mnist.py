@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import train_then_finetune
-from fashion_mnist_nll import best_dir
+from budget import best_dir, train_then_finetune
 
 from vaelab import figures, runs
 from vaelab.cli import PRESETS

@@ -72,8 +72,8 @@ def examples_loss(recon_x, x, mu, logvar):
 
 def to_tensor(pic: Image.Image) -> torch.Tensor:
     """What torchvision's ToTensor does to a PIL image, step for step: type checks, HWC -> CHW, uint8 -> [0, 1]."""
-    if not isinstance(pic, (Image.Image, np.ndarray)):
-        raise TypeError(f"pic should be PIL Image or ndarray, got {type(pic)}")
+    if not isinstance(pic, Image.Image):  # (torchvision also takes ndarrays, by another path not copied here)
+        raise TypeError(f"pic should be a PIL Image, got {type(pic)}")
     float_dtype = torch.get_default_dtype()
     dtypes = {"I": np.int32, "I;16" if sys.byteorder == "little" else "I;16B": np.int16, "F": np.float32}
     img = torch.from_numpy(np.array(pic, dtypes.get(pic.mode, np.uint8), copy=True))
