@@ -165,6 +165,34 @@ def test_malicious_pickle_as_optimizer_state_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_optimizer_state_takes_the_layout_of_a_channels_last_parameter(tmp_path):
+    """Fused Adam on CPU reads moments as flat memory: contiguous moments of a channels-last weight (a checkpoint
+    written before the model went channels-last) would update it with the wrong values unless re-laid out."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    grads = [torch.randn_like(conv.weight) for _ in range(2)]
+
+    def step(optimizer, grad):
+        conv.weight.grad = torch.empty_like(conv.weight).copy_(grad)  # in the weight's layout
+        conv.bias.grad = torch.ones_like(conv.bias)
+        optimizer.step()
+
+    adam = torch.optim.Adam(conv.parameters(), lr=0.1)  # written in the default (contiguous) layout
+    step(adam, grads[0])
+    runs.save_checkpoint(tmp_path, model=conv, optimizer=adam, state={"epoch": 1})
+    start = {k: v.detach().clone() for k, v in conv.state_dict().items()}
+    step(adam, grads[1])  # the reference: the for-loop implementation, whatever the layout
+    expected = conv.weight.detach().clone()
+
+    conv.load_state_dict(start)
+    conv.to(memory_format=torch.channels_last)
+    fused = torch.optim.Adam(conv.parameters(), lr=0.1, fused=True)
+    runs.load_optimizer(fused, runs.latest_checkpoint(tmp_path))
+    assert fused.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()
+    step(fused, grads[1])
+    torch.testing.assert_close(conv.weight.detach(), expected)
+
+
 def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     grey = DataConfig(name="tiny", binarize="none")  # (binarising would turn the NaN into a 0)
     config = dataclasses.replace(tiny_config(epochs=3), data=grey)

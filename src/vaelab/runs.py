@@ -151,6 +151,20 @@ def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> 
     except Exception as e:  # UnpicklingError, EOFError, RuntimeError, ValueError, KeyError: all mean "damaged"
         kind = type(e).__name__
         raise CheckpointError(f"{file} cannot be loaded safely ({kind}); it is damaged or not vaelab's") from None
+    _match_layouts(optimizer)
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments) its parameter's memory layout.
+
+    torch's fused Adam on CPU walks parameter, gradient and moments as flat memory: a channels-last parameter
+    with contiguous moments (say, from a checkpoint written before the model went channels-last) is updated
+    with the wrong moments, silently. The saved values are kept, only their layout changes.
+    """
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def load_config(run_dir: Path) -> RunConfig:
