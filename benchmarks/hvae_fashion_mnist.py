@@ -14,10 +14,12 @@ nll_hvae, k, wall_s_vae, wall_s_hvae, and details) and a side-by-side grid of sa
 hvae_fashion_mnist_samples.png.
 
 With --finetune-lr the last --finetune-cpu-minutes (default 20) of the budget run at that rate, the
-VAE's own schedule; --resume continues the run in --out and counts the CPU time it has already used.
+VAE's own schedule; with --lr-schedule cosine the rate falls from --lr to --lr-min along a cosine over the
+whole CPU budget instead (NVAE's schedule). --resume continues the run in --out and counts the CPU time it
+has already used.
 
-    OMP_NUM_THREADS=1 python benchmarks/hvae_fashion_mnist.py --threads 1 --cpu-minutes 70.4 --finetune-lr 1e-4
-        [--resume] [--k 1000] [--eval-only]
+    OMP_NUM_THREADS=1 python benchmarks/hvae_fashion_mnist.py --threads 1 --cpu-minutes 70.4 \
+        --lr 2e-3 --lr-schedule cosine [--resume] [--k 1000] [--eval-only]
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import best_dir, train_then_finetune
+from budget import best_dir, cosine_lr, train_then_finetune
 
 from vaelab import figures, runs
 from vaelab.cli import PRESETS
@@ -40,12 +42,12 @@ RESULTS = Path(__file__).parent / "results"
 PUBLISHED = {"HVAE (Gaussian prior)": 227.37, "ConvHVAE (Gaussian prior)": 225.38}  # Exemplar VAE, Table 1
 
 
-def hvae_config(epochs: int = 0) -> RunConfig:
+def hvae_config(epochs: int = 0, lr: float = 1e-3) -> RunConfig:
     preset = PRESETS["hvae-s"]
     return RunConfig.from_dict({
         "data": {"name": "fashion-mnist", "binarize": "dynamic"},
         "model": {**preset["model"], "likelihood": "bernoulli"},
-        "train": {**preset["train"], "epochs": epochs, "lr": 1e-3, "seed": 0, "device": "cpu"},
+        "train": {**preset["train"], "epochs": epochs, "lr": lr, "seed": 0, "device": "cpu"},
     }, "hvae benchmark")
 
 
@@ -75,25 +77,34 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=None,
                         help="spend the last --finetune-cpu-minutes at this lower rate, as the VAE's script does")
     parser.add_argument("--finetune-cpu-minutes", type=float, default=20.0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (the peak, with --lr-schedule cosine)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    parser.add_argument("--lr-min", type=float, default=2e-5, help="where the cosine schedule ends")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out; its earlier CPU time (in results/) counts")
+    parser.add_argument("--name", default="hvae_fashion_mnist",
+                        help="results/NAME.json, NAME_training.json and NAME_samples.png (for runs side by side)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the HVAE run in --out as it is")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     vae_result = read_result("fashion_mnist_nll.json")
     budget_s = 60 * args.cpu_minutes if args.cpu_minutes else vae_result.get("train_cpu_s", 50 * 60)
-    config = hvae_config()
+    if args.lr_schedule == "cosine" and args.finetune_lr:
+        parser.error("--lr-schedule cosine anneals over the whole budget; drop --finetune-lr")
+    config = hvae_config(lr=args.lr)
     data = prepare_data(config)
-    before = read_result("hvae_fashion_mnist_training.json") if args.resume or args.eval_only else {}
+    before = read_result(f"{args.name}_training.json") if args.resume or args.eval_only else {}
     spent = before or {"epochs": 0, "cpu_s": 0.0, "wall_s": 0.0}
     if not args.eval_only:
         finetune_s = 60 * args.finetune_cpu_minutes if args.finetune_lr else 0.0
+        lr_at = cosine_lr(args.lr, args.lr_min, budget_s, spent["cpu_s"]) if args.lr_schedule == "cosine" else None
         now = train_then_finetune(config, args.out, cpu_s=budget_s - spent["cpu_s"] - finetune_s,
                                   finetune_s=finetune_s, finetune_lr=args.finetune_lr, dataset=data,
-                                  resume=args.resume, best=best_dir(args.out))
+                                  resume=args.resume, best=best_dir(args.out), lr_at=lr_at)
         spent = {**now, "cpu_s": spent["cpu_s"] + now["cpu_s"], "wall_s": spent["wall_s"] + now["wall_s"],
-                 "finetune_lr": args.finetune_lr}
-        (RESULTS / "hvae_fashion_mnist_training.json").write_text(json.dumps(spent, indent=2) + "\n")
+                 "finetune_lr": args.finetune_lr, "lr": args.lr, "lr_schedule": args.lr_schedule,
+                 "lr_min": args.lr_min if args.lr_schedule == "cosine" else None}
+        (RESULTS / f"{args.name}_training.json").write_text(json.dumps(spent, indent=2) + "\n")
     x, seed = nll_test_set(config, data)
     x = x[:args.n_test]
     nll = {}
@@ -105,7 +116,7 @@ def main() -> None:
     vae_result = read_result("fashion_mnist_nll.json") or vae_result  # the VAE's run may have finished meanwhile
     torch.manual_seed(0)
     samples = torch.cat([runs.load(best["vae"]).sample(32), runs.load(best["hvae"]).sample(32)])
-    grid = figures.save_grid(samples, RESULTS / "hvae_fashion_mnist_samples.png", nrow=8)
+    grid = figures.save_grid(samples, RESULTS / f"{args.name}_samples.png", nrow=8)
     result = {
         "nll_vae": nll["vae"]["nll"], "nll_hvae": nll["hvae"]["nll"], "k": args.k,
         "wall_s_vae": vae_result.get("train_s"), "wall_s_hvae": spent["wall_s"],
@@ -114,7 +125,7 @@ def main() -> None:
         "nll_vae_full_test_k5000": vae_result.get("nll"), "published": PUBLISHED,
         "hvae_config": config.to_dict(), "threads": args.threads, "samples": grid.name,
     }
-    (RESULTS / "hvae_fashion_mnist.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'':<8}{'test NLL (nats)':>18}{'epoch':>8}{'train CPU min':>15}{'train wall min':>16}")
     for name in ("vae", "hvae"):
         cpu, wall = result[f"cpu_s_{name}"], result[f"wall_s_{name}"]
