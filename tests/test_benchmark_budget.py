@@ -1,0 +1,41 @@
+"""benchmarks/budget.py: training for a CPU-time budget, with best-epoch keeping and learning-rate schedules."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from vaelab import runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from budget import best_dir, cosine_lr, train_within  # noqa: E402
+from test_train import tiny_config, tiny_data  # noqa: E402
+
+
+def test_cosine_lr_falls_from_peak_to_floor_over_the_budget_and_counts_earlier_time():
+    lr = cosine_lr(1e-2, 1e-4, total_s=100.0)
+    assert lr(0.0) == pytest.approx(1e-2)
+    assert lr(50.0) == pytest.approx((1e-2 + 1e-4) / 2)
+    assert lr(100.0) == pytest.approx(1e-4) and lr(250.0) == pytest.approx(1e-4)
+    assert all(lr(a) > lr(b) for a, b in zip(range(0, 100, 10), range(10, 101, 10)))
+    resumed = cosine_lr(1e-2, 1e-4, total_s=100.0, spent_s=30.0)  # 30 s spent before a --resume
+    assert resumed(20.0) == pytest.approx(lr(50.0))
+    assert lr(25.0) == pytest.approx(1e-4 + 0.5 * (1e-2 - 1e-4) * (1 + math.cos(math.pi / 4)))
+
+
+def test_train_within_runs_each_epoch_at_the_scheduled_rate_and_keeps_the_best(tmp_path):
+    asked = []
+
+    def schedule(used_s):
+        asked.append(used_s)
+        return 1e-3 / len(asked)
+
+    out = tmp_path / "run"
+    spent = train_within(tiny_config(), out, cpu_s=5.0, dataset=tiny_data(), best=best_dir(out), lr_at=schedule)
+    records = runs.read_metrics(out)
+    assert spent["epochs"] == len(records) == len(asked) >= 2
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 / i for i in range(1, len(asked) + 1)])
+    assert asked == sorted(asked) and spent["cpu_s"] <= 5.0  # (the CPU time used before each epoch)
+    best = min(records, key=lambda r: r["val_loss"])
+    assert (spent["best_epoch"], spent["best_val_loss"]) == (best["epoch"], best["val_loss"])
+    assert runs.latest_checkpoint(best_dir(out)).epoch == best["epoch"]
