@@ -8,7 +8,6 @@ result are those of one uninterrupted run of the same number of epochs.
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from vaelab import runs
 from vaelab.config import RunConfig
 from vaelab.data import Dataset
-from vaelab.train import train
+from vaelab.train import cosine_rate, train
 
 
 def best_dir(out: Path) -> Path:
@@ -42,15 +41,13 @@ def keep_best(out: Path, best: Path) -> None:
 
 
 def cosine_lr(lr_max: float, lr_min: float, total_s: float, spent_s: float = 0.0) -> Callable[[float], float]:
-    """Cosine annealing over a CPU budget (Loshchilov & Hutter 2017, SGDR eq. 5; NVAE anneals Adamax this way).
+    """The trainer's --lr-schedule cosine over a CPU budget instead of epochs (Loshchilov & Hutter 2017, eq. 5).
 
     Returns lr(used_s) = lr_min + (lr_max - lr_min) (1 + cos(pi t / T)) / 2 with t = spent_s + used_s, the CPU
     seconds of the run so far (spent_s: before a --resume), and T = total_s; held at lr_min once t >= T.
+    One rate per epoch: train_within passes it to the trainer as --lr when it resumes for the next epoch.
     """
-    def lr(used_s: float) -> float:
-        t = min(1.0, max(0.0, (spent_s + used_s) / total_s))
-        return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + math.cos(math.pi * t))
-    return lr
+    return lambda used_s: cosine_rate(lr_max, lr_min, (spent_s + used_s) / total_s)
 
 
 def train_within(config: RunConfig, out: Path, *, cpu_s: float, dataset: Dataset,

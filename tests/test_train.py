@@ -11,7 +11,7 @@ from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split
 from vaelab.errors import CheckpointError, ConfigError, TrainingError
-from vaelab.train import Trainer, kl_weight, prepare_data, train
+from vaelab.train import Trainer, cosine_rate, kl_weight, learning_rate, prepare_data, train
 
 
 def tiny_data(n=96, shape=(1, 6, 6), seed=0) -> Dataset:
@@ -83,6 +83,24 @@ def test_resume_with_a_lower_learning_rate_fine_tunes_from_the_checkpoint(tmp_pa
     after = weights(vaelab.load(tmp_path / "run"))
     step = max(float((after[k] - before[k]).abs().max()) for k in before)
     assert 0 < step < 0.01  # one epoch of Adam steps of about 1e-4 each
+
+
+def test_cosine_schedule_anneals_the_rate_at_every_step(tmp_path):
+    config = tiny_config(epochs=4, lr=1e-2, lr_schedule="cosine", lr_min=1e-4)
+    assert learning_rate(config.train, 0) == pytest.approx(1e-2)
+    assert learning_rate(config.train, 2) == pytest.approx((1e-2 + 1e-4) / 2)
+    assert learning_rate(config.train, 4) == pytest.approx(1e-4)
+    assert learning_rate(tiny_config(lr=3e-3).train, 2.5) == 3e-3  # constant: --lr throughout
+    trainer = Trainer(config, tmp_path / "run", dataset=tiny_data(), progress=False)
+    trainer.fit()
+    steps = 5  # 67 training examples in batches of 16
+    last = [cosine_rate(1e-2, 1e-4, (epoch - 1 / steps) / 4) for epoch in range(1, 5)]
+    assert [r["lr"] for r in runs.read_metrics(tmp_path / "run")] == pytest.approx(last)  # each epoch's last step
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(last[-1])
+    with pytest.raises(ConfigError, match="--lr-min"):
+        tiny_config(lr=1e-3, lr_schedule="cosine", lr_min=1e-2)
+    with pytest.raises(ConfigError, match="--lr-schedule"):
+        tiny_config(lr_schedule="step")
 
 
 def test_resume_refuses_other_settings_and_fresh_start_refuses_an_existing_run(tmp_path):

@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import ACTIVATIONS, BINARIZE, DEVICES, LATENT_FAMILIES, LIKELIHOODS, MODELS, NETS, OBJECTIVES, RunConfig
+from .config import (
+    ACTIVATIONS,
+    BINARIZE,
+    DEVICES,
+    LATENT_FAMILIES,
+    LIKELIHOODS,
+    LR_SCHEDULES,
+    MODELS,
+    NETS,
+    OBJECTIVES,
+    RunConfig,
+)
 from .errors import ConfigError, VaelabError
 
 
@@ -69,6 +80,11 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("train", "epochs", "--epochs", dict(type=int, metavar="N", help="passes over the training set (default 20)")),
     ("train", "batch_size", "--batch-size", dict(type=int, metavar="N", help="default 128")),
     ("train", "lr", "--lr", dict(type=float, metavar="X", help="Adam learning rate (default 1e-3)")),
+    ("train", "lr_schedule", "--lr-schedule", dict(choices=LR_SCHEDULES, help="constant (default), or cosine: "
+                                                                            "from --lr to --lr-min over --epochs, "
+                                                                            "each step (Loshchilov & Hutter 2017)")),
+    ("train", "lr_min", "--lr-min", dict(type=float, metavar="X", help="where --lr-schedule cosine ends "
+                                                                       "(default 0)")),
     ("train", "beta", "--beta", dict(type=float, metavar="X", help="KL weight (default 1; beta-VAE when != 1)")),
     ("train", "warmup_epochs", "--warmup-epochs", dict(type=float, metavar="N",
                                                        help="linear KL warm-up from 0 to beta over N epochs")),

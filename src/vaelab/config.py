@@ -22,6 +22,7 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
 BINARIZE = ("none", "dynamic", "static")
 DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVES = ("elbo", "iwae")
+LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_HIDDEN = {"mlp": (512, 256), "conv": (32, 64), "lstm": (256,), "gru": (256,)}
 CONFIG_VERSION = 1
 
@@ -160,6 +161,8 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": from lr down to lr_min over the run's epochs, step by step
+    lr_min: float = 0.0
     beta: float = 1.0
     warmup_epochs: float = 0  # linear KL warm-up from 0 to beta over this many epochs
     kl_cycles: int = 0  # cyclical KL annealing: this many cycles over the run (0: off)
@@ -177,6 +180,11 @@ class TrainConfig:
         _integer(self.epochs, "--epochs", minimum=0)
         _integer(self.batch_size, "--batch-size", minimum=1)
         _positive(self.lr, "--lr")
+        _choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
+        _positive(self.lr_min, "--lr-min", allow_zero=True)
+        if self.lr_min > self.lr:
+            raise ConfigError(f"--lr-min {self.lr_min:g} is above --lr {self.lr:g}; the cosine schedule falls "
+                              "from --lr to --lr-min")
         _positive(self.beta, "--beta", allow_zero=True)
         _positive(self.warmup_epochs, "--warmup-epochs", allow_zero=True)
         _integer(self.kl_cycles, "--kl-cycles", minimum=0)

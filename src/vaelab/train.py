@@ -83,6 +83,25 @@ def kl_weight(config: TrainConfig, progress_epochs: float) -> float:
     return config.beta * min(1.0, progress_epochs / config.warmup_epochs)
 
 
+def cosine_rate(peak: float, floor: float, fraction: float) -> float:
+    """floor + (peak - floor) (1 + cos(pi t)) / 2 at t = fraction of the run, clamped to [0, 1].
+
+    Cosine annealing without restarts (Loshchilov & Hutter 2017, "SGDR", eq. 5), as NVAE anneals its rate.
+    """
+    t = min(1.0, max(0.0, fraction))
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * t))
+
+
+def learning_rate(config: TrainConfig, progress_epochs: float) -> float:
+    """The rate after `progress_epochs` (fractional) epochs: lr, or its cosine annealing over config.epochs.
+
+    A --resume that extends --epochs stretches the rest of the cosine over the new length.
+    """
+    if config.lr_schedule == "cosine" and config.epochs > 0:
+        return cosine_rate(config.lr, config.lr_min, progress_epochs / config.epochs)
+    return config.lr
+
+
 @torch.no_grad()
 def mean_terms(model: nn.Module, loss_terms: Callable, x: torch.Tensor, *, batch_size: int = 1000,
                beta: float = 1.0) -> dict[str, float]:
@@ -211,9 +230,7 @@ class Trainer:
         checkpoint = runs.latest_checkpoint(self.run_dir)
         runs.load_weights(self.model, checkpoint)
         if self.optimizer is not None:
-            runs.load_optimizer(self.optimizer, checkpoint)
-            for group in self.optimizer.param_groups:  # the saved state holds the old rate; --lr may lower it
-                group["lr"] = self.config.train.lr
+            runs.load_optimizer(self.optimizer, checkpoint)  # (its saved rate is replaced at every step)
         self.job.barrier()  # everyone has read the checkpoint before rank 0 writes anything
         if self.job.is_main:
             if self.config.train != stored.train:
@@ -257,6 +274,9 @@ class Trainer:
             if dynamic:
                 xb = binarize(xb, noise)
             beta = kl_weight(cfg, epoch - 1 + i / steps)
+            lr = learning_rate(cfg, epoch - 1 + i / steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             terms = self.loss_terms(self.net, xb, beta=beta, free_bits=cfg.free_bits, kl_balance=cfg.kl_balance)
             # the mean over the step's global batch: DDP averages gradients over the job's processes
             loss = terms["loss"].sum() * (job.world / step_idx.numel())
@@ -281,7 +301,7 @@ class Trainer:
         if not all(math.isfinite(v) for v in val.values()):
             self._check_finite(torch.tensor([math.nan]), epoch, steps, where="validation loss")
         loss, recon, kl = (sums[:3] / sums[3]).tolist()
-        return {"epoch": epoch, "step": epoch * steps, "beta": beta, "lr": cfg.lr,
+        return {"epoch": epoch, "step": epoch * steps, "beta": beta, "lr": lr,
                 "train_loss": loss, "train_recon": recon, "train_kl": kl,
                 **{f"val_{k}": v for k, v in val.items()},
                 "seconds": seconds, "samples_per_s": float(sums[3]) / seconds}
