@@ -356,7 +356,7 @@ def _out_of_memory(e: BaseException) -> bool:
 def _identity(config: RunConfig) -> RunConfig:
     """What must not change when a run is resumed: everything but the epoch budget, the learning rate (to
     fine-tune at a lower one; each epoch's rate is in metrics.jsonl) and the device."""
-    train = dataclasses.replace(config.train, epochs=0, lr=1.0, device="auto")
+    train = dataclasses.replace(config.train, epochs=0, lr=max(1.0, config.train.lr_min), device="auto")
     return dataclasses.replace(config, train=train, model=dataclasses.replace(config.model, input_shape=None))
 
 
