@@ -13,13 +13,13 @@ protocol; kept in runs/<name>-best). Both models' log p(x) is then estimated wit
 nll_hvae, k, wall_s_vae, wall_s_hvae, and details) and a side-by-side grid of samples,
 hvae_fashion_mnist_samples.png.
 
-With --finetune-lr the last --finetune-cpu-minutes (default 20) of the budget run at that rate, the
-VAE's own schedule; with --lr-schedule cosine the rate falls from --lr to --lr-min along a cosine over the
-whole CPU budget instead (NVAE's schedule). --resume continues the run in --out and counts the CPU time it
-has already used.
+The rate falls from --lr (default 3e-3) to --lr-min along a cosine over the whole CPU budget (NVAE's
+schedule; the default). With --lr-schedule constant --finetune-lr X, the last --finetune-cpu-minutes
+(default 20) run at X instead, the VAE's own schedule. --resume continues the run in --out and counts the
+CPU time it has already used.
 
     OMP_NUM_THREADS=1 python benchmarks/hvae_fashion_mnist.py --threads 1 --cpu-minutes 70.4 \
-        --lr 2e-3 --lr-schedule cosine [--resume] [--k 1000] [--eval-only]
+        [--resume] [--k 1000] [--eval-only]
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=None,
                         help="spend the last --finetune-cpu-minutes at this lower rate, as the VAE's script does")
     parser.add_argument("--finetune-cpu-minutes", type=float, default=20.0)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (the peak, with --lr-schedule cosine)")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam's rate (the peak, with --lr-schedule cosine)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine")
     parser.add_argument("--lr-min", type=float, default=2e-5, help="where the cosine schedule ends")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out; its earlier CPU time (in results/) counts")
