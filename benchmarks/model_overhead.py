@@ -18,30 +18,20 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from train_speed import BATCH, load
+from train_speed import BATCH, ExamplesVAE, load
 
 from vaelab.models import VAE
 from vaelab.objectives import elbo
 from vaelab.system import keep_freed_memory
 
 
-class PlainVAE(nn.Module):
-    """The same architecture in plain tensors; forward returns the batch-mean negative ELBO."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(784, 512), nn.Linear(512, 256)
-        self.fc_mu, self.fc_logvar = nn.Linear(256, 16), nn.Linear(256, 16)
-        self.fc3, self.fc4, self.fc5 = nn.Linear(16, 256), nn.Linear(256, 512), nn.Linear(512, 784)
+class PlainVAE(ExamplesVAE):
+    """train_speed's pytorch/examples network, scored from its logits; forward returns the batch-mean negative ELBO."""
 
     def forward(self, x):
-        x = x.flatten(1)
-        h = F.relu(self.fc2(F.relu(self.fc1(x))))
-        mu, logvar = self.fc_mu(h), self.fc_logvar(h)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        logits = self.fc5(F.relu(self.fc4(F.relu(self.fc3(z)))))
+        logits, mu, logvar = self.logits(x)
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())  # Kingma & Welling 2014, Appendix B
-        return (F.binary_cross_entropy_with_logits(logits, x, reduction="sum") + kl) / x.shape[0]
+        return (F.binary_cross_entropy_with_logits(logits, x.flatten(1), reduction="sum") + kl) / x.shape[0]
 
 
 class VaelabVAE(nn.Module):

@@ -57,11 +57,16 @@ class ExamplesVAE(nn.Module):
         self.fc_mu, self.fc_logvar = nn.Linear(256, 16), nn.Linear(256, 16)
         self.fc3, self.fc4, self.fc5 = nn.Linear(16, 256), nn.Linear(256, 512), nn.Linear(512, 784)
 
-    def forward(self, x):
+    def logits(self, x):
+        """Decoder logits at one reparameterised sample, with the posterior's mu and logvar."""
         h = F.relu(self.fc2(F.relu(self.fc1(x.view(-1, 784)))))
         mu, logvar = self.fc_mu(h), self.fc_logvar(h)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return torch.sigmoid(self.fc5(F.relu(self.fc4(F.relu(self.fc3(z)))))), mu, logvar
+        return self.fc5(F.relu(self.fc4(F.relu(self.fc3(z))))), mu, logvar
+
+    def forward(self, x):
+        logits, mu, logvar = self.logits(x)
+        return torch.sigmoid(logits), mu, logvar
 
 
 def examples_loss(recon_x, x, mu, logvar):
