@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vaelab import runs
+from vaelab import distributed, runs
 
 COMMON = ["--model", "ae", "--likelihood", "gaussian", "--hidden", "16", "--latent-dim", "3", "--lr", "0.01",
           "--seed", "3", "--device", "cpu", "--no-report", "--quiet"]
@@ -73,3 +73,19 @@ def test_a_failing_rank_fails_the_job_with_its_error(data, tmp_path):
     done = torchrun(2, "--data", data, *COMMON, "--epochs", "1", "--out", str(out), timeout=120)
     assert done.returncode != 0
     assert "vaelab: error (rank 0)" in done.stderr and "already holds a run" in done.stderr
+
+
+def test_leaving_a_job_waits_without_the_gil_after_destroying_the_group(monkeypatch):
+    # gloo's worker threads may still need the GIL to release DDP's last all-reduce works; a process that starts
+    # to shut down before they have it aborts (distributed.EXIT_GRACE_S); time.sleep releases the GIL
+    calls = []
+    monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.tdist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.tdist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(distributed.time, "sleep", lambda s: calls.append(("sleep", s)))
+    distributed.leave(distributed.Job(world=2, rank=1))
+    assert calls == ["barrier", "destroy", ("sleep", distributed.EXIT_GRACE_S)]
+    assert distributed.EXIT_GRACE_S >= 0.05  # the wait measured to suffice (README)
+    calls.clear()
+    distributed.leave(distributed.Job())  # a job of one process has no group to leave
+    assert calls == []
