@@ -35,7 +35,11 @@ def test_train_within_runs_each_epoch_at_the_scheduled_rate_and_keeps_the_best(t
     records = runs.read_metrics(out)
     assert spent["epochs"] == len(records) == len(asked) >= 2
     assert [r["lr"] for r in records] == pytest.approx([1e-3 / i for i in range(1, len(asked) + 1)])
-    assert asked == sorted(asked) and spent["cpu_s"] <= 5.0  # (the CPU time used before each epoch)
+    # every epoch starts inside the budget (asked: the CPU time used before each); the last may end past it, as
+    # epochs are uneven on a busy machine, but training stops only when one more, 10% longer, would not fit
+    assert asked == sorted(asked) and asked[-1] < 5.0
+    last = spent["cpu_s"] - asked[-1]  # the last epoch, with its checkpoint copy and log line
+    assert spent["cpu_s"] + 1.1 * last > 5.0
     best = min(records, key=lambda r: r["val_loss"])
     assert (spent["best_epoch"], spent["best_val_loss"]) == (best["epoch"], best["val_loss"])
     assert runs.latest_checkpoint(best_dir(out)).epoch == best["epoch"]
