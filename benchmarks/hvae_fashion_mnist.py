@@ -16,10 +16,11 @@ hvae_fashion_mnist_samples.png.
 The rate falls from --lr (default 3e-3) to --lr-min along a cosine over the whole CPU budget (NVAE's
 schedule; the default). With --lr-schedule constant --finetune-lr X, the last --finetune-cpu-minutes
 (default 20) run at X instead, the VAE's own schedule. --resume continues the run in --out and counts the
-CPU time it has already used.
+CPU time it has already used. --groups (latent groups per scale) and --spectral-reg replace the preset's;
+give each such run its own --name and --out.
 
     OMP_NUM_THREADS=1 python benchmarks/hvae_fashion_mnist.py --threads 1 --cpu-minutes 70.4 \
-        [--resume] [--k 1000] [--eval-only]
+        [--resume] [--k 1000] [--eval-only] [--groups 3,3 --spectral-reg 0 --name NAME --out DIR]
 """
 from __future__ import annotations
 
