@@ -33,7 +33,7 @@ import torch
 from budget import best_dir, cosine_lr, train_then_finetune
 
 from vaelab import figures, runs
-from vaelab.cli import PRESETS
+from vaelab.cli import PRESETS, positive_ints
 from vaelab.config import RunConfig
 from vaelab.density import importance_sample
 from vaelab.evaluate import nll_test_set
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--name", default="hvae_fashion_mnist",
                         help="results/NAME.json, NAME_training.json and NAME_samples.png (for runs side by side)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the HVAE run in --out as it is")
-    parser.add_argument("--groups", type=lambda v: tuple(int(g) for g in v.split(",")), default=None,
+    parser.add_argument("--groups", type=positive_ints, default=None,
                         help="latent groups per scale, coarsest first, e.g. 3,3 (default: the preset's 2,2)")
     parser.add_argument("--spectral-reg", type=float, default=None, help="NVAE's lambda (default: the preset's)")
     args = parser.parse_args()

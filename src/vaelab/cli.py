@@ -31,7 +31,8 @@ from .config import (
 from .errors import ConfigError, VaelabError
 
 
-def _hidden(text: str) -> tuple[int, ...]:
+def positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type for comma-separated positive integers (--hidden, --groups; also the benchmarks' flags)."""
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
@@ -54,7 +55,7 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("model", "latent_dim", "--latent-dim", dict(type=int, metavar="N", help="size of z (default 16)")),
     ("model", "net", "--net", dict(choices=NETS, help="encoder/decoder bodies: mlp (default) or conv; lstm "
                                                      "(default) or gru for text")),
-    ("model", "hidden", "--hidden", dict(type=_hidden, metavar="512,256",
+    ("model", "hidden", "--hidden", dict(type=positive_ints, metavar="512,256",
                                          help="layer widths (mlp, default 512,256) or channels (conv, default 32,64)")),
     ("model", "sigma", "--sigma", dict(type=float, metavar="X", help="Gaussian likelihood scale, fixed (or initial "
                                                                      "for gaussian-learned); default 0.1")),
@@ -71,7 +72,7 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("model", "kappa", "--kappa", dict(type=float, metavar="K", help="fixed vMF concentration (default: learned)")),
     ("model", "bn_mu", "--bn-mu", dict(type=float, metavar="GAMMA", help="BN-VAE: batch-normalise posterior means "
                                                                          "with fixed scale GAMMA (Zhu et al. 2020)")),
-    ("model", "groups", "--groups", dict(type=_hidden, metavar="2,2", help="hvae: latent groups per scale, top "
+    ("model", "groups", "--groups", dict(type=positive_ints, metavar="2,2", help="hvae: latent groups per scale, top "
                                                                        "(coarsest) first; default 2 per scale")),
     ("model", "cells", "--cells", dict(type=int, metavar="N", help="hvae: residual cells per group (default 1)")),
     ("model", "scale_floor", "--scale-floor", dict(type=float, metavar="X", help="hvae: every latent standard "
