@@ -4,11 +4,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vaelab import runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from budget import best_dir, cosine_lr, train_within  # noqa: E402
+from hvae_fashion_mnist import paired_difference  # noqa: E402
 from test_train import tiny_config, tiny_data  # noqa: E402
 
 
@@ -43,3 +45,11 @@ def test_train_within_runs_each_epoch_at_the_scheduled_rate_and_keeps_the_best(t
     best = min(records, key=lambda r: r["val_loss"])
     assert (spent["best_epoch"], spent["best_val_loss"]) == (best["epoch"], best["val_loss"])
     assert runs.latest_checkpoint(best_dir(out)).epoch == best["epoch"]
+
+
+def test_paired_difference_is_the_hvae_minus_vae_nll_per_image_with_its_standard_error():
+    log_px_vae = torch.tensor([-300.0, -200.0, -250.0, -150.0])  # images of very different difficulty
+    gain = torch.tensor([1.0, 2.0, 0.0, 1.0])  # the HVAE's log p(x) is higher by this much on each image
+    diff = paired_difference(log_px_vae + gain, log_px_vae)
+    assert diff["mean"] == pytest.approx(-1.0)  # NLL(HVAE) - NLL(VAE): negative when the HVAE is better
+    assert diff["stderr"] == pytest.approx(gain.std().item() / 2)  # the spread of difficulty cancels
