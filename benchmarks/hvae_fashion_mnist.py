@@ -36,7 +36,7 @@ from budget import best_dir, cosine_lr, train_then_finetune
 from vaelab import figures, runs
 from vaelab.cli import PRESETS, positive_ints
 from vaelab.config import RunConfig
-from vaelab.density import importance_sample
+from vaelab.density import importance_sample, mean_and_stderr
 from vaelab.evaluate import nll_test_set
 from vaelab.train import prepare_data
 
@@ -73,8 +73,8 @@ def estimate(run_dir: Path, x: torch.Tensor, k: int) -> tuple[dict, torch.Tensor
 def paired_difference(log_px_hvae: torch.Tensor, log_px_vae: torch.Tensor) -> dict[str, float]:
     """NLL(HVAE) - NLL(VAE) per image, its mean and standard error: the images are shared, so the spread of
     image difficulty (which dominates each model's own standard error) cancels."""
-    diff = (log_px_vae - log_px_hvae).double()
-    return {"mean": diff.mean().item(), "stderr": (diff.std() / len(diff) ** 0.5).item()}
+    mean, stderr = mean_and_stderr(log_px_vae.double() - log_px_hvae.double())
+    return {"mean": mean, "stderr": stderr}
 
 
 def main() -> None:

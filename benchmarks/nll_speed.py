@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import load_dataset
-from vaelab.density import log_likelihood
+from vaelab.density import log_likelihood, mean_and_stderr
 from vaelab.errors import DataError
 from vaelab.evaluate import nll_test_set
 from vaelab.train import prepare_data, train
@@ -122,11 +122,6 @@ def trained_model(workdir: Path):
     train(config, workdir / "run", progress=False)
     x, _ = nll_test_set(config, prepare_data(config))
     return runs.load(workdir / "run"), x, name
-
-
-def mean_and_stderr(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from torch.distributions import MultivariateNormal
 from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split
-from vaelab.density import importance_sample, log_likelihood
+from vaelab.density import importance_sample, log_likelihood, mean_and_stderr
 from vaelab.evaluate import compare_runs, evaluate_run
 from vaelab.latent_stats import active_units, mutual_information
 from vaelab.models import VAE
@@ -228,3 +228,10 @@ def test_active_units_threshold_follows_the_prior_scale_on_the_sphere():
     variance = torch.tensor(result["posterior_mean_variance"])
     assert variance.max() < 0.01 < variance.max() * 32  # unscaled, none would count
     assert result["active_units"] == 32
+
+
+def test_mean_and_stderr_of_per_example_values():
+    mean, stderr = mean_and_stderr([1.0, 2.0, 3.0, 6.0])  # sample std (n - 1): sqrt(14 / 3)
+    assert mean == pytest.approx(3.0) and stderr == pytest.approx(math.sqrt(14 / 3) / 2)
+    assert mean_and_stderr(torch.tensor([[1.0], [3.0]])) == pytest.approx((2.0, 1.0))  # any shape, flattened
+    assert math.isnan(mean_and_stderr([5.0])[1])  # one value has no spread to estimate

@@ -13,6 +13,7 @@ draw), so an estimate depends on the seed alone: not on the chunk or batch size,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,13 @@ from .system import keep_freed_memory, model_device
 
 MAX_ELEMENTS = 1 << 23  # parameters of p(x|z) materialised per pass (32 MiB of float32 logits)
 DEFAULT_CHUNK = 200  # samples per pass: large enough for efficient matmuls, small enough to stay in cache
+
+
+def mean_and_stderr(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
+    """Mean of per-example values and its standard error, std / sqrt(n) (std with n - 1); nan for one value."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    n = v.numel()
+    return float(v.mean()), (float(v.std() / math.sqrt(n)) if n > 1 else float("nan"))
 
 
 @dataclass(frozen=True)
@@ -43,9 +51,8 @@ class Estimate:
         """Mean NLL in nats with its standard error and the mean ESS; in bits per dimension for images
         (n_dims values each), or per token and as perplexity exp(sum NLL / sum tokens) for text."""
         nll = -self.log_px.double()
-        n = nll.numel()
-        stderr = float(nll.std() / math.sqrt(n)) if n > 1 else float("nan")
-        result = {"nll": float(nll.mean()), "nll_stderr": stderr, "nll_k": self.k,
+        mean, stderr = mean_and_stderr(nll)
+        result = {"nll": mean, "nll_stderr": stderr, "nll_k": self.k,
                   "ess_mean": float(self.ess.double().mean()), "ess_fraction": float(self.ess.double().mean()) / self.k}
         if n_dims is not None:
             result["nll_bits_per_dim"] = float(nll.mean()) / (n_dims * math.log(2))
