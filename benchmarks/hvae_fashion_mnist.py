@@ -17,8 +17,8 @@ wall_s_hvae, nll_hvae_minus_vae, and details) and a side-by-side grid of samples
 The rate falls from --lr (default 3e-3) to --lr-min along a cosine over the whole CPU budget (NVAE's
 schedule; the default). With --lr-schedule constant --finetune-lr X, the last --finetune-cpu-minutes
 (default 20) run at X instead, the VAE's own schedule. --resume continues the run in --out and counts the
-CPU time it has already used. --groups (latent groups per scale) and --spectral-reg replace the preset's;
-give each such run its own --name and --out.
+CPU time it has already used (the record kept in --out/budget.json, which --eval-only reads too). --groups
+(latent groups per scale) and --spectral-reg replace the preset's; give each such run its own --name and --out.
 
     OMP_NUM_THREADS=1 python benchmarks/hvae_fashion_mnist.py --threads 1 --cpu-minutes 70.4 \
         [--resume] [--k 1000] [--eval-only] [--groups 3,3 --spectral-reg 0 --name NAME --out DIR]
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from budget import best_dir, cosine_lr, train_then_finetune
 
-from vaelab import figures, runs
+from vaelab import figures, fileio, runs
 from vaelab.cli import PRESETS, positive_ints
 from vaelab.config import RunConfig
 from vaelab.density import importance_sample, mean_and_stderr
@@ -41,6 +41,7 @@ from vaelab.evaluate import nll_test_set
 from vaelab.train import prepare_data
 
 RESULTS = Path(__file__).parent / "results"
+TRAINING_RECORD = "budget.json"  # in the run directory: --resume and --eval-only read it, whatever --name is
 PUBLISHED = {"HVAE (Gaussian prior)": 227.37, "ConvHVAE (Gaussian prior)": 225.38}  # Exemplar VAE, Table 1
 
 
@@ -60,6 +61,13 @@ def read_result(name: str) -> dict:
     """A results file of benchmarks/results, or {} while it does not exist."""
     path = RESULTS / name
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def training_record(out: Path, name: str) -> dict:
+    """What a run has spent so far (epochs, CPU and wall seconds, its schedule): the record kept in its run
+    directory, else (runs from before the record moved there) results/NAME_training.json, else {}."""
+    kept = out / TRAINING_RECORD
+    return json.loads(kept.read_text()) if kept.exists() else read_result(f"{name}_training.json")
 
 
 def estimate(run_dir: Path, x: torch.Tensor, k: int) -> tuple[dict, torch.Tensor, float]:
@@ -93,7 +101,7 @@ def main() -> None:
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine")
     parser.add_argument("--lr-min", type=float, default=2e-5, help="where the cosine schedule ends")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out; its earlier CPU time (in results/) counts")
+                        help="continue the run in --out; the CPU time it has used (--out/budget.json) counts")
     parser.add_argument("--name", default="hvae_fashion_mnist",
                         help="results/NAME.json, NAME_training.json and NAME_samples.png (for runs side by side)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the HVAE run in --out as it is")
@@ -108,7 +116,7 @@ def main() -> None:
         parser.error("--lr-schedule cosine anneals over the whole budget; drop --finetune-lr")
     config = hvae_config(lr=args.lr, groups=args.groups, spectral_reg=args.spectral_reg)
     data = prepare_data(config)
-    before = read_result(f"{args.name}_training.json") if args.resume or args.eval_only else {}
+    before = training_record(args.out, args.name) if args.resume or args.eval_only else {}
     spent = before or {"epochs": 0, "cpu_s": 0.0, "wall_s": 0.0}
     if not args.eval_only:
         finetune_s = 60 * args.finetune_cpu_minutes if args.finetune_lr else 0.0
@@ -119,7 +127,9 @@ def main() -> None:
         spent = {**now, "cpu_s": spent["cpu_s"] + now["cpu_s"], "wall_s": spent["wall_s"] + now["wall_s"],
                  "finetune_lr": args.finetune_lr, "lr": args.lr, "lr_schedule": args.lr_schedule,
                  "lr_min": args.lr_min if args.lr_schedule == "cosine" else None}
-        (RESULTS / f"{args.name}_training.json").write_text(json.dumps(spent, indent=2) + "\n")
+        record = json.dumps(spent, indent=2) + "\n"
+        (RESULTS / f"{args.name}_training.json").write_text(record)
+        fileio.atomic_write_text(args.out / TRAINING_RECORD, record)
     x, seed = nll_test_set(config, data)
     x = x[:args.n_test]
     nll, log_px = {}, {}

@@ -9,8 +9,9 @@ import torch
 from vaelab import runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import hvae_fashion_mnist  # noqa: E402
 from budget import best_dir, cosine_lr, train_within  # noqa: E402
-from hvae_fashion_mnist import paired_difference  # noqa: E402
+from hvae_fashion_mnist import paired_difference, training_record  # noqa: E402
 from test_train import tiny_config, tiny_data  # noqa: E402
 
 
@@ -53,3 +54,16 @@ def test_paired_difference_is_the_hvae_minus_vae_nll_per_image_with_its_standard
     diff = paired_difference(log_px_vae + gain, log_px_vae)
     assert diff["mean"] == pytest.approx(-1.0)  # NLL(HVAE) - NLL(VAE): negative when the HVAE is better
     assert diff["stderr"] == pytest.approx(gain.std().item() / 2)  # the spread of difficulty cancels
+
+
+def test_training_record_is_read_from_the_run_directory_whatever_the_results_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(hvae_fashion_mnist, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    assert training_record(run, "a") == {}  # nothing spent yet
+    (tmp_path / "results" / "a_training.json").write_text('{"epochs": 3, "cpu_s": 30.0}')
+    assert training_record(run, "a") == {"epochs": 3, "cpu_s": 30.0}  # a run from before the record moved
+    assert training_record(run, "b") == {}
+    (run / "budget.json").write_text('{"epochs": 5, "cpu_s": 50.0}')
+    assert training_record(run, "b") == training_record(run, "a") == {"epochs": 5, "cpu_s": 50.0}
