@@ -34,7 +34,7 @@ import torch
 from budget import best_dir, cosine_lr, train_then_finetune
 
 from vaelab import figures, fileio, runs
-from vaelab.cli import PRESETS, positive_ints
+from vaelab.cli import PRESETS, group_counts
 from vaelab.config import RunConfig
 from vaelab.density import importance_sample, mean_and_stderr
 from vaelab.evaluate import nll_test_set
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--name", default="hvae_fashion_mnist",
                         help="results/NAME.json, NAME_training.json and NAME_samples.png (for runs side by side)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the HVAE run in --out as it is")
-    parser.add_argument("--groups", type=positive_ints, default=None,
+    parser.add_argument("--groups", type=group_counts, default=None,
                         help="latent groups per scale, coarsest first, e.g. 3,3 (default: the preset's 4,4)")
     parser.add_argument("--spectral-reg", type=float, default=None, help="NVAE's lambda (default: the preset's, 0)")
     args = parser.parse_args()

@@ -31,15 +31,21 @@ from .config import (
 from .errors import ConfigError, VaelabError
 
 
-def positive_ints(text: str) -> tuple[int, ...]:
-    """argparse type for comma-separated positive integers (--hidden, --groups; also the benchmarks' flags)."""
+def positive_ints(text: str, minimum: int = 1) -> tuple[int, ...]:
+    """argparse type for comma-separated positive integers (--hidden; also the benchmarks' flags)."""
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expects comma-separated positive integers like 512,256, got {text!r}")
+    if not sizes or min(sizes) < minimum:
+        kind = "positive integers like 512,256" if minimum == 1 else f"integers >= {minimum} like 4,4,0"
+        raise argparse.ArgumentTypeError(f"expects comma-separated {kind}, got {text!r}")
     return sizes
+
+
+def group_counts(text: str) -> tuple[int, ...]:
+    """argparse type for --groups: latent groups per scale, coarsest first; the finest scales may have 0."""
+    return positive_ints(text, minimum=0)
 
 
 # (section, field, flag, argparse keyword arguments)
@@ -72,8 +78,9 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("model", "kappa", "--kappa", dict(type=float, metavar="K", help="fixed vMF concentration (default: learned)")),
     ("model", "bn_mu", "--bn-mu", dict(type=float, metavar="GAMMA", help="BN-VAE: batch-normalise posterior means "
                                                                          "with fixed scale GAMMA (Zhu et al. 2020)")),
-    ("model", "groups", "--groups", dict(type=positive_ints, metavar="2,2", help="hvae: latent groups per scale, top "
-                                                                       "(coarsest) first; default 2 per scale")),
+    ("model", "groups", "--groups", dict(type=group_counts, metavar="2,2", help="hvae: latent groups per scale, top "
+                                                                       "(coarsest) first; default 2 per scale; 0 "
+                                                                       "for the finest scales: cells, no latents")),
     ("model", "cells", "--cells", dict(type=int, metavar="N", help="hvae: residual cells per group (default 1)")),
     ("model", "scale_floor", "--scale-floor", dict(type=float, metavar="X", help="hvae: every latent standard "
                                                                                  "deviation is softplus(.) + X "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,11 @@ def _positive(value: float, flag: str, *, allow_zero: bool = False) -> None:
     if not number or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{flag} must be a finite number {bound}, got {value!r}")
+
+
+def zeros_last(groups: Sequence[int]) -> bool:
+    """Whether a hierarchy's group counts (coarsest scale first) leave only its finest scales without latents."""
+    return len(groups) > 0 and groups[0] > 0 and list(groups) == sorted(groups, key=lambda g: g == 0)
 
 
 def _integer(value: Any, flag: str, *, minimum: int) -> None:
@@ -145,10 +151,13 @@ class ModelConfig:
             raise ConfigError(f"--groups must list one count per scale, like 2,2; got {self.groups!r}")
         groups = (2,) * len(hidden) if self.groups is None else tuple(self.groups)
         for g in groups:
-            _integer(g, "--groups (each count)", minimum=1)
+            _integer(g, "--groups (each count)", minimum=0)
         if len(groups) != len(hidden):
             raise ConfigError(f"--groups needs one count per scale, i.e. per entry of --hidden "
                               f"{','.join(map(str, hidden))}; got {','.join(map(str, groups))}")
+        if not zeros_last(groups):
+            raise ConfigError(f"--groups {','.join(map(str, groups))}: only the finest scales (the last counts) may "
+                              "have 0 groups, and the top scale needs at least one, e.g. 4,4,0")
         if self.latent != "gaussian" or self.bn_mu is not None or self.linear:
             raise ConfigError(f"--model {self.model} has Gaussian latent groups; drop --latent/--bn-mu/--linear")
         object.__setattr__(self, "groups", groups)

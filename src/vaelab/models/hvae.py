@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from ..config import zeros_last
 from ..errors import ConfigError
 from ..hvae_cells import ResidualCell, SpectralNorms, scale_sizes
 from ..latents import Noise, diagonal_normal, standard_normal
@@ -115,7 +116,9 @@ class HVAE(nn.Module):
         input_shape: (C, H, W) of the images.
         latent_dim: channels of each latent group.
         hidden: channels per spatial scale, scale s at resolution ceil(H / 2^(s+1)); e.g. (32, 64).
-        groups: latent groups per scale, top (coarsest) scale first; as many entries as hidden.
+        groups: latent groups per scale, top (coarsest) scale first; as many entries as hidden. The finest
+            scales may have 0: they hold no latents, only one block of cells each way (NVAE's pre- and
+            post-processing cells, which keep its latent groups at 1/4 and 1/8 of the image size).
         likelihood: "bernoulli", "gaussian" (fixed sigma) or "gaussian-learned".
         sigma: the Gaussian likelihood's fixed (or initial) scale.
         scale_floor: every prior and posterior standard deviation is softplus(.) + scale_floor.
@@ -129,8 +132,9 @@ class HVAE(nn.Module):
         hidden, groups = tuple(hidden), tuple(groups)
         if len(input_shape) != 3:
             raise ConfigError(f"the hierarchical VAE models images (C, H, W), got input_shape {input_shape}")
-        if not hidden or len(groups) != len(hidden) or min(groups) < 1:
-            raise ConfigError(f"--groups needs one count >= 1 per scale of --hidden {hidden}, got {groups}")
+        if not hidden or len(groups) != len(hidden) or min(groups) < 0 or not zeros_last(groups):
+            raise ConfigError(f"--groups needs one count per scale of --hidden {hidden}, >= 1 but for the finest "
+                              f"scales, which may have 0 (no latents: pre-/post-processing only); got {groups}")
         if not 0 < scale_floor < 1 or cells < 1 or latent_dim < 1:
             raise ConfigError("the hierarchical VAE needs 0 < scale_floor < 1, cells >= 1 and latent_dim >= 1")
         self.input_shape = tuple(input_shape)
@@ -144,10 +148,12 @@ class HVAE(nn.Module):
         self.group_sizes = [math.prod(shape) for shape in self.group_shapes]
         self.latent_dim = self.group_sizes[0]  # D_top: generic code sees the top group as "z"
 
-        # bottom-up: stem, then per scale one block of cells per group (its output feeds that group), then down
+        # bottom-up: stem, then per scale one block of cells per group (its output feeds that group), then down;
+        # a scale without groups has one block whose output feeds only the next scale (NVAE's pre-processing)
         self.stem = nn.Conv2d(c, hidden[0], 3, stride=2, padding=1)
+        self.enc_groups = groups[::-1]  # groups of scale s, finest first
         self.enc = nn.ModuleList(
-            nn.ModuleList(self._cells(hidden[s]) for _ in range(groups[n_scales - 1 - s])) for s in range(n_scales))
+            nn.ModuleList(self._cells(hidden[s]) for _ in range(max(self.enc_groups[s], 1))) for s in range(n_scales))
         self.down = nn.ModuleList(ResidualCell(hidden[s], hidden[s + 1], resample="down")
                                   for s in range(n_scales - 1))
 
@@ -166,6 +172,7 @@ class HVAE(nn.Module):
         self.dec = nn.ModuleList(self._cells(ch) for ch in width_of)
         self.up = nn.ModuleList(ResidualCell(hidden[s + 1], hidden[s], resample="up", out_size=self.sizes[s])
                                 for s in range(n_scales - 1))
+        self.post = nn.ModuleList(self._cells(hidden[s]) for s in range(min(self.group_scale)))  # post-processing
         # one parameter per pixel from scale 0 (H/2): sub-pixel convolution (Shi et al. 2016), cropped for odd sizes
         self.head = nn.Sequential(nn.ELU(), nn.Conv2d(hidden[0], 4 * c, 3, padding=1), nn.PixelShuffle(2))
         self.likelihood = build_likelihood(likelihood, sigma=sigma, channels=c)
@@ -190,7 +197,8 @@ class HVAE(nn.Module):
         for s, blocks in enumerate(self.enc):
             for block in blocks:
                 h = block(h)
-                features.append(h)
+                if self.enc_groups[s]:
+                    features.append(h)
             if s < len(self.down):
                 h = self.down[s](h)
         return features[::-1]  # the deepest features inform the top group, as in NVAE
@@ -251,6 +259,8 @@ class HVAE(nn.Module):
             groups.append(Group(qz, pz, z))
             z_flat = z.expand(*lead, *z.shape[-3:]).reshape(kk * batch, *z.shape[-3:])  # (K*B, C_z, h, w)
             s = self.dec[i](self.merge[i](torch.cat([s, z_flat], 1)))
+        for scale in reversed(range(len(self.post))):  # the finer scales without latent groups
+            s = self.post[scale](self.up[scale](s))
         height, width = self.input_shape[1:]
         return groups, self.head(s)[..., :height, :width]
 
