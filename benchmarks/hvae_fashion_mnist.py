@@ -18,10 +18,11 @@ The rate falls from --lr (default 3e-3) to --lr-min along a cosine over the whol
 schedule; the default). With --lr-schedule constant --finetune-lr X, the last --finetune-cpu-minutes
 (default 20) run at X instead, the VAE's own schedule. --resume continues the run in --out and counts the
 CPU time it has already used (the record kept in --out/budget.json, which --eval-only reads too). --groups
-(latent groups per scale) and --spectral-reg replace the preset's; give each such run its own --name and --out.
+(latent groups per scale), --hidden (channels per scale) and --spectral-reg replace the preset's; give each
+such run its own --name and --out.
 
     OMP_NUM_THREADS=1 python benchmarks/hvae_fashion_mnist.py --threads 1 --cpu-minutes 70.4 \
-        [--resume] [--k 1000] [--eval-only] [--groups 3,3 --spectral-reg 0 --name NAME --out DIR]
+        [--resume] [--k 1000] [--eval-only] [--hidden 16,32,64 --groups 4,4,0 --spectral-reg 0 --name NAME --out DIR]
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 from budget import best_dir, cosine_lr, train_then_finetune
 
 from vaelab import figures, fileio, runs
-from vaelab.cli import PRESETS, group_counts
+from vaelab.cli import PRESETS, group_counts, positive_ints
 from vaelab.config import RunConfig
 from vaelab.density import importance_sample, mean_and_stderr
 from vaelab.evaluate import nll_test_set
@@ -46,10 +47,11 @@ PUBLISHED = {"HVAE (Gaussian prior)": 227.37, "ConvHVAE (Gaussian prior)": 225.3
 
 
 def hvae_config(epochs: int = 0, lr: float = 1e-3, groups: tuple[int, ...] | None = None,
-                spectral_reg: float | None = None) -> RunConfig:
-    """--preset hvae-s on binarised Fashion-MNIST; groups and spectral_reg, when given, replace the preset's."""
+                spectral_reg: float | None = None, hidden: tuple[int, ...] | None = None) -> RunConfig:
+    """--preset hvae-s on binarised Fashion-MNIST; groups, hidden and spectral_reg, when given, replace the preset's."""
     preset = PRESETS["hvae-s"]
-    model = {**preset["model"], "likelihood": "bernoulli", **({"groups": groups} if groups else {})}
+    model = {**preset["model"], "likelihood": "bernoulli", **({"groups": groups} if groups else {}),
+             **({"hidden": hidden} if hidden else {})}
     train = {**preset["train"], **({"spectral_reg": spectral_reg} if spectral_reg is not None else {})}
     return RunConfig.from_dict({
         "data": {"name": "fashion-mnist", "binarize": "dynamic"}, "model": model,
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--eval-only", action="store_true", help="evaluate the HVAE run in --out as it is")
     parser.add_argument("--groups", type=group_counts, default=None,
                         help="latent groups per scale, coarsest first, e.g. 3,3 (default: the preset's 4,4)")
+    parser.add_argument("--hidden", type=positive_ints, default=None,
+                        help="channels per scale, finest first, e.g. 16,32,64 (default: the preset's)")
     parser.add_argument("--spectral-reg", type=float, default=None, help="NVAE's lambda (default: the preset's, 0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,7 +118,7 @@ def main() -> None:
     budget_s = 60 * args.cpu_minutes if args.cpu_minutes else vae_result.get("train_cpu_s", 50 * 60)
     if args.lr_schedule == "cosine" and args.finetune_lr:
         parser.error("--lr-schedule cosine anneals over the whole budget; drop --finetune-lr")
-    config = hvae_config(lr=args.lr, groups=args.groups, spectral_reg=args.spectral_reg)
+    config = hvae_config(lr=args.lr, groups=args.groups, spectral_reg=args.spectral_reg, hidden=args.hidden)
     data = prepare_data(config)
     before = training_record(args.out, args.name) if args.resume or args.eval_only else {}
     spent = before or {"epochs": 0, "cpu_s": 0.0, "wall_s": 0.0}
