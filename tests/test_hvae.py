@@ -195,10 +195,10 @@ def test_config_checks_name_the_flag():
 def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     out = tmp_path / "hvae"
     assert main(["train", "--preset", "hvae-s", "--data", "digits", "--binarize", "dynamic", "--epochs", "1",
-                 "--warmup-epochs", "1", "--hidden", "8,12", "--latent-dim", "4", "--spectral-reg", "0.01",
+                 "--warmup-epochs", "1", "--hidden", "4,8,12", "--latent-dim", "4", "--spectral-reg", "0.01",
                  "--out", str(out), "--no-baselines", "--quiet"]) == 0
     config = runs.load_config(out)
-    assert config.model.model == "hvae" and config.model.groups == (4, 4) and config.train.kl_balance
+    assert config.model.model == "hvae" and config.model.groups == (4, 4, 0) and config.train.kl_balance
     assert config.train.spectral_reg == 0.01
     assert (out / "report.html").exists() and (out / "figures" / "kl_per_group.png").exists()
     evaluation = json.loads((out / "evaluation.json").read_text())
