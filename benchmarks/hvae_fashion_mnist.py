@@ -1,18 +1,18 @@
 """The hierarchical VAE against the single-layer VAE on dynamically binarised Fashion-MNIST, same CPU budget.
 
 The VAE is the run of benchmarks/fashion_mnist_nll.py (run that first: it writes
-benchmarks/results/fashion_mnist_nll.json and runs/fashion-mnist-nll). The HVAE (`--preset hvae-s`: four latent
-groups of 8 channels at 4x4 and four at 7x7, cells without latents at 14x14, KL warm-up with balancing, no
-spectral regularisation) trains
-on the same 50k/10k split for the same number of training CPU seconds (process time), in whole epochs.
+benchmarks/results/fashion_mnist_nll.json and runs/fashion-mnist-nll). The HVAE (`--preset hvae-s`: four
+latent groups of 8 channels at 4x4 and four at 7x7, cells without latents at 14x14, KL warm-up with
+balancing, no spectral regularisation) trains on the same 50k/10k split for the same number of training
+CPU seconds (process time), in whole epochs.
 
 Each model is taken at its epoch with the best validation ELBO (early stopping, as in the published
 protocol; kept in runs/<name>-best). Both models' log p(x) is then estimated with K importance samples
 (default 1000) on the same test images, binarised once with seed 0: the first --n-test of the test set
 (default 500; importance sampling through the whole hierarchy costs ~0.5 CPU ms per image and sample, so
-all 10,000 at K = 1000 would take ~1.5 CPU hours), and their per-image difference with its standard error (the images
-are shared, so the spread of image difficulty cancels and the difference is far more precise than either
-NLL). Writes benchmarks/results/hvae_fashion_mnist.json (keys nll_vae, nll_hvae, k, wall_s_vae,
+all 10,000 at K = 1000 take ~1.5 CPU hours), and their per-image difference with its standard error (the
+images are shared, so the spread of image difficulty cancels and the difference is far more precise than
+either NLL). Writes benchmarks/results/hvae_fashion_mnist.json (keys nll_vae, nll_hvae, k, wall_s_vae,
 wall_s_hvae, nll_hvae_minus_vae, and details) and a side-by-side grid of samples, hvae_fashion_mnist_samples.png.
 
 The rate falls from --lr (default 3e-3) to --lr-min along a cosine over the whole CPU budget (NVAE's
@@ -109,7 +109,7 @@ def main() -> None:
                         help="results/NAME.json, NAME_training.json and NAME_samples.png (for runs side by side)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the HVAE run in --out as it is")
     parser.add_argument("--groups", type=group_counts, default=None,
-                        help="latent groups per scale, coarsest first, e.g. 3,3 (default: the preset's 4,4)")
+                        help="latent groups per scale, coarsest first, e.g. 5,5,0 (default: the preset's 4,4,0)")
     parser.add_argument("--hidden", type=positive_ints, default=None,
                         help="channels per scale, finest first, e.g. 16,32,64 (default: the preset's)")
     parser.add_argument("--spectral-reg", type=float, default=None, help="NVAE's lambda (default: the preset's, 0)")

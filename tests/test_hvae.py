@@ -192,6 +192,18 @@ def test_config_checks_name_the_flag():
     assert isinstance(build_model(config), HVAE)
 
 
+def test_group_counts_on_the_command_line_give_one_line_errors(tmp_path, capsys):
+    base = ["train", "--model", "hvae", "--data", "digits", "--hidden", "4,8", "--epochs", "0", "--quiet",
+            "--no-report", "--out", str(tmp_path / "run")]
+    assert main(base + ["--groups", "0,2"]) == 2  # a coarse scale without latents above one with them
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--groups 0,2" in err and "finest scales" in err
+    with pytest.raises(SystemExit):
+        main(base + ["--groups", "2,-1"])
+    assert "integers >= 0 like 4,4,0" in capsys.readouterr().err
+    assert main(base + ["--groups", "2,0"]) == 0 and runs.load_config(tmp_path / "run").model.groups == (2, 0)
+
+
 def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     out = tmp_path / "hvae"
     assert main(["train", "--preset", "hvae-s", "--data", "digits", "--binarize", "dynamic", "--epochs", "1",
