@@ -32,7 +32,8 @@ from .errors import ConfigError, VaelabError
 
 
 def positive_ints(text: str, minimum: int = 1) -> tuple[int, ...]:
-    """argparse type for comma-separated positive integers (--hidden; also the benchmarks' flags)."""
+    """argparse type for comma-separated integers >= minimum, positive by default (--hidden; the benchmarks'
+    flags); group_counts passes 0."""
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
