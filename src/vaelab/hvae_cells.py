@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 RESIDUAL_SCALE = 0.1  # NVAE's cells add 0.1 * branch to the skip: early training stays close to the identity
 POWER_EPS = 1e-12  # guards the normalisation in power iteration against an all-zero weight
 
@@ -29,7 +31,7 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, reduction: int = 16, min_hidden: int = 4):
         super().__init__()
         hidden = max(channels // reduction, min_hidden)
-        self.gate = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid())
+        self.gate = nn.Sequential(Linear(channels, hidden), nn.ReLU(), Linear(hidden, channels), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x.mean((2, 3)))[:, :, None, None]  # (B, c, h, w)

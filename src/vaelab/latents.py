@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, register_kl
 
+from .linear import Linear
+
 # Numerics in one place: log-variances outside this range only arise from diverging training,
 # and exp() of them would overflow or underflow float32.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -71,8 +73,8 @@ class DiagonalGaussian(nn.Module):
     def __init__(self, *, in_features: int, latent_dim: int, bn_mu: float | None = None):
         super().__init__()
         self.latent_dim = latent_dim
-        self.mean = nn.Linear(in_features, latent_dim)
-        self.logvar = nn.Linear(in_features, latent_dim)
+        self.mean = Linear(in_features, latent_dim)
+        self.logvar = Linear(in_features, latent_dim)
         self.register_buffer("zero", torch.zeros(latent_dim), persistent=False)
         self.register_buffer("one", torch.ones(latent_dim), persistent=False)
         self.mean_bn = None

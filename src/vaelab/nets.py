@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .linear import Linear
 
 
 def _activation(linear: bool) -> nn.Module:
@@ -23,7 +24,7 @@ class GatedLinear(nn.Module):
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
-        self.proj = nn.Linear(n_in, 2 * n_out)
+        self.proj = Linear(n_in, 2 * n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.glu(self.proj(x), dim=-1)
@@ -39,7 +40,7 @@ def mlp(sizes: list[int], *, linear: bool = False, last_activation: bool = False
         if hidden_layer and activation == "gated":
             layers.append(GatedLinear(n_in, n_out))
         else:
-            layers.append(nn.Linear(n_in, n_out))
+            layers.append(Linear(n_in, n_out))
             if hidden_layer:
                 layers.append(nn.ReLU())
     return nn.Sequential(*layers)
@@ -120,7 +121,7 @@ class ConvDecoder(nn.Module):
         c, h, w = output_shape
         hs, ws = _conv_sizes(h, len(hidden)), _conv_sizes(w, len(hidden))
         self.start = (hidden[-1], hs[-1], ws[-1])
-        self.project = nn.Sequential(nn.Linear(latent_dim, math.prod(self.start)), _activation(linear))
+        self.project = nn.Sequential(Linear(latent_dim, math.prod(self.start)), _activation(linear))
         channels = (*reversed(hidden), c)
         layers: list[nn.Module] = []
         for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):

@@ -18,6 +18,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 
 from .latents import Noise
+from .linear import Linear
 
 # log I_v(kappa): the power series up to _SERIES_MAX, an asymptotic expansion above it. 64 series terms leave
 # under 1e-23 of the sum at kappa = 50; above 50, Hankel's expansion (20 terms) for v < 8 and Debye's (12 terms)
@@ -404,8 +405,8 @@ class VMFLatent(nn.Module):
         if kappa is not None and not kappa > 0:
             raise ValueError(f"a fixed vMF concentration must be positive, got kappa={kappa}")
         self.latent_dim = latent_dim
-        self.mu = nn.Linear(in_features, latent_dim)
-        self.kappa_head = nn.Linear(in_features, 1) if kappa is None else None
+        self.mu = Linear(in_features, latent_dim)
+        self.kappa_head = Linear(in_features, 1) if kappa is None else None
         # config, not state: a checkpoint rebuilds it from the constructor arguments
         self.register_buffer("kappa_fixed", None if kappa is None else torch.tensor(float(kappa)), persistent=False)
 

@@ -8,6 +8,7 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 
 from ..errors import ConfigError
+from ..linear import Linear
 from ..nets import ENCODERS
 from .common import ImageDecoder, Output
 
@@ -90,7 +91,7 @@ class AE(nn.Module):
         self.latent_dim = latent_dim
         self.encoder = ENCODERS[net](input_shape=self.input_shape, hidden=hidden, linear=linear,
                                      activation=activation)
-        self.code = nn.Linear(self.encoder.out_features, latent_dim)
+        self.code = Linear(self.encoder.out_features, latent_dim)
         self.decoder = ImageDecoder(net=net, latent_dim=latent_dim, hidden=hidden, output_shape=self.input_shape,
                                     likelihood=likelihood, sigma=sigma, linear=linear,
                                     activation=activation)

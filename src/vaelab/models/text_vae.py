@@ -13,6 +13,7 @@ from torch.distributions import Distribution, constraints
 from ..data.text import BOS, EOS, PAD, UNK, token_counts
 from ..errors import ConfigError
 from ..latents import Noise, build_latent
+from ..linear import Linear
 from .common import Output
 
 RNNS = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -85,9 +86,9 @@ class TextVAE(nn.Module):
         self.posterior = build_latent(latent, in_features=h, latent_dim=latent_dim, kappa=kappa, bn_mu=bn_mu)
         # Bowman et al. 2016, Sec. 3 (Fig. 1): z sets the decoder's initial state; here it also joins every
         # input, a common strengthening that makes z harder to ignore.
-        self.initial_state = nn.Linear(latent_dim, h * (2 if net == "lstm" else 1))  # LSTM: (h_0, c_0)
+        self.initial_state = Linear(latent_dim, h * (2 if net == "lstm" else 1))  # LSTM: (h_0, c_0)
         self.decoder = RNNS[net](embedding_dim + latent_dim, h, batch_first=True)
-        self.output = nn.Linear(h, vocab_size)
+        self.output = Linear(h, vocab_size)
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for token ids x (B, T): batch shape (B,), event shape (D,)."""

@@ -1,0 +1,88 @@
+"""Fully connected layers whose CPU matmuls run through oneDNN instead of the default BLAS.
+
+PyTorch's CPU build does float32 matmuls (`F.linear`, `@`) with Intel MKL, which dispatches on the
+CPU's vendor: on AMD processors it takes its AVX2 code path even where the core has full-width
+AVX-512. oneDNN (bundled with PyTorch as MKL-DNN, the library behind its CPU convolutions) chooses by
+instruction set instead. On this project's machine (AMD EPYC, Zen 5) its float32 matmul runs at ~2.1x
+MKL's rate on the MLP's shapes (benchmarks/matmul_backends.py); on Intel CPUs the two are close. The
+values are float32 products either way (no reduced-precision arithmetic); they differ from MKL's
+only in summation order.
+
+oneDNN has a fixed cost per call, so small layers (under MIN_MACS multiply-adds per product; a layer's
+three products, forward and both gradients, have the same count) stay on BLAS, as do other devices and
+dtypes. `torch.backends.mkldnn.enabled = False` (or its `flags` context) turns the oneDNN path off.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_MACS = 2**21  # below ~2M multiply-adds per product, oneDNN's per-call cost outweighs its faster kernel
+
+
+def _onednn_op():
+    try:
+        return torch.ops.mkldnn._linear_pointwise  # the op torch.compile's CPU backend calls for linear layers
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_LINEAR = _onednn_op()
+
+
+def _onednn(*tensors: torch.Tensor) -> bool:
+    return (_LINEAR is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b.T (+ bias) for 2-D a (M, K) and b (N, K): through oneDNN where it can run.
+
+    oneDNN reads b as it lies when it is contiguous or the transpose of a contiguous matrix (a layer's
+    weight, or weight.t()); other strides are copied first, as is a non-contiguous a (torch's op does that).
+    """
+    if not _onednn(a, b):
+        return F.linear(a, b, bias)
+    if not (b.is_contiguous() or b.t().is_contiguous()):
+        b = b.contiguous()
+    return _LINEAR(a, b, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with all three matmuls (forward, input and weight gradients) through matmul_nt."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        ctx.save_for_backward(x2, weight)
+        ctx.input_shape, ctx.has_bias = x.shape, bias is not None
+        return matmul_nt(x2, weight, bias).unflatten(0, x.shape[:-1])  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (M, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # skipped for a first layer fed with data
+            grad_x = matmul_nt(g, weight.t()).reshape(ctx.input_shape)  # (M, out) @ (out, in)
+        if ctx.needs_input_grad[1]:
+            grad_w = matmul_nt(g.t(), x2.t())  # (out, M) @ (M, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), with CPU float32 matmuls through oneDNN (see the module docstring)."""
+    macs = x.numel() * weight.shape[0]  # M * in * out
+    if x.dim() < 2 or macs < MIN_MACS or not _onednn(x, weight):
+        return F.linear(x, weight, bias)
+    return _OneDNNLinear.apply(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `linear`: the same parameters, state-dict keys and initialisation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,75 @@
+"""vaelab.linear: fully connected layers through oneDNN agree with F.linear, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaelab import linear as vlinear
+from vaelab.linear import MIN_MACS, Linear, linear, matmul_nt
+
+onednn = pytest.mark.skipif(vlinear._LINEAR is None or not torch.backends.mkldnn.is_available(),
+                            reason="this torch build has no oneDNN")
+
+
+def _both(shape: tuple[int, ...], n_out: int, *, input_grad: bool = True):
+    """Outputs and gradients of vaelab's Linear and nn.Linear with the same weights on the same input."""
+    torch.manual_seed(0)
+    ours = Linear(shape[-1], n_out)
+    ref = nn.Linear(shape[-1], n_out)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(*shape)
+    results = []
+    for layer in (ours, ref):
+        xi = x.clone().requires_grad_(input_grad)
+        y = layer(xi)
+        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results.append((y, xi.grad, layer.weight.grad, layer.bias.grad))
+    return results
+
+
+@onednn
+@pytest.mark.parametrize("shape", [(128, 784), (4, 40, 512)])
+def test_values_and_gradients_match_f_linear(shape):
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _both(shape, 512)
+    assert y.grad_fn.name() == "_OneDNNLinearBackward"  # large enough to take the oneDNN path
+    assert y.shape == y_ref.shape and gx.shape == gx_ref.shape
+    for ours, ref in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)  # float32, another summation order
+
+
+@onednn
+def test_data_input_needs_no_gradient():
+    (y, gx, gw, _), (_, _, gw_ref, _) = _both((128, 784), 512, input_grad=False)
+    assert y.grad_fn.name() == "_OneDNNLinearBackward" and gx is None
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_small_layers_other_dtypes_and_disabled_onednn_use_f_linear():
+    small = torch.randn(8, 16, requires_grad=True)
+    assert 8 * 16 * 256 < MIN_MACS
+    assert linear(small, torch.randn(256, 16), torch.zeros(256)).grad_fn.name() == "AddmmBackward0"
+    x64 = torch.randn(128, 784, dtype=torch.float64, requires_grad=True)
+    assert linear(x64, torch.randn(512, 784, dtype=torch.float64)).grad_fn.name() == "MmBackward0"
+    x = torch.randn(128, 784, requires_grad=True)
+    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):  # None: leave TF32 alone (warns)
+        assert linear(x, torch.randn(512, 784), torch.zeros(512)).grad_fn.name() == "AddmmBackward0"
+
+
+def test_linear_is_nn_linear_on_disk():
+    """Same parameters, names and initialisation as nn.Linear: checkpoints move between the two."""
+    torch.manual_seed(3)
+    ours = Linear(784, 512)
+    torch.manual_seed(3)
+    ref = nn.Linear(784, 512)
+    assert isinstance(ours, nn.Linear)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+
+
+def test_matmul_nt_is_a_times_b_transposed_for_any_strides():
+    """Transposed operands (as a layer's backward passes them) and a sliced, padded b."""
+    torch.manual_seed(0)
+    a, b, c = torch.randn(300, 200), torch.randn(100, 300), torch.randn(300, 100)
+    torch.testing.assert_close(matmul_nt(a.t(), c.t()), a.t() @ c, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(matmul_nt(a, b[:, :200], torch.ones(100)), F.linear(a, b[:, :200], torch.ones(100)),
+                               rtol=1e-5, atol=1e-4)
