@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab import linear as vlinear
-from vaelab.linear import MIN_MACS, Linear, linear, matmul_nt
+from vaelab.linear import MIN_MACS, Linear, Sequential, linear, matmul_nt
 
 onednn = pytest.mark.skipif(vlinear._LINEAR is None or not torch.backends.mkldnn.is_available(),
                             reason="this torch build has no oneDNN")
@@ -73,3 +73,29 @@ def test_matmul_nt_is_a_times_b_transposed_for_any_strides():
     torch.testing.assert_close(matmul_nt(a.t(), c.t()), a.t() @ c, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(matmul_nt(a, b[:, :200], torch.ones(100)), F.linear(a, b[:, :200], torch.ones(100)),
                                rtol=1e-5, atol=1e-4)
+
+
+@onednn
+def test_fused_relu_matches_linear_then_relu():
+    torch.manual_seed(0)
+    x = torch.randn(128, 512, requires_grad=True)
+    w, b = torch.randn(256, 512, requires_grad=True), torch.randn(256, requires_grad=True)
+    y = linear(x, w, b, relu=True)
+    assert y.grad_fn.name() == "_OneDNNLinearBackward" and (y == 0).any() and (y > 0).any()
+    y_ref = F.relu(F.linear(x, w, b))
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, w, b), grad)
+    ref = torch.autograd.grad(y_ref, (x, w, b), grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+
+
+def test_sequential_fuses_without_changing_modules_or_keys():
+    """vaelab's Sequential has nn.Sequential's modules and keys, and the same outputs (fused or not)."""
+    torch.manual_seed(0)
+    layers = [Linear(784, 512), nn.ReLU(), Linear(512, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU()]
+    ours, ref = Sequential(*layers), nn.Sequential(*layers)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(128, 784)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-4)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .linear import Linear
+from .linear import Linear, Sequential
 
 
 def _activation(linear: bool) -> nn.Module:
@@ -31,7 +31,7 @@ class GatedLinear(nn.Module):
 
 
 def mlp(sizes: list[int], *, linear: bool = False, last_activation: bool = False,
-        activation: str = "relu") -> nn.Sequential:
+        activation: str = "relu") -> Sequential:
     """Layers between consecutive sizes: Linear + ReLU, or gated linear units; the last is plain Linear
     unless last_activation. linear=True drops every nonlinearity."""
     layers: list[nn.Module] = []
@@ -43,7 +43,7 @@ def mlp(sizes: list[int], *, linear: bool = False, last_activation: bool = False
             layers.append(Linear(n_in, n_out))
             if hidden_layer:
                 layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    return Sequential(*layers)  # fuses each Linear + ReLU pair
 
 
 class MLPEncoder(nn.Module):
@@ -121,7 +121,7 @@ class ConvDecoder(nn.Module):
         c, h, w = output_shape
         hs, ws = _conv_sizes(h, len(hidden)), _conv_sizes(w, len(hidden))
         self.start = (hidden[-1], hs[-1], ws[-1])
-        self.project = nn.Sequential(Linear(latent_dim, math.prod(self.start)), _activation(linear))
+        self.project = Sequential(Linear(latent_dim, math.prod(self.start)), _activation(linear))
         channels = (*reversed(hidden), c)
         layers: list[nn.Module] = []
         for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
