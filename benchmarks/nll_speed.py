@@ -5,7 +5,9 @@ Fashion-MNIST, or mnist5k when it is missing), same binarised test images, same 
 
 The reference is Pythae's own `VAE.get_nll` (pip install -e .[bench] installs pythae 0.1.2, which needs
 no torchvision), run on a Pythae VAE whose encoder and decoder are the trained model's layers (same
-weights): one image at a time; for each block of 100 samples the image is copied 100 times and the
+weights) as plain nn.Linear modules, as a Pythae user's network has them (vaelab's own Linear layers
+take oneDNN's matmul on the CPU, see vaelab.linear; the row "vaelab, BLAS matmuls" shows vaelab's
+estimator without that): one image at a time; for each block of 100 samples the image is copied 100 times and the
 copies are encoded again; sigmoid outputs scored with F.binary_cross_entropy; one .item() per image;
 autograd on (its get_nll has no torch.no_grad). Without pythae the benchmark falls back to a loop of the
 same shape written here (`pythae_style_nll`), which is also always timed: it returns per-image values,
@@ -23,6 +25,7 @@ Last line: `speedup=X agree=true|false`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -40,6 +44,7 @@ from vaelab.data import load_dataset
 from vaelab.density import log_likelihood, mean_and_stderr
 from vaelab.errors import DataError
 from vaelab.evaluate import nll_test_set
+from vaelab.linear import Linear
 from vaelab.train import prepare_data, train
 
 RESULTS = Path(__file__).parent / "results" / "nll_speed.json"
@@ -78,6 +83,18 @@ def _pythae_style_nll(model, data: torch.Tensor, n_samples: int, batch_size: int
         log_p_x = torch.cat(log_p_x)
         log_p.append((torch.logsumexp(log_p_x, 0) - np.log(len(log_p_x))).item())
     return np.array(log_p)
+
+
+def with_torch_linear(model: nn.Module) -> nn.Module:
+    """A copy of model whose vaelab.linear.Linear layers are plain nn.Linear with the same weights."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain)
+    return model
 
 
 def pythae_vae(model):
@@ -134,7 +151,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         model, test_x, name = trained_model(Path(workdir))
     x = test_x[:args.images]
-    pythae = pythae_vae(model)
+    reference_model = with_torch_linear(model)  # the references' layers: PyTorch's default matmuls
+    pythae = pythae_vae(reference_model)
     print(f"model: MLP VAE 784-512-256-16 trained 3 epochs on {name}; {len(x)} test images, K={args.k}, "
           f"{torch.get_num_threads()} threads; reference: "
           + ("Pythae's own get_nll" if pythae is not None else "the Pythae-style loop (pythae not installed)"))
@@ -146,12 +164,14 @@ def main() -> None:
         times.append(time.perf_counter() - start)
         return value
 
-    times = {"pythae": [], "loop": [], "loop, no_grad": [], "vaelab": []}
+    times = {"pythae": [], "loop": [], "loop, no_grad": [], "vaelab, BLAS matmuls": [], "vaelab": []}
     for _ in range(args.rounds):  # interleaved, medians: the machine is shared and noisy
         if pythae is not None:
             pythae_mean = timed(lambda: float(pythae.get_nll(x, n_samples=args.k, batch_size=100)), times["pythae"])
-        loop = timed(lambda: pythae_style_nll(model, x, n_samples=args.k), times["loop"])
-        timed(lambda: pythae_style_nll(model, x, n_samples=args.k, grad=False), times["loop, no_grad"])
+        loop = timed(lambda: pythae_style_nll(reference_model, x, n_samples=args.k), times["loop"])
+        timed(lambda: pythae_style_nll(reference_model, x, n_samples=args.k, grad=False), times["loop, no_grad"])
+        with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):  # None: leave TF32 alone (warns)
+            timed(lambda: log_likelihood(model, x, k=args.k, seed=0), times["vaelab, BLAS matmuls"])
         ours = timed(lambda: log_likelihood(model, x, k=args.k, seed=0).double().numpy(), times["vaelab"])
     median = {k: statistics.median(v) for k, v in times.items() if v}
     reference = "pythae" if pythae is not None else "loop"
@@ -167,7 +187,7 @@ def main() -> None:
     print(f"{'estimator':<26}{'seconds':>9}{'images/s':>11}{'vaelab is':>11}{'mean log p(x)':>16}{'stderr':>9}")
     rows = {"pythae": ("Pythae VAE.get_nll", m_ref if pythae is not None else None, None),
             "loop": ("Pythae-style loop", m_loop, se_loop), "loop, no_grad": ("same loop, no_grad", None, None),
-            "vaelab": ("vaelab", m_ours, se_ours)}
+            "vaelab, BLAS matmuls": ("vaelab, BLAS matmuls", None, None), "vaelab": ("vaelab", m_ours, se_ours)}
     for key, t in median.items():
         label, mean, se = rows[key]
         print(f"{label:<26}{t:>9.2f}{len(x) / t:>11.1f}{t / median['vaelab']:>10.2f}x"
@@ -189,6 +209,7 @@ def main() -> None:
                                    "seconds": median, "rounds": times, "speedup": speedup,
                                    "speedup_vs_loop": median["loop"] / median["vaelab"],
                                    "speedup_vs_no_grad_loop": median["loop, no_grad"] / median["vaelab"],
+                                   "speedup_with_blas_matmuls": median[reference] / median["vaelab, BLAS matmuls"],
                                    "agree": agree, "mean_reference": m_ref, "mean_loop": m_loop,
                                    "mean_vaelab": m_ours, "full_test_set": full}, indent=2) + "\n")
     print(f"speedup={speedup:.2f} agree={'true' if agree else 'false'}")
