@@ -3,10 +3,11 @@
 PyTorch's CPU build does float32 matmuls (`F.linear`, `@`) with Intel MKL, which dispatches on the
 CPU's vendor: on AMD processors it takes its AVX2 code path even where the core has full-width
 AVX-512. oneDNN (bundled with PyTorch as MKL-DNN, the library behind its CPU convolutions) chooses by
-instruction set instead. On this project's machine (AMD EPYC, Zen 5) its float32 matmul runs at ~2.1x
-MKL's rate on the MLP's shapes (benchmarks/matmul_backends.py); on Intel CPUs the two are close. The
-values are float32 products either way (no reduced-precision arithmetic); they differ from MKL's
-only in summation order.
+instruction set instead. On this project's machine (AMD EPYC, Zen 5) its float32 matmul runs at 1.0-2.4x
+MKL's rate on the MLP VAE's products and ~2.1x on large square ones (benchmarks/matmul_backends.py);
+on Intel CPUs, where MKL takes its AVX-512 path, the gain should be smaller (not measured). The
+values are float32 products either way (no reduced-precision arithmetic unless torch's mkldnn
+fp32_precision is set to bf16 or tf32); they differ from MKL's only in summation order.
 
 oneDNN has a fixed cost per call, so small layers (under MIN_MACS multiply-adds per product; a layer's
 three products, forward and both gradients, have the same count) stay on BLAS, as do other devices and
