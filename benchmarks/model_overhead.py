@@ -6,6 +6,8 @@ differs: vaelab's (torch.distributions values, clamped log-variances, per-exampl
 registered KL against N(0, I)) against pytorch/examples' formulation in plain tensors (one BCE-with-logits
 sum, the KL written out). With --compile, the plain model under torch.compile is timed as well.
 Rounds of --steps steps alternate between the models; medians after two warm-up rounds.
+Both run their matmuls through PyTorch's default library (oneDNN off, so vaelab.linear falls back to
+F.linear): this measures what the model's own code costs; benchmarks/train_speed.py measures the lot.
 
     python benchmarks/model_overhead.py [--rounds 12] [--steps 60] [--compile]
 """
@@ -74,9 +76,10 @@ def main() -> None:
         model = make()
         setups[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True))
     rates = {name: [] for name in setups}
-    for _ in range(args.rounds + 2):  # alternating; the first two rounds are warm-up (and compilation)
-        for name, (model, optimizer) in setups.items():
-            rates[name].append(steps_per_s(model, optimizer, x, args.steps))
+    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):  # None: leave TF32 alone (warns)
+        for _ in range(args.rounds + 2):  # alternating; the first two rounds are warm-up (and compilation)
+            for name, (model, optimizer) in setups.items():
+                rates[name].append(steps_per_s(model, optimizer, x, args.steps))
     median = {name: statistics.median(r[2:]) for name, r in rates.items()}
     print(f"{'model':<22}{'samples/s':>11}{'vs plain':>10}   ({args.rounds} rounds of {args.steps} steps, "
           f"{torch.get_num_threads()} threads)")
