@@ -99,3 +99,12 @@ def test_sequential_fuses_without_changing_modules_or_keys():
     assert ours.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(128, 784)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-4)
+
+
+@onednn
+def test_double_backward_raises():
+    x = torch.randn(128, 784, requires_grad=True)
+    y = Linear(784, 512)(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
+        gx.sum().backward()

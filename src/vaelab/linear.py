@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 MIN_MACS = 2**21  # below ~2M multiply-adds per product, oneDNN's per-call cost outweighs its faster kernel
 
@@ -67,6 +68,7 @@ class _OneDNNLinear(torch.autograd.Function):
         return y.unflatten(0, x.shape[:-1])  # (..., out)
 
     @staticmethod
+    @once_differentiable  # the oneDNN op has no derivative: a double backward raises instead of going wrong
     def backward(ctx, grad: torch.Tensor):
         x2, weight, y = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (M, out)
@@ -104,7 +106,8 @@ class Sequential(nn.Sequential):
     """nn.Sequential that computes each Linear directly followed by nn.ReLU as one `linear(..., relu=True)`.
 
     The modules, their order and the state-dict keys are nn.Sequential's; only the forward pass fuses
-    (one pass over the layer's output fewer, forward and backward: ~5% of an MLP VAE's training step).
+    (one pass over the layer's output fewer, forward and backward: ~5% of an MLP VAE's training step),
+    so forward hooks registered on a fused Linear or ReLU do not run.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
