@@ -31,7 +31,7 @@ def _both(shape: tuple[int, ...], n_out: int, *, input_grad: bool = True):
 @pytest.mark.parametrize("shape", [(128, 784), (4, 40, 512)])
 def test_values_and_gradients_match_f_linear(shape):
     (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _both(shape, 512)
-    assert y.grad_fn.name() == "_OneDNNLinearBackward"  # large enough to take the oneDNN path
+    assert y.grad_fn.name() == "_OneDNNChainBackward"  # large enough to take the oneDNN path
     assert y.shape == y_ref.shape and gx.shape == gx_ref.shape
     for ours, ref in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)  # float32, another summation order
@@ -40,7 +40,7 @@ def test_values_and_gradients_match_f_linear(shape):
 @onednn
 def test_data_input_needs_no_gradient():
     (y, gx, gw, _), (_, _, gw_ref, _) = _both((128, 784), 512, input_grad=False)
-    assert y.grad_fn.name() == "_OneDNNLinearBackward" and gx is None
+    assert y.grad_fn.name() == "_OneDNNChainBackward" and gx is None
     torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-4)
 
 
@@ -81,7 +81,7 @@ def test_fused_relu_matches_linear_then_relu():
     x = torch.randn(128, 512, requires_grad=True)
     w, b = torch.randn(256, 512, requires_grad=True), torch.randn(256, requires_grad=True)
     y = linear(x, w, b, relu=True)
-    assert y.grad_fn.name() == "_OneDNNLinearBackward" and (y == 0).any() and (y > 0).any()
+    assert y.grad_fn.name() == "_OneDNNChainBackward" and (y == 0).any() and (y > 0).any()
     y_ref = F.relu(F.linear(x, w, b))
     grad = torch.randn_like(y)
     ours = torch.autograd.grad(y, (x, w, b), grad)
@@ -108,3 +108,25 @@ def test_double_backward_raises():
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
         gx.sum().backward()
+
+
+@onednn
+def test_sequential_chain_matches_nn_sequential_values_and_gradients():
+    """A stretch of oneDNN layers (ReLU after some, one without bias, one frozen) is one autograd node
+    with nn.Sequential's values and gradients; a small layer in between runs on its own."""
+    torch.manual_seed(0)
+    layers = [Linear(784, 512), nn.ReLU(), Linear(512, 256, bias=False), nn.ReLU(), Linear(256, 512),
+              Linear(512, 8), nn.ReLU(), Linear(8, 512), nn.ReLU(), Linear(512, 784)]
+    layers[4].weight.requires_grad_(False)
+    ours, ref = Sequential(*layers), nn.Sequential(*layers)
+    x = torch.randn(128, 784, requires_grad=True)
+    y, y_ref = ours(x), ref(x)
+    first = ours[:5](x).grad_fn  # the first three layers: one node, fed by x and the parameters directly
+    assert first.name() == "_OneDNNChainBackward"
+    assert not any(f is not None and f.name() == "_OneDNNChainBackward" for f, _ in first.next_functions)
+    assert y.grad_fn.name() == "_OneDNNChainBackward"  # Linear(512, 784) after the small layers
+    params = [x] + [p for p in ours.parameters() if p.requires_grad]
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    for a, r in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(y_ref, params, grad)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=2e-4)
