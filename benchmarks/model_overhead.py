@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from train_speed import BATCH, ExamplesVAE, load
 
+from vaelab.linear import onednn_off
 from vaelab.models import VAE
 from vaelab.objectives import elbo
 from vaelab.system import keep_freed_memory
@@ -76,7 +77,7 @@ def main() -> None:
         model = make()
         setups[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True))
     rates = {name: [] for name in setups}
-    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):  # None: leave TF32 alone (warns)
+    with onednn_off():
         for _ in range(args.rounds + 2):  # alternating; the first two rounds are warm-up (and compilation)
             for name, (model, optimizer) in setups.items():
                 rates[name].append(steps_per_s(model, optimizer, x, args.steps))

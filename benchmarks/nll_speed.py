@@ -44,7 +44,7 @@ from vaelab.data import load_dataset
 from vaelab.density import log_likelihood, mean_and_stderr
 from vaelab.errors import DataError
 from vaelab.evaluate import nll_test_set
-from vaelab.linear import Linear
+from vaelab.linear import Linear, onednn_off
 from vaelab.train import prepare_data, train
 
 RESULTS = Path(__file__).parent / "results" / "nll_speed.json"
@@ -170,7 +170,7 @@ def main() -> None:
             pythae_mean = timed(lambda: float(pythae.get_nll(x, n_samples=args.k, batch_size=100)), times["pythae"])
         loop = timed(lambda: pythae_style_nll(reference_model, x, n_samples=args.k), times["loop"])
         timed(lambda: pythae_style_nll(reference_model, x, n_samples=args.k, grad=False), times["loop, no_grad"])
-        with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):  # None: leave TF32 alone (warns)
+        with onednn_off():
             timed(lambda: log_likelihood(model, x, k=args.k, seed=0), times["vaelab, BLAS matmuls"])
         ours = timed(lambda: log_likelihood(model, x, k=args.k, seed=0).double().numpy(), times["vaelab"])
     median = {k: statistics.median(v) for k, v in times.items() if v}

@@ -43,7 +43,7 @@ from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split, load_dataset
 from vaelab.errors import DataError
-from vaelab.linear import matmul_nt
+from vaelab.linear import matmul_nt, onednn_off
 from vaelab.train import train
 
 BATCH = 128
@@ -186,7 +186,7 @@ def flops_per_sample(data: Dataset) -> tuple[float, float]:
 
     model = VAE(input_shape=data.shape, latent_dim=16, hidden=(512, 256))
     x = data.train.x[:BATCH]
-    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):  # aten matmuls, which the counter knows
+    with onednn_off():  # aten matmuls, which the counter knows
         with FlopCounterMode(display=False) as forward:
             loss = elbo(model(x), x)["loss"].mean()
         with FlopCounterMode(display=False) as backward:

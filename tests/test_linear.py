@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab import linear as vlinear
-from vaelab.linear import MIN_MACS, Linear, Sequential, linear, matmul_nt
+from vaelab.linear import MIN_MACS, Linear, Sequential, linear, matmul_nt, onednn_off
 
 onednn = pytest.mark.skipif(vlinear._LINEAR is None or not torch.backends.mkldnn.is_available(),
                             reason="this torch build has no oneDNN")
@@ -51,7 +51,7 @@ def test_small_layers_other_dtypes_and_disabled_onednn_use_f_linear():
     x64 = torch.randn(128, 784, dtype=torch.float64, requires_grad=True)
     assert linear(x64, torch.randn(512, 784, dtype=torch.float64)).grad_fn.name() == "MmBackward0"
     x = torch.randn(128, 784, requires_grad=True)
-    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):  # None: leave TF32 alone (warns)
+    with onednn_off():
         assert linear(x, torch.randn(512, 784), torch.zeros(512)).grad_fn.name() == "AddmmBackward0"
 
 

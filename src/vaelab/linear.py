@@ -11,9 +11,11 @@ fp32_precision is set to bf16 or tf32); they differ from MKL's only in summation
 
 oneDNN has a fixed cost per call, so small layers (under MIN_MACS multiply-adds per product; a layer's
 three products, forward and both gradients, have the same count) stay on BLAS, as do other devices and
-dtypes. `torch.backends.mkldnn.enabled = False` (or its `flags` context) turns the oneDNN path off.
+dtypes. `torch.backends.mkldnn.enabled = False` (or the `onednn_off()` context) turns the oneDNN path off.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,14 @@ def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, attr
     return _LINEAR(a, b, bias, attr, [], "")
 
 
+@contextlib.contextmanager
+def onednn_off():
+    """Within it, vaelab.linear (and torch's oneDNN convolutions) use the default BLAS: for comparisons."""
+    # allow_tf32=None leaves TF32 alone: setting it warns on builds without Intel GPU support
+    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):
+        yield
+
+
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b.T (+ bias) for 2-D a (M, K) and b (N, K): through oneDNN where it can run, else F.linear."""
     return _nt(a, b, bias) if _onednn(a, b) else F.linear(a, b, bias)
@@ -72,21 +82,15 @@ class _OneDNNChain(torch.autograd.Function):
         for j, relu in enumerate(relus):
             h = _nt(h, params[2 * j], params[2 * j + 1], "relu" if relu else "none")  # (M, out_j)
             hs.append(h)
-        ctx.save_for_backward(*hs, *(p for p in params if p is not None))
-        ctx.relus, ctx.input_shape, ctx.has_bias = relus, x.shape, [params[2 * j + 1] is not None
-                                                                    for j in range(len(relus))]
+        ctx.save_for_backward(*hs, *params)  # a None bias is saved as None
+        ctx.relus, ctx.input_shape = relus, x.shape
         return h.unflatten(0, x.shape[:-1])  # (..., out_n)
 
     @staticmethod
     @once_differentiable  # the oneDNN op has no derivative: a double backward raises instead of going wrong
     def backward(ctx, grad: torch.Tensor):
         n = len(ctx.relus)
-        hs, rest = ctx.saved_tensors[:n + 1], list(ctx.saved_tensors[n + 1:])
-        weights = []
-        for has_bias in ctx.has_bias:
-            weights.append(rest.pop(0))
-            if has_bias:
-                rest.pop(0)
+        hs, weights = ctx.saved_tensors[:n + 1], ctx.saved_tensors[n + 1::2]
         grads: list[torch.Tensor | None] = [None] * (2 * n)
         needs = ctx.needs_input_grad[2:]
         g = grad.reshape(-1, grad.shape[-1])  # (M, out_n)
@@ -96,7 +100,7 @@ class _OneDNNChain(torch.autograd.Function):
                 g = torch.ops.aten.threshold_backward(g, hs[j + 1], 0)  # ReLU's gradient: zero where h_j <= 0
             if needs[2 * j]:
                 grads[2 * j] = _nt(g.t(), hs[j].t())  # (out, M) @ (M, in)
-            if ctx.has_bias[j] and needs[2 * j + 1]:
+            if needs[2 * j + 1]:  # False for a None bias
                 grads[2 * j + 1] = g.sum(0)
             if j > 0:
                 g = _nt(g, weights[j].t())  # (M, out) @ (out, in)
