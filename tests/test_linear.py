@@ -130,3 +130,13 @@ def test_sequential_chain_matches_nn_sequential_values_and_gradients():
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
     for a, r in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(y_ref, params, grad)):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=2e-4)
+
+
+@onednn
+def test_shape_mismatch_gives_torchs_error_naming_both_shapes():
+    """oneDNN's own error names no shapes; a layer that does not fit its input goes to F.linear, whose does."""
+    with pytest.raises(RuntimeError, match=r"128x780 and 784x512"):
+        Linear(784, 512)(torch.randn(128, 780))
+    chain = Sequential(Linear(784, 512), nn.ReLU(), Linear(500, 784))  # misbuilt: 512 outputs into 500 inputs
+    with pytest.raises(RuntimeError, match=r"128x512 and 500x784"):
+        chain(torch.randn(128, 784))

@@ -109,14 +109,18 @@ class _OneDNNChain(torch.autograd.Function):
         return grad_x, None, *grads
 
 
-def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a layer's products go through oneDNN: M * in * out large enough, CPU float32, oneDNN on.
+def _fits(x: torch.Tensor, weight: torch.Tensor, features: int | None = None) -> bool:
+    """Whether a layer's products go through oneDNN: M * in * out large enough, CPU float32, oneDNN on,
+    and the layer takes `features` inputs (default: x's last dimension); a mismatch goes to F.linear,
+    whose error names both shapes (oneDNN's does not).
 
     M is the number of rows of x (all dimensions but the last); weight is (out, in), and may belong to a
-    later layer of a chain that starts at x (its rows stay M).
+    later layer of a chain that starts at x (its rows stay M; features is then the previous layer's out).
     """
     rows = x.numel() // x.shape[-1] if x.dim() >= 2 and x.shape[-1] else 0
-    return rows * weight.shape[0] * weight.shape[1] >= MIN_MACS and _onednn(x, weight)
+    features = x.shape[-1] if features is None else features
+    return (weight.shape[1] == features and rows * weight.shape[0] * weight.shape[1] >= MIN_MACS
+            and _onednn(x, weight))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -151,10 +155,12 @@ class Sequential(nn.Sequential):
         while i < len(layers):
             relus: list[bool] = []
             params: list[torch.Tensor | None] = []
-            while i < len(layers) and isinstance(layers[i], Linear) and _fits(x, layers[i].weight):
+            features = x.shape[-1] if x.dim() else 0  # inputs of the chain's next layer
+            while i < len(layers) and isinstance(layers[i], Linear) and _fits(x, layers[i].weight, features):
                 relu = i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU
                 relus.append(relu)
                 params += [layers[i].weight, layers[i].bias]
+                features = layers[i].out_features
                 i += 2 if relu else 1
             if relus:
                 x = _OneDNNChain.apply(x, tuple(relus), *params)
