@@ -7,8 +7,15 @@ from torch import nn
 from vaelab import linear as vlinear
 from vaelab.linear import MIN_MACS, Linear, Sequential, linear, matmul_nt, onednn_off
 
+DEFAULT_PREFER_ONEDNN = vlinear.PREFER_ONEDNN  # before the fixture below changes it
 onednn = pytest.mark.skipif(vlinear._LINEAR is None or not torch.backends.mkldnn.is_available(),
                             reason="this torch build has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def prefer_onednn(monkeypatch):
+    """The oneDNN path on every CPU, as on AMD: on Intel CPUs layers take it only when asked."""
+    monkeypatch.setattr(vlinear, "PREFER_ONEDNN", True)
 
 
 def _both(shape: tuple[int, ...], n_out: int, *, input_grad: bool = True):
@@ -140,3 +147,16 @@ def test_shape_mismatch_gives_torchs_error_naming_both_shapes():
     chain = Sequential(Linear(784, 512), nn.ReLU(), Linear(500, 784))  # misbuilt: 512 outputs into 500 inputs
     with pytest.raises(RuntimeError, match=r"128x512 and 500x784"):
         chain(torch.randn(128, 784))
+
+
+def test_intel_cpus_keep_nn_linear(monkeypatch):
+    """Where MKL takes its fastest path (Intel), every layer is plain F.linear, chains included."""
+    monkeypatch.setattr(vlinear, "PREFER_ONEDNN", False)
+    x = torch.randn(128, 784, requires_grad=True)
+    assert Linear(784, 512)(x).grad_fn.name() == "AddmmBackward0"
+    assert Sequential(Linear(784, 512), nn.ReLU())(x).grad_fn.name() == "ReluBackward0"
+
+
+def test_cpu_vendor_decides_the_default():
+    vendor = vlinear._cpu_vendor()
+    assert DEFAULT_PREFER_ONEDNN == (vendor != "GenuineIntel")

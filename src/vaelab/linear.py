@@ -1,13 +1,14 @@
-"""Fully connected layers whose CPU matmuls run through oneDNN instead of the default BLAS.
+"""Fully connected layers whose CPU matmuls run through oneDNN instead of the default BLAS, where that is faster.
 
 PyTorch's CPU build does float32 matmuls (`F.linear`, `@`) with Intel MKL, which dispatches on the
 CPU's vendor: on AMD processors it takes its AVX2 code path even where the core has full-width
 AVX-512. oneDNN (bundled with PyTorch as MKL-DNN, the library behind its CPU convolutions) chooses by
-instruction set instead. On this project's machine (AMD EPYC, Zen 5) its float32 matmul runs at 1.0-2.4x
-MKL's rate on the MLP VAE's products and ~2.1x on large square ones (benchmarks/matmul_backends.py);
-on Intel CPUs, where MKL takes its AVX-512 path, the gain should be smaller (not measured). The
-values are float32 products either way (no reduced-precision arithmetic unless torch's mkldnn
-fp32_precision is set to bf16 or tf32); they differ from MKL's only in summation order.
+instruction set instead. On an AMD EPYC (Zen 5) its float32 matmul runs at 1.0-2.4x MKL's rate on
+the MLP VAE's products and ~2.1x on large square ones (benchmarks/matmul_backends.py); on an Intel
+Xeon with AVX-512 and AMX (Sapphire Rapids class) MKL matches or beats it on every product (oneDNN at
+0.45-1.15x), so on Intel CPUs (PREFER_ONEDNN) layers stay nn.Linear's. The values are float32 products
+either way (no reduced-precision arithmetic unless torch's mkldnn fp32_precision is set to bf16 or
+tf32); they differ from MKL's only in summation order.
 
 oneDNN has a fixed cost per call, so small layers (under MIN_MACS multiply-adds per product; a layer's
 three products, forward and both gradients, have the same count) stay on BLAS, as do other devices and
@@ -16,6 +17,7 @@ dtypes. `torch.backends.mkldnn.enabled = False` (or the `onednn_off()` context) 
 from __future__ import annotations
 
 import contextlib
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,25 @@ def _onednn_op():
 
 _LINEAR = _onednn_op()
 _AVAILABLE = _LINEAR is not None and torch.backends.mkldnn.is_available()
+
+
+def _cpu_vendor() -> str:
+    """The x86 CPU's vendor ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    processor = platform.processor()  # Windows: "Intel64 Family 6 ..., GenuineIntel"
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in processor), "")
+
+
+# MKL picks its kernels by CPU vendor: its AVX-512 path on Intel, where it matches or beats oneDNN on
+# every product of the MLP VAE and a training step is ~20% faster than through oneDNN, and AVX2 elsewhere,
+# where oneDNN is up to 2.4x faster (benchmarks/matmul_backends.py). Layers use oneDNN only where this holds.
+PREFER_ONEDNN = _cpu_vendor() != "GenuineIntel"
 
 
 def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -119,7 +140,7 @@ def _fits(x: torch.Tensor, weight: torch.Tensor, features: int | None = None) ->
     """
     rows = x.numel() // x.shape[-1] if x.dim() >= 2 and x.shape[-1] else 0
     features = x.shape[-1] if features is None else features
-    return (weight.shape[1] == features and rows * weight.shape[0] * weight.shape[1] >= MIN_MACS
+    return (PREFER_ONEDNN and weight.shape[1] == features and rows * weight.shape[0] * weight.shape[1] >= MIN_MACS
             and _onednn(x, weight))
 
 

@@ -27,7 +27,7 @@ from .data import Dataset, binarize, check_finite, check_unit_interval, load_dat
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import PCA, build_model
 from .objectives import OBJECTIVES, reconstruction
-from .system import keep_freed_memory, model_device
+from .system import flush_denormals, keep_freed_memory, model_device
 
 EVAL_SEED = 0  # validation/test sets are binarised once, and evaluation noise drawn, with this seed
 PROGRESS_EVERY = 20  # steps between progress-bar updates, which are also the NaN checks (one sync each)
@@ -197,16 +197,17 @@ class Trainer:
         if isinstance(self.model, PCA):
             model = self._fit_pca()
         else:
-            for epoch in range(start_epoch, self.config.train.epochs + 1):
-                try:
-                    record = self._epoch(epoch)
-                except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-                    if not _out_of_memory(e):
-                        raise
-                    raise TrainingError(self._oom_message(epoch)) from None
-                self._save({"epoch": epoch, "complete": epoch == self.config.train.epochs, "metrics": record},
-                           record)
-                self._log(_format_record(record, self.config.train.epochs))
+            with flush_denormals():  # converging models make denormals, which Intel CPUs compute slowly
+                for epoch in range(start_epoch, self.config.train.epochs + 1):
+                    try:
+                        record = self._epoch(epoch)
+                    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                        if not _out_of_memory(e):
+                            raise
+                        raise TrainingError(self._oom_message(epoch)) from None
+                    self._save({"epoch": epoch, "complete": epoch == self.config.train.epochs,
+                                "metrics": record}, record)
+                    self._log(_format_record(record, self.config.train.epochs))
             model = self.model.eval()
         distributed.leave(self.job)
         return model

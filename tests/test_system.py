@@ -1,0 +1,76 @@
+"""vaelab.system: denormals flushed on every thread while training, and restored afterwards."""
+import pytest
+import torch
+
+from vaelab import system
+from vaelab.system import flush_denormals
+from vaelab.train import Trainer, train
+
+from test_train import tiny_config, tiny_data
+
+x86 = pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU has no flush-to-zero flags")
+
+
+def denormals_kept() -> int:
+    """How many of 2^20 denormals survive a product: the elements are split among all intra-op threads."""
+    tiny = torch.ones(1 << 20, dtype=torch.int32).view(torch.float32)  # 1.4e-45 each
+    return int((tiny * 1.0 != 0).sum())
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads whose pool already exists, as in any process that has done some work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.randn(512, 512) @ torch.randn(512, 512)
+    yield
+    torch.set_num_threads(threads)
+
+
+@x86
+def test_every_thread_flushes_inside_and_none_after(two_threads):
+    assert denormals_kept() == 1 << 20
+    with flush_denormals() as everywhere:
+        assert everywhere
+        assert denormals_kept() == 0  # the worker's half too: torch.set_flush_denormal alone leaves it
+    assert denormals_kept() == 1 << 20
+
+
+@x86
+def test_calling_thread_alone_is_not_enough(two_threads):
+    """Why the pool is visited: workers keep the flags they were created with."""
+    torch.set_flush_denormal(True)
+    try:
+        kept = denormals_kept()
+    finally:
+        torch.set_flush_denormal(False)
+    if torch.get_num_threads() > 1:
+        assert 0 < kept < 1 << 20
+
+
+@x86
+def test_flushing_asked_for_before_is_extended_to_the_pool_and_kept(two_threads):
+    torch.set_flush_denormal(True)
+    try:
+        with flush_denormals() as everywhere:
+            assert everywhere and denormals_kept() == 0
+        assert system._flushes_denormals()  # the caller's own setting stays
+    finally:
+        torch.set_flush_denormal(False)
+        system._on_every_thread(lambda: torch.set_flush_denormal(False))
+    assert denormals_kept() == 1 << 20
+
+
+@x86
+def test_training_steps_run_with_denormals_flushed(tmp_path, two_threads, monkeypatch):
+    seen = []
+    original = Trainer._epoch
+
+    def epoch(self, n):
+        seen.append(denormals_kept())
+        return original(self, n)
+
+    monkeypatch.setattr(Trainer, "_epoch", epoch)
+    train(tiny_config(epochs=2), tmp_path / "run", dataset=tiny_data(), progress=False)
+    assert seen == [0, 0]
+    assert denormals_kept() == 1 << 20
