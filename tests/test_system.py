@@ -1,12 +1,11 @@
 """vaelab.system: denormals flushed on every thread while training, and restored afterwards."""
 import pytest
 import torch
+from test_train import tiny_config, tiny_data
 
 from vaelab import system
 from vaelab.system import flush_denormals
 from vaelab.train import Trainer, train
-
-from test_train import tiny_config, tiny_data
 
 x86 = pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU has no flush-to-zero flags")
 

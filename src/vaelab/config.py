@@ -184,6 +184,7 @@ class TrainConfig:
     grad_clip: float | None = None  # clip the gradients' global norm to this before each step
     kl_balance: bool = False  # hierarchies: NVAE's KL balancing across groups while the KL weight is below 1
     spectral_reg: float = 0.0  # hierarchies: weight lambda of NVAE's spectral regulariser sum_i sigma_max(W_i)
+    compile: bool = False  # run each training step's forward pass and loss through torch.compile
 
     def __post_init__(self) -> None:
         _integer(self.epochs, "--epochs", minimum=0)
@@ -218,6 +219,8 @@ class TrainConfig:
         if self.kl_balance and self.objective != "elbo":
             raise ConfigError("--kl-balance reweights the ELBO's KL term; use it with --objective elbo")
         _positive(self.spectral_reg, "--spectral-reg", allow_zero=True)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
 
 
 @dataclass(frozen=True)
