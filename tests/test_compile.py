@@ -26,11 +26,12 @@ def test_the_step_is_one_graph_and_kl_warmup_does_not_recompile():
     dynamo_counters.clear()
     step = compile_step(loss_terms, model, x)
     for beta in (0.0, 0.25, 0.5, 1.0):
-        terms = step(model, x, beta=torch.tensor(beta), free_bits=0.0, kl_balance=False)
+        loss, (loss_sum, recon, kl) = step(model, x, beta=torch.tensor(beta), free_bits=0.0, kl_balance=False)
         # the analytic KL has no noise in it: eager and compiled agree; the loss weights it by beta
         eager = loss_terms(model, x, beta=beta)
-        torch.testing.assert_close(terms["kl"], eager["kl"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(terms["loss"], terms["recon"] + beta * terms["kl"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kl, eager["kl"].sum(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(loss_sum, recon + beta * kl, rtol=1e-5, atol=1e-4)
+        assert loss.requires_grad and loss.detach() == loss_sum and not loss_sum.requires_grad
     assert dynamo_counters["stats"]["unique_graphs"] == 1
     assert not dynamo_counters["graph_break"]
 

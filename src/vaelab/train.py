@@ -139,9 +139,19 @@ def objective_for(config: RunConfig) -> Callable[..., dict[str, torch.Tensor]]:
                              k=k if k > 1 or config.train.objective == "iwae" else None)
 
 
+def step_loss(loss_terms: Callable[..., dict[str, torch.Tensor]], net: nn.Module, x: torch.Tensor,
+              **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training step's summed loss, and its (loss, recon, kl) sums without gradients, for the metrics."""
+    terms = loss_terms(net, x, **kwargs)
+    loss = terms["loss"].sum()
+    with torch.no_grad():
+        totals = torch.stack([loss, terms["recon"].sum(), terms["kl"].sum()])
+    return loss, totals
+
+
 def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.Module,
-                 x: torch.Tensor) -> Callable[..., dict[str, torch.Tensor]]:
-    """loss_terms through torch.compile, for training steps; call it with beta as a 0-d tensor.
+                 x: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """step_loss with loss_terms through torch.compile; call it with beta as a 0-d tensor.
 
     Inductor fuses the elementwise work around the matmuls (likelihood, KL, reparameterisation, ReLUs) and
     runs the pass without Python: ~10-20% per step for the MLP VAE on a CPU (benchmarks/train_speed.py).
@@ -154,7 +164,7 @@ def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.M
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
         loss_terms(model.eval(), x[:2], beta=1.0)
     model.train(was_training)
-    return torch.compile(loss_terms, dynamic=False)
+    return torch.compile(functools.partial(step_loss, loss_terms), dynamic=False)
 
 
 def _make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -281,7 +291,8 @@ class Trainer:
         perm = torch.randperm(n, generator=shared, device=self.device)  # the same in every process
         dynamic = self.config.data.binarize == "dynamic"
         self.model.train()
-        sums = torch.zeros(4, device=self.device)  # loss, recon, kl summed over examples; examples
+        totals = torch.zeros(3, device=self.device)  # loss, recon, kl summed over examples
+        examples = 0
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None if self.progress and job.is_main else True,  # None: only on a terminal
@@ -298,9 +309,9 @@ class Trainer:
             lr = learning_rate(cfg, epoch - 1 + i / steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            terms = self._step_terms(xb, beta)
+            loss, step_totals = self._step_loss(xb, beta)
             # the mean over the step's global batch: DDP averages gradients over the job's processes
-            loss = terms["loss"].sum() * (job.world / step_idx.numel())
+            loss = loss * (job.world / step_idx.numel())
             if cfg.spectral_reg:  # NVAE's spectral regulariser, lambda * sum_i sigma_max(W_i) (Sec. 3.3.2)
                 loss = loss + cfg.spectral_reg * self.model.spectral_penalty()
             self.optimizer.zero_grad(set_to_none=True)
@@ -308,15 +319,15 @@ class Trainer:
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            with torch.no_grad():
-                sums += torch.stack([terms["loss"].sum(), terms["recon"].sum(), terms["kl"].sum(),
-                                     sums.new_tensor(float(mine.numel()))])
+            totals += step_totals
+            examples += mine.numel()
             if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps:
-                self._check_finite(sums, epoch, i + 1)
-                bar.set_postfix(loss=f"{sums[0].item() / sums[3].item():.2f}", refresh=False)
+                self._check_finite(totals, epoch, i + 1)
+                bar.set_postfix(loss=f"{totals[0].item() / examples:.2f}", refresh=False)
                 bar.update((i + 1) - bar.n)
         bar.close()
-        sums = job.sum(sums)  # over all processes: logged losses cover all the data
+        # over all processes: logged losses cover all the data
+        sums = job.sum(torch.cat([totals, totals.new_tensor([float(examples)])]))
         seconds = time.perf_counter() - t0
         val = self._validate()
         if not all(math.isfinite(v) for v in val.values()):
@@ -327,21 +338,21 @@ class Trainer:
                 **{f"val_{k}": v for k, v in val.items()},
                 "seconds": seconds, "samples_per_s": float(sums[3]) / seconds}
 
-    def _step_terms(self, xb: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-        """The loss terms of a training step: eager, or compiled with --compile."""
+    def _step_loss(self, xb: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """step_loss for a training step: eager, or compiled with --compile."""
         cfg = self.config.train
+        options = {"free_bits": cfg.free_bits, "kl_balance": cfg.kl_balance}
         if not cfg.compile:
-            return self.loss_terms(self.net, xb, beta=beta, free_bits=cfg.free_bits, kl_balance=cfg.kl_balance)
+            return step_loss(self.loss_terms, self.net, xb, beta=beta, **options)
         first = self.compiled is None
         if first:
             self.compiled = compile_step(self.loss_terms, self.net, xb)
-        beta_t = torch.tensor(beta, device=self.device)
         try:
-            return self.compiled(self.net, xb, beta=beta_t, free_bits=cfg.free_bits, kl_balance=cfg.kl_balance)
+            return self.compiled(self.net, xb, beta=torch.tensor(beta, device=self.device), **options)
         except Exception as e:  # inductor's failures come as many types; the eager pass below tells them apart
             if not first or isinstance(e, (TrainingError, ConfigError, MemoryError, torch.OutOfMemoryError)):
                 raise
-            self.loss_terms(self.net, xb, beta=beta, free_bits=cfg.free_bits, kl_balance=cfg.kl_balance)
+            step_loss(self.loss_terms, self.net, xb, beta=beta, **options)
             reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise TrainingError(f"--compile: torch.compile could not compile the training step ({reason}); "
                                 "train without --compile") from None
