@@ -335,3 +335,45 @@ def test_gradient_clipping_bounds_every_step(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     train(tiny_config(epochs=1, grad_clip=0.5), tmp_path / "run", dataset=tiny_data(), progress=False)
     assert norms and max(norms) <= 0.5 + 1e-5
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_optimizer_step_matches_adam_step_bit_for_bit(amsgrad):
+    """The trainer's fused-Adam step (functional adam on the optimizer's own state) is Adam.step()."""
+    from vaelab.train import optimizer_step
+
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Linear(20, 30), torch.nn.Linear(20, 30)
+    ref.load_state_dict(ours.state_dict())
+    ours.bias.requires_grad_(False)  # a frozen parameter: no gradient, no update
+    ref.bias.requires_grad_(False)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True, amsgrad=amsgrad, weight_decay=0.1)
+            for m in (ours, ref)]
+    for step in range(5):
+        x = torch.randn(8, 20)
+        for model, opt in zip((ours, ref), opts):
+            opt.param_groups[0]["lr"] = 1e-2 / (step + 1)  # the trainer's schedules set the rate each step
+            model.weight.grad = None
+            model(x).square().sum().backward()
+        optimizer_step(opts[0])
+        opts[1].step()
+    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+    for key in ("step", "exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else [])):
+        assert torch.equal(opts[0].state[ours.weight][key], opts[1].state[ref.weight][key]), key
+    assert ours.bias not in opts[0].state
+
+
+def test_optimizer_step_runs_hooks_and_other_optimizers_through_step():
+    from vaelab.train import optimizer_step
+
+    model = torch.nn.Linear(4, 2)
+    model(torch.randn(3, 4)).sum().backward()
+    calls = []
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    sgd.register_step_post_hook(lambda *args: calls.append("sgd"))
+    optimizer_step(sgd)
+    adam = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    optimizer_step(adam)  # the first step creates the state
+    adam.register_step_post_hook(lambda *args: calls.append("adam"))
+    optimizer_step(adam)
+    assert calls == ["sgd", "adam"] and int(adam.state[model.weight]["step"]) == 2

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.adam import adam
 from tqdm.auto import tqdm
 
 from . import distributed, runs
@@ -174,6 +175,32 @@ def _make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=lr)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.step(); for a fused Adam whose state exists, through torch.optim's functional adam.
+
+    The same kernel on the same state, without Optimizer.step's per-call bookkeeping (hooks, profiler
+    ranges, state and device checks): ~0.1 ms, 2% of an MLP VAE's step on a CPU. Other optimizers, the
+    first step (which creates the state) and hooked optimizers take optimizer.step().
+    """
+    updates = []
+    plain = (type(optimizer) is torch.optim.Adam and not optimizer._optimizer_step_pre_hooks
+             and not optimizer._optimizer_step_post_hooks)
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [optimizer.state.get(p) for p in params]
+        if not (plain and group["fused"] and not group["capturable"] and not group["differentiable"]
+                and all(states)):
+            optimizer.step()
+            return
+        updates.append((group, params, states))
+    for group, params, states in updates:
+        beta1, beta2 = group["betas"]
+        adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
+             fused=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+
 class Trainer:
     """Trains one run into its run directory; `fit` returns the trained model.
 
@@ -206,6 +233,7 @@ class Trainer:
         self.train_x = self.data.train.x.to(self.device)
         self.val_x = self.data.val.x.to(self.device)
         self.optimizer = None if isinstance(self.model, PCA) else _make_optimizer(self.model, config.train.lr)
+        self.parameters = list(self.model.parameters())
         self.compiled = None  # compile_step(...) with --compile, made at the first step
 
     def _log(self, message: str) -> None:
@@ -314,11 +342,12 @@ class Trainer:
             loss = loss * (job.world / step_idx.numel())
             if cfg.spectral_reg:  # NVAE's spectral regulariser, lambda * sum_i sigma_max(W_i) (Sec. 3.3.2)
                 loss = loss + cfg.spectral_reg * self.model.spectral_penalty()
-            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.parameters:  # what zero_grad(set_to_none=True) does, without its bookkeeping
+                p.grad = None
             loss.backward()
             if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+                nn.utils.clip_grad_norm_(self.parameters, cfg.grad_clip)
+            optimizer_step(self.optimizer)
             totals += step_totals
             examples += mine.numel()
             if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps:
