@@ -377,3 +377,30 @@ def test_optimizer_step_runs_hooks_and_other_optimizers_through_step():
     adam.register_step_post_hook(lambda *args: calls.append("adam"))
     optimizer_step(adam)
     assert calls == ["sgd", "adam"] and int(adam.state[model.weight]["step"]) == 2
+
+
+def test_optimizer_step_leaves_adamw_style_decay_and_global_hooks_to_step():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from vaelab.train import optimizer_step
+
+    model = torch.nn.Linear(4, 2)
+    decoupled = torch.optim.Adam(model.parameters(), lr=0.1, fused=True, weight_decay=0.5,
+                                 decoupled_weight_decay=True)
+    reference = torch.nn.Linear(4, 2)
+    reference.load_state_dict(model.state_dict())
+    adamw = torch.optim.AdamW(reference.parameters(), lr=0.1, fused=True, weight_decay=0.5)
+    for _ in range(3):
+        for m in (model, reference):
+            m.zero_grad()
+            m(torch.ones(3, 4)).sum().backward()
+        optimizer_step(decoupled)
+        adamw.step()
+    assert torch.equal(model.weight, reference.weight)
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda *args: calls.append(1))
+    try:
+        optimizer_step(decoupled)
+    finally:
+        handle.remove()
+    assert calls == [1]
