@@ -118,8 +118,8 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                           "values, by power iteration (NVAE Sec. 3.3.2)")),
     ("train", "compile", "--compile", dict(action="store_const", const=True,
                                            help="compile each training step's forward pass and loss with "
-                                                "torch.compile: ~10-20%% faster steps on CPU after a warm-up "
-                                                "of 10-30 s (needs a C++ compiler)")),
+                                                "torch.compile: 5-15%% faster steps on a CPU after a warm-up "
+                                                "of 10-40 s (needs a C++ compiler)")),
     ("train", "seed", "--seed", dict(type=int, metavar="N", help="random seed (default 0)")),
     ("train", "device", "--device", dict(choices=DEVICES, help="auto (cuda if available), cpu or cuda")),
 ]

@@ -156,7 +156,7 @@ def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.M
     """step_loss with loss_terms through torch.compile; call it with beta as a 0-d tensor.
 
     Inductor fuses the elementwise work around the matmuls (likelihood, KL, reparameterisation, ReLUs) and
-    runs the pass without Python: ~10-20% per step for the MLP VAE on a CPU (benchmarks/train_speed.py).
+    runs the pass without Python: 5-15% per step for the MLP VAE on a CPU (benchmarks/train_speed.py).
     A tensor beta keeps KL warm-up from compiling a graph per value; shapes are static (the last, short
     batch of an epoch compiles once more). torch.distributions picks a KL function with min() over a
     generator, which dynamo cannot trace, so one eager pass on two examples (eval mode, no gradients, the
