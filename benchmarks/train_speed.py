@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -239,11 +240,23 @@ def measure(method: str, examples: int) -> float:
     return METHODS[method](data.train.x)
 
 
-def measure_fresh(method: str, examples: int) -> float:
-    """measure() in a new Python process, so no method inherits another's process state (allocator, caches)."""
+def stolen_ticks() -> int:
+    """CPU time the hypervisor gave to other guests, in clock ticks since boot (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8])  # cpu user nice system idle iowait irq softirq steal
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def measure_fresh(method: str, examples: int) -> tuple[float, float]:
+    """measure() in a new Python process, so no method inherits another's process state (allocator, caches);
+    also the share of the machine's CPU time stolen by the host meanwhile (a noisy neighbour's mark)."""
+    start, stolen = time.perf_counter(), stolen_ticks()
     done = subprocess.run([sys.executable, __file__, "--measure", method, "--examples", str(examples)],
                           capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    cpu_ticks = (time.perf_counter() - start) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+    return float(done.stdout.strip().splitlines()[-1]), (stolen_ticks() - stolen) / cpu_ticks
 
 
 def main() -> None:
@@ -261,10 +274,14 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; each measurement in a fresh process")
     names = [*METHODS, "matmul peak"]
     rows: list[dict[str, float]] = []
+    steal: list[dict[str, float]] = []  # per measurement, the share of CPU time the hypervisor took
     for r in range(args.rounds):  # interleaved, so slow phases of a shared machine hit every method
-        rows.append({name: measure_fresh(name, args.examples) for name in names})
+        measured = {name: measure_fresh(name, args.examples) for name in names}
+        rows.append({name: value for name, (value, _) in measured.items()})
+        steal.append({name: share for name, (_, share) in measured.items()})
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:,.0f}" if k != "matmul peak" else f"{k} {v / 1e9:.0f} GFLOP/s"
-                                             for k, v in rows[-1].items()), flush=True)
+                                             for k, v in rows[-1].items())
+              + "; CPU time stolen by the host: " + " ".join(f"{v:.0%}" for v in steal[-1].values()), flush=True)
     # ratios are taken within each round, then the median over rounds
     ratio = {k: statistics.median(row[k] / row["dataloader loop"] for row in rows) for k in METHODS}
     fraction = {k: statistics.median(row[k] * flops / row["matmul peak"] for row in rows) for k in METHODS}
@@ -279,6 +296,7 @@ def main() -> None:
           f"({peak / executed:,.0f} counting executed FLOPs only); medians of per-round ratios")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"data": data.name, "examples": len(data.train.x), "rounds": rows,
+                                   "stolen_cpu_share": steal,
                                    "model_flops_per_sample": flops, "executed_flops_per_sample": executed,
                                    "speedup_vs_dataloader_by_method": ratio, "fraction_of_limit_by_method": fraction,
                                    "speedup_vs_dataloader": ratio["vaelab"],
