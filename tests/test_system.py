@@ -73,3 +73,12 @@ def test_training_steps_run_with_denormals_flushed(tmp_path, two_threads, monkey
     train(tiny_config(epochs=2), tmp_path / "run", dataset=tiny_data(), progress=False)
     assert seen == [0, 0]
     assert denormals_kept() == 1 << 20
+
+
+@x86
+def test_without_a_reachable_pool_only_the_calling_thread_flushes(two_threads, monkeypatch):
+    """Another OpenMP runtime or parallel backend: the flags are set where possible and said to be partial."""
+    monkeypatch.setattr(system.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(TypeError("no CDLL(None)")))
+    with flush_denormals() as everywhere:
+        assert not everywhere and system._flushes_denormals()
+    assert not system._flushes_denormals()

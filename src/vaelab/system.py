@@ -64,8 +64,8 @@ def _on_every_thread(function) -> bool:
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
     try:
-        gomp_parallel = ctypes.CDLL(None).GOMP_parallel
-    except (OSError, AttributeError):
+        gomp_parallel = ctypes.CDLL(None).GOMP_parallel  # the symbols already loaded (with torch's runtime)
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return False
     callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
     callback = callback_type(lambda _: function())  # runs on each pool thread, taking the GIL in turn
