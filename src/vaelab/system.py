@@ -91,9 +91,7 @@ def flush_denormals() -> Iterator[bool]:
     pool cannot be reached: then the calling thread and workers started later still flush). The previous
     state is restored on exit.
     """
-    if _flushes_denormals():  # already asked for on this thread: make the pool agree, and leave it so
-        yield torch.get_num_threads() == 1 or _on_every_thread(lambda: torch.set_flush_denormal(True))
-        return
+    before = _flushes_denormals()  # already asked for on this thread: make the pool agree, and leave it so
     if not torch.set_flush_denormal(True):
         yield False
         return
@@ -101,6 +99,7 @@ def flush_denormals() -> Iterator[bool]:
     try:
         yield everywhere
     finally:
-        torch.set_flush_denormal(False)
-        if everywhere:
-            _on_every_thread(lambda: torch.set_flush_denormal(False))
+        if not before:
+            torch.set_flush_denormal(False)
+            if everywhere:
+                _on_every_thread(lambda: torch.set_flush_denormal(False))
