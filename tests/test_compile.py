@@ -1,5 +1,6 @@
 """--compile: the training step through torch.compile, as one graph, the same bound, and clear failures."""
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -34,6 +35,30 @@ def test_the_step_is_one_graph_and_kl_warmup_does_not_recompile():
         assert loss.requires_grad and loss.detach() == loss_sum and not loss_sum.requires_grad
     assert dynamo_counters["stats"]["unique_graphs"] == 1
     assert not dynamo_counters["graph_break"]
+
+
+@pytest.mark.parametrize("latent_dim", [4, 20])  # log I_v by Hankel's expansion (v = 1), by Debye's (v = 9)
+def test_vmf_compiles_around_its_rejection_sampler_without_warnings(monkeypatch, latent_dim):
+    """Dynamo splits the step only at Wood's sampler (compiler-disabled: a loop that stops on data) and calls
+    the Bessel expansions' coefficient tables instead of tracing them; before, both warned on every run."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))  # tracing only
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config(), model=dataclasses.replace(tiny_config().model, latent="vmf"))
+    model = VAE(input_shape=(1, 6, 6), latent_dim=latent_dim, hidden=(16,), latent="vmf")
+    x = torch.rand(16, 1, 6, 6)
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = compile_step(objective_for(config), model, x)
+        for beta in (0.5, 1.0):
+            loss, totals = step(model, x, beta=torch.tensor(beta), free_bits=0.0, kl_balance=False)
+            loss.backward()
+    assert not [str(w.message) for w in caught]
+    assert torch.isfinite(totals).all() and all(p.grad is not None for p in model.parameters())
+    breaks = list(dynamo_counters["graph_break"])
+    assert breaks and all("_accepted_beta" in reason for reason in breaks)
 
 
 def test_compiled_training_lowers_the_loss_and_saves_plain_weights(tmp_path):

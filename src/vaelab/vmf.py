@@ -7,9 +7,10 @@ Shapes: loc (B, m), kappa (B, 1); samples z (B, m), or (K, B, m) with K samples 
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from fractions import Fraction
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +57,26 @@ def _debye_polynomials(n: int) -> list[list[Fraction]]:
 _DEBYE_U = _debye_polynomials(_DEBYE_TERMS)
 
 
-@lru_cache(maxsize=512)
+def _table(fn: Callable[[float], tuple[float, ...]]) -> Callable[[float], tuple[float, ...]]:
+    """fn, memoised; torch.compile calls it as a constant instead of tracing its Python (dynamo inlines an
+    lru_cache's function, Fractions and all, and warns)."""
+    cached = functools.lru_cache(maxsize=512)(fn)
+
+    @functools.wraps(fn)
+    def table(v: float) -> tuple[float, ...]:
+        return cached(v)
+
+    return torch.compiler.assume_constant_result(table)
+
+
+@_table
 def _debye_coefficients(v: float) -> tuple[float, ...]:
     """Coefficients in t of sum_{k >= 1} u_k(t) / v^k for one order v."""
     return tuple(float(sum(u[p] / Fraction(v) ** k for k, u in enumerate(_DEBYE_U) if k and p < len(u)))
                  for p in range(len(_DEBYE_U[-1])))
 
 
-@lru_cache(maxsize=512)
+@_table
 def _hankel_coefficients(v: float) -> tuple[float, ...]:
     """Coefficients in x = 1/kappa of sum_{j >= 1} (-1)^j a_j(v) x^j (DLMF 10.40.1)."""
     coeffs, a = [0.0], 1.0
@@ -342,6 +355,7 @@ def _w_wood(kappa: torch.Tensor, m: int, shape: torch.Size, noise: Noise | None)
     return w, radius
 
 
+@torch.compiler.disable(reason="Wood's rejection loop stops on a data-dependent test")  # runs eagerly
 def _accepted_beta(b: torch.Tensor, M: int, shape: torch.Size,
                    noise: Noise | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chi-square pairs (s1, s2), each (*shape, 1), of the first proposal e = s1/(s1 + s2) Wood's test accepts.
