@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,33 @@ def test_a_distributed_run_resumes(data, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 3
+
+
+def test_batch_norm_statistics_cover_the_global_batch(tmp_path):
+    """Two processes on uneven halves of each batch train BatchNorm1d/2d layers (affine or not, momentum or
+    cumulative) as one process does on whole batches: outputs, weights and running statistics
+    (tests/sync_bn_worker.py; with DDP's plain batch norm they differ by 0.1-3)."""
+    out = tmp_path / "diffs.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("sync_bn_worker.py")), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    diffs = json.loads(out.read_text())
+    assert diffs["kinds"] == ["JobBatchNorm"]
+    assert diffs["outputs"] < 1e-4 and max(diffs["state"].values()) < 1e-5, diffs
+
+
+def test_a_bn_vae_trains_in_two_processes_and_saves_plain_batch_norm(data, tmp_path):
+    vae = ["--model", "vae", "--bn-mu", "0.5", "--hidden", "16", "--latent-dim", "3", "--seed", "3",
+           "--device", "cpu", "--no-report", "--quiet", "--batch-size", "16", "--epochs", "1"]
+    two = torchrun(2, "--data", data, *vae, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    one = torchrun(1, "--data", data, *vae, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    assert weights(tmp_path / "two").keys() == weights(tmp_path / "one").keys()
+    model = runs.load(tmp_path / "two")
+    assert type(model.posterior.mean_bn) is torch.nn.BatchNorm1d and model.posterior.mean_bn.num_batches_tracked == 5
 
 
 def test_a_failing_rank_fails_the_job_with_its_error(data, tmp_path):

@@ -45,10 +45,90 @@ class Job:
             tdist.barrier()
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """DistributedDataParallel around the model in a job of several processes (gradients averaged)."""
+        """DistributedDataParallel around the model in a job of several processes (gradients averaged).
+
+        Its batch-norm layers are synchronised in place (synchronise_batch_norm: the same parameters, buffers
+        and state-dict keys): training statistics over the step's global batch, as in one process.
+        """
         if self.world == 1 or not any(p.requires_grad for p in model.parameters()):
             return model
+        model = synchronise_batch_norm(model, device)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """all_reduce(SUM) with its gradient: each process's gradient is the sum of all processes' gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        t = t.clone(memory_format=torch.contiguous_format)
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _SumOverProcesses.apply(grad, ctx.group), None
+
+
+class JobBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics are those of the job's global batch, for CPU (gloo) jobs.
+
+    torch's SyncBatchNorm does this on GPUs only (DDP refuses it on the CPU). Here a process in training
+    mode sums counts, then sums, then squared deviations over the process group, differentiably (each
+    process's examples get the gradient of every process's loss), and normalises by the global mean and
+    biased variance; running statistics update as BatchNorm's do (unbiased variance; momentum, or a
+    cumulative average when momentum is None). Evaluation mode is BatchNorm's. Any input of 2 or more
+    dimensions, channels in dimension 1, as BatchNorm1d/2d/3d.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of 2 or more dimensions (batch, channels, ...), got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and tdist.is_initialized() and tdist.get_world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        group = tdist.group.WORLD
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)  # statistics per channel
+        totals = _SumOverProcesses.apply(torch.cat([x.new_full((1,), x.numel() // x.shape[1]), x.sum(dims)]), group)
+        count = totals[0].detach()
+        mean = totals[1:] / count
+        centred = x - mean.view(shape)
+        var = _SumOverProcesses.apply(centred.square().sum(dims), group) / count  # two passes: no cancellation
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, factor)
+                self.running_var.lerp_(var * count / (count - 1).clamp_min(1), factor)
+        return y
+
+
+def synchronise_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm layer below module, replaced in place by one computing training statistics over the
+    job's global batch, sharing the layer's parameters and buffers (so state-dict keys do not change):
+    torch's SyncBatchNorm on GPUs, JobBatchNorm on the CPU."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, JobBatchNorm):
+            synced = JobBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
+            synced.weight, synced.bias = child.weight, child.bias
+            synced.running_mean, synced.running_var = child.running_mean, child.running_var
+            synced.num_batches_tracked = child.num_batches_tracked
+            synced.train(child.training)
+            setattr(module, name, synced)
+        else:
+            synchronise_batch_norm(child, device)
+    return module
 
 
 def join(device_name: str) -> tuple[Job, torch.device]:
