@@ -1,4 +1,5 @@
 """torchrun: two gloo processes on the CPU match one process over the same global batches, resume, fail loudly."""
+import copy
 import json
 import os
 import subprocess
@@ -11,6 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from vaelab import distributed, runs
+from vaelab.cli import PRESETS, build_parser, config_from_args
+from vaelab.config import ModelConfig
+from vaelab.models import VAE, build_model
 
 COMMON = ["--model", "ae", "--likelihood", "gaussian", "--hidden", "16", "--latent-dim", "3", "--lr", "0.01",
           "--seed", "3", "--device", "cpu", "--no-report", "--quiet"]
@@ -80,6 +84,38 @@ def test_batch_norm_statistics_cover_the_global_batch(tmp_path):
     diffs = json.loads(out.read_text())
     assert diffs["kinds"] == ["JobBatchNorm"]
     assert diffs["outputs"] < 1e-4 and max(diffs["state"].values()) < 1e-5, diffs
+
+
+def test_synchronised_batch_norm_keeps_the_layers_state_and_is_plain_batch_norm_outside_a_job():
+    torch.manual_seed(0)
+    hvae = build_model(ModelConfig(input_shape=(1, 28, 28), **PRESETS["hvae-s"]["model"]))
+    for model, x in ((VAE(input_shape=(1, 6, 6), latent_dim=3, hidden=(16,), bn_mu=0.5), torch.rand(8, 1, 6, 6)),
+                     (hvae, torch.rand(4, 1, 28, 28))):
+        before = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+        original = copy.deepcopy(model)
+        distributed.synchronise_batch_norm(model, torch.device("cpu"), group="unused here")
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert layers and all(type(m) is distributed.JobBatchNorm for m in layers)
+        after = model.state_dict(keep_vars=True)
+        assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # shared, not copied
+        for mode in ("train", "eval"):  # without a process group: BatchNorm's own computation
+            getattr(model, mode)(), getattr(original, mode)()
+            torch.manual_seed(1)
+            a = model.encode(x).mean
+            torch.manual_seed(1)
+            torch.testing.assert_close(a, original.encode(x).mean, rtol=0, atol=0)
+        torch.testing.assert_close(model.state_dict(), original.state_dict(), rtol=0, atol=0)
+
+
+def test_no_sync_bn_leaves_each_process_its_own_statistics(monkeypatch):
+    assert config_from_args(build_parser().parse_args(["train"])).train.sync_bn
+    assert not config_from_args(build_parser().parse_args(["train", "--no-sync-bn"])).train.sync_bn
+    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda model, **kw: model)  # no process group here
+    monkeypatch.setattr(distributed.tdist, "new_group", lambda **kw: None)
+    for sync, kind in ((True, distributed.JobBatchNorm), (False, torch.nn.BatchNorm1d)):
+        model = VAE(input_shape=(1, 6, 6), latent_dim=3, hidden=(16,), bn_mu=0.5)
+        distributed.Job(world=2).wrap(model, torch.device("cpu"), sync_bn=sync)
+        assert type(model.posterior.mean_bn) is kind
 
 
 def test_a_bn_vae_trains_in_two_processes_and_saves_plain_batch_norm(data, tmp_path):

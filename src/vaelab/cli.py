@@ -120,6 +120,10 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                            help="compile each training step's forward pass and loss with "
                                                 "torch.compile: 5-15%% faster steps on a CPU after a warm-up "
                                                 "of 10-40 s (needs a C++ compiler)")),
+    ("train", "sync_bn", "--no-sync-bn", dict(action="store_const", const=False,
+                                              help="under torchrun, batch-norm layers use each process's own "
+                                                   "batch statistics instead of the global batch's (fewer "
+                                                   "exchanges; the run then depends on the process count)")),
     ("train", "seed", "--seed", dict(type=int, metavar="N", help="random seed (default 0)")),
     ("train", "device", "--device", dict(choices=DEVICES, help="auto (cuda if available), cpu or cuda")),
 ]

@@ -185,6 +185,7 @@ class TrainConfig:
     kl_balance: bool = False  # hierarchies: NVAE's KL balancing across groups while the KL weight is below 1
     spectral_reg: float = 0.0  # hierarchies: weight lambda of NVAE's spectral regulariser sum_i sigma_max(W_i)
     compile: bool = False  # run each training step's forward pass and loss through torch.compile
+    sync_bn: bool = True  # under torchrun, batch-norm statistics over the global batch (else per process)
 
     def __post_init__(self) -> None:
         _integer(self.epochs, "--epochs", minimum=0)
@@ -219,8 +220,9 @@ class TrainConfig:
         if self.kl_balance and self.objective != "elbo":
             raise ConfigError("--kl-balance reweights the ELBO's KL term; use it with --objective elbo")
         _positive(self.spectral_reg, "--spectral-reg", allow_zero=True)
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        for name in ("compile", "sync_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import TrainingError
@@ -44,64 +46,99 @@ class Job:
         if self.world > 1:
             tdist.barrier()
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def wrap(self, model: nn.Module, device: torch.device, *, sync_bn: bool = True) -> nn.Module:
         """DistributedDataParallel around the model in a job of several processes (gradients averaged).
 
-        Its batch-norm layers are synchronised in place (synchronise_batch_norm: the same parameters, buffers
-        and state-dict keys): training statistics over the step's global batch, as in one process.
+        With sync_bn its batch-norm layers are synchronised in place (synchronise_batch_norm: the same
+        parameters, buffers and state-dict keys): training statistics over the step's global batch, as in
+        one process; without, each process normalises by its own share of the batch.
         """
         if self.world == 1 or not any(p.requires_grad for p in model.parameters()):
             return model
-        model = synchronise_batch_norm(model, device)
+        if sync_bn:
+            model = synchronise_batch_norm(model, device)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-class _SumOverProcesses(torch.autograd.Function):
-    """all_reduce(SUM) with its gradient: each process's gradient is the sum of all processes' gradients."""
+def _gather_rows(row: torch.Tensor, group: tdist.ProcessGroup | None) -> torch.Tensor:
+    """(world, k): every process's row, by an all-reduce of a table in which each process fills its own."""
+    table = row.new_zeros(tdist.get_world_size(group), row.numel())
+    table[tdist.get_rank(group)] = row
+    tdist.all_reduce(table, group=group)
+    return table
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm over the job's global batch: one exchange forward, one backward.
+
+    Forward: each process's (count, mean, biased variance) per channel, gathered and combined as Chan et
+    al. (1979) combine partial moments (no cancellation of sums of squares); then torch's own batch-norm
+    kernel normalises with the global statistics. Backward, with x^ = (x - mean) * invstd, the sums
+    S_g = sum(g) and S_gx = sum(g x^) over the global batch (each process's from torch's kernel, then
+    all-reduced) give dx = weight * invstd * (g - (S_g + x^ S_gx) / N); the weight and bias get this
+    process's sums only, which DistributedDataParallel then averages like every other gradient.
+    """
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        t = t.clone(memory_format=torch.contiguous_format)
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=group)
-        return t
+    def forward(ctx, x, weight, bias, eps, group):
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        var, mean = torch.var_mean(x, dims, correction=0)
+        n = x.new_full((1,), x.numel() // x.shape[1])
+        table = _gather_rows(torch.cat([n, mean, var]), group)  # (world, 1 + 2C)
+        counts = table[:, :1]
+        moments = torch.where(counts > 0, table[:, 1:], 0.0)  # a process without examples adds nothing
+        means, variances = moments.split(x.shape[1], dim=1)
+        count = counts.sum()
+        mean = (counts * means).sum(0) / count
+        var = (counts * (variances + (means - mean).square())).sum(0) / count  # biased, as batch norm normalises
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.count, ctx.eps, ctx.group, ctx.shape = count, eps, group, shape
+        y = F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _SumOverProcesses.apply(grad, ctx.group), None
+    @once_differentiable
+    def backward(ctx, g, *_):
+        x, weight, mean, invstd = ctx.saved_tensors
+        _, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
+            g, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True])  # this process's sums
+        totals = torch.cat([sum_g, sum_gx])
+        tdist.all_reduce(totals, group=ctx.group)
+        global_g, global_gx = totals.chunk(2)
+        scale = invstd if weight is None else weight * invstd
+        # dx = scale * (g - S_g / N - (x - mean) * invstd * S_gx / N), as a * g - b * x - c per channel
+        b = scale * invstd * global_gx / ctx.count
+        c = scale * global_g / ctx.count - b * mean
+        shape = ctx.shape
+        dx = (g * scale.view(shape)).sub_(x * b.view(shape)).sub_(c.view(shape))
+        return (dx, sum_gx if ctx.needs_input_grad[1] else None, sum_g if ctx.needs_input_grad[2] else None,
+                None, None)
 
 
 class JobBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics are those of the job's global batch, for CPU (gloo) jobs.
 
-    torch's SyncBatchNorm does this on GPUs only (DDP refuses it on the CPU). Here a process in training
-    mode sums counts, then sums, then squared deviations over the process group, differentiably (each
-    process's examples get the gradient of every process's loss), and normalises by the global mean and
-    biased variance; running statistics update as BatchNorm's do (unbiased variance; momentum, or a
-    cumulative average when momentum is None). Evaluation mode is BatchNorm's. Any input of 2 or more
-    dimensions, channels in dimension 1, as BatchNorm1d/2d/3d.
+    torch's SyncBatchNorm does this on GPUs only (DDP refuses it on the CPU, and its kernels have no CPU
+    version). Here training mode runs _GlobalBatchNorm over the layer's process group (synchronise_batch_norm
+    gives the layers a group apart from the one DDP's gradient all-reduces use) and running statistics
+    update as BatchNorm's do (unbiased variance; momentum, or a cumulative average when momentum is
+    None). Evaluation mode, and a job of one process, is BatchNorm's. Inputs of 2 or more dimensions,
+    channels in dimension 1, as BatchNorm1d/2d/3d.
     """
+
+    process_group = None  # the default group unless synchronise_batch_norm sets one
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(f"expected an input of 2 or more dimensions (batch, channels, ...), got {x.dim()}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and tdist.is_initialized() and tdist.get_world_size() > 1):
+        if not (self.training and tdist.is_initialized() and tdist.get_world_size(self.process_group) > 1):
             return super().forward(x)
         self._check_input_dim(x)
-        group = tdist.group.WORLD
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)  # statistics per channel
-        totals = _SumOverProcesses.apply(torch.cat([x.new_full((1,), x.numel() // x.shape[1]), x.sum(dims)]), group)
-        count = totals[0].detach()
-        mean = totals[1:] / count
-        centred = x - mean.view(shape)
-        var = _SumOverProcesses.apply(centred.square().sum(dims), group) / count  # two passes: no cancellation
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.weight is not None:
-            y = y * self.weight.view(shape)
-        if self.bias is not None:
-            y = y + self.bias.view(shape)
+        y, mean, var, count = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps, self.process_group)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -111,23 +148,28 @@ class JobBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
-def synchronise_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:
+def synchronise_batch_norm(module: nn.Module, device: torch.device,
+                           group: tdist.ProcessGroup | None = None) -> nn.Module:
     """Every BatchNorm layer below module, replaced in place by one computing training statistics over the
     job's global batch, sharing the layer's parameters and buffers (so state-dict keys do not change):
-    torch's SyncBatchNorm on GPUs, JobBatchNorm on the CPU."""
+    torch's SyncBatchNorm on GPUs, JobBatchNorm on the CPU (in a new process group, unless one is given;
+    every process of the job must call this together)."""
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if group is None:
+        group = tdist.new_group(backend="gloo")
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, JobBatchNorm):
             synced = JobBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                                   child.track_running_stats)
+            synced.process_group = group
             synced.weight, synced.bias = child.weight, child.bias
             synced.running_mean, synced.running_var = child.running_mean, child.running_var
             synced.num_batches_tracked = child.num_batches_tracked
             synced.train(child.training)
             setattr(module, name, synced)
         else:
-            synchronise_batch_norm(child, device)
+            synchronise_batch_norm(child, device, group)
     return module
 
 

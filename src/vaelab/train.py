@@ -231,7 +231,8 @@ class Trainer:
             keep_freed_memory()
         torch.manual_seed(config.train.seed)  # initial weights, the same in every process
         self.model = build_model(self.config.model).to(self.device)
-        self.net = self.job.wrap(self.model, self.device)  # what training steps call: DDP in a job of several
+        # what training steps call: DDP in a job of several
+        self.net = self.job.wrap(self.model, self.device, sync_bn=self.config.train.sync_bn)
         self.loss_terms = objective_for(self.config)
         self.train_x = self.data.train.x.to(self.device)
         self.val_x = self.data.val.x.to(self.device)
@@ -287,8 +288,8 @@ class Trainer:
         stored = runs.load_config(self.run_dir)
         if _identity(stored) != _identity(self.config):
             raise TrainingError(f"--resume: the settings differ from {self.run_dir / 'config.json'} in more than "
-                                "--epochs/--lr/--device/--compile; resume with the run's own settings, or start a "
-                                "new --out")
+                                "--epochs/--lr/--device/--compile/--no-sync-bn; resume with the run's own settings, "
+                                "or start a new --out")
         checkpoint = runs.latest_checkpoint(self.run_dir)
         runs.load_weights(self.model, checkpoint)
         if self.optimizer is not None:
@@ -438,9 +439,9 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def _identity(config: RunConfig) -> RunConfig:
     """What must not change when a run is resumed: everything but the epoch budget, the learning rate (to
-    fine-tune at a lower one; each epoch's rate is in metrics.jsonl), the device and --compile."""
+    fine-tune at a lower one; each epoch's rate is in metrics.jsonl), the device, --compile and --no-sync-bn."""
     train = dataclasses.replace(config.train, epochs=0, lr=max(1.0, config.train.lr_min), device="auto",
-                                compile=False)
+                                compile=False, sync_bn=True)
     return dataclasses.replace(config, train=train, model=dataclasses.replace(config.model, input_shape=None))
 
 
