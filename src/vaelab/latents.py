@@ -111,6 +111,12 @@ class DiagonalGaussian(nn.Module):
         z = base.loc + base.scale * eps.to(base.loc)
         return z[0] if k is None else z
 
+    @staticmethod
+    def rsample_and_score(qz: Distribution, k: int | None = None,
+                          noise: Noise | None = None) -> tuple[torch.Tensor, None]:
+        """rsample's z, and no sampler score: the reparameterisation gradient is the whole gradient."""
+        return DiagonalGaussian.rsample(qz, k, noise), None
+
 
 def build_latent(name: str, *, in_features: int, latent_dim: int, kappa: float | None = None,
                  bn_mu: float | None = None) -> nn.Module:

@@ -24,6 +24,29 @@ def _per_example(t: torch.Tensor) -> torch.Tensor:
     return t.mean(0) if t.dim() > 1 else t
 
 
+def _leave_one_out_mean(f: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each entry's baseline: the mean of the others along dim (zero when it is alone)."""
+    n = f.shape[dim]
+    return (f.sum(dim, keepdim=True) - f) / (n - 1) if n > 1 else torch.zeros_like(f)
+
+
+def sampler_correction(f: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """A term of value 0 whose gradient is the rejection sampler's correction to E_q[f]'s gradient.
+
+    For z drawn by acceptance-rejection (the vMF's w), d E[f(z)] = E[d f(z)] + E[f(z) d log pi(eps)]
+    (Naesseth et al. 2017, eq. 8: g_rep + g_cor); autograd gives the first through z, and this term, with
+    score = log pi(eps) of the accepted proposals (Output.score, same shape as f), the second:
+    (f - b) * (score - score.detach()), f and b detached. The baseline b is the mean of f over the
+    example's other samples, or with one sample over the other examples: independent of the draw, so the
+    estimate stays unbiased (E[d log pi] = 0) while the variance drops.
+    """
+    if not score.requires_grad:
+        return torch.zeros_like(f)
+    f = f.detach()
+    baseline = _leave_one_out_mean(f, 0 if f.dim() == 1 or f.shape[0] > 1 else 1)
+    return (f - baseline) * (score - score.detach())
+
+
 def log_weights(out: Output, x: torch.Tensor, *, beta: float = 1.0) -> torch.Tensor:
     """Log importance weights log p(x|z) + beta * (log p(z) - log q(z|x)), shape z.shape[:-1].
 
@@ -51,11 +74,18 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
     else:
         log_px_z, log_ratio = _log_terms(out, x)
         kl_term = -log_ratio
-    recon, kl_term = -_per_example(log_px_z), _per_example(kl_term)
+    recon, kl_samples = -_per_example(log_px_z), kl_term
+    kl_term = _per_example(kl_term)
     charged = kl_term if free_bits <= 0 else _free_bits_kl(out, free_bits)
     if kl_balance and beta < 1:
         charged = _balanced_kl(out)
-    return {"loss": recon + beta * charged, "recon": recon, "kl": kl_term}
+    loss = recon + beta * charged
+    score = getattr(out, "score", None)
+    if score is not None:  # z was rejection-sampled (vMF): add the sampler's gradient correction
+        # what the loss takes the expectation of over z: log p(x|z), and the KL when it is estimated from z
+        f = log_px_z - beta * kl_samples if charged is kl_term and kl != "analytic" else log_px_z
+        loss = loss - _per_example(sampler_correction(f, score))
+    return {"loss": loss, "recon": recon, "kl": kl_term}
 
 
 def _free_bits_kl(out: Output, free_bits: float) -> torch.Tensor:
@@ -93,7 +123,11 @@ def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
     log_px_z, log_ratio = _log_terms(out, x)  # (K, B) each
     log_w = log_px_z + beta * log_ratio
     bound = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
-    return {"loss": -bound, "recon": -log_px_z.mean(0), "kl": -log_ratio.mean(0)}
+    loss = -bound
+    score = getattr(out, "score", None)
+    if score is not None:  # the bound is one function of the K draws: their scores add up
+        loss = loss - sampler_correction(bound, score.sum(0))
+    return {"loss": loss, "recon": -log_px_z.mean(0), "kl": -log_ratio.mean(0)}
 
 
 def reconstruction(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0,

@@ -321,15 +321,44 @@ class VonMisesFisher(Distribution):
             noise: an object with normal(shape) giving standard normals (default: torch's global generator);
                 it is the only source of randomness, and every shape it is asked for starts with
                 (*sample_shape, *batch_shape). Gradients reach loc, and kappa through w's transform of the
-                accepted proposal, without the rejection sampler's correction term (Naesseth et al. 2017), as
-                in Davidson et al. 2018's code: for m = 3, where w has a closed-form inverse CDF, they are exact.
+                accepted proposal: the reparameterisation part g_rep of the gradient only. For m != 3 w comes
+                from a rejection sampler and its kappa gradient then lacks the correction term g_cor (1-13%
+                low for m = 5-64); rsample_and_score gives what an objective needs to add it.
+        """
+        return self.rsample_and_score(sample_shape, noise)[0]
+
+    def rsample_and_score(self, sample_shape: tuple[int, ...] = (), noise: Noise | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """rsample's z, and log pi(eps | kappa) of the rejection sampler's accepted proposals, (*S, *B).
+
+        Through a rejection sampler, d/dkappa E_q[f(z)] = E[df(z)/dkappa] + E[f(z) d log pi(eps|kappa)/dkappa]
+        (Naesseth et al. 2017, "Reparameterization Gradients through Acceptance-Rejection Sampling
+        Algorithms", eq. 8: g_rep + g_cor), pi the density of the accepted eps ~ Beta((m-1)/2, (m-1)/2),
+        pi(eps|kappa) = q(w|kappa) |dw/deps| with w = h(eps, kappa) Wood's transform and q(w|kappa) =
+        C(kappa) exp(kappa w) (1 - w^2)^((m-3)/2) the marginal of w (Davidson et al. 2018, Appendix).
+        The score carries that gradient with eps held (its value, up to a constant, is the log-density);
+        an objective adds (f - b) * (score - score.detach()) with f detached and any baseline b that does
+        not depend on these draws. None for m = 3, where w's inverse CDF is exact and g_cor is zero, and
+        when kappa needs no gradient (fixed, or under no_grad).
         """
         shape = torch.Size(sample_shape) + self.batch_shape
         # The tangent direction comes first, so the n-th round of proposals is always the (n+1)-th draw.
         v = F.normalize(_normal(noise, (*shape, self.m - 1), self.loc), dim=-1)  # uniform on S^(m-2)
-        w, radius = (_w_inverse_cdf if self.m == 3 else _w_wood)(self.scale, self.m, shape, noise)  # (*S, *B, 1)
+        if self.m == 3:
+            w, radius = _w_inverse_cdf(self.scale, self.m, shape, noise)  # (*S, *B, 1)
+            score = None
+        else:
+            w, radius, s1, s2, b = _w_wood(self.scale, self.m, shape, noise)
+            # q(w)'s normaliser C(kappa) = 1 / int exp(kappa w) (1 - w^2)^((m-3)/2) dw depends on kappa as the
+            # vMF's C_m does, v log kappa - log I_v(kappa), so log C_m stands for it (constants carry no gradient).
+            # log |dw/de| = log 2b - 2 log(1 - (1 - b) e), 1 - (1 - b) e = (s2 + b s1) / (s1 + s2) (s1 + s2 held
+            # with e); 1 - w^2 = radius^2.
+            score = None if not self.scale.requires_grad else (
+                self._log_normalizer64().to(w.dtype)
+                + (self.scale * w + (self.m - 3) * torch.log(radius) + torch.log(2 * b)
+                   - 2 * torch.log(s2 + b * s1)).squeeze(-1))
         z = torch.cat([w, radius * v], dim=-1)  # (*S, *B, m), around e_1
-        return _householder(z, self.loc)
+        return _householder(z, self.loc), score
 
 
 def _w_inverse_cdf(kappa: torch.Tensor, m: int, shape: torch.Size,
@@ -343,8 +372,10 @@ def _w_inverse_cdf(kappa: torch.Tensor, m: int, shape: torch.Size,
     return (1 - one_minus_w).to(kappa), radius.to(kappa)
 
 
-def _w_wood(kappa: torch.Tensor, m: int, shape: torch.Size, noise: Noise | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """w = <loc, z> and sqrt(1 - w^2) by Wood's (1994) rejection sampler: each (*shape, 1)."""
+def _w_wood(kappa: torch.Tensor, m: int, shape: torch.Size,
+            noise: Noise | None) -> tuple[torch.Tensor, ...]:
+    """w = <loc, z> and sqrt(1 - w^2) by Wood's (1994) rejection sampler, each (*shape, 1), with the accepted
+    chi-square pair s1, s2 (no gradient) and Wood's b(kappa) they were transformed with."""
     M = m - 1
     # Wood 1994: b = (-2 kappa + sqrt(4 kappa^2 + M^2)) / M, rationalised so large kappa does not cancel.
     b = M / (2 * kappa + torch.sqrt(4 * kappa * kappa + M * M))  # (*B, 1)
@@ -352,7 +383,7 @@ def _w_wood(kappa: torch.Tensor, m: int, shape: torch.Size, noise: Noise | None)
     # Wood 1994's proposal w = (1 - (1 + b) e) / (1 - (1 - b) e); it and sqrt(1 - w^2) in s1, s2 lose no digits at 1.
     w = (s2 - b * s1) / (s2 + b * s1)
     radius = 2 * torch.sqrt(b * s1 * s2) / (s2 + b * s1)
-    return w, radius
+    return w, radius, s1, s2, b
 
 
 @torch.compiler.disable(reason="Wood's rejection loop stops on a data-dependent test")  # runs eagerly
@@ -440,6 +471,15 @@ class VMFLatent(nn.Module):
     @staticmethod
     def rsample(qz: VonMisesFisher, k: int | None = None, noise: Noise | None = None) -> torch.Tensor:
         """Reparameterised z: (B, m), or (K, B, m) with k; every draw from `noise` when given."""
+        return VMFLatent.rsample_and_score(qz, k, noise)[0]
+
+    @staticmethod
+    def rsample_and_score(qz: VonMisesFisher, k: int | None = None,
+                          noise: Noise | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """rsample's z and the rejection sampler's score (B,) or (K, B) (VonMisesFisher.rsample_and_score)."""
+        if k is None and noise is None:
+            return qz.rsample_and_score()
+        z, score = qz.rsample_and_score((1 if k is None else k,), noise=noise)
         if k is None:
-            return qz.rsample() if noise is None else qz.rsample((1,), noise=noise)[0]
-        return qz.rsample((k,), noise=noise)
+            return z[0], None if score is None else score[0]
+        return z, score

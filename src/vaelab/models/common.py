@@ -20,6 +20,9 @@ class Output:
     z:    latent codes: samples from qz, or the deterministic code
     px_z: likelihood p(x|z), batch shape z.shape[:-1]
     k:    the number of samples when z has a leading sample dimension, else None
+    score: for samples drawn by rejection (vMF), the log-density of the sampler's accepted proposals, shape
+          z.shape[:-1], differentiable in the posterior's parameters with the proposals held: objectives add
+          the sampler's gradient correction with it (objectives.sampler_correction); else None
 
     Objectives read a pass only through the methods below, so a model with another latent structure
     (a hierarchy of groups) returns its own Output with the same methods.
@@ -30,6 +33,7 @@ class Output:
     z: torch.Tensor
     px_z: Distribution
     k: int | None = None
+    score: torch.Tensor | None = None
 
     def log_px_z(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) at the samples: (B,) or (K, B)."""

@@ -139,8 +139,8 @@ class TextVAE(nn.Module):
         noise: where the standard normal draws come from (default: torch's global generator).
         """
         qz = self.encode(x)
-        z = self.posterior.rsample(qz, k, noise)
-        return Output(qz=qz, pz=self.prior(), z=z, px_z=self.decode(z, x), k=k)
+        z, score = self.posterior.rsample_and_score(qz, k, noise)
+        return Output(qz=qz, pz=self.prior(), z=z, px_z=self.decode(z, x), k=k, score=score)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
