@@ -68,14 +68,16 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
     the "kl" term returned stays the true KL. For a hierarchy the units are its latent groups.
     kl_balance (hierarchies): while beta < 1, charge sum_l gamma_l KL_l with NVAE's balancing
     coefficients (Vahdat & Kautz 2020, Appendix A) in place of the KL.
+    With z from a rejection sampler (vMF latents: out.score), the loss also carries the sampler's gradient
+    correction (sampler_correction), whose value is 0.
     """
+    log_ratio = None
     if kl == "analytic":
         log_px_z, kl_term = out.log_px_z(x), out.kl()
     else:
         log_px_z, log_ratio = _log_terms(out, x)
         kl_term = -log_ratio
-    recon, kl_samples = -_per_example(log_px_z), kl_term
-    kl_term = _per_example(kl_term)
+    recon, kl_term = -_per_example(log_px_z), _per_example(kl_term)
     charged = kl_term if free_bits <= 0 else _free_bits_kl(out, free_bits)
     if kl_balance and beta < 1:
         charged = _balanced_kl(out)
@@ -83,7 +85,7 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
     score = getattr(out, "score", None)
     if score is not None:  # z was rejection-sampled (vMF): add the sampler's gradient correction
         # what the loss takes the expectation of over z: log p(x|z), and the KL when it is estimated from z
-        f = log_px_z - beta * kl_samples if charged is kl_term and kl != "analytic" else log_px_z
+        f = log_px_z + beta * log_ratio if log_ratio is not None and charged is kl_term else log_px_z
         loss = loss - _per_example(sampler_correction(f, score))
     return {"loss": loss, "recon": recon, "kl": kl_term}
 
@@ -114,7 +116,8 @@ def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
     """Negative IWAE bound: -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016, eq. 8).
 
     Needs out.z of shape (K, B, D) (the model run with k=K). With K = 1 it equals the single-sample
-    ELBO with the Monte Carlo KL, elbo(kl="mc"), exactly. recon and kl are reported as sample means.
+    ELBO with the Monte Carlo KL, elbo(kl="mc"), exactly (gradients too, the vMF's sampler correction included).
+    recon and kl are reported as sample means.
     """
     if out.k is None:
         raise ValueError("iwae needs K samples per example: call the model with k=K")
