@@ -4,6 +4,7 @@ Every process builds the same network with BatchNorm1d and BatchNorm2d layers (a
 cumulative averages), trains it for three steps under DistributedDataParallel on its half of each global
 batch (uneven halves: 7 and 5 examples), and rank 0 trains a copy without DDP on whole batches. Rank 0
 writes the largest differences (outputs, parameters after the steps, running statistics) as JSON to argv[1].
+With a torch.compile backend as argv[2], the DDP-wrapped network runs through torch.compile.
 """
 import copy
 import json
@@ -36,6 +37,8 @@ def main() -> None:
     reference = Net()
     model = copy.deepcopy(reference)
     net = job.wrap(model, torch.device("cpu"))
+    if len(sys.argv) > 2:
+        net = torch.compile(net, backend=sys.argv[2])
     kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)

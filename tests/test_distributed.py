@@ -71,13 +71,15 @@ def test_a_distributed_run_resumes(data, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 3
 
 
-def test_batch_norm_statistics_cover_the_global_batch(tmp_path):
+@pytest.mark.parametrize("compiled", [(), ("eager",)], ids=["eager", "traced by dynamo"])
+def test_batch_norm_statistics_cover_the_global_batch(tmp_path, compiled):
     """Two processes on uneven halves of each batch train BatchNorm1d/2d layers (affine or not, momentum or
     cumulative) as one process does on whole batches: outputs, weights and running statistics
-    (tests/sync_bn_worker.py; with DDP's plain batch norm they differ by 0.1-3)."""
+    (tests/sync_bn_worker.py; with DDP's plain batch norm they differ by 0.1-3). Also through torch.compile's
+    tracer, which must keep the exchanges (checked by hand with inductor too)."""
     out = tmp_path / "diffs.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).with_name("sync_bn_worker.py")), str(out)]
+           str(Path(__file__).with_name("sync_bn_worker.py")), str(out), *compiled]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
