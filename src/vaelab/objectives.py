@@ -82,7 +82,7 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
     if kl_balance and beta < 1:
         charged = _balanced_kl(out)
     loss = recon + beta * charged
-    score = getattr(out, "score", None)
+    score = out.score
     if score is not None:  # z was rejection-sampled (vMF): add the sampler's gradient correction
         # what the loss takes the expectation of over z: log p(x|z), and the KL when it is estimated from z
         f = log_px_z + beta * log_ratio if log_ratio is not None and charged is kl_term else log_px_z
@@ -127,7 +127,7 @@ def iwae(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
     log_w = log_px_z + beta * log_ratio
     bound = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
     loss = -bound
-    score = getattr(out, "score", None)
+    score = out.score
     if score is not None:  # the bound is one function of the K draws: their scores add up
         loss = loss - sampler_correction(bound, score.sum(0))
     return {"loss": loss, "recon": -log_px_z.mean(0), "kl": -log_ratio.mean(0)}

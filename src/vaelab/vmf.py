@@ -325,7 +325,7 @@ class VonMisesFisher(Distribution):
                 from a rejection sampler and its kappa gradient then lacks the correction term g_cor (1-13%
                 low for m = 5-64); rsample_and_score gives what an objective needs to add it.
         """
-        return self.rsample_and_score(sample_shape, noise)[0]
+        return self._draw(sample_shape, noise, with_score=False)[0]
 
     def rsample_and_score(self, sample_shape: tuple[int, ...] = (), noise: Noise | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -341,6 +341,11 @@ class VonMisesFisher(Distribution):
         not depend on these draws. None for m = 3, where w's inverse CDF is exact and g_cor is zero, and
         when kappa needs no gradient (fixed, or under no_grad).
         """
+        return self._draw(sample_shape, noise, with_score=True)
+
+    def _draw(self, sample_shape: tuple[int, ...], noise: Noise | None,
+              with_score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """z, and the score when with_score (rsample alone does not compute what it would discard)."""
         shape = torch.Size(sample_shape) + self.batch_shape
         # The tangent direction comes first, so the n-th round of proposals is always the (n+1)-th draw.
         v = F.normalize(_normal(noise, (*shape, self.m - 1), self.loc), dim=-1)  # uniform on S^(m-2)
@@ -353,7 +358,7 @@ class VonMisesFisher(Distribution):
             # vMF's C_m does, v log kappa - log I_v(kappa), so log C_m stands for it (constants carry no gradient).
             # log |dw/de| = log 2b - 2 log(1 - (1 - b) e), 1 - (1 - b) e = (s2 + b s1) / (s1 + s2) (s1 + s2 held
             # with e); 1 - w^2 = radius^2.
-            score = None if not self.scale.requires_grad else (
+            score = None if not (with_score and self.scale.requires_grad) else (
                 self._log_normalizer64().to(w.dtype)
                 + (self.scale * w + (self.m - 3) * torch.log(radius) + torch.log(2 * b)
                    - 2 * torch.log(s2 + b * s1)).squeeze(-1))

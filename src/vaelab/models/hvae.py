@@ -65,6 +65,7 @@ class HierarchicalOutput:
     px_z: Distribution
     k: int | None = None
     group_sizes: list[int] | None = None  # latent units per group, for KL balancing
+    score: None = None  # Output.score: every group is reparameterised, no rejection sampler to correct
 
     def log_px_z(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) at the samples: (B,) or (K, B)."""
