@@ -152,24 +152,25 @@ def synchronise_batch_norm(module: nn.Module, device: torch.device,
                            group: tdist.ProcessGroup | None = None) -> nn.Module:
     """Every BatchNorm layer below module, replaced in place by one computing training statistics over the
     job's global batch, sharing the layer's parameters and buffers (so state-dict keys do not change):
-    torch's SyncBatchNorm on GPUs, JobBatchNorm on the CPU (in a new process group, unless one is given;
-    every process of the job must call this together)."""
+    torch's SyncBatchNorm on GPUs, JobBatchNorm on the CPU (in a new process group, unless one is given,
+    and only if there is a layer to synchronise; every process of the job must call this together)."""
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if group is None:
+    layers = [(name, m) for name, m in module.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, JobBatchNorm)]
+    if layers and group is None:
         group = tdist.new_group(backend="gloo")
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, JobBatchNorm):
-            synced = JobBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats)
-            synced.process_group = group
-            synced.weight, synced.bias = child.weight, child.bias
-            synced.running_mean, synced.running_var = child.running_mean, child.running_var
-            synced.num_batches_tracked = child.num_batches_tracked
-            synced.train(child.training)
-            setattr(module, name, synced)
-        else:
-            synchronise_batch_norm(child, device, group)
+    for name, layer in layers:
+        synced = JobBatchNorm(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
+        synced.process_group = group
+        synced.weight, synced.bias = layer.weight, layer.bias
+        synced.running_mean, synced.running_var = layer.running_mean, layer.running_var
+        synced.num_batches_tracked = layer.num_batches_tracked
+        synced.train(layer.training)
+        if not name:  # module is itself the layer
+            return synced
+        parent, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent), attribute, synced)
     return module
 
 
