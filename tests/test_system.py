@@ -1,4 +1,8 @@
 """vaelab.system: denormals flushed on every thread while training, and restored afterwards."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from test_train import tiny_config, tiny_data
@@ -81,3 +85,22 @@ def test_without_a_reachable_pool_only_the_calling_thread_flushes(two_threads, m
     with flush_denormals() as everywhere:
         assert not everywhere and system._flushes_denormals()
     assert not system._flushes_denormals()
+
+
+@x86
+def test_a_context_left_open_does_not_hang_the_interpreter_at_exit():
+    """Closed by the garbage collector at shutdown, the restore must not wait for pool threads that exited."""
+    script = textwrap.dedent("""
+        import torch
+        from vaelab.system import flush_denormals
+        torch.set_num_threads(2)
+        torch.ones(1 << 20).mul(2)  # the pool exists
+        context = flush_denormals()
+        print(context.__enter__())
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter hung at exit restoring the pool's denormal flags")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

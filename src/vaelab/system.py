@@ -101,5 +101,7 @@ def flush_denormals() -> Iterator[bool]:
     finally:
         if not before:
             torch.set_flush_denormal(False)
-            if everywhere:
+            # a context left open until the interpreter shuts down: its pool threads cannot take the GIL
+            # any more (they exit trying), and the parallel region would wait for them for ever
+            if everywhere and not sys.is_finalizing():
                 _on_every_thread(lambda: torch.set_flush_denormal(False))
