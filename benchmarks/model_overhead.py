@@ -5,7 +5,8 @@ training split (mnist5k when it is missing), trained in one process with the sam
 differs: vaelab's (torch.distributions values, clamped log-variances, per-example ELBO terms, the
 registered KL against N(0, I)) against pytorch/examples' formulation in plain tensors (one BCE-with-logits
 sum, the KL written out). With --compile, the plain model under torch.compile is timed as well.
-Rounds of --steps steps alternate between the models; medians after two warm-up rounds.
+Rounds of --steps steps alternate between the models; medians after two warm-up rounds. Denormals are
+flushed, as the trainer does (without it both slow down after ~600 steps on Intel CPUs).
 Both run their matmuls through PyTorch's default library (oneDNN off, so vaelab.linear falls back to
 F.linear): this measures what the model's own code costs; benchmarks/train_speed.py measures the lot.
 
@@ -25,7 +26,7 @@ from train_speed import BATCH, ExamplesVAE, load
 from vaelab.linear import onednn_off
 from vaelab.models import VAE
 from vaelab.objectives import elbo
-from vaelab.system import keep_freed_memory
+from vaelab.system import flush_denormals, keep_freed_memory
 
 
 class PlainVAE(ExamplesVAE):
@@ -77,7 +78,7 @@ def main() -> None:
         model = make()
         setups[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True))
     rates = {name: [] for name in setups}
-    with onednn_off():
+    with onednn_off(), flush_denormals():  # as the trainer runs: no denormal slowdown after ~600 steps
         for _ in range(args.rounds + 2):  # alternating; the first two rounds are warm-up (and compilation)
             for name, (model, optimizer) in setups.items():
                 rates[name].append(steps_per_s(model, optimizer, x, args.steps))
