@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaelab.data import registry
+from vaelab.data.text import tokens_to_text
 from vaelab.errors import VaelabError
 from vaelab.train import train
 from vaelab.web import add_serve_command, bind, is_loopback, url
@@ -28,6 +30,8 @@ fastapi = pytest.importorskip("fastapi")
 with warnings.catch_warnings():  # starlette 1.x nudges TestClient users towards httpx2; httpx still works
     warnings.filterwarnings("ignore", message=".*httpx2")
     from fastapi.testclient import TestClient
+
+from test_text import tiny_text  # noqa: E402
 
 from vaelab.web.app import LOOPBACK_HOSTS, create_app  # noqa: E402
 
@@ -326,12 +330,11 @@ def test_serve_prints_its_address_and_serves(runs_root):
 # ---- the page in a real browser
 
 
-@pytest.fixture(scope="module")
-def live_url(runs_root):
-    """The explorer served by uvicorn on a free loopback port, in a background thread."""
+def serve(root: Path):
+    """The explorer of `root` served by uvicorn on a free loopback port, in a background thread: yields its URL."""
     import uvicorn
 
-    app = create_app(runs_root, allowed_hosts=LOOPBACK_HOSTS)
+    app = create_app(root, allowed_hosts=LOOPBACK_HOSTS)
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -344,6 +347,11 @@ def live_url(runs_root):
     server.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def live_url(runs_root):
+    yield from serve(runs_root)
 
 
 @pytest.fixture(scope="module")
@@ -453,3 +461,95 @@ def test_page_for_a_model_without_prior_says_so_in_chromium(browser, live_url):
     assert page.evaluate("document.querySelector('#decoded').naturalWidth") == SIDE
     assert errors == [], errors
     page.close()
+
+
+# ---- text models: the same endpoints and page, with sentences for pictures
+
+
+@pytest.fixture(scope="module")
+def text_root(tmp_path_factory):
+    """runs/text: a sentence VAE on tiny-text (runs of consecutive letters), registered as a data set by name
+    for as long as the module's tests need to reload it."""
+    registry.DATASETS["tiny-text"] = tiny_text
+    root = tmp_path_factory.mktemp("web-text")
+    config = RunConfig(data=DataConfig(name="tiny-text"),
+                       model=ModelConfig(model="text-vae", hidden=(32,), latent_dim=4, embedding_dim=16),
+                       train=TrainConfig(epochs=30, batch_size=8, lr=3e-3, device="cpu"))
+    train(config, root / "text", progress=False)
+    yield root
+    del registry.DATASETS["tiny-text"]
+
+
+@pytest.fixture(scope="module")
+def text_client(text_root) -> TestClient:
+    return TestClient(create_app(text_root), raise_server_exceptions=False)
+
+
+def sentences(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    return response.json()["sentences"]
+
+
+def test_text_runs_answer_with_sentences(text_client):
+    s = text_client.get("/api/summary").json()
+    assert s["kind"] == "text" and s["model"] == "text-vae" and s["latent_dim"] == 4 and s["input_shape"] == [8]
+    assert s["has_prior"] and not s["temperature"] and len(s["kl_per_dim"]) == 4
+    test_x = tiny_text().test.x
+    assert s["n_test"] == len(test_x) == 5
+    original, reconstruction = sentences(text_client.get("/api/reconstruct/2"))
+    assert original == tokens_to_text(test_x[2], tiny_text().vocab) and reconstruction
+    # greedy decoding is deterministic: decoding a test sentence's code is its reconstruction
+    z = ",".join(repr(v) for v in text_client.get("/api/encoding/2").json()["z"])
+    assert sentences(text_client.get("/api/decode", params={"z": z})) == [reconstruction]
+    path = sentences(text_client.get("/api/interpolate", params={"a": 1, "b": 2, "n": 5}))
+    assert len(path) == 5 and path[-1] == reconstruction  # t = 0 and t = 1 are the two codes
+    assert path[0] == sentences(text_client.get("/api/reconstruct/1"))[1]
+    drawn = sentences(text_client.get("/api/samples", params={"n": 6, "seed": 3}))
+    assert len(drawn) == 6 and all(isinstance(x, str) for x in drawn)
+    assert sentences(text_client.get("/api/samples", params={"n": 6, "seed": 3})) == drawn  # a seed fixes them
+    m = text_client.get("/api/map").json()
+    assert len(m["points"]) == 5 and m["labels"] is None and m["projection"]["kind"] == "pca"
+
+
+@pytest.mark.parametrize(("path", "status", "message"), [
+    ("/api/reconstruct/5", 422, "5 sentences"),
+    ("/api/decode?z=1,2,3", 422, "4 dimensions"),
+    ("/api/interpolate?a=0&b=1&n=40", 422, "between 2 and 32"),
+    ("/api/samples?t=0.5", 400, "no sampling temperature"),
+])
+def test_text_runs_refuse_bad_requests_alike(text_client, path, status, message):
+    r = text_client.get(path)
+    assert r.status_code == status and message in r.json()["detail"]
+
+
+def test_page_shows_sentences_for_a_text_model_in_chromium(browser, text_root):
+    for address in serve(text_root):
+        page, errors = open_page(browser, address)
+        assert "5 test sentences" in page.inner_text("#summary")
+        assert page.is_hidden("#decoded") and page.is_visible("#decoded-text")
+        assert "test sentence" in page.inner_text("#decoder-panel")
+        recon = page.locator("#recon-text li")
+        assert recon.count() == 2 and recon.first.inner_text() == tokens_to_text(tiny_text().test.x[0],
+                                                                                   tiny_text().vocab)
+        assert page.locator("#decoded-text li").count() == 1
+        assert page.locator("#samples-text li").count() == 16
+
+        sliders = page.locator("#sliders input[type=range]")
+        assert sliders.count() == 4
+        z = page.get_attribute("#decoded-text", "data-z")
+        track = sliders.first.bounding_box()
+        page.mouse.click(track["x"] + track["width"] - 2, track["y"] + track["height"] / 2)
+        page.wait_for_function("z => document.querySelector('#decoded-text').dataset.z !== z", arg=z,
+                               timeout=10_000)
+        assert page.locator("#decoded-text li").count() == 1
+
+        page.fill("#interp-a", "1")
+        page.fill("#interp-b", "3")
+        page.fill("#interp-n", "5")
+        page.click("#interp-go")
+        page.wait_for_selector("#interp-strip-text[data-frames='5']", timeout=10_000)
+        assert page.locator("#interp-strip-text li").count() == 5
+        assert "greedy decodes" in page.inner_text("#interp-msg")
+        assert errors == [], errors
+        page.close()

@@ -1,5 +1,7 @@
 """The explorer's HTTP API and page: FastAPI endpoints over a Catalog of runs.
 
+Pictures come as PNG for image models; for text models the same endpoints answer JSON
+{"sentences": [...]}: greedy decodes (GET /api/summary says which: "kind" is "image" or "text").
 Every error a client can cause is answered as JSON {"detail": "..."} with status 4xx: 422 for values
 out of range or malformed, 400 for requests the run's model cannot serve (no prior, no temperature).
 Endpoints are plain functions, so uvicorn runs them in its thread pool while the event loop stays free.
@@ -37,6 +39,13 @@ Index = PathParam(ge=-MAX_INDEX, le=MAX_INDEX, description="index of a test imag
 
 def _png(data: bytes) -> Response:
     return Response(content=data, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+def _reply(view: bytes | list[str]) -> Response:
+    """A picture (PNG bytes) or sentences (a text model's), as the response."""
+    if isinstance(view, bytes):
+        return _png(view)
+    return JSONResponse({"sentences": view}, headers={"Cache-Control": "no-cache"})
 
 
 def _host_name(header: str) -> str:
@@ -124,20 +133,22 @@ def create_app(root: Path | str | Catalog, *, device: str = "cpu", allowed_hosts
     def decode(z: str = Query(..., max_length=MAX_Z_QUERY, description="comma-separated latent vector"),
                run: str | None = RunName) -> Response:
         explorer = catalog.get(run)
-        return _png(explorer.decode_png(explorer.parse_z(z)))
+        decode_view = explorer.decode_text if explorer.is_text else explorer.decode_png
+        return _reply(decode_view(explorer.parse_z(z)))
 
     @app.get("/api/reconstruct/{index}", response_class=Response)
     def reconstruct(index: int = Index, run: str | None = RunName) -> Response:
         explorer = catalog.get(run)
-        return _png(explorer.reconstruct_png(explorer.check_index(index)))
+        reconstruct_view = explorer.reconstruct_text if explorer.is_text else explorer.reconstruct_png
+        return _reply(reconstruct_view(explorer.check_index(index)))
 
     @app.get("/api/interpolate", response_class=Response)
     def interpolate(a: int = Query(..., ge=-MAX_INDEX, le=MAX_INDEX), b: int = Query(..., ge=-MAX_INDEX, le=MAX_INDEX),
                     n: int = Query(10, ge=-MAX_INDEX, le=MAX_INDEX, description=f"frames, 2..{MAX_FRAMES}"),
                     run: str | None = RunName) -> Response:
         explorer = catalog.get(run)
-        data = explorer.interpolate_png(explorer.check_index(a, "a"), explorer.check_index(b, "b"), n)
-        response = _png(data)
+        interpolate_view = explorer.interpolate_text if explorer.is_text else explorer.interpolate_png
+        response = _reply(interpolate_view(explorer.check_index(a, "a"), explorer.check_index(b, "b"), n))
         response.headers["X-Frames"] = str(n)
         return response
 
@@ -147,7 +158,8 @@ def create_app(root: Path | str | Catalog, *, device: str = "cpu", allowed_hosts
                 seed: int | None = Query(None, ge=0, le=2**32 - 1), run: str | None = RunName) -> Response:
         explorer = catalog.get(run)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        response = _png(explorer.samples_png(n, t, seed))
+        samples_view = explorer.samples_text if explorer.is_text else explorer.samples_png
+        response = _reply(samples_view(n, t, seed))
         response.headers["X-Seed"] = str(seed)
         return response
 

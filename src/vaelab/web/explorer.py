@@ -1,8 +1,10 @@
-"""One run held in memory for the latent explorer: model, test set, encodings and 2-D map, rendered to PNG.
+"""One run held in memory for the latent explorer: model, test set, encodings and 2-D map, and what it decodes.
 
-Everything a request needs is computed once in `Explorer.load`, so a request costs one small forward
-pass and a PNG encoding. Methods assume arguments went through `check_index` and `parse_z`, which raise
-RequestError with a message the page can show.
+Image models answer with PNG pictures (the `*_png` methods); text models (a text VAE on a token data set)
+with sentences, greedy decodes (the `*_text` methods). Everything a request needs is computed once in
+`Explorer.load`, so a request costs one small forward pass and a PNG encoding or a short greedy decode.
+Methods assume arguments went through `check_index` and `parse_z`, which raise RequestError with a
+message the page can show.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import figures, runs
+from .. import figures, runs, text_views
+from ..data.text import tokens_to_text
 from ..errors import VaelabError
 from ..evaluate import read_evaluation
 from ..latent_stats import codes as test_codes
@@ -85,11 +88,12 @@ class Explorer:
 
     name: str
     model: nn.Module
-    test_x: torch.Tensor  # (N, C, H, W), on the model's device
+    test_x: torch.Tensor  # (N, C, H, W) images or (N, T) token ids, on the model's device
     codes: torch.Tensor  # (N, D) point codes on the CPU
     labels: list[int] | None  # (N,) test labels
     summary: dict[str, Any]
     map: dict[str, Any]
+    vocab: tuple[str, ...] | None = None  # the tokens of a text model's data set; None for images
     _sample_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -97,9 +101,6 @@ class Explorer:
     def load(cls, name: str, run_dir: Path, *, device: str = "cpu") -> Explorer:
         """Load a run's model and test split and precompute its encodings, map and summary."""
         config = runs.load_config(run_dir)
-        if config.model.input_shape is not None and len(config.model.input_shape) != 3:
-            raise VaelabError(f"run {name} models sequences, not images (C, H, W); the explorer shows image "
-                              "models only")
         model = runs.load(run_dir, device=device)
         data = prepare_data(config)
         x = data.test.x.to(model_device(model))
@@ -109,17 +110,23 @@ class Explorer:
         summary = _summary(name, run_dir, config, model, data, codes)
         labels = data.test.y.tolist() if data.test.y is not None else None
         return cls(name=name, model=model, test_x=x, codes=codes, labels=labels, summary=summary,
-                   map=_map(codes, labels, data.classes))
+                   map=_map(codes, labels, data.classes), vocab=data.vocab)
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the run models token sequences: requests are answered with sentences, not PNGs."""
+        return self.vocab is not None
 
     @property
     def n_test(self) -> int:
-        """Number of test images."""
+        """Number of test images (or sentences)."""
         return int(self.test_x.shape[0])
 
     def check_index(self, index: int, what: str = "index") -> int:
         """A test-image index, refused unless 0 <= index < N."""
         if not 0 <= index < self.n_test:
-            raise RequestError(f"{what} {index} is out of range: the test split has {self.n_test} images "
+            items = "sentences" if self.is_text else "images"
+            raise RequestError(f"{what} {index} is out of range: the test split has {self.n_test} {items} "
                                f"(0..{self.n_test - 1})")
         return index
 
@@ -162,14 +169,40 @@ class Explorer:
     @torch.no_grad()
     def interpolate_png(self, a: int, b: int, n: int) -> bytes:
         """n frames decoded on the line between the codes of test images a and b, as one strip."""
-        if not 2 <= n <= MAX_FRAMES:
-            raise RequestError(f"n must be between 2 and {MAX_FRAMES} frames, got {n}")
+        _check_frames(n)
         frames = figures.interpolations(self.model, self.test_x[a:a + 1], self.test_x[b:b + 1], steps=n)
         return png(frames, nrow=n)
 
     @torch.no_grad()
     def samples_png(self, n: int, temperature: float, seed: int) -> bytes:
         """n prior samples (a temperature-scaled prior for hierarchical models), drawn with `seed`."""
+        return png(self._samples(n, temperature, seed), nrow=math.ceil(math.sqrt(n)))
+
+    # text models: the same requests, answered with sentences (greedy decodes)
+
+    def _sentences(self, tokens: torch.Tensor) -> list[str]:
+        return [tokens_to_text(row, self.vocab) for row in tokens]
+
+    def decode_text(self, z: torch.Tensor) -> list[str]:
+        """The greedy decode of one code z (D,): [sentence]."""
+        return self._sentences(self.model.greedy(z[None].to(model_device(self.model))))
+
+    def reconstruct_text(self, index: int) -> list[str]:
+        """[test sentence `index`, the greedy decode of its posterior mean]."""
+        return list(text_views.reconstructions(self.model, self.test_x[index:index + 1], self.vocab)[0])
+
+    def interpolate_text(self, a: int, b: int, n: int) -> list[str]:
+        """n greedy decodes on the line between the codes of test sentences a and b."""
+        _check_frames(n)
+        return text_views.interpolation(self.model, self.test_x[a], self.test_x[b], self.vocab, steps=n)
+
+    def samples_text(self, n: int, temperature: float, seed: int) -> list[str]:
+        """n sentences decoded from prior samples drawn with `seed`."""
+        return self._sentences(self._samples(n, temperature, seed))
+
+    @torch.no_grad()
+    def _samples(self, n: int, temperature: float, seed: int) -> torch.Tensor:
+        """model.sample(n) (with the temperature where the model takes one), after checking the request."""
         if not hasattr(self.model, "sample"):
             raise RequestError(f"this run's model ({self.summary['model']}) has no prior to sample from; "
                                "samples need a VAE", status=400)
@@ -187,8 +220,12 @@ class Explorer:
         # the global generator is shared by every request thread: seed and draw under one lock, on a fork
         with self._sample_lock, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            images = self.model.sample(n, **kwargs)
-        return png(images, nrow=math.ceil(math.sqrt(n)))
+            return self.model.sample(n, **kwargs)
+
+
+def _check_frames(n: int) -> None:
+    if not 2 <= n <= MAX_FRAMES:
+        raise RequestError(f"n must be between 2 and {MAX_FRAMES} frames, got {n}")
 
 
 def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
@@ -213,6 +250,7 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
     records = runs.read_metrics(run_dir)
     return finite_json({
         "run": name, "model": config.model.model, "data": data.name, "latent_dim": d,
+        "kind": "text" if data.is_text else "image",
         "input_shape": list(model.input_shape), "n_test": int(codes.shape[0]),
         "classes": list(data.classes) if data.classes is not None else None,
         "has_prior": hasattr(model, "sample"), "temperature": supports_temperature(model) if

@@ -39,14 +39,29 @@ async function fetchOk(url) {
 
 async function getJson(path, params) { return (await fetchOk(apiUrl(path, params))).json(); }
 
-// Load a PNG from the API into an <img>, via a blob so errors arrive as JSON messages, not broken images.
-async function showImage(img, path, params, attrs = {}) {
-  const blob = await (await fetchOk(apiUrl(path, params))).blob();
-  const old = img.src;
-  img.src = URL.createObjectURL(blob);
-  await img.decode();
-  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
-  for (const [key, value] of Object.entries(attrs)) img.dataset[key] = value;
+const isText = () => state.summary.kind === "text";
+const item = () => (isText() ? "sentence" : "image");  // what one test example is called on the page
+
+// Show what the API decodes in the place of an <img>: for image models a PNG, loaded via a blob so errors
+// arrive as JSON messages, not broken images; for text models the sentences, in the list beside it.
+async function show(img, path, params, attrs = {}) {
+  const response = await fetchOk(apiUrl(path, params));
+  let target = img;
+  if (isText()) {
+    target = $(`${img.id}-text`);
+    const items = (await response.json()).sentences.map((sentence) => {
+      const li = document.createElement("li");
+      li.textContent = sentence;  // text, never markup
+      return li;
+    });
+    target.replaceChildren(...items);
+  } else {
+    const old = img.src;
+    img.src = URL.createObjectURL(await response.blob());
+    await img.decode();
+    if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+  }
+  for (const [key, value] of Object.entries(attrs)) target.dataset[key] = value;
 }
 
 // ---- decoding, latest request wins: at most one request in flight, and only the newest waiting one
@@ -65,7 +80,7 @@ async function pumpDecode() {
     pendingZ = null;
     const text = z.map((v) => +v.toPrecision(6)).join(",");
     try {
-      await showImage($("decoded"), "/api/decode", { z: text }, { z: text });
+      await show($("decoded"), "/api/decode", { z: text }, { z: text });
       $("z-text").textContent = `z = (${z.map((v) => v.toFixed(2)).join(", ")})`;
       drawMap(z);
     } catch (e) {
@@ -193,16 +208,16 @@ function buildSliders() {
 async function chooseTestImage(index) {
   const n = state.summary.n_test;
   if (!(Number.isInteger(index) && index >= 0 && index < n)) {
-    setStatus(`test image index must be 0..${n - 1}`);
+    setStatus(`test ${item()} index must be 0..${n - 1}`);
     return;
   }
   try {
     const enc = await getJson(`/api/encoding/${index}`);
     const label = enc.label === null ? "" : ` (${className(enc.label)})`;
-    setBase(enc.z, `the encoding of test image ${index}${label}`);
-    await showImage($("recon"), `/api/reconstruct/${index}`, {}, { index: String(index) });
+    setBase(enc.z, `the encoding of test ${item()} ${index}${label}`);
+    await show($("recon"), `/api/reconstruct/${index}`, {}, { index: String(index) });
   } catch (e) {
-    setStatus(`test image: ${e.message}`);
+    setStatus(`test ${item()}: ${e.message}`);
   }
 }
 
@@ -222,8 +237,9 @@ async function interpolate() {
   }
   if (!(Number.isInteger(n) && n >= 2 && n <= 32)) { msg.textContent = "frames must be 2..32"; return; }
   try {
-    await showImage($("interp-strip"), "/api/interpolate", { a, b, n }, { frames: String(n) });
-    msg.textContent = `${n} frames decoded on the line between the encodings of test images ${a} and ${b}`;
+    await show($("interp-strip"), "/api/interpolate", { a, b, n }, { frames: String(n) });
+    msg.textContent = `${n} ${isText() ? "greedy decodes" : "frames decoded"} on the line between the ` +
+      `encodings of test ${item()}s ${a} and ${b}`;
   } catch (e) {
     msg.textContent = e.message;
   }
@@ -233,7 +249,7 @@ async function resample() {
   const msg = $("samples-msg");
   if (!state.summary.has_prior) {
     msg.textContent = `This ${state.summary.model} model has no prior to sample from; only a VAE generates ` +
-      "new images. The map and the decoder still work.";
+      `new ${item()}s. The map and the decoder still work.`;
     $("resample").disabled = true;
     $("samples").hidden = true;
     return;
@@ -242,8 +258,8 @@ async function resample() {
   const params = { n: N_SAMPLES, seed };
   if (state.summary.temperature) params.t = $("temperature").value;
   try {
-    await showImage($("samples"), "/api/samples", params, { seed: String(seed) });
-    msg.textContent = `seed ${seed}`;
+    await show($("samples"), "/api/samples", params, { seed: String(seed) });
+    msg.textContent = isText() ? `seed ${seed}; z ~ p(z), decoded greedily` : `seed ${seed}`;
   } catch (e) {
     msg.textContent = e.message;
   }
@@ -321,7 +337,14 @@ async function main() {
   }
   const s = state.summary;
   $("summary").textContent = `${s.run}: ${s.model} on ${s.data}, ${s.latent_dim}-d latent, ` +
-    `${s.n_test} test images`;
+    `${s.n_test} test ${item()}s`;
+  if (isText()) {  // sentences in the pictures' places
+    for (const id of ["decoded", "recon", "interp-strip", "samples"]) {
+      $(id).hidden = true;
+      $(`${id}-text`).hidden = false;
+    }
+    for (const span of document.querySelectorAll(".item")) span.textContent = "sentence";
+  }
   document.title = `vaelab explorer: ${s.run}`;
   const last = s.n_test - 1;
   for (const id of ["base-index", "interp-a", "interp-b"]) $(id).max = last;
