@@ -16,6 +16,10 @@ flushed as the trainer runs, in alternating rounds of --steps steps; medians aft
 - its matmuls alone: the step's 17 products (6 forward, 11 backward) with the same shapes and layouts;
 - fused Adam alone: train.optimizer_step over the model's 1.08 M parameters.
 
+Then the framework's own cost per step: vaelab's step and the plain-autograd one for a tiny network
+(784-8-8 -> 16 -> 8-8-784) on batches of 2, where the arithmetic is negligible and what is left is
+Python, dispatch, autograd and the optimiser's bookkeeping.
+
 The FLOP limit is train_speed's: the machine's fp32 matmul peak (better of MKL and oneDNN on square
 products, measured before and after, the better kept) over the model's FLOPs per sample (3x forward).
 
@@ -51,11 +55,11 @@ def adam(params: list[torch.Tensor]) -> torch.optim.Optimizer:
 class VaelabStep:
     """The trainer's step (train.Trainer._epoch without the batch bookkeeping)."""
 
-    def __init__(self, shape: tuple[int, int, int]):
+    def __init__(self, shape: tuple[int, int, int], hidden: tuple[int, ...] = (512, 256)):
         config = RunConfig(data=DataConfig(name="fashion-mnist", binarize="none"),
-                           model=ModelConfig(model="vae", net="mlp", hidden=(512, 256), latent_dim=LATENT),
+                           model=ModelConfig(model="vae", net="mlp", hidden=hidden, latent_dim=LATENT),
                            train=TrainConfig(batch_size=BATCH, device="cpu"))
-        self.model = VAE(input_shape=shape, latent_dim=LATENT, hidden=(512, 256))
+        self.model = VAE(input_shape=shape, latent_dim=LATENT, hidden=hidden)
         self.params = list(self.model.parameters())
         self.optimizer = adam(self.params)
         self.loss_terms = objective_for(config)
@@ -75,8 +79,15 @@ class VaelabStep:
 class PlainStep:
     """pytorch/examples' network and loss in plain tensors, with the trainer's optimiser step."""
 
-    def __init__(self):
+    def __init__(self, hidden: tuple[int, int] = (512, 256)):
         self.model = PlainVAE()
+        if hidden != (512, 256):
+            wide, narrow = hidden
+            m = self.model
+            linear = torch.nn.Linear
+            m.fc1, m.fc2 = linear(784, wide), linear(wide, narrow)
+            m.fc_mu, m.fc_logvar = linear(narrow, LATENT), linear(narrow, LATENT)
+            m.fc3, m.fc4, m.fc5 = linear(LATENT, narrow), linear(narrow, wide), linear(wide, 784)
         self.params = list(self.model.parameters())
         self.optimizer = adam(self.params)
 
@@ -202,11 +213,11 @@ def check_hand_written(x: torch.Tensor) -> float:
     return max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs)
 
 
-def steps_per_s(step: Callable[[torch.Tensor], None], x: torch.Tensor, steps: int) -> float:
+def steps_per_s(step: Callable[[torch.Tensor], None], x: torch.Tensor, steps: int, batch: int = BATCH) -> float:
     perm = torch.randperm(len(x))
     start = time.perf_counter()
     for i in range(steps):
-        step(torch.index_select(x, 0, perm[i * BATCH:(i + 1) * BATCH]))
+        step(torch.index_select(x, 0, perm[i * batch:(i + 1) * batch]))
     return steps / (time.perf_counter() - start)
 
 
@@ -230,11 +241,15 @@ def main() -> None:
     hand = HandWrittenStep(PlainVAE())
     parts = {"vaelab": vaelab_step, "plain autograd": plain, "hand-written": hand,
              "its matmuls alone": Matmuls(x), "fused Adam alone": AdamAlone(plain.params)}
+    tiny = {"vaelab": VaelabStep(data.shape, hidden=(8, 8)), "plain autograd": PlainStep(hidden=(8, 8))}
     rates: dict[str, list[float]] = {name: [] for name in parts}
+    tiny_rates: dict[str, list[float]] = {name: [] for name in tiny}
     with flush_denormals():
         for _ in range(args.rounds + 2):
             for name, step in parts.items():
                 rates[name].append(steps_per_s(step, x, args.steps))
+            for name, step in tiny.items():
+                tiny_rates[name].append(steps_per_s(step, x, 4 * args.steps, batch=2))
     peak = max(peak, matmul_rate())
     ms = {name: 1e3 / statistics.median(r[2:]) for name, r in rates.items()}
     ratio = {name: statistics.median(a / b for a, b in zip(r[2:], rates["vaelab"][2:])) for name, r in rates.items()}
@@ -253,10 +268,14 @@ def main() -> None:
     ceiling = BATCH / (ms["its matmuls alone"] + ms["fused Adam alone"]) * 1e3 / limit
     print(f"\nhand-written step less its matmuls and Adam: {rest:.2f} ms (elementwise work, gathering the "
           f"batch, dispatch); its matmuls and Adam alone would be {ceiling:.0%} of the limit")
+    overhead = {name: 1e3 / statistics.median(r[2:]) for name, r in tiny_rates.items()}
+    print(f"framework cost per step (784-8-8-16-8-8-784, batch 2): vaelab {overhead['vaelab']:.2f} ms, "
+          f"plain autograd {overhead['plain autograd']:.2f} ms")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"data": data.name, "steps_per_round": args.steps, "steps_per_s": rates,
                                    "matmul_peak_flops": peak, "model_flops_per_sample": flops,
-                                   "ms_per_step": ms, "speed_vs_vaelab": ratio}, indent=2) + "\n")
+                                   "ms_per_step": ms, "speed_vs_vaelab": ratio,
+                                   "tiny_network_ms_per_step": overhead}, indent=2) + "\n")
     print(f"vaelab_vs_hand_written={1 / ratio['hand-written']:.3f} "
           f"hand_written_fraction_of_limit={BATCH / ms['hand-written'] * 1e3 / limit:.2f}")
 
