@@ -6,7 +6,12 @@ processes together). With 2 cores, one process uses both through intra-op thread
 one thread each and exchange gradients over gloo, so on one small machine the comparison shows the
 cost of that exchange rather than a speed-up: scaling pays across machines or GPUs.
 
-    python benchmarks/ddp_scaling.py [--examples 20000] [--rounds 2]
+With --batch-norm it measures what synchronised batch norm costs instead: the hvae-s preset (44
+batch-norm layers) for one epoch on 3,000 images in two processes, with batch-norm statistics over the
+global batch (the default) and per process (--no-sync-bn), alternated; and the latency of a small gloo
+all-reduce between two processes on this machine, the price of each layer's exchange.
+
+    python benchmarks/ddp_scaling.py [--examples 20000] [--rounds 2] [--batch-norm]
 """
 from __future__ import annotations
 
@@ -17,15 +22,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from vaelab import runs
 from vaelab.data import load_dataset
 from vaelab.errors import DataError
 
 RESULTS = Path(__file__).parent / "results" / "ddp_scaling.json"
+BN_RESULTS = Path(__file__).parent / "results" / "ddp_batch_norm.json"
 
 
 def npz_data(folder: Path, examples: int) -> str:
@@ -39,20 +49,71 @@ def npz_data(folder: Path, examples: int) -> str:
     return f"npz:{path}"
 
 
-def job(nproc: int, data: str, out: Path) -> float:
+MLP_VAE = ["--hidden", "512,256", "--latent-dim", "16", "--batch-size", "128", "--epochs", "2"]
+HVAE_S = ["--preset", "hvae-s", "--epochs", "1"]
+
+
+def job(nproc: int, data: str, out: Path, model: list[str] = MLP_VAE) -> float:
+    """samples/s of the last epoch of a torchrun job with nproc processes."""
     threads = max(1, (os.cpu_count() or 2) // nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "vaelab", "train", "--data", data, "--hidden", "512,256", "--latent-dim", "16",
-           "--batch-size", "128", "--epochs", "2", "--device", "cpu", "--no-report", "--quiet", "--out", str(out)]
+           "-m", "vaelab", "train", "--data", data, *model, "--device", "cpu", "--no-report", "--quiet",
+           "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return runs.read_metrics(out)[-1]["samples_per_s"]
+
+
+def _all_reduce_worker(rank: int, init: str, repeats: int, times: list) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    x = torch.ones(3)  # a batch-norm layer's exchange is a few numbers per channel
+    for _ in range(20):
+        dist.all_reduce(x)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(x)
+    if rank == 0:
+        times.append((time.perf_counter() - start) / repeats)
+    dist.destroy_process_group()
+
+
+def all_reduce_latency(folder: Path, repeats: int = 500) -> float:
+    """Seconds per all-reduce of a 3-float tensor between two gloo processes on this machine."""
+    with mp.Manager() as manager:
+        times = manager.list()
+        mp.spawn(_all_reduce_worker, args=(f"file://{folder / 'rendezvous'}", repeats, times), nprocs=2)
+        return times[0]
+
+
+def batch_norm_cost(args: argparse.Namespace) -> None:
+    speeds: dict[str, list[float]] = {"synchronised": [], "per process (--no-sync-bn)": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = npz_data(Path(tmp), 3000)
+        latency = all_reduce_latency(Path(tmp))
+        print(f"gloo all-reduce of 3 floats between 2 processes: {latency * 1e3:.2f} ms")
+        for r in range(args.rounds):
+            for name, extra in zip(speeds, ([], ["--no-sync-bn"])):
+                speeds[name].append(job(2, data, Path(tmp) / f"hvae-{len(extra)}-{r}", [*HVAE_S, *extra]))
+            print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in speeds.items()), flush=True)
+    median = {n: statistics.median(v) for n, v in speeds.items()}
+    print(f"\nhvae-s, 2 processes{'':<12}{'samples/s':>12}")
+    for name, v in median.items():
+        print(f"{name:<31}{v:>12,.0f}")
+    ratio = median["synchronised"] / median["per process (--no-sync-bn)"]
+    print(f"synchronised_vs_per_process={ratio:.2f}")
+    BN_RESULTS.write_text(json.dumps({"all_reduce_s": latency, "rounds": speeds, "median": median,
+                                  "synchronised_vs_per_process": ratio}, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-norm", action="store_true", help="the cost of synchronised batch norm instead")
     args = parser.parse_args()
+    if args.batch_norm:
+        batch_norm_cost(args)
+        return
     speeds: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         data = npz_data(Path(tmp), args.examples)
