@@ -19,3 +19,7 @@ class CheckpointError(VaelabError):
 
 class TrainingError(VaelabError):
     """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+class InputError(VaelabError, ValueError):
+    """A tensor or count passed to a model's method (encode, decode, sample, ...) has the wrong shape or type."""

@@ -1,14 +1,71 @@
-"""Pieces every model shares: the forward-pass output, and decoder body + likelihood head."""
+"""Pieces every model shares: the forward-pass output, decoder body + likelihood head, and input checks."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, kl_divergence
 
+from ..errors import InputError
 from ..likelihoods import build_likelihood
 from ..nets import DECODERS
+
+
+def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str) -> None:
+    """Refuse anything but a float batch (B, *shape) of images, with a message that says what the model takes.
+
+    Public model methods call it first, so a wrong tensor fails here, by name, not deep inside a layer.
+    """
+    want = f"(B, {', '.join(map(str, shape))})"
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{method}: x must be a torch.Tensor of shape {want}, got {type(x).__name__}")
+    if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
+        raise InputError(f"{method}: x has shape {tuple(x.shape)}, but this model takes image batches {want} "
+                         "(one image: x[None])")
+    if not x.is_floating_point():
+        raise InputError(f"{method}: x has dtype {x.dtype}; pass floating-point pixels in [0, 1] "
+                         "(e.g. x.float() / 255)")
+
+
+def check_codes(z: torch.Tensor, latent_dim: int, method: str) -> None:
+    """Refuse anything but float codes (..., latent_dim)."""
+    if not isinstance(z, torch.Tensor):
+        raise InputError(f"{method}: z must be a torch.Tensor of shape (..., {latent_dim}), got {type(z).__name__}")
+    if z.dim() == 0 or z.shape[-1] != latent_dim:
+        raise InputError(f"{method}: z has shape {tuple(z.shape)}, but this model's codes have {latent_dim} "
+                         f"dimensions: (..., {latent_dim})")
+    if not z.is_floating_point():
+        raise InputError(f"{method}: z has dtype {z.dtype}; pass floating-point codes (e.g. z.float())")
+
+
+def check_tokens(x: torch.Tensor, vocab_size: int, method: str, *, values: bool = True) -> None:
+    """Refuse anything but integer token ids (B, T), and (with values) ids outside the vocabulary.
+
+    The value check reads x (a device sync on a GPU); text models skip it for training batches, whose ids
+    come from the data set's own vocabulary.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{method}: x must be a torch.Tensor of token ids (B, T), got {type(x).__name__}")
+    if x.dim() != 2:
+        raise InputError(f"{method}: x has shape {tuple(x.shape)}, but this model takes token batches (B, T) "
+                         "(one sentence: x[None])")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise InputError(f"{method}: x has dtype {x.dtype}; pass integer token ids (vaelab.data.text.text_to_tokens)")
+    if values and x.numel() and not bool(((x >= 0) & (x < vocab_size)).all()):
+        raise InputError(f"{method}: x holds token ids outside this model's vocabulary (0..{vocab_size - 1})")
+
+
+def check_count(n: int, method: str) -> int:
+    """n as a whole number >= 0, or an InputError."""
+    try:
+        count = operator.index(n)  # ints and integer-like (numpy) scalars, not floats or bools' surprises
+    except TypeError:
+        raise InputError(f"{method}: n must be a whole number of samples, got {n!r}") from None
+    if isinstance(n, bool) or count < 0:
+        raise InputError(f"{method}: n must be a whole number >= 0, got {n!r}")
+    return count
 
 
 @dataclass

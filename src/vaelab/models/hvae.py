@@ -27,10 +27,11 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from ..config import zeros_last
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..hvae_cells import ResidualCell, SpectralNorms, scale_sizes
 from ..latents import Noise, diagonal_normal, standard_normal
 from ..likelihoods import build_likelihood
+from .common import check_codes, check_count, check_images
 
 SOFTPLUS_ONE = math.log(math.expm1(1.0))  # softplus(0 + SOFTPLUS_ONE) = 1
 KL_BALANCE_EPS = 0.01  # NVAE's kl_per_group adds 0.01: a collapsed group keeps a small, nonzero coefficient
@@ -270,12 +271,14 @@ class HVAE(nn.Module):
 
         noise: where the standard normal draws come from (default: torch's global generator).
         """
+        check_images(x, self.input_shape, "forward")
         groups, params = self._top_down(x.shape[0], self.bottom_up(x), k=k, noise=noise)
         lead = x.shape[:1] if k is None else (k, x.shape[0])
         return HierarchicalOutput(groups, self.likelihood(params.view(*lead, *self.input_shape)), k, self.group_sizes)
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z_1 | x) of the top group, flattened: batch shape (B,), event shape (D_top,)."""
+        check_images(x, self.input_shape, "encode")
         mu_p, scale_p = self._top_prior_params(x.shape[0])
         qz = self._posterior(mu_p, scale_p, self.post_heads[0](self.bottom_up(x)[0])).base_dist
         return diagonal_normal(qz.loc.flatten(1), qz.scale.flatten(1))
@@ -295,6 +298,7 @@ class HVAE(nn.Module):
         The lower groups at temperature 0 make p(x|z) a function of the top group alone, so generic code
         (interpolations, traversals, the latent explorer) works on z_1 as on a VAE's z.
         """
+        check_codes(z, self.latent_dim, "decode")
         lead = z.shape[:-1]
         z_top = z.reshape(-1, *self.group_shapes[0])
         _, params = self._top_down(z_top.shape[0], z_top=z_top, temperature=0.0)
@@ -308,12 +312,14 @@ class HVAE(nn.Module):
     @torch.no_grad()
     def group_means(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Posterior means of every group, each flattened to (B, s_l), with the groups above at their means."""
+        check_images(x, self.input_shape, "group_means")
         groups, _ = self._top_down(x.shape[0], self.bottom_up(x), use_mean=True)
         return [g.z.flatten(1) for g in groups]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|z) with every group at its posterior mean, shape of x."""
+        check_images(x, self.input_shape, "reconstruct")
         _, params = self._top_down(x.shape[0], self.bottom_up(x), use_mean=True)
         return self.likelihood(params).mean
 
@@ -323,6 +329,9 @@ class HVAE(nn.Module):
 
         Temperatures below 1 trade diversity for quality (NVAE Sec. 5); t = 0 is deterministic.
         """
+        n = check_count(n, "sample")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise InputError(f"sample: temperature must be a finite number >= 0, got {temperature!r}")
         _, params = self._top_down(n, temperature=temperature)
         px_z = self.likelihood(params)
         return px_z.mean if mean else px_z.sample()

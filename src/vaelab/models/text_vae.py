@@ -11,10 +11,10 @@ from torch import nn
 from torch.distributions import Distribution, constraints
 
 from ..data.text import BOS, EOS, PAD, UNK, token_counts
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..latents import Noise, build_latent
 from ..linear import Linear
-from .common import Output
+from .common import Output, check_codes, check_count, check_tokens
 
 RNNS = {"lstm": nn.LSTM, "gru": nn.GRU}
 RNNState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a GRU's h, or an LSTM's (h, c)
@@ -92,6 +92,7 @@ class TextVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for token ids x (B, T): batch shape (B,), event shape (D,)."""
+        check_tokens(x, self.vocab_size, "encode", values=not self.training)
         states, _ = self.encoder(self.embedding(x))  # (B, T, H)
         # The RNN is causal, so its state at the last real token (the <eos>) has not seen the padding.
         last = (x != PAD).sum(1).clamp(min=1) - 1  # (B,)
@@ -128,6 +129,8 @@ class TextVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, x: torch.Tensor) -> TokenSequence:
         """p(x|z) by teacher forcing on the targets x (B, T), for codes z (..., B, D): batch shape z.shape[:-1]."""
+        check_codes(z, self.latent_dim, "decode")
+        check_tokens(x, self.vocab_size, "decode", values=not self.training)
         lead, t = z.shape[:-1], x.shape[-1]
         targets = x.expand(*lead, t)  # (K, B, T): the data repeated for each sample
         logits, _ = self._logits(z.reshape(-1, self.latent_dim), self.decoder_inputs(targets.reshape(-1, t)))
@@ -153,6 +156,9 @@ class TextVAE(nn.Module):
 
         A sentence still open at the last position is cut there with <eos>, so every row is valid data.
         """
+        check_codes(z, self.latent_dim, "greedy")
+        if z.dim() != 2:
+            raise InputError(f"greedy: z has shape {tuple(z.shape)}; pass a batch of codes (N, {self.latent_dim})")
         t_max = max_len or self.input_shape[0]
         n = z.shape[0]
         tokens = torch.full((n, t_max), PAD, dtype=torch.int64, device=z.device)
@@ -174,7 +180,7 @@ class TextVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         """n sentences from the model: z ~ p(z), then greedy decoding: (n, T) ids."""
-        return self.greedy(self.prior().sample((n,)))
+        return self.greedy(self.prior().sample((check_count(n, "sample"),)))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch.distributions import Distribution
 
 from ..latents import Noise, build_latent
 from ..nets import ENCODERS
-from .common import ImageDecoder, Output
+from .common import ImageDecoder, Output, check_codes, check_count, check_images
 
 
 class VAE(nn.Module):
@@ -45,10 +45,12 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for images x (B, C, H, W): batch shape (B,), event shape (D,)."""
+        check_images(x, self.input_shape, "encode")
         return self.posterior(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for codes z (..., D): batch shape z.shape[:-1], event shape (C, H, W)."""
+        check_codes(z, self.latent_dim, "decode")
         return self.decoder(z)
 
     def prior(self) -> Distribution:
@@ -77,6 +79,6 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
         """n images from the model: z ~ p(z), then the mean of p(x|z) (or a draw from it)."""
-        z = self.prior().sample((n,))
+        z = self.prior().sample((check_count(n, "sample"),))
         px_z = self.decode(z)
         return px_z.mean if mean else px_z.sample()

@@ -1,0 +1,93 @@
+"""The Python API refuses wrong tensors by name: every model's encode, decode, sample (and the like) raise
+InputError saying what the model takes, never an error from deep inside a layer."""
+import numpy as np
+import pytest
+import torch
+from test_hvae import small as small_hvae
+from test_text import VOCAB, tiny_model
+
+from vaelab.errors import InputError, VaelabError
+from vaelab.models import AE, PCA, VAE
+
+SHAPE = (1, 6, 6)
+
+
+def image_models():
+    torch.manual_seed(0)
+    pca = PCA(input_shape=SHAPE, latent_dim=3).fit(torch.rand(20, *SHAPE))
+    return {"vae": VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,)),
+            "conv vae": VAE(input_shape=SHAPE, latent_dim=3, net="conv", hidden=(4, 8)),
+            "ae": AE(input_shape=SHAPE, latent_dim=3, hidden=(8,)), "pca": pca}
+
+
+@pytest.mark.parametrize("name", ["vae", "conv vae", "ae", "pca"])
+def test_image_models_name_what_encode_and_decode_take(name):
+    model = image_models()[name].eval()
+    x = torch.rand(4, *SHAPE)
+    assert model.reconstruct(x).shape == x.shape  # the right inputs still work
+    assert tuple(model.decode(torch.zeros(5, 3)).mean.shape) == (5, *SHAPE)
+    for bad, message in [(torch.rand(4, 36), r"shape \(4, 36\).*\(B, 1, 6, 6\).*x\[None\]"),
+                         (torch.rand(*SHAPE), r"shape \(1, 6, 6\).*\(B, 1, 6, 6\)"),
+                         (torch.rand(4, 1, 7, 7), r"\(B, 1, 6, 6\)"),
+                         ((x * 255).to(torch.uint8), r"dtype torch.uint8.*x.float\(\) / 255"),
+                         (x.numpy(), r"torch.Tensor.*ndarray")]:
+        with pytest.raises(InputError, match=f"encode: .*{message}"):
+            model.encode(bad)
+        with pytest.raises(InputError, match="encode"):
+            model.reconstruct(bad)
+    for bad, message in [(torch.zeros(5, 4), r"shape \(5, 4\).*3 dimensions"), (torch.tensor(0.0), "3 dimensions"),
+                         (torch.zeros(5, 3, dtype=torch.int64), "dtype torch.int64")]:
+        with pytest.raises(InputError, match=f"decode: .*{message}"):
+            model.decode(bad)
+
+
+@pytest.mark.parametrize("n", [-1, 2.5, "3", True, None])
+def test_sample_needs_a_whole_number(n):
+    model = image_models()["vae"].eval()
+    with pytest.raises(InputError, match="sample: n must be a whole number"):
+        model.sample(n)
+
+
+def test_sample_takes_integer_like_counts_and_zero():
+    model = image_models()["vae"].eval()
+    assert model.sample(np.int64(3)).shape == (3, *SHAPE)
+    assert model.sample(0).shape == (0, *SHAPE)
+
+
+def test_hierarchical_model_checks_its_inputs_and_temperature():
+    model = small_hvae()
+    x = torch.rand(2, 1, 12, 12)
+    assert model.reconstruct(x).shape == x.shape and model.sample(2, temperature=0.5).shape == x.shape
+    for method in (model.encode, model.reconstruct, model.group_means, model):
+        with pytest.raises(InputError, match=r"\(B, 1, 12, 12\)"):
+            method(torch.rand(2, 144))
+    with pytest.raises(InputError, match=f"decode: .*{model.latent_dim} dimensions"):
+        model.decode(torch.zeros(2, model.latent_dim + 1))
+    for t in (-0.5, float("nan"), float("inf"), "hot"):
+        with pytest.raises(InputError, match="temperature must be a finite number >= 0"):
+            model.sample(2, temperature=t)
+    with pytest.raises(InputError, match="whole number"):
+        model.sample(-2)
+
+
+def test_text_model_checks_token_ids_and_codes():
+    model = tiny_model().eval()
+    x = torch.tensor([[4, 5, 6, 2, 0, 0, 0, 0]])
+    assert model.reconstruct(x).shape == (1, 8)
+    for bad, message in [(x[0], r"shape \(8,\).*\(B, T\).*x\[None\]"), (x.float(), "dtype torch.float32.*integer"),
+                         (x + len(VOCAB), f"outside this model's vocabulary \\(0..{len(VOCAB) - 1}\\)"),
+                         (x - 10, "outside")]:
+        with pytest.raises(InputError, match=f"encode: .*{message}"):
+            model.encode(bad)
+    with pytest.raises(InputError, match="decode: z has shape"):
+        model.decode(torch.zeros(1, 5), x)
+    with pytest.raises(InputError, match=r"greedy: z has shape \(2, 1, 4\)"):
+        model.greedy(torch.zeros(2, 1, 4))
+    with pytest.raises(InputError, match="whole number"):
+        model.sample(-1)
+    model.train()  # training batches come from the data set's vocabulary: no value check (a GPU sync)
+    model.encode(x)
+
+
+def test_input_errors_are_value_errors_and_vaelab_errors():
+    assert issubclass(InputError, ValueError) and issubclass(InputError, VaelabError)
