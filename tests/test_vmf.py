@@ -392,6 +392,16 @@ def test_vmf_latent_shapes_and_fixed_kappa_kl():
     assert latent.rsample(qz, noise=noise).shape == (6, 5) and noise.shapes[0][:2] == (1, 6)
 
 
+def test_vmf_latent_rsample_draws_what_rsample_and_score_draws():
+    torch.manual_seed(0)
+    latent = VMFLatent(in_features=8, latent_dim=5)  # learned kappa: rsample_and_score has a score
+    qz = latent(torch.randn(6, 8))
+    for k in (None, 3):
+        z = latent.rsample(qz, k, noise=SeededNoise(seed=1, dtype=torch.float32))
+        z_scored, score = latent.rsample_and_score(qz, k, noise=SeededNoise(seed=1, dtype=torch.float32))
+        assert torch.equal(z, z_scored) and score.shape == z.shape[:-1]
+
+
 def test_vmf_latent_learned_kappa_gets_gradients():
     torch.manual_seed(0)
     latent = VMFLatent(in_features=8, latent_dim=4)

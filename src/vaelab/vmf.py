@@ -476,15 +476,22 @@ class VMFLatent(nn.Module):
     @staticmethod
     def rsample(qz: VonMisesFisher, k: int | None = None, noise: Noise | None = None) -> torch.Tensor:
         """Reparameterised z: (B, m), or (K, B, m) with k; every draw from `noise` when given."""
-        return VMFLatent.rsample_and_score(qz, k, noise)[0]
+        return VMFLatent._draws(qz, k, noise, with_score=False)[0]
 
     @staticmethod
     def rsample_and_score(qz: VonMisesFisher, k: int | None = None,
                           noise: Noise | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """rsample's z and the rejection sampler's score (B,) or (K, B) (VonMisesFisher.rsample_and_score)."""
+        return VMFLatent._draws(qz, k, noise, with_score=True)
+
+    @staticmethod
+    def _draws(qz: VonMisesFisher, k: int | None, noise: Noise | None,
+               with_score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """z (and the score when with_score): one draw per example, or k; noise is always asked for a leading
+        sample dimension (K, or 1), as density.KeyedNoise expects."""
         if k is None and noise is None:
-            return qz.rsample_and_score()
-        z, score = qz.rsample_and_score((1 if k is None else k,), noise=noise)
+            return qz._draw((), None, with_score)
+        z, score = qz._draw((1 if k is None else k,), noise, with_score)
         if k is None:
             return z[0], None if score is None else score[0]
         return z, score
