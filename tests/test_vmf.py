@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from scipy.special import gammaln, hyp0f1, ive
 from torch.distributions import kl_divergence
 
 from vaelab.models import VAE
-from vaelab.objectives import elbo, iwae, sampler_correction
+from vaelab.objectives import elbo, iwae
 from vaelab.vmf import (
     HypersphericalUniform,
     VMFLatent,
@@ -21,6 +23,9 @@ from vaelab.vmf import (
     log_bessel_iv,
     log_sphere_area,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from vmf_gradient import kappa_gradient  # noqa: E402  (the estimator behind the benchmark's table)
 
 ORDERS = np.arange(0, 64, 0.5)  # v = m/2 - 1 for m = 2 .. 129
 KAPPAS = np.concatenate([np.logspace(-4, 5, 541), [50 - 1e-9, 50 + 1e-9]])  # and both sides of the series' limit
@@ -290,21 +295,9 @@ def test_arguments_are_validated():
         HypersphericalUniform(1)
 
 
-def reparameterised_gradient(m: int, kappa: float, n: int = 20_000) -> tuple[float, float, float]:
-    """Monte Carlo d/dkappa E[<a, z>] with its standard error, and the exact A_m'(kappa) <a, loc>."""
-    loc = random_loc(m, seed=5)
-    a = loc + 0.5 * random_loc(m, seed=6)
-    k = torch.full((n, 1), kappa, dtype=torch.float64, requires_grad=True)
-    z = VonMisesFisher(loc.expand(n, m), k).rsample(noise=SeededNoise(seed=7))  # one sample per kappa copy
-    (g,) = torch.autograd.grad((z @ a).sum(), k)
-    k0 = torch.tensor(kappa, dtype=torch.float64, requires_grad=True)
-    (d_a,) = torch.autograd.grad(bessel_iv_ratio(m / 2 - 1, k0), k0)
-    return float(g.mean()), float(g.std() / math.sqrt(n)), float(d_a * (a @ loc))
-
-
 @pytest.mark.parametrize("kappa", [0.5, 2.0, 10.0])
 def test_reparameterised_kappa_gradient_is_exact_on_s2(kappa):
-    estimate, stderr, exact = reparameterised_gradient(3, kappa)
+    estimate, stderr, exact = kappa_gradient(3, kappa, 20_000, corrected=False, seed=5)
     assert abs(estimate - exact) <= 5 * stderr
 
 
@@ -312,29 +305,25 @@ def test_reparameterised_kappa_gradient_is_exact_on_s2(kappa):
 def test_reparameterised_kappa_gradient_sign_and_magnitude(m, kappa):
     # Without the rejection-sampling correction term (Naesseth et al. 2017) the estimate is biased low where
     # proposals are often rejected: measured ratios 0.56 (m=2, kappa=1) to 1.0 (m=64).
-    estimate, stderr, exact = reparameterised_gradient(m, kappa, n=5_000 if m > 10 else 20_000)
+    estimate, stderr, exact = kappa_gradient(m, kappa, 5_000 if m > 10 else 20_000, corrected=False, seed=5)
     assert exact > 0 and 0.4 * exact - 5 * stderr < estimate < 1.05 * exact + 5 * stderr
-
-
-def corrected_gradient(m: int, kappa: float, n: int) -> tuple[float, float, float]:
-    """reparameterised_gradient with the sampler's correction term (rsample_and_score + sampler_correction)."""
-    loc = random_loc(m, seed=5)
-    a = loc + 0.5 * random_loc(m, seed=6)
-    k = torch.full((n, 1), kappa, dtype=torch.float64, requires_grad=True)
-    z, score = VonMisesFisher(loc.expand(n, m), k).rsample_and_score(noise=SeededNoise(seed=7))
-    f = z @ a  # (n,): n examples with one sample each, so the baseline is the other examples' mean
-    (g,) = torch.autograd.grad((f + sampler_correction(f, score)).sum(), k)
-    k0 = torch.tensor(kappa, dtype=torch.float64, requires_grad=True)
-    (d_a,) = torch.autograd.grad(bessel_iv_ratio(m / 2 - 1, k0), k0)
-    return float(g.mean()), float(g.std() / math.sqrt(n)), float(d_a * (a @ loc))
 
 
 @pytest.mark.parametrize("m,kappa", [(2, 1.0), (2, 10.0), (5, 2.0), (10, 1.0), (10, 10.0), (64, 10.0)])
 def test_the_score_makes_the_kappa_gradient_unbiased(m, kappa):
     # g_rep + g_cor (Naesseth et al. 2017) against the exact A_m'(kappa) <a, loc>, where rsample's g_rep alone
     # is 0.56x (m=2, kappa=1) to 0.99x of it; the correction's value is 0
-    estimate, stderr, exact = corrected_gradient(m, kappa, n=40_000)
+    estimate, stderr, exact = kappa_gradient(m, kappa, 40_000, corrected=True, seed=5)
     assert abs(estimate - exact) <= 5 * stderr and stderr < 0.05 * abs(exact)
+
+
+def test_the_estimates_share_their_draws_and_the_correction_changes_only_the_gradient():
+    """benchmarks/vmf_gradient.py's table compares the two estimates on the same draws: where no proposal
+    can be rejected (S^2) they are one and the same number."""
+    assert kappa_gradient(3, 2.0, 2_000, corrected=False, seed=1) == kappa_gradient(3, 2.0, 2_000, corrected=True,
+                                                                                    seed=1)
+    rep, cor = (kappa_gradient(5, 2.0, 2_000, corrected=c, seed=1) for c in (False, True))
+    assert rep[2] == cor[2] and rep[0] != cor[0]
 
 
 def test_a_score_only_where_kappa_needs_a_gradient_through_rejection():
