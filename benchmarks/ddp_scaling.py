@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def job(nproc: int, data: str, out: Path, model: list[str] = MLP_VAE) -> float:
 
 
 def _all_reduce_worker(rank: int, init: str, repeats: int, times: list) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60))
     x = torch.ones(3)  # a batch-norm layer's exchange is a few numbers per channel
     for _ in range(20):
         dist.all_reduce(x)
@@ -79,6 +80,7 @@ def _all_reduce_worker(rank: int, init: str, repeats: int, times: list) -> None:
 
 def all_reduce_latency(folder: Path, repeats: int = 500) -> float:
     """Seconds per all-reduce of a 3-float tensor between two gloo processes on this machine."""
+    folder.mkdir(parents=True, exist_ok=True)  # the file rendezvous waits out its timeout on a missing folder
     with mp.Manager() as manager:
         times = manager.list()
         mp.spawn(_all_reduce_worker, args=(f"file://{folder / 'rendezvous'}", repeats, times), nprocs=2)
