@@ -1,4 +1,5 @@
 """benchmarks/budget.py: training for a CPU-time budget, with best-epoch keeping and learning-rate schedules."""
+import json
 import math
 import sys
 from pathlib import Path
@@ -67,3 +68,33 @@ def test_training_record_is_read_from_the_run_directory_whatever_the_results_nam
     assert training_record(run, "b") == {}
     (run / "budget.json").write_text('{"epochs": 5, "cpu_s": 50.0}')
     assert training_record(run, "b") == training_record(run, "a") == {"epochs": 5, "cpu_s": 50.0}
+
+
+def test_fashion_mnist_nll_with_a_cosine_schedule_end_to_end(tmp_path, monkeypatch):
+    """The script's --lr-schedule cosine path on 28x28 stand-in data and a few CPU seconds: epochs at falling
+    rates from --lr towards --lr-min, no fine-tuning, the estimates and the results file under --name."""
+    import fashion_mnist_nll
+
+    from vaelab.data import Dataset, Split
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(260, 1, 28, 28, generator=g)
+    data = Dataset(name="fashion-mnist", train=Split(x[:200], None), val=Split(x[200:230], None),
+                   test=Split(x[230:], None))
+    prepare = fashion_mnist_nll.prepare_data
+    monkeypatch.setattr(fashion_mnist_nll, "prepare_data", lambda config: prepare(config, data))
+    monkeypatch.setattr(fashion_mnist_nll, "RESULTS", tmp_path / "results")
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["fashion_mnist_nll.py", "--cpu-minutes", "0.1", "--eval-cpu-minutes", "0.05",
+                                      "--k", "20", "--lr-schedule", "cosine", "--lr", "1e-3", "--lr-min", "1e-5",
+                                      "--name", "cosine_test", "--out", str(out)])
+    fashion_mnist_nll.main()
+    result = json.loads((tmp_path / "results" / "cosine_test.json").read_text())
+    rates = [r["lr"] for r in runs.read_metrics(out)]
+    assert result["lr_schedule"] == "cosine" and result["finetune_lr"] is None and result["lr_min"] == 1e-5
+    assert result["epochs"] == len(rates) >= 3 and result["finetune_from_epoch"] is None
+    # each epoch's rate is the cosine at the CPU time used before it (creating the run counts: on a budget
+    # of seconds the first epoch starts well below the peak); every epoch starts inside the budget
+    assert 1e-3 >= rates[0] and all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 1e-5
+    assert math.isfinite(result["nll"]) and math.isfinite(result["nll_first500_k1000"]) and result["k"] == 20
+    assert runs.load(best_dir(out)) is not None
