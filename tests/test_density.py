@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from vaelab import runs
+from vaelab import latent_stats, runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split
 from vaelab.density import importance_sample, log_likelihood, mean_and_stderr
 from vaelab.evaluate import compare_runs, evaluate_run
 from vaelab.latent_stats import active_units, mutual_information
+from vaelab.latents import DiagonalNormal
 from vaelab.models import VAE
 from vaelab.objectives import elbo, iwae
 from vaelab.train import train
@@ -215,6 +216,27 @@ def test_active_units_and_mutual_information_on_known_encoders():
         model.posterior.logvar.bias.zero_()
     assert active_units(model, x)["active_units"] == 0
     assert abs(mutual_information(model, x, max_examples=400)) < 0.05
+
+
+def test_mutual_information_bounds_its_pairwise_temporaries_whatever_the_latent_size(monkeypatch):
+    """All (code, posterior) pairs are scored in chunks of at most PAIR_ELEMENTS (code, posterior, unit)
+    triples; a fixed 256 codes a chunk asked for 37 GB at a latent size of 100,000. Chunking changes no value."""
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=3000, hidden=()).eval()
+    x = torch.rand(300, 1, 4, 4)
+    sizes = []
+    log_prob = DiagonalNormal.log_prob
+
+    def recording(self, value):
+        sizes.append(torch.broadcast_shapes(value.shape, self.batch_shape + self.event_shape).numel())
+        return log_prob(self, value)
+
+    monkeypatch.setattr(DiagonalNormal, "log_prob", recording)
+    whole = mutual_information(model, x)
+    pairs = sizes[1:]  # after log q(z_i | x_i)
+    assert max(pairs) <= latent_stats.PAIR_ELEMENTS < 256 * 300 * 3000 and sum(pairs) == 300 * 300 * 3000
+    monkeypatch.setattr(latent_stats, "PAIR_ELEMENTS", 1)  # one code a chunk
+    assert mutual_information(model, x) == pytest.approx(whole, rel=1e-5)
 
 
 def test_active_units_threshold_follows_the_prior_scale_on_the_sphere():
