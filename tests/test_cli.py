@@ -1,7 +1,9 @@
 """Every CLI subcommand end to end on tiny data, and the one-line errors for bad input."""
+import argparse
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -73,6 +75,17 @@ def test_train_baseline_models(npz_data, tmp_path, model):
     assert "samples" not in (out / "report.html").read_text()  # no prior to sample from
 
 
+def test_a_latent_larger_than_the_image_reports_without_a_pca_row(npz_data, tmp_path):
+    """Over-complete codes are a VAE's business; PCA has one component per pixel at most, so its row says so
+    instead of the report failing after training (64 pixels here, 70 latent units)."""
+    out = tmp_path / "wide"
+    assert main(["train", "--data", npz_data, "--hidden", "16", "--latent-dim", "70", "--epochs", "1",
+                 "--quiet", "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "<td>pca</td><td>70</td><td></td><td></td><td>none: PCA has at most 64 components" in page
+    assert "<td>ae</td>" in page and "<td>vae</td>" in page and not (out / "baselines" / "pca").exists()
+
+
 def run_error(argv, capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -120,3 +133,34 @@ def test_demo_trains_on_the_embedded_digits_and_prints_its_report(tmp_path, caps
     # running it again reuses the finished run instead of training anew
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"]) == 0
     assert len(runs.read_metrics(tmp_path / "demo" / "vae")) == 1
+
+
+def command_raising(monkeypatch, error: BaseException) -> None:
+    """Make every vaelab command raise `error` (as a training or evaluation step deep in torch would)."""
+    from vaelab import cli
+
+    def fail(args):
+        raise error
+
+    parser = SimpleNamespace(parse_args=lambda argv: argparse.Namespace(func=fail))
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+
+
+@pytest.mark.parametrize("error,asked", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 36761600000 bytes. Error code 12 (Cannot allocate memory)"), "36.8 GB"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB"),
+     "2.00 GiB"),
+    (MemoryError("Unable to allocate 3.2 GiB for an array with shape (100000, 8192)"), None),
+])
+def test_running_out_of_memory_is_one_line_naming_the_settings(monkeypatch, capsys, error, asked):
+    command_raising(monkeypatch, error)
+    err = run_error(["evaluate", "runs/x"], capsys)
+    assert err.startswith("vaelab: error: out of memory") and "--batch-size" in err and "--latent-dim" in err
+    assert (f"(an allocation of {asked})" in err) if asked else "allocation" not in err
+
+
+def test_other_runtime_errors_still_raise(monkeypatch):
+    command_raising(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="mat1"):
+        main(["evaluate", "runs/x"])

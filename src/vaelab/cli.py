@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from .config import (
     OBJECTIVES,
     RunConfig,
 )
-from .errors import ConfigError, VaelabError
+from .errors import ConfigError, VaelabError, is_out_of_memory
 
 
 def positive_ints(text: str, minimum: int = 1) -> tuple[int, ...]:
@@ -419,17 +420,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: runs a subcommand; vaelab errors become one line on stderr and exit status 2."""
+    """Entry point: runs a subcommand; vaelab errors and running out of memory become one line on stderr and
+    exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except VaelabError as e:
-        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"vaelab: error{where}: {e}", file=sys.stderr)
+        print(f"vaelab: error{_rank()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vaelab: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        message = out_of_memory_message(e)
+        if message is None:
+            raise
+        print(f"vaelab: error{_rank()}: {message}", file=sys.stderr)
+        return 2
+
+
+def _rank() -> str:
+    """The suffix " (rank R)" in a job of several processes, where each prints its own errors; else ""."""
+    return f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def out_of_memory_message(e: BaseException) -> str | None:
+    """One line for an allocation failure (MemoryError, torch's CPU or CUDA out-of-memory RuntimeError), naming the
+    size asked for where the error gives it and the settings that set it; None for any other error."""
+    if not is_out_of_memory(e):
+        return None
+    text = str(e)
+    size = re.search(r"[Tt]ried to allocate (\d+ bytes|[\d.]+ [KMGT]i?B)", text)  # CPU: bytes; CUDA: "2.00 GiB"
+    amount = "" if size is None else size.group(1)
+    amount = f"{int(amount.split()[0]) / 1e9:.1f} GB" if amount.endswith(" bytes") else amount
+    asked = f" (an allocation of {amount})" if amount else ""
+    return (f"out of memory{asked}: make the model or its batches smaller (--batch-size, --hidden, --latent-dim) "
+            "or use a machine or device with more memory; finished checkpoints are intact")
 
 
 if __name__ == "__main__":

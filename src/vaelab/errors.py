@@ -23,3 +23,12 @@ class TrainingError(VaelabError):
 
 class InputError(VaelabError, ValueError):
     """A tensor or count passed to a model's method (encode, decode, sample, ...) has the wrong shape or type."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether an exception means an allocation failed: MemoryError (numpy), torch.OutOfMemoryError (CUDA), or
+    the RuntimeError of torch's CPU or MPS allocator (matched by message; errors.py does not import torch)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text

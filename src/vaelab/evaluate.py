@@ -192,7 +192,8 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
     """PCA, AE and VAE at the run's latent size on the same test data: one row of errors per model.
 
     The run's own model fills its row; the others are trained (once) into RUN/baselines/<model>,
-    with the run's settings, unless train_missing is False (then missing rows are left out).
+    with the run's settings, unless train_missing is False (then missing rows are left out). Above one
+    latent unit per pixel PCA's row has a "note" instead of errors.
     """
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
@@ -200,7 +201,12 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
     rows = []
     if data.is_text:  # PCA and autoencoders of token ids are not a thing
         return rows
+    pixels = math.prod(data.shape)
     for name in BASELINES:
+        if name == "pca" and config.model.latent_dim > pixels:  # (so the run is not PCA's either)
+            rows.append({"model": name, "latent_dim": config.model.latent_dim,
+                         "note": f"none: PCA has at most {pixels} components, one per pixel"})
+            continue
         if name == config.model.model:
             source = run_dir
         else:

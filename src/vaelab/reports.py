@@ -148,7 +148,8 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
         "<h2>PCA, AE and VAE at the same latent size</h2><p>Reconstruction error on the test set (mean "
         "reconstruction from the code or posterior mean).</p>"
         + _table(table, [("model", "model"), ("latent_dim", "latent size"),
-                         ("sse_per_image", "squared error per test image"), ("mse_per_pixel", "MSE per pixel")]))
+                         ("sse_per_image", "squared error per test image"), ("mse_per_pixel", "MSE per pixel")]
+                 + [("note", "note")] * any("note" in row for row in table)))
     title = f"vaelab report: {config_dict['model']['model']} on {config_dict['data']['name']}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

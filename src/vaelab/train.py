@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed, runs
 from .config import TEXT_MODELS, RunConfig, TrainConfig
 from .data import Dataset, binarize, check_finite, check_unit_interval, load_dataset, static_binarize
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError, is_out_of_memory
 from .models import PCA, build_model
 from .objectives import OBJECTIVES, reconstruction
 from .system import flush_denormals, keep_freed_memory, model_device
@@ -263,7 +263,7 @@ class Trainer:
                     try:
                         record = self._epoch(epoch)
                     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-                        if not _out_of_memory(e):
+                        if not is_out_of_memory(e):
                             raise
                         raise TrainingError(self._oom_message(epoch)) from None
                     self._save({"epoch": epoch, "complete": epoch == self.config.train.epochs,
@@ -427,14 +427,6 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether an exception from torch means an allocation failed (CUDA, MPS or the CPU allocator)."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(e)
-    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
 def _identity(config: RunConfig) -> RunConfig:
