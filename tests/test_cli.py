@@ -109,6 +109,11 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
     assert "--resume needs --out" in run_error(["train", "--resume"], capsys)
     err = run_error(["train", "--data", npz_data, *TINY, "--out", str(vae_run)], capsys)
     assert "already holds a run" in err
+    for argv, flag in ((["reconstruct", "--n", "0"], "--n"), (["reconstruct", "--n", "-1"], "--n"),
+                       (["reconstruct", "--n", "101"], "--n"), (["sample", "--nrow", "0"], "--nrow"),
+                       (["sample", "--nrow", "-2"], "--nrow"), (["evaluate", "--chunk", "-3"], "--chunk")):
+        err = run_error([argv[0], str(vae_run), *argv[1:]], capsys)  # were tracebacks, or -3 silently 1
+        assert f"{flag} must be" in err and argv[-1] in err
     with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2 with usage
         main(["train", "--hidden", "a,b"])
     assert "comma-separated" in capsys.readouterr().err

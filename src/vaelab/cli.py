@@ -208,6 +208,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
+    if args.chunk is not None and args.chunk < 1:
+        raise ConfigError(f"--chunk must be >= 1 (samples per pass), got {args.chunk}")
     result = evaluate_run(args.run, nll_k=args.k if args.nll else None, probe=not args.no_probe,
                           chunk=args.chunk, device=args.device)
     for key, value in result.items():
@@ -254,6 +256,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           "to sample from; sample from a --model vae run")
     if args.n < 1 or args.n > 10_000:
         raise ConfigError(f"--n must be between 1 and 10000, got {args.n}")
+    if args.nrow < 1:
+        raise ConfigError(f"--nrow must be >= 1 (images per row), got {args.nrow}")
     torch.manual_seed(args.seed)
     vocab = _vocab(args.run)
     if vocab is not None:
@@ -293,9 +297,15 @@ def _write_lines(lines: list[str], out: Path) -> int:
     return 0
 
 
+MAX_RECONSTRUCTIONS = 100  # in one row
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from . import figures
 
+    if not 1 <= args.n <= MAX_RECONSTRUCTIONS:
+        raise ConfigError(f"--n must be between 1 and {MAX_RECONSTRUCTIONS} (one row of test images above one of "
+                          f"their reconstructions), got {args.n}")
     model, data = _run_and_data(args.run, args.device)
     n = min(args.n, data.test.x.shape[0])
     if data.is_text:
@@ -394,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", type=Path, help="PNG path (default RUN/samples.png)")
     q = run_command("reconstruct", "test images and their reconstructions, as PNG", cmd_reconstruct)
-    q.add_argument("--n", type=int, default=10, help="number of test images (default 10)")
+    q.add_argument("--n", type=int, default=10, help="number of test images (1-100, default 10)")
     q.add_argument("--out", type=Path, help="PNG path (default RUN/reconstructions.png)")
     q = run_command("interpolate", "decode the line between the codes of two test images, as PNG",
                     cmd_interpolate)
