@@ -30,13 +30,16 @@ def test_image_models_name_what_encode_and_decode_take(name):
                          (torch.rand(*SHAPE), r"shape \(1, 6, 6\).*\(B, 1, 6, 6\)"),
                          (torch.rand(4, 1, 7, 7), r"\(B, 1, 6, 6\)"),
                          ((x * 255).to(torch.uint8), r"dtype torch.uint8.*x.float\(\) / 255"),
+                         (x.double(), r"dtype torch.float64, but this model's weights are torch.float32: pass "
+                                      r"x.to\(torch.float32\)"),  # torch.from_numpy of float data
                          (x.numpy(), r"torch.Tensor.*ndarray")]:
         with pytest.raises(InputError, match=f"encode: .*{message}"):
             model.encode(bad)
         with pytest.raises(InputError, match="encode"):
             model.reconstruct(bad)
     for bad, message in [(torch.zeros(5, 4), r"shape \(5, 4\).*3 dimensions"), (torch.tensor(0.0), "3 dimensions"),
-                         (torch.zeros(5, 3, dtype=torch.int64), "dtype torch.int64")]:
+                         (torch.zeros(5, 3, dtype=torch.int64), "dtype torch.int64"),
+                         (torch.zeros(5, 3, dtype=torch.float64), "dtype torch.float64.*z.to\\(torch.float32\\)")]:
         with pytest.raises(InputError, match=f"decode: .*{message}"):
             model.decode(bad)
 
@@ -63,6 +66,11 @@ def test_hierarchical_model_checks_its_inputs_and_temperature():
             method(torch.rand(2, 144))
     with pytest.raises(InputError, match=f"decode: .*{model.latent_dim} dimensions"):
         model.decode(torch.zeros(2, model.latent_dim + 1))
+    for method in (model.encode, model.reconstruct, model.group_means, model):
+        with pytest.raises(InputError, match="dtype torch.float64, but this model's weights are torch.float32"):
+            method(x.double())
+    with pytest.raises(InputError, match="decode: z has dtype torch.float64"):
+        model.decode(torch.zeros(2, model.latent_dim, dtype=torch.float64))
     for t in (-0.5, float("nan"), float("inf"), "hot"):
         with pytest.raises(InputError, match="temperature must be a finite number >= 0"):
             model.sample(2, temperature=t)
@@ -83,6 +91,8 @@ def test_text_model_checks_token_ids_and_codes():
         model.decode(torch.zeros(1, 5), x)
     with pytest.raises(InputError, match=r"greedy: z has shape \(2, 1, 4\)"):
         model.greedy(torch.zeros(2, 1, 4))
+    with pytest.raises(InputError, match=r"greedy: z has dtype torch.float64.*z.to\(torch.float32\)"):
+        model.greedy(torch.zeros(2, 4, dtype=torch.float64))
     with pytest.raises(InputError, match="whole number"):
         model.sample(-1)
     model.train()  # training batches come from the data set's vocabulary: no value check (a GPU sync)
@@ -91,3 +101,40 @@ def test_text_model_checks_token_ids_and_codes():
 
 def test_input_errors_are_value_errors_and_vaelab_errors():
     assert issubclass(InputError, ValueError) and issubclass(InputError, VaelabError)
+
+
+def test_a_model_converted_to_double_takes_double_inputs_and_refuses_float():
+    model = image_models()["vae"].double().eval()
+    x = torch.rand(4, *SHAPE, dtype=torch.float64)
+    assert model.reconstruct(x).dtype == torch.float64
+    with pytest.raises(InputError, match="dtype torch.float32, but this model's weights are torch.float64"):
+        model.encode(x.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inputs_on_another_device_are_refused_by_name():
+    model = image_models()["vae"].cuda().eval()
+    with pytest.raises(InputError, match="x is on cpu, but this model is on cuda:0: pass x.to\\('cuda:0'\\)"):
+        model.encode(torch.rand(4, *SHAPE))
+
+
+def test_importance_sampling_refuses_empty_mistyped_or_impossible_data_and_restores_the_mode():
+    from vaelab.density import importance_sample
+
+    model = image_models()["vae"].train()
+    for bad, message in [(torch.zeros(0, *SHAPE), r"non-empty batch.*\(0, 1, 6, 6\)"),
+                         (np.zeros((2, *SHAPE)), "ndarray"), (torch.rand(2, *SHAPE).double(), "float64"),
+                         (torch.full((2, *SHAPE), float("nan")), "NaN or infinite"),
+                         (torch.full((2, *SHAPE), 3.0), r"values in \[3, 3\].*Bernoulli.*\[0, 1\]")]:
+        with pytest.raises(InputError, match=message):
+            importance_sample(model, bad, k=4)
+        assert model.training  # the model's mode is restored on failure too
+    with pytest.raises(InputError, match="k must be >= 1"):
+        importance_sample(model, torch.rand(2, *SHAPE), k=0)
+
+
+def test_importance_sampling_takes_any_finite_values_under_a_gaussian_likelihood():
+    from vaelab.density import importance_sample
+
+    model = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), likelihood="gaussian")
+    assert importance_sample(model, torch.randn(2, *SHAPE) * 5, k=4).log_px.shape == (2,)

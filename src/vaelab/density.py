@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import InputError
 from .objectives import log_weights
 from .system import keep_freed_memory, model_device
 
@@ -132,12 +133,29 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
             the global RNG is not touched.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise InputError(f"importance_sample: k must be >= 1, got {k}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputError(f"importance_sample: x must be a non-empty batch of examples (N, ...), got {got}")
+    if x.is_floating_point():  # one pass over the data: a NaN or a grey value of 3 gives no density, only a number
+        if not bool(torch.isfinite(x).all()):
+            raise InputError("importance_sample: x holds NaN or infinite values; log p(x) needs finite data")
+        if any(getattr(m, "needs_unit_interval", False) for m in model.modules()) and bool(((x < 0) | (x > 1)).any()):
+            raise InputError(f"importance_sample: x has values in [{float(x.min()):g}, {float(x.max()):g}], but this "
+                             "model's Bernoulli likelihood is a density on [0, 1] (binary) data; rescale x to [0, 1]")
     device = model_device(model)
     if device.type == "cpu":
         keep_freed_memory()  # ~25% faster passes over large (K_chunk, B, pixels) tensors
     was_training = model.training
     model.eval()
+    try:
+        return _importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed, device=device)
+    finally:  # also when the model refuses x
+        model.train(was_training)
+
+
+def _importance_sample(model: nn.Module, x: torch.Tensor, *, k: int, chunk: int | None, batch_size: int | None,
+                       seed: int, device: torch.device) -> Estimate:
     # parameters of p(x|z) per sample: one per pixel, or one per token and vocabulary entry for text
     outputs = math.prod(x.shape[1:]) * (getattr(model, "vocab_size", None) or 1)
     chunk, batch_size = _sizes(x.shape[0], outputs, k, chunk, batch_size)
@@ -154,7 +172,6 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
             lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
         log_px.append((lse - math.log(k)).float().cpu())
         ess.append(torch.exp(2 * lse - lse2).float().cpu())
-    model.train(was_training)
     return Estimate(log_px=torch.cat(log_px), ess=torch.cat(ess), k=k)
 
 

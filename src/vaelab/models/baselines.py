@@ -10,7 +10,7 @@ from torch.distributions import Distribution, Independent, Normal
 from ..errors import ConfigError
 from ..linear import Linear
 from ..nets import ENCODERS
-from .common import ImageDecoder, Output, check_codes, check_images
+from .common import ImageDecoder, Output, check_codes, check_images, model_tensor
 
 
 class PCA(nn.Module):
@@ -54,12 +54,12 @@ class PCA(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Projections onto the principal components, (B, L)."""
-        check_images(x, self.input_shape, "encode")
+        check_images(x, self.input_shape, "encode", model_tensor(self))
         return (x.flatten(1) - self.mean) @ self.components.T
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) = N(W z + mean, sigma^2 I) with W the components, over images (C, H, W)."""
-        check_codes(z, self.latent_dim, "decode")
+        check_codes(z, self.latent_dim, "decode", model_tensor(self))
         loc = (z @ self.components + self.mean).unflatten(-1, self.input_shape)
         return Independent(Normal(loc, self.noise_variance.sqrt(), validate_args=False), 3, validate_args=False)
 
@@ -100,12 +100,12 @@ class AE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The code z = f(x), (B, L)."""
-        check_images(x, self.input_shape, "encode")
+        check_images(x, self.input_shape, "encode", model_tensor(self))
         return self.code(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for codes z (..., L)."""
-        check_codes(z, self.latent_dim, "decode")
+        check_codes(z, self.latent_dim, "decode", model_tensor(self))
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> Output:

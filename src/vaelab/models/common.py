@@ -13,8 +13,30 @@ from ..likelihoods import build_likelihood
 from ..nets import DECODERS
 
 
-def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str) -> None:
-    """Refuse anything but a float batch (B, *shape) of images, with a message that says what the model takes.
+def model_tensor(module: nn.Module) -> torch.Tensor | None:
+    """A parameter (or, for PCA, a buffer) of the model: its dtype and device are the model's."""
+    for t in module.parameters():
+        return t
+    for t in module.buffers():
+        return t
+    return None
+
+
+def _check_like(t: torch.Tensor, name: str, like: torch.Tensor | None, method: str) -> None:
+    """Refuse a float tensor of another dtype or on another device than the model's weights (like)."""
+    if like is None:
+        return
+    if t.dtype != like.dtype:  # e.g. float64 from numpy against float32 weights
+        raise InputError(f"{method}: {name} has dtype {t.dtype}, but this model's weights are {like.dtype}: pass "
+                         f"{name}.to({like.dtype}) (or convert the model, e.g. model.to({t.dtype}))")
+    if t.device != like.device:
+        raise InputError(f"{method}: {name} is on {t.device}, but this model is on {like.device}: pass "
+                         f"{name}.to('{like.device}') (or move the model)")
+
+
+def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, like: torch.Tensor | None = None) -> None:
+    """Refuse anything but a float batch (B, *shape) of images, with a message that says what the model takes;
+    with like (model_tensor(model)), also one of another dtype or on another device than the model.
 
     Public model methods call it first, so a wrong tensor fails here, by name, not deep inside a layer.
     """
@@ -27,10 +49,11 @@ def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str) -> None:
     if not x.is_floating_point():
         raise InputError(f"{method}: x has dtype {x.dtype}; pass floating-point pixels in [0, 1] "
                          "(e.g. x.float() / 255)")
+    _check_like(x, "x", like, method)
 
 
-def check_codes(z: torch.Tensor, latent_dim: int, method: str) -> None:
-    """Refuse anything but float codes (..., latent_dim)."""
+def check_codes(z: torch.Tensor, latent_dim: int, method: str, like: torch.Tensor | None = None) -> None:
+    """Refuse anything but float codes (..., latent_dim) (with like: of the model's dtype, on its device)."""
     if not isinstance(z, torch.Tensor):
         raise InputError(f"{method}: z must be a torch.Tensor of shape (..., {latent_dim}), got {type(z).__name__}")
     if z.dim() == 0 or z.shape[-1] != latent_dim:
@@ -38,6 +61,7 @@ def check_codes(z: torch.Tensor, latent_dim: int, method: str) -> None:
                          f"dimensions: (..., {latent_dim})")
     if not z.is_floating_point():
         raise InputError(f"{method}: z has dtype {z.dtype}; pass floating-point codes (e.g. z.float())")
+    _check_like(z, "z", like, method)
 
 
 def check_tokens(x: torch.Tensor, vocab_size: int, method: str, *, values: bool = True) -> None:

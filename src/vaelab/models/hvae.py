@@ -31,7 +31,7 @@ from ..errors import ConfigError, InputError
 from ..hvae_cells import ResidualCell, SpectralNorms, scale_sizes
 from ..latents import Noise, diagonal_normal, standard_normal
 from ..likelihoods import build_likelihood
-from .common import check_codes, check_count, check_images
+from .common import check_codes, check_count, check_images, model_tensor
 
 SOFTPLUS_ONE = math.log(math.expm1(1.0))  # softplus(0 + SOFTPLUS_ONE) = 1
 KL_BALANCE_EPS = 0.01  # NVAE's kl_per_group adds 0.01: a collapsed group keeps a small, nonzero coefficient
@@ -271,14 +271,14 @@ class HVAE(nn.Module):
 
         noise: where the standard normal draws come from (default: torch's global generator).
         """
-        check_images(x, self.input_shape, "forward")
+        check_images(x, self.input_shape, "forward", model_tensor(self))
         groups, params = self._top_down(x.shape[0], self.bottom_up(x), k=k, noise=noise)
         lead = x.shape[:1] if k is None else (k, x.shape[0])
         return HierarchicalOutput(groups, self.likelihood(params.view(*lead, *self.input_shape)), k, self.group_sizes)
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z_1 | x) of the top group, flattened: batch shape (B,), event shape (D_top,)."""
-        check_images(x, self.input_shape, "encode")
+        check_images(x, self.input_shape, "encode", model_tensor(self))
         mu_p, scale_p = self._top_prior_params(x.shape[0])
         qz = self._posterior(mu_p, scale_p, self.post_heads[0](self.bottom_up(x)[0])).base_dist
         return diagonal_normal(qz.loc.flatten(1), qz.scale.flatten(1))
@@ -298,7 +298,7 @@ class HVAE(nn.Module):
         The lower groups at temperature 0 make p(x|z) a function of the top group alone, so generic code
         (interpolations, traversals, the latent explorer) works on z_1 as on a VAE's z.
         """
-        check_codes(z, self.latent_dim, "decode")
+        check_codes(z, self.latent_dim, "decode", model_tensor(self))
         lead = z.shape[:-1]
         z_top = z.reshape(-1, *self.group_shapes[0])
         _, params = self._top_down(z_top.shape[0], z_top=z_top, temperature=0.0)
@@ -312,14 +312,14 @@ class HVAE(nn.Module):
     @torch.no_grad()
     def group_means(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Posterior means of every group, each flattened to (B, s_l), with the groups above at their means."""
-        check_images(x, self.input_shape, "group_means")
+        check_images(x, self.input_shape, "group_means", model_tensor(self))
         groups, _ = self._top_down(x.shape[0], self.bottom_up(x), use_mean=True)
         return [g.z.flatten(1) for g in groups]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|z) with every group at its posterior mean, shape of x."""
-        check_images(x, self.input_shape, "reconstruct")
+        check_images(x, self.input_shape, "reconstruct", model_tensor(self))
         _, params = self._top_down(x.shape[0], self.bottom_up(x), use_mean=True)
         return self.likelihood(params).mean
 

@@ -14,7 +14,7 @@ from ..data.text import BOS, EOS, PAD, UNK, token_counts
 from ..errors import ConfigError, InputError
 from ..latents import Noise, build_latent
 from ..linear import Linear
-from .common import Output, check_codes, check_count, check_tokens
+from .common import Output, check_codes, check_count, check_tokens, model_tensor
 
 RNNS = {"lstm": nn.LSTM, "gru": nn.GRU}
 RNNState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a GRU's h, or an LSTM's (h, c)
@@ -129,7 +129,7 @@ class TextVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, x: torch.Tensor) -> TokenSequence:
         """p(x|z) by teacher forcing on the targets x (B, T), for codes z (..., B, D): batch shape z.shape[:-1]."""
-        check_codes(z, self.latent_dim, "decode")
+        check_codes(z, self.latent_dim, "decode", model_tensor(self))
         check_tokens(x, self.vocab_size, "decode", values=not self.training)
         lead, t = z.shape[:-1], x.shape[-1]
         targets = x.expand(*lead, t)  # (K, B, T): the data repeated for each sample
@@ -156,7 +156,7 @@ class TextVAE(nn.Module):
 
         A sentence still open at the last position is cut there with <eos>, so every row is valid data.
         """
-        check_codes(z, self.latent_dim, "greedy")
+        check_codes(z, self.latent_dim, "greedy", model_tensor(self))
         if z.dim() != 2:
             raise InputError(f"greedy: z has shape {tuple(z.shape)}; pass a batch of codes (N, {self.latent_dim})")
         t_max = max_len or self.input_shape[0]

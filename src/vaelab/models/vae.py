@@ -7,7 +7,7 @@ from torch.distributions import Distribution
 
 from ..latents import Noise, build_latent
 from ..nets import ENCODERS
-from .common import ImageDecoder, Output, check_codes, check_count, check_images
+from .common import ImageDecoder, Output, check_codes, check_count, check_images, model_tensor
 
 
 class VAE(nn.Module):
@@ -45,12 +45,12 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for images x (B, C, H, W): batch shape (B,), event shape (D,)."""
-        check_images(x, self.input_shape, "encode")
+        check_images(x, self.input_shape, "encode", model_tensor(self))
         return self.posterior(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for codes z (..., D): batch shape z.shape[:-1], event shape (C, H, W)."""
-        check_codes(z, self.latent_dim, "decode")
+        check_codes(z, self.latent_dim, "decode", model_tensor(self))
         return self.decoder(z)
 
     def prior(self) -> Distribution:
