@@ -243,3 +243,21 @@ def _explorer_serves(run_dir, d: int) -> None:
                  "/api/reconstruct/0", "/api/map"):
         assert client.get(path).status_code == 200, path
     assert client.get("/api/decode?z=0.1").status_code == 422  # wrong latent length
+
+
+def test_an_hvae_run_reports_baselines_at_the_size_of_all_its_groups(tmp_path):
+    """The report's comparison trains AE and VAE baselines from the run's settings: a hierarchy's groups and
+    regularisers used to go along and the report failed after training (--groups is for --model hvae)."""
+    out = tmp_path / "hvae"
+    assert main(["train", "--preset", "hvae-s", "--data", "digits", "--epochs", "1", "--hidden", "4,8",
+                 "--groups", "1,1", "--latent-dim", "2", "--spectral-reg", "0.01", "--out", str(out), "--quiet"]) == 0
+    size = sum(runs.load(out).group_sizes)
+    for name in ("ae", "vae"):
+        config = runs.load_config(out / "baselines" / name)
+        assert config.model.latent_dim == size and config.model.groups is None and not config.train.kl_balance
+    page = (out / "report.html").read_text()
+    assert "PCA, AE, VAE and HVAE at the same latent size" in page
+    for name in ("ae", "vae", "hvae"):
+        assert f"<td>{name}</td><td>{size}</td><td>" in page
+    pca = f"<td>pca</td><td>{size}</td>"
+    assert pca in page and ("none: PCA has at most 64 components" in page) == (size > 64)

@@ -180,11 +180,13 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def baseline_config(config: RunConfig, model: str) -> RunConfig:
-    """The run's configuration with another --model: same data, latent size, net and budget."""
-    train_config = dataclasses.replace(config.train, objective="elbo", k=1)
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, model=model, linear=False),
-                               train=train_config)
+def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None) -> RunConfig:
+    """The run's configuration with another --model: same data, net and budget, and the latent size given
+    (default the run's --latent-dim); settings of a hierarchy (groups, KL balancing, spectral norms) dropped."""
+    train_config = dataclasses.replace(config.train, objective="elbo", k=1, kl_balance=False, spectral_reg=0.0)
+    model_config = dataclasses.replace(config.model, model=model, linear=False, groups=None,
+                                       latent_dim=config.model.latent_dim if latent_dim is None else latent_dim)
+    return dataclasses.replace(config, model=model_config, train=train_config)
 
 
 def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progress: bool = False,
@@ -192,8 +194,9 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
     """PCA, AE and VAE at the run's latent size on the same test data: one row of errors per model.
 
     The run's own model fills its row; the others are trained (once) into RUN/baselines/<model>,
-    with the run's settings, unless train_missing is False (then missing rows are left out). Above one
-    latent unit per pixel PCA's row has a "note" instead of errors.
+    with the run's settings, unless train_missing is False (then missing rows are left out). A hierarchy's
+    latent size is that of all its groups together (its reconstructions use them all), and its own row
+    comes last. Above one latent unit per pixel PCA's row has a "note" instead of errors.
     """
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
@@ -201,21 +204,24 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
     rows = []
     if data.is_text:  # PCA and autoencoders of token ids are not a thing
         return rows
+    own = runs.load(run_dir)
+    size = sum(own.group_sizes) if hasattr(own, "group_sizes") else config.model.latent_dim
     pixels = math.prod(data.shape)
-    for name in BASELINES:
-        if name == "pca" and config.model.latent_dim > pixels:  # (so the run is not PCA's either)
-            rows.append({"model": name, "latent_dim": config.model.latent_dim,
+    for name in (*BASELINES, *((config.model.model,) if config.model.model not in BASELINES else ())):
+        if name == "pca" and size > pixels:  # (so the run is not PCA's either)
+            rows.append({"model": name, "latent_dim": size,
                          "note": f"none: PCA has at most {pixels} components, one per pixel"})
             continue
         if name == config.model.model:
-            source = run_dir
+            source, model = run_dir, own
         else:
             source = run_dir / "baselines" / name
             if not runs.is_complete(source):
                 if not train_missing:
                     continue
                 resume = (source / "config.json").exists()  # a baseline cut off earlier continues
-                train(baseline_config(config, name), source, resume=resume, dataset=data, progress=progress)
-        errors = reconstruction_error(runs.load(source), data.test.x)
-        rows.append({"model": name, "latent_dim": config.model.latent_dim, "run": str(source), **errors})
+                train(baseline_config(config, name, size), source, resume=resume, dataset=data, progress=progress)
+            model = runs.load(source)
+        rows.append({"model": name, "latent_dim": size, "run": str(source),
+                     **reconstruction_error(model, data.test.x)})
     return rows

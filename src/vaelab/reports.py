@@ -127,6 +127,11 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _listing(names: list[str]) -> str:
+    """The names joined as in "A, B and C"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e-2 else f"{value:.2f}"
@@ -145,7 +150,8 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
         for name, path in made.items()
     )
     comparison = "" if not table else (
-        "<h2>PCA, AE and VAE at the same latent size</h2><p>Reconstruction error on the test set (mean "
+        f"<h2>{html.escape(_listing([row['model'].upper() for row in table]))} at the same latent size</h2>"
+        "<p>Reconstruction error on the test set (mean "
         "reconstruction from the code or posterior mean).</p>"
         + _table(table, [("model", "model"), ("latent_dim", "latent size"),
                          ("sse_per_image", "squared error per test image"), ("mse_per_pixel", "MSE per pixel")]
