@@ -155,3 +155,23 @@ def test_leaving_a_job_waits_without_the_gil_after_destroying_the_group(monkeypa
     calls.clear()
     distributed.leave(distributed.Job())  # a job of one process has no group to leave
     assert calls == []
+
+
+def test_a_job_with_its_report_trains_the_baselines_in_rank_0_alone(data, tmp_path):
+    """After the job, rank 0 writes the report and trains the AE/VAE baselines for it; those trainers joined a
+    process group of two again, waiting for ever for a rank that had exited."""
+    out = tmp_path / "run"
+    args = [a for a in COMMON if a not in ("--no-report", "--model", "ae")]
+    two = torchrun(2, "--data", data, *args, "--model", "vae", "--epochs", "1", "--out", str(out), timeout=240)
+    assert two.returncode == 0, two.stderr
+    assert "report:" in two.stdout and (out / "report.html").exists()
+    for name in ("pca", "ae"):
+        assert runs.is_complete(out / "baselines" / name)
+
+
+def test_single_process_makes_a_job_of_one_whatever_the_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with distributed.single_process():
+        job, device = distributed.join("cpu")
+    assert job == distributed.Job() and device == torch.device("cpu")

@@ -198,7 +198,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"trained {config.model.model} on {config.data.name} in {time.perf_counter() - t0:.1f} s: {out}")
     if not args.no_report:
-        report = write_report(out, baselines=not args.no_baselines, progress=not args.quiet)
+        from .distributed import single_process
+
+        with single_process():  # the job's other processes have left: baselines train in this one alone
+            report = write_report(out, baselines=not args.no_baselines, progress=not args.quiet)
         print(f"report: {report}")
     return 0
 

@@ -6,6 +6,7 @@ A plain `vaelab train` is a job of one process and does no collective work at al
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -174,10 +175,26 @@ def synchronise_batch_norm(module: nn.Module, device: torch.device,
     return module
 
 
+_alone = False  # set by single_process()
+
+
+@contextlib.contextmanager
+def single_process():
+    """Within it, join() gives a job of one process whatever torchrun's environment says: for work a process does
+    by itself after its job has left the process group (rank 0 training the report's baselines, which would
+    otherwise wait for ever for processes that have exited)."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
+
+
 def join(device_name: str) -> tuple[Job, torch.device]:
     """This process's Job and device; joins the process group when torchrun started several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 or _alone:
         return Job(), resolve_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
