@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vaelab.config import ModelConfig, TrainConfig
+from vaelab.config import ModelConfig, RunConfig, TrainConfig
 from vaelab.errors import ConfigError
 from vaelab.models import VAE
 from vaelab.objectives import elbo
@@ -90,3 +90,6 @@ def test_configs_refuse_meaningless_combinations():
         TrainConfig(objective="iwae", free_bits=1.0)
     with pytest.raises(ConfigError, match="choose one"):
         TrainConfig(kl_cycles=2, warmup_epochs=3)
+    with pytest.raises(ConfigError, match="--bn-mu .* needs --batch-size >= 2, got 1"):  # was BatchNorm1d's error
+        RunConfig(model=ModelConfig(bn_mu=0.5), train=TrainConfig(batch_size=1))
+    RunConfig(model=ModelConfig(bn_mu=0.5), train=TrainConfig(batch_size=2))

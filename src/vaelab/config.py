@@ -234,6 +234,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.model.bn_mu is not None and self.train.batch_size < 2:  # BatchNorm1d's statistics need 2 examples
+            raise ConfigError(f"--bn-mu batch-normalises posterior means over each batch, which needs --batch-size "
+                              f">= 2, got {self.train.batch_size}")
         if self.model.model not in HIERARCHICAL_MODELS:
             if self.train.kl_balance or self.train.spectral_reg:
                 raise ConfigError("--kl-balance and --spectral-reg regularise a hierarchy of latent groups; "
