@@ -114,6 +114,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
                        (["sample", "--nrow", "-2"], "--nrow"), (["evaluate", "--chunk", "-3"], "--chunk")):
         err = run_error([argv[0], str(vae_run), *argv[1:]], capsys)  # were tracebacks, or -3 silently 1
         assert f"{flag} must be" in err and argv[-1] in err
+    err = run_error(["sample", str(vae_run / "baselines" / "ae")], capsys)
+    assert "holds a --model ae run, which has no prior to sample from" in err
     with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2 with usage
         main(["train", "--hidden", "a,b"])
     assert "comma-separated" in capsys.readouterr().err

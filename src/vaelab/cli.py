@@ -255,8 +255,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     model = runs.load(args.run, device=args.device)
     if not hasattr(model, "sample"):
-        raise ConfigError(f"{args.run} holds a {runs.load_config(args.run).model.model} model, which has no prior "
-                          "to sample from; sample from a --model vae run")
+        kind = runs.load_config(args.run).model.model
+        raise ConfigError(f"{args.run} holds a --model {kind} run, which has no prior to sample from; sample from a "
+                          "--model vae run")
     if args.n < 1 or args.n > 10_000:
         raise ConfigError(f"--n must be between 1 and 10000, got {args.n}")
     if args.nrow < 1:
