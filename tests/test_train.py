@@ -301,6 +301,16 @@ def test_pca_and_ae_train_through_the_same_entry_point(tmp_path):
         torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
 
 
+def test_the_python_entry_point_names_a_wrong_config_or_dataset(tmp_path):
+    with pytest.raises(ConfigError, match="config must be a vaelab.config.RunConfig, got str"):
+        train("digits", tmp_path / "a")  # was AttributeError: 'str' object has no attribute 'data'
+    with pytest.raises(ConfigError, match="config must be a vaelab.config.RunConfig, got dict"):
+        train(tiny_config().to_dict(), tmp_path / "b")
+    with pytest.raises(ConfigError, match="dataset must be a vaelab.data.Dataset.*got Tensor"):
+        train(tiny_config(), tmp_path / "c", dataset=torch.rand(10, 1, 6, 6))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
 def test_config_json_round_trip_and_strictness(tmp_path):
     config = tiny_config()
     config.save(tmp_path / "config.json")

@@ -453,4 +453,10 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, datas
         dataset: data already in memory (e.g. from `vaelab.data.load_dataset`), else config.data.name.
         progress: show progress on stderr.
     """
+    if not isinstance(config, RunConfig):
+        raise ConfigError(f"train: config must be a vaelab.config.RunConfig, got {type(config).__name__} (e.g. "
+                          "RunConfig(data=DataConfig(name='digits')), or RunConfig.from_dict(a config.json's dict))")
+    if dataset is not None and not isinstance(dataset, Dataset):
+        raise ConfigError(f"train: dataset must be a vaelab.data.Dataset (from vaelab.data.load_dataset), "
+                          f"got {type(dataset).__name__}")
     return Trainer(config, run_dir, dataset=dataset, progress=progress).fit(resume=resume)
