@@ -1,6 +1,7 @@
 """Data: IDX reader, bundled data sets, registry, binarisation and value checks."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,6 +203,9 @@ def test_unknown_name_lists_known_names_and_forms():
         assert word in message
     with pytest.raises(DataError, match="folder:PATH"):
         load_dataset("folder:")
+    for name in (123, None, Path("digits")):  # was AttributeError: ... has no attribute 'partition'
+        with pytest.raises(DataError, match="named by a string such as 'digits'"):
+            load_dataset(name)
 
 
 def test_dataset_refuses_splits_that_disagree():

@@ -30,6 +30,8 @@ def load_dataset(name: str) -> Dataset:
     Args:
         name: a key of DATASETS, or one of the prefixed forms.
     """
+    if not isinstance(name, str):
+        raise DataError(f"a data set is named by a string such as 'digits' or 'npz:PATH', got {type(name).__name__}")
     prefix, colon, path = name.partition(":")
     if colon and prefix in CUSTOM:
         if not path:
