@@ -107,7 +107,7 @@ def test_resume_refuses_other_settings_and_fresh_start_refuses_an_existing_run(t
     train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
     with pytest.raises(TrainingError, match="--resume"):
         train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
-    with pytest.raises(TrainingError, match="settings differ"):
+    with pytest.raises(TrainingError, match=r"settings differ.*\(train.batch_size 16 in the run, 8 here\)"):
         train(tiny_config(epochs=2, batch_size=8), tmp_path / "run", resume=True, dataset=tiny_data(),
               progress=False)
     with pytest.raises(CheckpointError, match="not a directory"):

@@ -287,9 +287,13 @@ class Trainer:
     def _resume(self) -> int:
         stored = runs.load_config(self.run_dir)
         if _identity(stored) != _identity(self.config):
+            before, now = _identity(stored).to_dict(), _identity(self.config).to_dict()
+            differ = ", ".join(f"{section}.{key} {before[section][key]!r} in the run, {value!r} here"
+                               for section in ("data", "model", "train")
+                               for key, value in now[section].items() if before[section][key] != value)
             raise TrainingError(f"--resume: the settings differ from {self.run_dir / 'config.json'} in more than "
-                                "--epochs/--lr/--device/--compile/--no-sync-bn; resume with the run's own settings, "
-                                "or start a new --out")
+                                f"--epochs/--lr/--device/--compile/--no-sync-bn ({differ}); resume with the run's own "
+                                "settings, or start a new --out")
         checkpoint = runs.latest_checkpoint(self.run_dir)
         runs.load_weights(self.model, checkpoint)
         if self.optimizer is not None:
