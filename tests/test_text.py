@@ -271,3 +271,13 @@ def test_build_needs_a_vocabulary():
     config = dataclasses.replace(ModelConfig(model="text-vae"), input_shape=(8,))
     with pytest.raises(vaelab.VaelabError, match="vocab_size"):
         build_model(config)
+
+
+@pytest.mark.parametrize("flags,named", [({"likelihood": "gaussian"}, "--likelihood gaussian"),
+                                         ({"likelihood": "gaussian-learned"}, "--likelihood gaussian-learned"),
+                                         ({"linear": True}, "--linear")])
+def test_image_only_model_flags_are_refused_for_text(flags, named):
+    """They were accepted and ignored: a text run saying --likelihood gaussian in its config.json."""
+    with pytest.raises(vaelab.VaelabError, match=f"{named} is for image models.*categorical"):
+        ModelConfig(model="text-vae", **flags)
+    ModelConfig(model="text-vae")  # the default likelihood field, unused by text models, stays accepted

@@ -108,6 +108,10 @@ class ModelConfig:
         if self.vocab_size is not None:
             _integer(self.vocab_size, "vocab_size", minimum=2)
         _choice(self.likelihood, LIKELIHOODS, "--likelihood")
+        if self.model in TEXT_MODELS and (self.likelihood != "bernoulli" or self.linear is True):
+            flag = "--linear" if self.linear is True else f"--likelihood {self.likelihood}"
+            raise ConfigError(f"{flag} is for image models; --model {self.model} scores tokens with a categorical "
+                              "distribution over its vocabulary (drop the flag)")
         _integer(self.latent_dim, "--latent-dim", minimum=1)
         _positive(self.sigma, "--sigma")
         if not isinstance(self.linear, bool):
