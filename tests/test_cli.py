@@ -58,11 +58,14 @@ def test_evaluate_sample_reconstruct_interpolate_report(vae_run, tmp_path, capsy
     assert "written" in out and "report:" in out
 
 
-def test_resume_extends_a_run(vae_run, npz_data, tmp_path):
+def test_resume_extends_a_run(vae_run, npz_data, tmp_path, capsys):
     out = tmp_path / "again"
     assert main(["train", "--data", npz_data, *TINY, "--out", str(out), "--no-report"]) == 0
     assert main(["train", "--resume", "--out", str(out), "--epochs", "4", "--quiet", "--no-report"]) == 0
     assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2, 3, 4]
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "3", "--quiet", "--no-report"]) == 0
+    assert "is at epoch 4 already (--epochs 3): nothing to train" in capsys.readouterr().out
+    assert len(runs.read_metrics(out)) == 4
 
 
 @pytest.mark.parametrize("model", ["pca", "ae"])

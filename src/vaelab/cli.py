@@ -192,11 +192,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed and args.out is None:  # each process would otherwise pick its own default folder
         raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
     out = args.out or _default_out(config)
+    done = runs.latest_checkpoint(out).epoch if args.resume else 0
     t0 = time.perf_counter()
     train(config, out, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":  # only rank 0 speaks and writes the report
         return 0
-    print(f"trained {config.model.model} on {config.data.name} in {time.perf_counter() - t0:.1f} s: {out}")
+    if args.resume and done >= config.train.epochs:
+        print(f"{out} is at epoch {done} already (--epochs {config.train.epochs}): nothing to train; "
+              "give a larger --epochs to continue it")
+    else:
+        print(f"trained {config.model.model} on {config.data.name} in {time.perf_counter() - t0:.1f} s: {out}")
     if not args.no_report:
         from .distributed import single_process
 
