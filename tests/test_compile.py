@@ -95,3 +95,32 @@ def test_cli_train_with_compile(tmp_path):
     assert main(["train", "--data", f"npz:{data}", "--hidden", "16", "--latent-dim", "2", "--epochs", "2",
                  "--batch-size", "32", "--compile", "--no-report", "--quiet", "--out", str(out)]) == 0
     assert runs.load_config(out).train.compile and runs.is_complete(out)
+
+
+def test_the_hvae_step_with_kl_balancing_is_one_graph_and_balances_only_during_warmup(monkeypatch):
+    """KL balancing applies while beta < 1; with beta a tensor (the compiled step's) that test was a
+    data-dependent branch, a graph break in every step of the hvae-s preset. Now a torch.where: one graph, and
+    the same loss as the eager step on the same draws (tracing only: backend="eager" keeps the random stream)."""
+    from test_hvae import small
+
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
+    model = small().train()
+    x = (torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    config = dataclasses.replace(tiny_config(), model=dataclasses.replace(
+        tiny_config().model, model="hvae", net="conv", hidden=(8, 12), latent_dim=3, groups=(1, 2)))
+    loss_terms = objective_for(config)
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    step = compile_step(loss_terms, model, x)
+    for beta in (0.25, 1.0):
+        torch.manual_seed(1)
+        _, (loss_sum, recon, kl) = step(model, x, beta=torch.tensor(beta), free_bits=0.0, kl_balance=True)
+        torch.manual_seed(1)
+        eager = loss_terms(model, x, beta=beta, kl_balance=True)
+        torch.testing.assert_close(loss_sum, eager["loss"].sum())
+        torch.manual_seed(1)
+        plain = loss_terms(model, x, beta=beta, kl_balance=False)["loss"].sum()
+        assert (loss_sum != plain) == (beta < 1)  # balanced only during warm-up
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    assert not dynamo_counters["graph_break"]

@@ -79,7 +79,9 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
         kl_term = -log_ratio
     recon, kl_term = -_per_example(log_px_z), _per_example(kl_term)
     charged = kl_term if free_bits <= 0 else _free_bits_kl(out, free_bits)
-    if kl_balance and beta < 1:
+    if kl_balance and isinstance(beta, torch.Tensor):  # a compiled step's beta: no data-dependent branch (a graph
+        charged = torch.where(beta < 1, _balanced_kl(out), charged)  # break per step under torch.compile)
+    elif kl_balance and beta < 1:
         charged = _balanced_kl(out)
     loss = recon + beta * charged
     score = out.score
