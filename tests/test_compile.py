@@ -124,3 +124,24 @@ def test_the_hvae_step_with_kl_balancing_is_one_graph_and_balances_only_during_w
         assert (loss_sum != plain) == (beta < 1)  # balanced only during warm-up
     assert dynamo_counters["stats"]["unique_graphs"] == 1
     assert not dynamo_counters["graph_break"]
+
+
+def test_a_step_with_free_bits_is_one_graph(monkeypatch):
+    """Free bits charge KLs per latent unit, a KL lookup of its own (Normal against Normal) that the warm-up
+    pass did not make: dynamo broke the step at torch.distributions' min() over a generator, six graphs."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))
+    x = torch.rand(16, 1, 6, 6)
+    loss_terms = objective_for(tiny_config(free_bits=0.1))
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    step = compile_step(loss_terms, model, x, free_bits=0.1, kl_balance=False)
+    for beta in (0.5, 1.0):
+        torch.manual_seed(1)
+        loss, (loss_sum, _, _) = step(model, x, beta=torch.tensor(beta), free_bits=0.1, kl_balance=False)
+        torch.manual_seed(1)
+        torch.testing.assert_close(loss_sum, loss_terms(model, x, beta=beta, free_bits=0.1)["loss"].sum())
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    assert not dynamo_counters["graph_break"]

@@ -152,7 +152,7 @@ def step_loss(loss_terms: Callable[..., dict[str, torch.Tensor]], net: nn.Module
 
 
 def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.Module,
-                 x: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+                 x: torch.Tensor, **options: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """step_loss with loss_terms through torch.compile; call it with beta as a 0-d tensor.
 
     Inductor fuses the elementwise work around the matmuls (likelihood, KL, reparameterisation, ReLUs) and
@@ -160,11 +160,13 @@ def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.M
     A tensor beta keeps KL warm-up from compiling a graph per value; shapes are static (the last, short
     batch of an epoch compiles once more). torch.distributions picks a KL function with min() over a
     generator, which dynamo cannot trace, so one eager pass on two examples (eval mode, no gradients, the
-    random state restored after) fills its lookup table first and the step compiles as one graph.
+    random state restored after) fills its lookup table first and the step compiles as one graph. That pass
+    takes the step's options (free bits and KL balancing ask for KLs per unit, another lookup) and a beta
+    below 1, so that every KL the step can ask for has been looked up.
     """
     was_training = model.training
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
-        loss_terms(model.eval(), x[:2], beta=1.0)
+        loss_terms(model.eval(), x[:2], beta=0.5, **options)
     model.train(was_training)
     return torch.compile(functools.partial(step_loss, loss_terms), dynamic=False)
 
@@ -383,7 +385,7 @@ class Trainer:
             return step_loss(self.loss_terms, self.net, xb, beta=beta, **options)
         first = self.compiled is None
         if first:
-            self.compiled = compile_step(self.loss_terms, self.net, xb)
+            self.compiled = compile_step(self.loss_terms, self.net, xb, **options)
         try:
             return self.compiled(self.net, xb, beta=torch.tensor(beta, device=self.device), **options)
         except Exception as e:  # inductor's failures come as many types; the eager pass below tells them apart
