@@ -10,7 +10,7 @@ from test_train import tiny_config, tiny_data
 from vaelab import runs
 from vaelab.cli import main
 from vaelab.errors import TrainingError
-from vaelab.models import VAE
+from vaelab.models import VAE, build_model
 from vaelab.train import _identity, compile_step, objective_for, train
 
 dynamo_counters = pytest.importorskip("torch._dynamo.utils").counters
@@ -143,5 +143,32 @@ def test_a_step_with_free_bits_is_one_graph(monkeypatch):
         loss, (loss_sum, _, _) = step(model, x, beta=torch.tensor(beta), free_bits=0.1, kl_balance=False)
         torch.manual_seed(1)
         torch.testing.assert_close(loss_sum, loss_terms(model, x, beta=beta, free_bits=0.1)["loss"].sum())
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    assert not dynamo_counters["graph_break"]
+
+
+@pytest.mark.parametrize("model_args,train_args", [
+    ({"bn_mu": 0.5}, {}), ({"activation": "gated"}, {}), ({"net": "conv", "hidden": (4, 8)}, {}),
+    ({"likelihood": "gaussian-learned"}, {}), ({}, {"objective": "iwae", "k": 3}), ({"model": "ae"}, {}),
+    ({"model": "hvae", "net": "conv", "hidden": (8, 12), "groups": (1, 2), "latent_dim": 3},
+     {"spectral_reg": 0.01, "kl_balance": True}),
+], ids=["bn-vae", "gated", "conv", "learned-scale", "iwae", "ae", "hvae-spectral"])
+def test_each_model_s_step_is_one_graph(monkeypatch, model_args, train_args):
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))  # tracing only
+    base = tiny_config()
+    config = dataclasses.replace(base, model=dataclasses.replace(base.model, input_shape=(1, 12, 12), **model_args),
+                                 train=dataclasses.replace(base.train, **train_args))
+    torch.manual_seed(0)
+    model = build_model(config.model).train()
+    x = torch.rand(8, 1, 12, 12)
+    options = {"free_bits": config.train.free_bits, "kl_balance": config.train.kl_balance}
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    step = compile_step(objective_for(config), model, x, **options)
+    for beta in (0.5, 1.0):
+        loss, totals = step(model, x, beta=torch.tensor(beta), **options)
+        loss.backward()
+    assert torch.isfinite(totals).all()
     assert dynamo_counters["stats"]["unique_graphs"] == 1
     assert not dynamo_counters["graph_break"]
