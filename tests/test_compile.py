@@ -16,6 +16,16 @@ from vaelab.train import _identity, compile_step, objective_for, train
 dynamo_counters = pytest.importorskip("torch._dynamo.utils").counters
 
 
+@pytest.fixture
+def tracing_only(monkeypatch):
+    """torch.compile with dynamo's tracing alone (backend "eager": no inductor, the random stream as in eager
+    mode), after dynamo's caches and counters are reset."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+
+
 def test_the_step_is_one_graph_and_kl_warmup_does_not_recompile():
     """One graph (no breaks: the KL lookup is filled eagerly first); new beta values reuse it."""
     torch.manual_seed(0)
@@ -38,17 +48,13 @@ def test_the_step_is_one_graph_and_kl_warmup_does_not_recompile():
 
 
 @pytest.mark.parametrize("latent_dim", [4, 20])  # log I_v by Hankel's expansion (v = 1), by Debye's (v = 9)
-def test_vmf_compiles_around_its_rejection_sampler_without_warnings(monkeypatch, latent_dim):
+def test_vmf_compiles_around_its_rejection_sampler_without_warnings(tracing_only, latent_dim):
     """Dynamo splits the step only at Wood's sampler (compiler-disabled: a loop that stops on data) and calls
     the Bessel expansions' coefficient tables instead of tracing them; before, both warned on every run."""
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))  # tracing only
     torch.manual_seed(0)
     config = dataclasses.replace(tiny_config(), model=dataclasses.replace(tiny_config().model, latent="vmf"))
     model = VAE(input_shape=(1, 6, 6), latent_dim=latent_dim, hidden=(16,), latent="vmf")
     x = torch.rand(16, 1, 6, 6)
-    torch._dynamo.reset()
-    dynamo_counters.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step = compile_step(objective_for(config), model, x)
@@ -97,21 +103,17 @@ def test_cli_train_with_compile(tmp_path):
     assert runs.load_config(out).train.compile and runs.is_complete(out)
 
 
-def test_the_hvae_step_with_kl_balancing_is_one_graph_and_balances_only_during_warmup(monkeypatch):
+def test_the_hvae_step_with_kl_balancing_is_one_graph_and_balances_only_during_warmup(tracing_only):
     """KL balancing applies while beta < 1; with beta a tensor (the compiled step's) that test was a
     data-dependent branch, a graph break in every step of the hvae-s preset. Now a torch.where: one graph, and
     the same loss as the eager step on the same draws (tracing only: backend="eager" keeps the random stream)."""
     from test_hvae import small
 
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
     model = small().train()
     x = (torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(0)) > 0.5).float()
     config = dataclasses.replace(tiny_config(), model=dataclasses.replace(
         tiny_config().model, model="hvae", net="conv", hidden=(8, 12), latent_dim=3, groups=(1, 2)))
     loss_terms = objective_for(config)
-    torch._dynamo.reset()
-    dynamo_counters.clear()
     step = compile_step(loss_terms, model, x)
     for beta in (0.25, 1.0):
         torch.manual_seed(1)
@@ -126,17 +128,13 @@ def test_the_hvae_step_with_kl_balancing_is_one_graph_and_balances_only_during_w
     assert not dynamo_counters["graph_break"]
 
 
-def test_a_step_with_free_bits_is_one_graph(monkeypatch):
+def test_a_step_with_free_bits_is_one_graph(tracing_only):
     """Free bits charge KLs per latent unit, a KL lookup of its own (Normal against Normal) that the warm-up
     pass did not make: dynamo broke the step at torch.distributions' min() over a generator, six graphs."""
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
     torch.manual_seed(0)
     model = VAE(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))
     x = torch.rand(16, 1, 6, 6)
     loss_terms = objective_for(tiny_config(free_bits=0.1))
-    torch._dynamo.reset()
-    dynamo_counters.clear()
     step = compile_step(loss_terms, model, x, free_bits=0.1, kl_balance=False)
     for beta in (0.5, 1.0):
         torch.manual_seed(1)
@@ -153,9 +151,7 @@ def test_a_step_with_free_bits_is_one_graph(monkeypatch):
     ({"model": "hvae", "net": "conv", "hidden": (8, 12), "groups": (1, 2), "latent_dim": 3},
      {"spectral_reg": 0.01, "kl_balance": True}),
 ], ids=["bn-vae", "gated", "conv", "learned-scale", "iwae", "ae", "hvae-spectral"])
-def test_each_model_s_step_is_one_graph(monkeypatch, model_args, train_args):
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))  # tracing only
+def test_each_model_s_step_is_one_graph(tracing_only, model_args, train_args):
     base = tiny_config()
     config = dataclasses.replace(base, model=dataclasses.replace(base.model, input_shape=(1, 12, 12), **model_args),
                                  train=dataclasses.replace(base.train, **train_args))
@@ -163,8 +159,6 @@ def test_each_model_s_step_is_one_graph(monkeypatch, model_args, train_args):
     model = build_model(config.model).train()
     x = torch.rand(8, 1, 12, 12)
     options = {"free_bits": config.train.free_bits, "kl_balance": config.train.kl_balance}
-    torch._dynamo.reset()
-    dynamo_counters.clear()
     step = compile_step(objective_for(config), model, x, **options)
     for beta in (0.5, 1.0):
         loss, totals = step(model, x, beta=torch.tensor(beta), **options)
