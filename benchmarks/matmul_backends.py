@@ -6,11 +6,12 @@ product of a 784-512-256-16 VAE's training step at batch 128 (forward,
 input gradient, weight gradient) and of the NLL estimator's decoder (a chunk of 10,000 rows), GFLOP/s
 through each library, timed alternately in one process, and the ratio. Also square 2048 x 2048.
 
---layouts: each product through MKL with its right operand in the layout the step has and in the other one
-(a copy transposed in memory: the same values), to see whether storing weights or activations the other way
-round would pay. --dispatch: the cost of a call of vaelab.linear.Sequential (the MLP encoder 784-512-256,
-forward and backward, batch 128) on its path for CPUs where nothing goes to oneDNN (nn.Sequential's own
-loop) against its general path (each layer asked whether it fits oneDNN), and plain nn.Sequential.
+Instead of that table, --layouts: each product through MKL with its right operand in the layout the step has
+and in the other one (a copy transposed in memory: the same values), to see whether storing weights or
+activations the other way round would pay. --dispatch: the cost of a call of vaelab.linear.Sequential
+(forward and backward; the MLP encoder 784-512-256 at batch 128, and 784-8-8 at batch 2, where the per-call
+overhead shows) on its path for CPUs where nothing goes to oneDNN (nn.Sequential's own loop) against its
+general path (each layer asked whether it fits oneDNN), and plain nn.Sequential.
 
     python benchmarks/matmul_backends.py [--repeats 50] [--layouts] [--dispatch]
 """
@@ -55,6 +56,11 @@ def rate(product, a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
     return 2 * a.shape[0] * a.shape[1] * b.shape[0] * repeats / best / 1e9
 
 
+def repeats_for(a: torch.Tensor, b: torch.Tensor, repeats: int) -> int:
+    """Products per timing: `repeats` for a 128 x 512 x 512 product, scaled to keep the FLOPs per timing."""
+    return max(1, repeats * 128 * 512 * 512 // (a.shape[0] * a.shape[1] * b.shape[0]))
+
+
 def other_layout(b: torch.Tensor) -> torch.Tensor:
     """b's values with the other memory order: row-major where b is column-major, and the reverse."""
     return b.t().contiguous().t() if b.is_contiguous() else b.contiguous()
@@ -63,7 +69,7 @@ def other_layout(b: torch.Tensor) -> torch.Tensor:
 def layouts(repeats: int) -> None:
     print(f"\n{'product (MKL)':<34}{'as in the step':>16}{'other layout':>14}{'ratio':>8}")
     for name, a, b in products():
-        n = max(1, repeats * 128 * 512 * 512 // (a.shape[0] * a.shape[1] * b.shape[0]))
+        n = repeats_for(a, b, repeats)
         flipped = other_layout(b)
         torch.testing.assert_close(F.linear(a, b), F.linear(a, flipped))
         given, other = rate(F.linear, a, b, n), rate(F.linear, a, flipped, n)
@@ -114,8 +120,8 @@ def dispatch(rounds: int = 7) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--layouts", action="store_true", help="also each MKL product in both operand layouts")
-    parser.add_argument("--dispatch", action="store_true", help="also vaelab.linear.Sequential's per-call cost")
+    parser.add_argument("--layouts", action="store_true", help="instead: each MKL product in both operand layouts")
+    parser.add_argument("--dispatch", action="store_true", help="instead: vaelab.linear.Sequential's per-call cost")
     args = parser.parse_args()
     if args.layouts:
         layouts(args.repeats)
@@ -127,7 +133,7 @@ def main() -> None:
           f"{MIN_MACS:,} multiply-adds per product\n")
     print(f"{'product':<34}{'MKL GFLOP/s':>13}{'oneDNN GFLOP/s':>16}{'ratio':>8}")
     for name, a, b in products():
-        repeats = max(1, args.repeats * 128 * 512 * 512 // (a.shape[0] * a.shape[1] * b.shape[0]))
+        repeats = repeats_for(a, b, args.repeats)
         blas = rate(F.linear, a, b, repeats)
         onednn = rate(matmul_nt, a, b, repeats)
         print(f"{name:<34}{blas:>13.0f}{onednn:>16.0f}{onednn / blas:>7.2f}x", flush=True)
