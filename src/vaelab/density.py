@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import check_finite, check_unit_interval
 from .errors import InputError
 from .objectives import log_weights
 from .system import keep_freed_memory, model_device
@@ -137,12 +138,14 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InputError(f"importance_sample: x must be a non-empty batch of examples (N, ...), got {got}")
-    if x.is_floating_point():  # one pass over the data: a NaN or a grey value of 3 gives no density, only a number
-        if not bool(torch.isfinite(x).all()):
-            raise InputError("importance_sample: x holds NaN or infinite values; log p(x) needs finite data")
-        if any(getattr(m, "needs_unit_interval", False) for m in model.modules()) and bool(((x < 0) | (x > 1)).any()):
-            raise InputError(f"importance_sample: x has values in [{float(x.min()):g}, {float(x.max()):g}], but this "
-                             "model's Bernoulli likelihood is a density on [0, 1] (binary) data; rescale x to [0, 1]")
+    if x.is_floating_point():  # a NaN or a grey value of 3 gives no density, only a number
+        source, finite_fix = "importance_sample: x", "log p(x) needs finite data"
+        if any(getattr(m, "needs_unit_interval", False) for m in model.modules()):
+            check_unit_interval(x, source, error=InputError, finite_fix=finite_fix,
+                                fix="this model's Bernoulli likelihood is a density on [0, 1] (binary) data; "
+                                    "rescale x to [0, 1]")
+        else:
+            check_finite(x, source, error=InputError, fix=finite_fix)
     device = model_device(model)
     if device.type == "cpu":
         keep_freed_memory()  # ~25% faster passes over large (K_chunk, B, pixels) tensors

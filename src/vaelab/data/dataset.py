@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from vaelab.errors import DataError
+from vaelab.errors import DataError, VaelabError
 
 # Shuffling for splits uses its own seed so that a data set's splits never depend on a run's seed.
 SPLIT_SEED = 20240611
@@ -68,38 +68,42 @@ class Dataset:
         return tuple(int(s) for s in self.train.x.shape[1:])
 
 
-def check_finite(x: torch.Tensor, source: str) -> None:
-    """Raise DataError if `x` holds NaN or infinite values.
+def check_finite(x: torch.Tensor, source: str, *, error: type[VaelabError] = DataError,
+                 fix: str = "remove or replace them before training") -> None:
+    """Raise `error` if `x` holds NaN or infinite values.
 
     Args:
         x: any floating tensor.
-        source: what the tensor came from (a file or data set name), quoted in the message.
+        source: what the tensor came from (a file, data set or argument), quoted in the message.
+        error: the exception class (DataError for data sets; InputError for a tensor passed to a model's method).
+        fix: what to do about it, ending the message.
     """
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise DataError(
-            f"{source} has {bad} NaN or infinite value(s) out of {x.numel()}; "
-            "remove or replace them before training"
-        )
+        raise error(f"{source} has {bad} NaN or infinite value(s) out of {x.numel()}; {fix}")
 
 
-def check_unit_interval(x: torch.Tensor, source: str) -> None:
-    """Raise DataError unless every value of `x` is finite and in [0, 1] (needed by Bernoulli likelihoods).
+UNIT_INTERVAL_FIX = ("rescale it to [0, 1] (e.g. save 8-bit pixels as uint8, which vaelab divides by 255) "
+                     "or use a Gaussian likelihood")
+
+
+def check_unit_interval(x: torch.Tensor, source: str, *, error: type[VaelabError] = DataError,
+                        fix: str = UNIT_INTERVAL_FIX, finite_fix: str = "remove or replace them before training",
+                        ) -> None:
+    """Raise `error` unless every value of `x` is finite and in [0, 1] (needed by Bernoulli likelihoods).
 
     Args:
         x: any tensor.
-        source: what the tensor came from (a file or data set name), quoted in the message.
+        source: what the tensor came from (a file, data set or argument), quoted in the message.
+        error: the exception class, as for check_finite.
+        fix, finite_fix: what to do about values outside [0, 1] and about NaN or infinite values.
     """
-    check_finite(x, source)
+    check_finite(x, source, error=error, fix=finite_fix)
     if x.numel() == 0:
         return
     lo, hi = torch.aminmax(x.detach())
     if lo < 0 or hi > 1:
-        raise DataError(
-            f"{source} has values in [{float(lo):g}, {float(hi):g}], outside [0, 1]; "
-            "rescale it to [0, 1] (e.g. save 8-bit pixels as uint8, which vaelab divides by 255) "
-            "or use a Gaussian likelihood"
-        )
+        raise error(f"{source} has values in [{float(lo):g}, {float(hi):g}], outside [0, 1]; {fix}")
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
