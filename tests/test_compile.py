@@ -87,6 +87,19 @@ def test_a_compiler_failure_is_one_line_that_names_the_flag(tmp_path, monkeypatc
         train(tiny_config(compile=True), tmp_path / "run", dataset=tiny_data(), progress=False)
 
 
+def test_running_out_of_memory_in_the_first_compiled_step_is_named_as_such(tmp_path, monkeypatch):
+    def allocating(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                               "tried to allocate 85899345920 bytes. Error code 12 (Cannot allocate memory)")
+        return run
+
+    monkeypatch.setattr(torch, "compile", allocating)
+    with pytest.raises(TrainingError, match=r"^out of memory on cpu in epoch 1 .*lower --batch-size or --hidden, "
+                                            r"or train without --compile, or free memory"):
+        train(tiny_config(compile=True), tmp_path / "run", dataset=tiny_data(), progress=False)
+
+
 def test_resume_may_turn_compile_on_or_off():
     config = tiny_config()
     assert _identity(config) == _identity(dataclasses.replace(config, train=dataclasses.replace(

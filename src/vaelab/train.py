@@ -389,7 +389,7 @@ class Trainer:
         try:
             return self.compiled(self.net, xb, beta=torch.tensor(beta, device=self.device), **options)
         except Exception as e:  # inductor's failures come as many types; the eager pass below tells them apart
-            if not first or isinstance(e, (TrainingError, ConfigError, MemoryError, torch.OutOfMemoryError)):
+            if not first or isinstance(e, (TrainingError, ConfigError)) or is_out_of_memory(e):
                 raise
             step_loss(self.loss_terms, self.net, xb, beta=beta, **options)
             reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
@@ -415,9 +415,11 @@ class Trainer:
             return "none"
 
     def _oom_message(self, epoch: int) -> str:
+        compiled = ", or train without --compile" if self.config.train.compile else ""
         return (f"out of memory on {self.device} in epoch {epoch} (--batch-size {self.config.train.batch_size}, "
                 f"--hidden {','.join(map(str, self.config.model.hidden))}); training stopped. The last good checkpoint "
-                f"({self._last_good()}) is intact: lower --batch-size or --hidden, or free memory, then --resume")
+                f"({self._last_good()}) is intact: lower --batch-size or --hidden{compiled}, or free memory, "
+                "then --resume")
 
     def _check_finite(self, sums: torch.Tensor, epoch: int, step: int, where: str = "training loss") -> None:
         if bool(torch.isfinite(sums).all()):
