@@ -179,3 +179,24 @@ def test_each_model_s_step_is_one_graph(tracing_only, model_args, train_args):
     assert torch.isfinite(totals).all()
     assert dynamo_counters["stats"]["unique_graphs"] == 1
     assert not dynamo_counters["graph_break"]
+
+
+@pytest.mark.parametrize("net", ["lstm", "gru"])
+def test_the_text_vae_step_is_one_graph_with_its_rnns_traced(tracing_only, net):
+    """dynamo leaves nn.LSTM/GRU out of its graphs unless allow_rnn is set: the step was nine graphs. compile_step
+    sets it for models with RNNs while it traces (only then: the global setting is left as it was)."""
+    from test_text import tiny_model, tiny_text
+
+    model = tiny_model(net=net).train()
+    x = tiny_text().train.x[:16]
+    config = dataclasses.replace(tiny_config(), model=dataclasses.replace(
+        tiny_config().model, model="text-vae", net=net, hidden=(32,), latent_dim=4, embedding_dim=16))
+    loss_terms = objective_for(config)
+    step = compile_step(loss_terms, model, x, free_bits=0.0, kl_balance=False)
+    torch.manual_seed(1)
+    loss, (loss_sum, _, _) = step(model, x, beta=torch.tensor(1.0), free_bits=0.0, kl_balance=False)
+    loss.backward()
+    torch.manual_seed(1)
+    torch.testing.assert_close(loss_sum, loss_terms(model, x, beta=1.0)["loss"].sum())
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    assert not dynamo_counters["graph_break"] and not torch._dynamo.config.allow_rnn
