@@ -16,3 +16,19 @@ def test_all_reduce_latency_is_per_exchange_between_two_processes(tmp_path):
     # ten times the repeats must not make it ten times larger
     assert 0 < few < whole / 20 and 0 < many < 0.05
     assert many < 5 * few + 1e-3
+
+
+def test_job_trains_an_hvae_in_two_processes_and_reads_its_throughput(tmp_path):
+    """The --batch-norm comparison's job path (torchrun, 2 processes, synchronised batch norm), on a small
+    HVAE in place of the hvae-s preset."""
+    from ddp_scaling import job, npz_data
+
+    from vaelab import runs
+
+    data = npz_data(tmp_path, 64)
+    hvae = ["--model", "hvae", "--net", "conv", "--hidden", "8,12", "--groups", "1,2", "--latent-dim", "3",
+            "--epochs", "1", "--batch-size", "16"]
+    speed = job(2, data, tmp_path / "run", hvae)
+    assert speed > 0 and runs.is_complete(tmp_path / "run")
+    config = runs.load_config(tmp_path / "run")
+    assert config.model.model == "hvae" and config.train.sync_bn
