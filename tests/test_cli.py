@@ -43,6 +43,22 @@ def test_train_writes_config_metrics_checkpoints_and_report(vae_run):
     assert config["model"]["hidden"] == [16] and config["data"]["binarize"] == "dynamic"
 
 
+def test_report_says_which_baselines_it_trains_and_where(npz_data, tmp_path, capsys):
+    """The baselines' epoch lines followed the run's own, the same words and numbers, with nothing to tell that
+    another model was training."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", npz_data, *TINY, "--no-report", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    err = capsys.readouterr().err
+    for name in ("pca", "ae"):
+        assert f"training the {name} baseline for the report's table (latent 3) in {out / 'baselines' / name} " \
+               "(--no-baselines skips it)" in err
+    assert err.index("training the ae baseline") < err.index("epoch 1/")
+    assert main(["report", str(out)]) == 0  # trained once: nothing to announce the second time
+    assert "baseline" not in capsys.readouterr().err
+
+
 def test_evaluate_sample_reconstruct_interpolate_report(vae_run, tmp_path, capsys):
     assert main(["evaluate", str(vae_run)]) == 0
     result = json.loads((vae_run / "evaluation.json").read_text())

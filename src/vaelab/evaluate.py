@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,9 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
                 if not train_missing:
                     continue
                 resume = (source / "config.json").exists()  # a baseline cut off earlier continues
+                if progress:  # else its epoch lines read as the run's own, trained a second time
+                    print(f"{'continuing' if resume else 'training'} the {name} baseline for the report's table "
+                          f"(latent {size}) in {source} (--no-baselines skips it)", file=sys.stderr)
                 train(baseline_config(config, name, size), source, resume=resume, dataset=data, progress=progress)
             model = runs.load(source)
         rows.append({"model": name, "latent_dim": size, "run": str(source),
