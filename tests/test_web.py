@@ -142,6 +142,23 @@ def test_metrics_come_from_evaluation_json(runs_root):
     assert s["metrics"] == {"nll": 12.5} and s["evaluated"]  # NaN is dropped: strict JSON has no NaN
 
 
+def test_metrics_written_after_loading_show_on_reload_and_only_for_the_loaded_checkpoint(client, runs_root):
+    """The page says "run `vaelab evaluate RUN --nll` and reload"; the summary was computed once per run, so
+    reloading showed nothing new until the server restarted. Numbers of another epoch's checkpoint (left by
+    training on without a report) are not the shown model's."""
+    evaluation = runs_root / "vae" / "evaluation.json"
+    assert not client.get("/api/summary", params={"run": "vae"}).json()["evaluated"]  # loads the run
+    try:
+        evaluation.write_text(json.dumps({"epoch": 8, "nll": 12.5}))
+        s = client.get("/api/summary", params={"run": "vae"}).json()
+        assert s["metrics"] == {"nll": 12.5} and s["evaluated"]
+        evaluation.write_text(json.dumps({"epoch": 3, "nll": 99.0}))
+        s = client.get("/api/summary", params={"run": "vae"}).json()
+        assert s["metrics"] == {} and not s["evaluated"]
+    finally:
+        evaluation.unlink()
+
+
 def test_pictures_have_the_expected_sizes(client):
     vae = {"run": "vae"}
     assert image(client.get("/api/decode", params={"z": "0.1,-2,3e-1", **vae})).size == (SIDE, SIDE)

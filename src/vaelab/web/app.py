@@ -118,7 +118,7 @@ def create_app(root: Path | str | Catalog, *, device: str = "cpu", allowed_hosts
 
     @app.get("/api/summary")
     def summary(run: str | None = RunName) -> dict[str, Any]:
-        return catalog.get(run).summary
+        return catalog.get(run).current_summary()
 
     @app.get("/api/map")
     def latent_map(run: str | None = RunName) -> dict[str, Any]:

@@ -91,8 +91,10 @@ class Explorer:
     test_x: torch.Tensor  # (N, C, H, W) images or (N, T) token ids, on the model's device
     codes: torch.Tensor  # (N, D) point codes on the CPU
     labels: list[int] | None  # (N,) test labels
-    summary: dict[str, Any]
+    summary: dict[str, Any]  # as at loading; current_summary() reads evaluation.json again
     map: dict[str, Any]
+    run_dir: Path | None = None
+    checkpoint_epoch: int | None = None  # the epoch of the checkpoint loaded
     vocab: tuple[str, ...] | None = None  # the tokens of a text model's data set; None for images
     _sample_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -101,16 +103,24 @@ class Explorer:
     def load(cls, name: str, run_dir: Path, *, device: str = "cpu") -> Explorer:
         """Load a run's model and test split and precompute its encodings, map and summary."""
         config = runs.load_config(run_dir)
+        epoch = runs.latest_checkpoint(run_dir).epoch
         model = runs.load(run_dir, device=device)
         data = prepare_data(config)
         x = data.test.x.to(model_device(model))
         if x.shape[0] == 0:
             raise VaelabError(f"run {name}: the test split of {data.name} is empty; there is nothing to map")
         codes = test_codes(model, x)
-        summary = _summary(name, run_dir, config, model, data, codes)
+        summary = {**_summary(name, run_dir, config, model, data, codes, epoch), **_evaluated(run_dir, epoch)}
         labels = data.test.y.tolist() if data.test.y is not None else None
         return cls(name=name, model=model, test_x=x, codes=codes, labels=labels, summary=summary,
-                   map=_map(codes, labels, data.classes), vocab=data.vocab)
+                   map=_map(codes, labels, data.classes), vocab=data.vocab, run_dir=run_dir, checkpoint_epoch=epoch)
+
+    def current_summary(self) -> dict[str, Any]:
+        """The summary with the metrics of evaluation.json as it is now: `vaelab evaluate` may have run since the
+        run was loaded (the page tells the user to run it and reload)."""
+        if self.run_dir is None:
+            return self.summary
+        return {**self.summary, **_evaluated(self.run_dir, self.checkpoint_epoch)}
 
     @property
     def is_text(self) -> bool:
@@ -229,9 +239,9 @@ def _check_frames(n: int) -> None:
 
 
 def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
-             codes: torch.Tensor) -> dict[str, Any]:
-    """What the page shows beside the pictures, and how it lays out the sliders."""
-    evaluation = read_evaluation(run_dir)
+             codes: torch.Tensor, epoch: int | None) -> dict[str, Any]:
+    """What the page shows beside the pictures, and how it lays out the sliders (test metrics: _evaluated)."""
+    evaluation = _evaluation_of(run_dir, epoch)
     d = codes.shape[1]
     kl = evaluation.get("kl_per_dim")
     if (not isinstance(kl, list) or len(kl) != d) and hasattr(model, "prior") and not hasattr(model, "group_means"):
@@ -255,12 +265,25 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
         "classes": list(data.classes) if data.classes is not None else None,
         "has_prior": hasattr(model, "sample"), "temperature": supports_temperature(model) if
         hasattr(model, "sample") else False,
-        "metrics": {k: evaluation[k] for k in METRIC_KEYS if _is_number(evaluation.get(k))},
-        "evaluated": bool(evaluation), "epoch": records[-1].get("epoch") if records else None,
+        "epoch": records[-1].get("epoch") if records else None,
         "last_epoch": {k: v for k, v in records[-1].items() if isinstance(v, (int, float))} if records else {},
         "kl_per_dim": kl,
         "sliders": {"dims": dims, "span": [float(span[i]) for i in dims], "kl": [kl[i] for i in dims] if kl else None},
     })
+
+
+def _evaluation_of(run_dir: Path, epoch: int | None) -> dict[str, Any]:
+    """RUN/evaluation.json if it describes the checkpoint of `epoch`, else {}: after more training without a
+    report it describes an earlier one, and its numbers are not the shown model's."""
+    evaluation = read_evaluation(run_dir)
+    return evaluation if evaluation.get("epoch", epoch) == epoch else {}
+
+
+def _evaluated(run_dir: Path, epoch: int | None) -> dict[str, Any]:
+    """The page's test metrics, read from RUN/evaluation.json now."""
+    evaluation = _evaluation_of(run_dir, epoch)
+    return {"metrics": {k: evaluation[k] for k in METRIC_KEYS if _is_number(evaluation.get(k))},
+            "evaluated": bool(evaluation)}
 
 
 def _is_number(value: Any) -> bool:
