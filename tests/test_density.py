@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import MultivariateNormal
@@ -11,7 +12,7 @@ from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split
 from vaelab.density import importance_sample, log_likelihood, mean_and_stderr
 from vaelab.evaluate import compare_runs, evaluate_run
-from vaelab.latent_stats import active_units, mutual_information
+from vaelab.latent_stats import active_units, mutual_information, mutual_information_bounds
 from vaelab.latents import DiagonalNormal
 from vaelab.models import VAE
 from vaelab.objectives import elbo, iwae
@@ -216,6 +217,33 @@ def test_active_units_and_mutual_information_on_known_encoders():
         model.posterior.logvar.bias.zero_()
     assert active_units(model, x)["active_units"] == 0
     assert abs(mutual_information(model, x, max_examples=400)) < 0.05
+    bounds = mutual_information_bounds(model.train(), x, max_examples=400)
+    assert abs(bounds["mutual_information_upper"]) < 0.05 and bounds["mutual_information_examples"] == 400
+    assert model.training  # the mode is restored (it encodes in eval mode)
+
+
+def linear_gaussian_encoder() -> tuple[VAE, float]:
+    """q(z|x) = N(Wx, s^2 I) for x ~ N(0, I): z ~ N(0, W W^T + s^2 I), so I(x; z) = log det(I + W W^T / s^2) / 2."""
+    model = VAE(input_shape=(1, 1, 4), latent_dim=2, hidden=()).eval()
+    w, s = torch.tensor([[1.5, 0.0, 0.0, 0.0], [0.0, 0.7, 0.7, 0.0]]), 0.5
+    with torch.no_grad():
+        model.posterior.mean.weight.copy_(w)
+        model.posterior.mean.bias.zero_()
+        model.posterior.logvar.weight.zero_()
+        model.posterior.logvar.bias.fill_(2 * math.log(s))
+    return model, 0.5 * float(torch.logdet(torch.eye(2) + w @ w.T / s**2))
+
+
+def test_mutual_information_bounds_bracket_the_exact_value_and_close_in_on_it_with_more_examples():
+    model, exact = linear_gaussian_encoder()  # 1.95 nats
+    g = torch.Generator().manual_seed(0)
+    few = [mutual_information_bounds(model, torch.randn(50, 1, 1, 4, generator=g), seed=seed) for seed in range(40)]
+    # in expectation: InfoNCE below, leave-one-out above; at N = 50 the bias (~0.2) dwarfs the mean's noise
+    assert np.mean([b["mutual_information"] for b in few]) < exact - 0.05
+    assert np.mean([b["mutual_information_upper"] for b in few]) > exact + 0.05
+    many = mutual_information_bounds(model, torch.randn(2000, 1, 1, 4, generator=g))
+    assert abs(many["mutual_information"] - exact) < 0.05 and abs(many["mutual_information_upper"] - exact) < 0.05
+    assert mutual_information_bounds(model, torch.randn(1, 1, 1, 4))["mutual_information_upper"] is None
 
 
 def test_mutual_information_bounds_its_pairwise_temporaries_whatever_the_latent_size(monkeypatch):

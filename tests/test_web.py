@@ -570,3 +570,20 @@ def test_page_shows_sentences_for_a_text_model_in_chromium(browser, text_root):
         assert "greedy decodes" in page.inner_text("#interp-msg")
         assert errors == [], errors
         page.close()
+
+
+@pytest.mark.parametrize("bounds,shown", [({"mutual_information": 1.8236, "mutual_information_upper": 2.2012},
+                                           "1.82 to 2.20"),
+                                          ({"mutual_information": 7.6009, "mutual_information_upper": None}, "≥ 7.60")])
+def test_the_page_shows_the_mutual_information_as_its_bounds(browser, live_url, runs_root, bounds, shown):
+    """I(x; z) is known only between an InfoNCE lower bound and a leave-one-out upper one (or, where that is not
+    finite, from below): one number read as the value."""
+    evaluation = runs_root / "vae" / "evaluation.json"
+    evaluation.write_text(json.dumps({"test_kl": 3.5, **bounds}))
+    try:
+        page, errors = open_page(browser, live_url + "?run=vae")
+        terms = page.locator("#metrics dt").all_inner_texts()
+        values = page.locator("#metrics dd").all_inner_texts()
+    finally:
+        evaluation.unlink()
+    assert dict(zip(terms, values))["I(x; z), nats"] == shown and not errors

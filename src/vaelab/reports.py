@@ -27,7 +27,9 @@ METRIC_NAMES = {
     "test_loss": "test loss (-ELBO for a VAE)", "test_elbo": "test ELBO, nats",
     "test_recon": "reconstruction -log p(x|z)",
     "test_kl": "KL(q(z|x) || p(z))", "active_units": "active units (Cov_x(E_q[z]) > 0.01)",
-    "mutual_information": "mutual information I(x; z), nats",
+    "mutual_information": "mutual information I(x; z) >= this, nats (InfoNCE over N test codes; at most log N)",
+    "mutual_information_upper": "mutual information I(x; z) <= this, nats (leave-one-out bound)",
+    "mutual_information_examples": "N, test codes in the I(x; z) bounds",
     "probe_accuracy_latent": "probe accuracy: latent codes",
     "probe_accuracy_pca": "probe accuracy: PCA features of equal size",
     "probe_accuracy_pixels": "probe accuracy: pixels",
@@ -35,6 +37,8 @@ METRIC_NAMES = {
     "nll_per_token": "NLL per token, nats", "perplexity": "perplexity exp(NLL per token)",
     "token_accuracy": "greedy reconstruction: share of tokens right",
 }
+
+NONE_MEANS = {"mutual_information_upper": "none finite: the posteriors of different test images do not overlap"}
 
 
 @torch.no_grad()
@@ -142,8 +146,9 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
             text: str = "") -> str:
     settings = [{"setting": f"{section}.{k}", "value": json.dumps(v)}
                 for section in ("data", "model", "train") for k, v in config_dict[section].items()]
-    metric_rows = [{"metric": METRIC_NAMES.get(k, k), "value": v} for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    metric_rows = [{"metric": METRIC_NAMES.get(k, k), "value": NONE_MEANS.get(k) if v is None else v}
+                   for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None and k in NONE_MEANS]
     pictures = "".join(
         f'<figure><img src="{html.escape(str(path.relative_to(run_dir)))}" alt="{html.escape(name)}">'
         f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>"

@@ -36,7 +36,8 @@ Z_CHARS_PER_DIM = 32  # "-1.2345678901234567e-05," is 24: room for any float's r
 MAX_ABS_Z = 1e3  # finite but huge codes overflow the decoder; nothing useful lives out there
 MAX_TEMPERATURE = 10.0
 METRIC_KEYS = ("nll", "nll_stderr", "nll_bits_per_dim", "test_elbo", "test_loss", "test_recon", "test_kl",
-               "active_units", "mutual_information", "probe_accuracy_latent", "sse_per_image")
+               "active_units", "mutual_information", "mutual_information_upper", "probe_accuracy_latent",
+               "sse_per_image")
 
 
 class RequestError(VaelabError):

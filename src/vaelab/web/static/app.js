@@ -280,7 +280,8 @@ function showMetrics() {
     ["reconstruction", fmt(m.test_recon)],
     ["KL(q(z|x) ‖ p(z))", s.has_prior ? fmt(m.test_kl !== undefined ? m.test_kl : last.val_kl) : null],
     ["active units", m.active_units !== undefined ? `${m.active_units} of ${s.latent_dim}` : null],
-    ["I(x; z), nats", fmt(m.mutual_information)],
+    ["I(x; z), nats", m.mutual_information === undefined ? null : m.mutual_information_upper === undefined
+      ? `≥ ${fmt(m.mutual_information)}` : `${fmt(m.mutual_information)} to ${fmt(m.mutual_information_upper)}`],
     ["probe accuracy", fmt(m.probe_accuracy_latent, 3)],
     ["sq. error / image", fmt(m.sse_per_image)],
     ["validation loss", fmt(last.val_loss)],
