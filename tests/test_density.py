@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.distributions import MultivariateNormal
+from torch.distributions import MultivariateNormal, kl_divergence
 
 from vaelab import latent_stats, runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -243,7 +243,28 @@ def test_mutual_information_bounds_bracket_the_exact_value_and_close_in_on_it_wi
     assert np.mean([b["mutual_information_upper"] for b in few]) > exact + 0.05
     many = mutual_information_bounds(model, torch.randn(2000, 1, 1, 4, generator=g))
     assert abs(many["mutual_information"] - exact) < 0.05 and abs(many["mutual_information_upper"] - exact) < 0.05
-    assert mutual_information_bounds(model, torch.randn(1, 1, 1, 4))["mutual_information_upper"] is None
+    one = torch.randn(1, 1, 1, 4, generator=g)  # no other code to leave out: the mean KL is the upper bound
+    with torch.no_grad():
+        kl = float(kl_divergence(model.encode(one), model.prior()))
+    assert mutual_information_bounds(model, one)["mutual_information_upper"] == pytest.approx(kl)
+    model.prior = lambda: (_ for _ in ()).throw(NotImplementedError)  # as for a latent without an analytic KL
+    assert mutual_information_bounds(model, one)["mutual_information_upper"] is None
+
+
+def test_the_mean_kl_bounds_the_mutual_information_where_posteriors_barely_overlap():
+    """Near-deterministic codes: the lower bound sits at its ceiling log N, the leave-one-out bound runs to
+    thousands of nats, and E_x KL(q(z|x) || p(z)) = I + KL(q(z) || p(z)) is the upper bound reported."""
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=2, hidden=()).eval()
+    with torch.no_grad():
+        model.posterior.mean.weight *= 10
+        model.posterior.logvar.bias.fill_(-12.0)
+    x = torch.rand(300, 1, 4, 4)
+    bounds = mutual_information_bounds(model, x)
+    with torch.no_grad():
+        kl = float(kl_divergence(model.encode(x), model.prior()).mean())
+    assert bounds["mutual_information"] == pytest.approx(math.log(300), abs=0.05)
+    assert bounds["mutual_information_upper"] == pytest.approx(kl, rel=1e-5) and kl < 25
 
 
 def test_mutual_information_bounds_its_pairwise_temporaries_whatever_the_latent_size(monkeypatch):

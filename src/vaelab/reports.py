@@ -28,7 +28,7 @@ METRIC_NAMES = {
     "test_recon": "reconstruction -log p(x|z)",
     "test_kl": "KL(q(z|x) || p(z))", "active_units": "active units (Cov_x(E_q[z]) > 0.01)",
     "mutual_information": "mutual information I(x; z) >= this, nats (InfoNCE over N test codes; at most log N)",
-    "mutual_information_upper": "mutual information I(x; z) <= this, nats (leave-one-out bound)",
+    "mutual_information_upper": "mutual information I(x; z) <= this, nats (leave-one-out bound or mean KL)",
     "mutual_information_examples": "N, test codes in the I(x; z) bounds",
     "probe_accuracy_latent": "probe accuracy: latent codes",
     "probe_accuracy_pca": "probe accuracy: PCA features of equal size",
@@ -38,7 +38,7 @@ METRIC_NAMES = {
     "token_accuracy": "greedy reconstruction: share of tokens right",
 }
 
-NONE_MEANS = {"mutual_information_upper": "none finite: the posteriors of different test images do not overlap"}
+NONE_MEANS = {"mutual_information_upper": "none finite (one test code, and no analytic KL)"}
 
 
 @torch.no_grad()
