@@ -86,8 +86,9 @@ def mutual_information_bounds(model: nn.Module, x: torch.Tensor, *, max_examples
     without it (a mixture of the other N - 1) it is the leave-one-out upper bound (Poole et al. 2019,
     Sec. 2). The mean KL is an upper bound too: E_x KL(q(z|x) || p(z)) = I + KL(q(z) || p(z)) (Hoffman &
     Johnson 2016), and where the posteriors barely overlap it is much the tighter. A trained VAE's codes
-    often sit at the ceiling log N, and then the true value is larger; near I = 0 a draw of the lower
-    bound can fall a little below 0.
+    often sit at the ceiling log N, and then the true value is larger. The sampled bounds hold in
+    expectation: near I = 0, or with few examples, a draw of either can fall a little below 0 or cross
+    the other.
 
     Returns:
         "mutual_information": the lower bound; "mutual_information_upper": the smaller of the two upper
