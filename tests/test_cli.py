@@ -159,6 +159,13 @@ def test_demo_trains_on_the_embedded_digits_and_prints_its_report(tmp_path, caps
     # running it again reuses the finished run instead of training anew
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"]) == 0
     assert len(runs.read_metrics(tmp_path / "demo" / "vae")) == 1
+    # more epochs extend it (a finished demo was reported as it was, at its old length)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--quiet"]) == 0
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "demo" / "vae")] == [1, 2]
+    assert runs.latest_checkpoint(tmp_path / "demo" / "vae").epoch == 2
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"]) == 0
+    assert "holds a demo of 2 epochs; reporting it as it is (delete the folder to train 1)" in capsys.readouterr().err
 
 
 def command_raising(monkeypatch, error: BaseException) -> None:

@@ -1,6 +1,7 @@
 """`vaelab demo`: a VAE on the embedded MNIST digits, with PCA and AE beside it, and its report."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from . import runs
@@ -16,11 +17,17 @@ DEMO_CONFIG = RunConfig(
 
 
 def run_demo(out: Path, *, epochs: int = 30, progress: bool = True) -> Path:
-    """Train (or finish) the demo VAE in OUT/vae and write its report; returns the report's path."""
+    """Train the demo VAE in OUT/vae to `epochs` (finishing or extending an earlier demo there) and write its
+    report; returns the report's path. An earlier demo of more epochs is reported as it is, and says so."""
     config = RunConfig(data=DEMO_CONFIG.data, model=DEMO_CONFIG.model,
                        train=TrainConfig(**{**DEMO_CONFIG.train.__dict__, "epochs": epochs}))
     run_dir = Path(out) / "vae"
     data = prepare_data(config)
-    if not runs.is_complete(run_dir):
-        train(config, run_dir, resume=(run_dir / "config.json").exists(), dataset=data, progress=progress)
+    started = (run_dir / "config.json").exists()
+    done = runs.latest_checkpoint(run_dir).epoch if started else 0
+    if done < epochs:  # a fresh demo, one cut off, or a shorter one (is_complete alone kept a 2-epoch demo at 2)
+        train(config, run_dir, resume=started, dataset=data, progress=progress)
+    elif done > epochs:
+        print(f"{run_dir} holds a demo of {done} epochs; reporting it as it is (delete the folder to train "
+              f"{epochs})", file=sys.stderr)
     return write_report(run_dir, baselines=True, progress=progress, data=data)
