@@ -84,6 +84,20 @@ def test_resume_extends_a_run(vae_run, npz_data, tmp_path, capsys):
     assert len(runs.read_metrics(out)) == 4
 
 
+def test_resuming_a_pca_run_says_there_is_nothing_to_continue(npz_data, tmp_path, capsys):
+    """PCA is fitted in closed form: --resume said "resuming after epoch 1", fitted it again, "trained pca"."""
+    out = tmp_path / "pca"
+    assert main(["train", "--data", npz_data, "--model", "pca", "--latent-dim", "2", "--quiet", "--no-report",
+                 "--out", str(out)]) == 0
+    weights = (runs.latest_checkpoint(out).path / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "3", "--no-report"]) == 0
+    captured = capsys.readouterr()
+    assert "holds a fitted PCA (closed form, no epochs to continue): nothing to train" in captured.out
+    assert "after epoch" not in captured.err + captured.out  # (the trainer's "resuming RUN after epoch 1")
+    assert (runs.latest_checkpoint(out).path / "model.safetensors").read_bytes() == weights
+
+
 @pytest.mark.parametrize("model", ["pca", "ae"])
 def test_train_baseline_models(npz_data, tmp_path, model):
     out = tmp_path / model

@@ -193,11 +193,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
     out = args.out or _default_out(config)
     done = runs.latest_checkpoint(out).epoch if args.resume else 0
+    fitted = args.resume and config.model.model == "pca" and runs.is_complete(out)  # closed form: no epochs
     t0 = time.perf_counter()
-    train(config, out, resume=args.resume, progress=not args.quiet)
+    if not fitted:
+        train(config, out, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":  # only rank 0 speaks and writes the report
         return 0
-    if args.resume and done >= config.train.epochs:
+    if fitted:
+        print(f"{out} holds a fitted PCA (closed form, no epochs to continue): nothing to train")
+    elif args.resume and done >= config.train.epochs:
         print(f"{out} is at epoch {done} already (--epochs {config.train.epochs}): nothing to train; "
               "give a larger --epochs to continue it")
     else:
