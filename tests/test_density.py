@@ -1,4 +1,5 @@
 """Importance-sampled log p(x), IWAE, and the evaluation suite, checked against closed forms."""
+import dataclasses
 import json
 import math
 
@@ -190,6 +191,24 @@ def test_evaluation_suite_writes_every_metric(tmp_path):
     # a later evaluation without --nll keeps the estimate of the same checkpoint
     again = evaluate_run(tmp_path / "run", probe=False, data=tiny_data())
     assert again["nll"] == result["nll"]
+
+
+def test_a_gaussian_likelihood_s_nll_is_labelled_a_density_without_bits_per_dimension(tmp_path):
+    """A Gaussian's log p(x) is a density of [0, 1]-scaled pixels: as bits per dimension it read as a discrete
+    model's NLL (and is below 0 wherever the density exceeds 1)."""
+    from vaelab.reports import write_report
+
+    config = dataclasses.replace(tiny_config(), data=DataConfig(name="tiny"),
+                                 model=ModelConfig(hidden=(16,), latent_dim=3, likelihood="gaussian-learned"))
+    train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
+    result = evaluate_run(tmp_path / "run", nll_k=5, probe=False, data=tiny_data())
+    assert result["nll_density"] is True and "nll_bits_per_dim" not in result and math.isfinite(result["nll"])
+    assert evaluate_run(tmp_path / "run", probe=False, data=tiny_data())["nll_density"]  # kept with the NLL
+    page = write_report(tmp_path / "run", baselines=False, data=tiny_data()).read_text()
+    assert "a density of [0, 1]-scaled pixels (Gaussian likelihood" in page and "bits per dimension" not in page
+    train(tiny_config(), tmp_path / "bernoulli", dataset=tiny_data(), progress=False)
+    bernoulli = evaluate_run(tmp_path / "bernoulli", nll_k=5, probe=False, data=tiny_data())
+    assert "nll_density" not in bernoulli and "nll_bits_per_dim" in bernoulli
 
 
 def test_compare_prints_a_markdown_row_per_run(tmp_path):

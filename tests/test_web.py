@@ -151,7 +151,9 @@ def test_metrics_written_after_loading_show_on_reload_and_only_for_the_loaded_ch
     try:
         evaluation.write_text(json.dumps({"epoch": 8, "nll": 12.5}))
         s = client.get("/api/summary", params={"run": "vae"}).json()
-        assert s["metrics"] == {"nll": 12.5} and s["evaluated"]
+        assert s["metrics"] == {"nll": 12.5} and s["evaluated"] and not s["nll_density"]
+        evaluation.write_text(json.dumps({"epoch": 8, "nll": -12.5, "nll_density": True}))
+        assert client.get("/api/summary", params={"run": "vae"}).json()["nll_density"]  # a Gaussian's density
         evaluation.write_text(json.dumps({"epoch": 3, "nll": 99.0}))
         s = client.get("/api/summary", params={"run": "vae"}).json()
         assert s["metrics"] == {} and not s["evaluated"]
@@ -570,6 +572,17 @@ def test_page_shows_sentences_for_a_text_model_in_chromium(browser, text_root):
         assert "greedy decodes" in page.inner_text("#interp-msg")
         assert errors == [], errors
         page.close()
+
+
+def test_the_page_labels_a_gaussian_s_nll_a_density(browser, live_url, runs_root):
+    evaluation = runs_root / "vae" / "evaluation.json"
+    evaluation.write_text(json.dumps({"nll": -812.25, "nll_stderr": 3.5, "nll_density": True}))
+    try:
+        page, errors = open_page(browser, live_url + "?run=vae")
+        shown = dict(zip(page.locator("#metrics dt").all_inner_texts(), page.locator("#metrics dd").all_inner_texts()))
+    finally:
+        evaluation.unlink()
+    assert shown["test −log p(x), nats (a density: Gaussian likelihood)"] == "-812.25 ± 3.50" and not errors
 
 
 @pytest.mark.parametrize("bounds,shown", [({"mutual_information": 1.8236, "mutual_information_upper": 2.2012},

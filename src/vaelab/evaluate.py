@@ -114,8 +114,12 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
         estimate = importance_sample(model, x_nll, k=nll_k, chunk=chunk, seed=EVAL_SEED)
         if data.is_text:
             result.update(estimate.summary(tokens=token_counts(x_nll)))
-        else:
+        elif config.model.likelihood == "bernoulli":  # a probability of binary images: bits per pixel
             result.update(estimate.summary(math.prod(x.shape[1:])))
+        else:  # a Gaussian's log p(x) is a density of [0, 1]-scaled pixels, above 0 nats or below; in bits per
+            # dimension it would read as a discrete model's (those of 8-bit images need dequantised
+            # training and a D log 256 change of scale, Theis et al. 2016), so none is given
+            result.update(estimate.summary(), nll_density=True)
         result["test_binarize_seed"] = seed
     if probe and data.train.y is not None:
         with warnings.catch_warnings():  # lbfgs may stop at max_iter on raw pixels; the accuracy stands

@@ -38,6 +38,10 @@ METRIC_NAMES = {
     "token_accuracy": "greedy reconstruction: share of tokens right",
 }
 
+DENSITY_NAMES = {  # a Gaussian likelihood's NLL (evaluation.json's "nll_density")
+    "nll": "test -log p(x), nats: a density of [0, 1]-scaled pixels (Gaussian likelihood; not comparable with "
+           "NLLs of discrete data, and below 0 where the density exceeds 1)",
+}
 NONE_MEANS = {"mutual_information_upper": "none finite (one test code, and no analytic KL)"}
 
 
@@ -146,7 +150,8 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
             text: str = "") -> str:
     settings = [{"setting": f"{section}.{k}", "value": json.dumps(v)}
                 for section in ("data", "model", "train") for k, v in config_dict[section].items()]
-    metric_rows = [{"metric": METRIC_NAMES.get(k, k), "value": NONE_MEANS.get(k) if v is None else v}
+    names = {**METRIC_NAMES, **(DENSITY_NAMES if metrics.get("nll_density") else {})}
+    metric_rows = [{"metric": names.get(k, k), "value": NONE_MEANS.get(k) if v is None else v}
                    for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None and k in NONE_MEANS]
     pictures = "".join(

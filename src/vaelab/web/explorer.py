@@ -284,7 +284,7 @@ def _evaluated(run_dir: Path, epoch: int | None) -> dict[str, Any]:
     """The page's test metrics, read from RUN/evaluation.json now."""
     evaluation = _evaluation_of(run_dir, epoch)
     return {"metrics": {k: evaluation[k] for k in METRIC_KEYS if _is_number(evaluation.get(k))},
-            "evaluated": bool(evaluation)}
+            "evaluated": bool(evaluation), "nll_density": evaluation.get("nll_density") is True}
 
 
 def _is_number(value: Any) -> bool:

@@ -274,7 +274,7 @@ function fmt(v, digits = 2) {
 function showMetrics() {
   const s = state.summary, m = s.metrics, last = s.last_epoch || {};
   const rows = [
-    ["test NLL (nats)", m.nll !== undefined ? fmt(m.nll) + (m.nll_stderr !== undefined ? ` ± ${fmt(m.nll_stderr)}` : "") : null],
+    [s.nll_density ? "test −log p(x), nats (a density: Gaussian likelihood)" : "test NLL (nats)", m.nll !== undefined ? fmt(m.nll) + (m.nll_stderr !== undefined ? ` ± ${fmt(m.nll_stderr)}` : "") : null],
     ["NLL, bits/dim", fmt(m.nll_bits_per_dim, 4)],
     ["test ELBO", fmt(m.test_elbo)],
     ["reconstruction", fmt(m.test_recon)],
