@@ -209,6 +209,10 @@ def test_a_gaussian_likelihood_s_nll_is_labelled_a_density_without_bits_per_dime
     train(tiny_config(), tmp_path / "bernoulli", dataset=tiny_data(), progress=False)
     bernoulli = evaluate_run(tmp_path / "bernoulli", nll_k=5, probe=False, data=tiny_data())
     assert "nll_density" not in bernoulli and "nll_bits_per_dim" in bernoulli
+    _, markdown = compare_runs([tmp_path / "run", tmp_path / "bernoulli"])
+    gaussian_row, bernoulli_row = markdown.splitlines()[2:4]
+    assert f"| {result['nll']:.2f} (density) |" in gaussian_row and "(density)" not in bernoulli_row
+    assert markdown.endswith("(density): -log p(x) of a Gaussian likelihood, a density of [0, 1]-scaled pixels.\n")
 
 
 def test_compare_prints_a_markdown_row_per_run(tmp_path):

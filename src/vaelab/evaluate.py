@@ -173,8 +173,13 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
     columns = [("run", "run"), *COMPARE_COLUMNS]
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
-    return rows, "\n".join(lines) + "\n"
+        cells = {key: _cell(row.get(key)) for key, _ in columns}
+        if row.get("nll_density") and cells["nll"]:  # not comparable with the discrete NLLs beside it
+            cells["nll"] += " (density)"
+        lines.append("| " + " | ".join(cells.values()) + " |")
+    notes = "\n(density): -log p(x) of a Gaussian likelihood, a density of [0, 1]-scaled pixels.\n" if any(
+        row.get("nll_density") and row.get("nll") is not None for row in rows) else ""
+    return rows, "\n".join(lines) + "\n" + notes
 
 
 def _cell(value: Any) -> str:
