@@ -11,7 +11,7 @@ from torch.distributions import kl_divergence
 from .system import model_device
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, Sec. 5.2
-# mutual_information scores every code against every posterior in chunks of at most this many (code, posterior,
+# mutual_information_bounds scores every code against every posterior in chunks of at most this many (code, posterior,
 # latent unit) triples: 2^24 floats, 64 MB per temporary whatever the latent size (a fixed 256 codes a chunk
 # took 37 GB at a latent size of 100,000 and 0.5 GB per temporary at 256 units on 2,000 examples)
 PAIR_ELEMENTS = 2**24
