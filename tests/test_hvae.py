@@ -213,6 +213,8 @@ def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     assert config.model.model == "hvae" and config.model.groups == (4, 4, 0) and config.train.kl_balance
     assert config.train.spectral_reg == 0.01
     assert (out / "report.html").exists() and (out / "figures" / "kl_per_group.png").exists()
+    page = (out / "report.html").read_text()  # encode() gives the top group: its statistics say so
+    assert "active units of the top latent group z_1" in page and "I(x; z_1) of the top group &gt;= this" in page
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert len(evaluation["kl_per_group"]) == 8 and len(evaluation["active_units_per_group"]) == 8
     assert main(["evaluate", str(out), "--nll", "--k", "20", "--no-probe"]) == 0
