@@ -149,6 +149,15 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
         assert f"{flag} must be" in err and argv[-1] in err
     err = run_error(["sample", str(vae_run / "baselines" / "ae")], capsys)
     assert "holds a --model ae run, which has no prior to sample from" in err
+    # --out: a folder, or a picture's name PIL cannot map to a format, were tracebacks; -n counts from the end
+    err = run_error(["sample", str(vae_run), "--out", str(tmp_path)], capsys)
+    assert f"--out {tmp_path} is a folder; give a file name such as {tmp_path / 'samples.png'}" in err
+    for command, name in (("reconstruct", "r.jpg"), ("interpolate", "i")):
+        err = run_error([command, str(vae_run), "--out", str(tmp_path / name)], capsys)
+        assert "written as PNG; give a name ending in .png" in err
+    assert main(["interpolate", str(vae_run), "--a", "-1", "--out", str(tmp_path / "last.PNG")]) == 0
+    err = run_error(["interpolate", str(vae_run), "--b", "-13"], capsys)
+    assert "12 images (0..11, or -12..-1 counting from the end)" in err
     with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2 with usage
         main(["train", "--hidden", "a,b"])
     assert "comma-separated" in capsys.readouterr().err

@@ -253,7 +253,8 @@ def _run_and_data(run: Path, device: str):
 
 def _index(value: int, n: int, flag: str) -> int:
     if not -n <= value < n:
-        raise ConfigError(f"{flag} {value} is out of range: the test split has {n} images (0..{n - 1})")
+        raise ConfigError(f"{flag} {value} is out of range: the test split has {n} images (0..{n - 1}, or "
+                          f"-{n}..-1 counting from the end)")
     return value % n
 
 
@@ -276,7 +277,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if vocab is not None:
         from . import text_views
 
-        return _write_lines(text_views.samples(model, vocab, args.n), args.out or Path(args.run) / "samples.txt")
+        return _write_lines(text_views.samples(model, vocab, args.n), _output(args.out, Path(args.run) / "samples.txt"))
     kwargs = {}
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
@@ -285,7 +286,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elif args.temperature != 1:
         raise ConfigError(f"{args.run} holds a {runs.load_config(args.run).model.model} model, whose prior has no "
                           "temperature; drop --temperature (it applies to --model hvae)")
-    out = figures.save_grid(model.sample(args.n, **kwargs), args.out or Path(args.run) / "samples.png",
+    out = figures.save_grid(model.sample(args.n, **kwargs), _output(args.out, Path(args.run) / "samples.png"),
                             nrow=args.nrow)
     print(f"written: {out}")
     return 0
@@ -299,6 +300,19 @@ def _vocab(run: Path) -> tuple[str, ...] | None:
 
     config = runs.load_config(run)
     return prepare_data(config).vocab if config.model.model in TEXT_MODELS else None
+
+
+def _output(out: Path | None, default: Path) -> Path:
+    """--out, or the command's default file in the run directory. A folder is refused (it was a traceback from
+    PIL or the text writer), and so is a picture's name without .png (PIL picks the format by extension)."""
+    if out is None:
+        return default
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name such as {out / default.name}")
+    if default.suffix == ".png" and out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: the picture is written as PNG; give a name ending in .png, such as "
+                          f"{out.with_suffix('.png')}")
+    return out
 
 
 def _write_lines(lines: list[str], out: Path) -> int:
@@ -325,9 +339,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         from . import text_views
 
         pairs = text_views.reconstructions(model, data.test.x[:n], data.vocab)
-        return _write_lines([f"{a}\n  -> {b}" for a, b in pairs], args.out or Path(args.run) / "reconstructions.txt")
+        lines = [f"{a}\n  -> {b}" for a, b in pairs]
+        return _write_lines(lines, _output(args.out, Path(args.run) / "reconstructions.txt"))
     out = figures.save_grid(figures.reconstructions(model, data.test.x[:n]),
-                            args.out or Path(args.run) / "reconstructions.png", nrow=n)
+                            _output(args.out, Path(args.run) / "reconstructions.png"), nrow=n)
     print(f"written: {out} (originals on top, reconstructions below)")
     return 0
 
@@ -344,9 +359,9 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
         from . import text_views
 
         lines = text_views.interpolation(model, data.test.x[a], data.test.x[b], data.vocab, steps=args.steps)
-        return _write_lines(lines, args.out or Path(args.run) / f"interpolate-{a}-{b}.txt")
+        return _write_lines(lines, _output(args.out, Path(args.run) / f"interpolate-{a}-{b}.txt"))
     strip = figures.interpolations(model, data.test.x[a:a + 1], data.test.x[b:b + 1], steps=args.steps)
-    out = figures.save_grid(strip, args.out or Path(args.run) / f"interpolate-{a}-{b}.png", nrow=args.steps)
+    out = figures.save_grid(strip, _output(args.out, Path(args.run) / f"interpolate-{a}-{b}.png"), nrow=args.steps)
     print(f"written: {out}")
     return 0
 
