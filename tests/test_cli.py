@@ -220,3 +220,31 @@ def test_other_runtime_errors_still_raise(monkeypatch):
     command_raising(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="mat1"):
         main(["evaluate", "runs/x"])
+
+
+@pytest.mark.parametrize("error,line", [
+    (PermissionError(13, "Permission denied", "/data/runs/x/samples.png"),
+     "vaelab: error: Permission denied: /data/runs/x/samples.png"),
+    (OSError(28, "No space left on device", "/data/.x.tmp", None, "/data/x"),
+     "vaelab: error: No space left on device: /data/.x.tmp -> /data/x"),
+])
+def test_a_file_the_system_refuses_is_one_line_naming_it(monkeypatch, capsys, error, line):
+    command_raising(monkeypatch, error)
+    assert run_error(["evaluate", "runs/x"], capsys) == line
+
+
+def test_os_errors_without_a_file_still_raise(monkeypatch):
+    command_raising(monkeypatch, OSError("a socket closed"))
+    with pytest.raises(OSError, match="socket"):
+        main(["evaluate", "runs/x"])
+
+
+def test_run_and_output_paths_of_the_wrong_kind_are_refused_by_name(tmp_path, capsys, vae_run):
+    """A file as train's or demo's --out, a folder as compare's: tracebacks from mkdir and os.replace."""
+    file = tmp_path / "afile"
+    file.write_text("")
+    for argv in (["train", "--data", "digits", "--epochs", "1"], ["demo", "--epochs", "1"]):
+        err = run_error([*argv, "--quiet", "--out", str(file)], capsys)
+        assert f"--out {file} is a file; give a folder for the run" in err
+    err = run_error(["compare", str(vae_run), "--out", str(tmp_path)], capsys)
+    assert f"--out {tmp_path} is a folder; give a file name such as {tmp_path / 'compare.md'}" in err

@@ -191,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and args.out is None:  # each process would otherwise pick its own default folder
         raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
-    out = args.out or _default_out(config)
+    out = _run_folder(args.out or _default_out(config))
     done = runs.latest_checkpoint(out).epoch if args.resume else 0
     fitted = args.resume and config.model.model == "pca" and runs.is_complete(out)  # closed form: no epochs
     t0 = time.perf_counter()
@@ -215,6 +215,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_folder(out: Path) -> Path:
+    """--out of train and demo: a folder, made if missing; an existing file there is refused by name."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the run (vaelab creates it)")
+    return out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
@@ -236,10 +243,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .evaluate import compare_runs
     from .fileio import atomic_write_text
 
+    out = _output(args.out, Path("compare.md"))
     _, markdown = compare_runs(args.runs)
     print(markdown, end="")
-    atomic_write_text(args.out, markdown)
-    print(f"written: {args.out}")
+    atomic_write_text(out, markdown)
+    print(f"written: {out}")
     return 0
 
 
@@ -376,7 +384,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(Path(args.out), epochs=args.epochs, progress=not args.quiet)
+    report = run_demo(_run_folder(Path(args.out)), epochs=args.epochs, progress=not args.quiet)
     print(f"demo report: {report.resolve()}")
     return 0
 
@@ -469,6 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vaelab: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
         return 130
+    except OSError as e:  # a named file the system refused (permissions, a full disk, a file where a folder
+        if e.filename is None:  # should be): one line naming it; anything else is a bug to see whole
+            raise
+        target = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        print(f"vaelab: error{_rank()}: {e.strerror or e}: {target}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as e:
         message = out_of_memory_message(e)
         if message is None:
