@@ -15,8 +15,10 @@ from vaelab.data import (
     Dataset,
     Split,
     binarize,
+    check_eight_bit,
     check_finite,
     check_unit_interval,
+    dequantize,
     load_dataset,
     read_idx,
     sources,
@@ -270,3 +272,32 @@ def test_check_finite():
     check_finite(torch.arange(3), "ints")
     with pytest.raises(DataError, match="src has 2 NaN or infinite"):
         check_finite(torch.tensor([float("inf"), float("nan"), 0.0]), "src")
+
+
+# --- dequantisation -----------------------------------------------------------------------------------------
+
+
+def test_dequantize_spreads_each_8_bit_level_uniformly_over_its_bin():
+    k = torch.arange(256, dtype=torch.float32).repeat(400)  # every level, 400 times
+    v = dequantize((k / 255).view(-1, 1, 1, 1), torch.Generator().manual_seed(0)).flatten()
+    assert torch.equal(torch.floor(v * 256), k)  # (k + u) / 256 with u in [0, 1): inside bin k of [0, 1]
+    u = (v * 256 - k).view(400, 256)
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005  # U[0, 1): 1/2, 1/12
+    again = dequantize((k / 255).view(-1, 1, 1, 1), torch.Generator().manual_seed(0)).flatten()
+    assert torch.equal(v, again)
+
+
+def test_dequantize_keeps_a_draw_next_to_1_inside_its_bin(monkeypatch):
+    """torch.rand's largest draw, 1 - 2^-24, made k + u round to k + 1 in float32 for k >= 128: the next bin."""
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, 1 - 2**-24))
+    v = dequantize(torch.tensor([0.0, 100 / 255, 200 / 255, 1.0]))
+    assert torch.equal(torch.floor(v * 256), torch.tensor([0.0, 100, 200, 255])) and bool((v < 1).all())
+
+
+def test_check_eight_bit_takes_k_over_255_and_names_anything_else():
+    check_eight_bit(torch.arange(256, dtype=torch.float32) / 255, "src")
+    with pytest.raises(DataError, match=r"src has values that are not 8-bit levels k/255 \(off by up to 0.5"):
+        check_eight_bit(torch.tensor([0.5 / 255]), "src")
+    with pytest.raises(DataError, match=r"outside \[0, 1\]; --dequantize needs 8-bit pixels"):
+        check_eight_bit(torch.tensor([1.5]), "src")
+

@@ -10,7 +10,7 @@ import vaelab
 from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split
-from vaelab.errors import CheckpointError, ConfigError, TrainingError
+from vaelab.errors import CheckpointError, ConfigError, DataError, TrainingError
 from vaelab.train import Trainer, cosine_rate, kl_weight, learning_rate, prepare_data, train
 
 
@@ -414,3 +414,52 @@ def test_optimizer_step_leaves_adamw_style_decay_and_global_hooks_to_step():
     finally:
         handle.remove()
     assert calls == [1]
+
+
+def eight_bit_data() -> Dataset:
+    data = tiny_data()
+    return dataclasses.replace(data, **{name: Split((getattr(data, name).x * 255).round() / 255, getattr(data, name).y)
+                                        for name in ("train", "val", "test")})
+
+
+def dequantized_config(**train) -> RunConfig:
+    return dataclasses.replace(tiny_config(**train), data=DataConfig(name="tiny", dequantize=True),
+                               model=ModelConfig(model="vae", hidden=(16,), latent_dim=2, likelihood="gaussian"))
+
+
+def test_dequantize_is_refused_where_it_has_no_meaning():
+    for model, data, named in ((ModelConfig(likelihood="bernoulli"), DataConfig(dequantize=True), "--likelihood"),
+                               (ModelConfig(likelihood="gaussian"), DataConfig(dequantize=True, binarize="static"),
+                                "without --binarize"),
+                               (ModelConfig(model="text-vae"), DataConfig(dequantize=True),
+                                "not to --model text-vae")):
+        with pytest.raises(ConfigError, match=named):
+            RunConfig(data=data, model=model)
+    with pytest.raises(ConfigError, match="on or off"):
+        DataConfig(dequantize="yes")
+
+
+def test_dequantised_runs_draw_new_noise_per_batch_and_fix_the_held_out_splits_once(tmp_path):
+    data = eight_bit_data()
+    prepared = prepare_data(dequantized_config(), data)
+    assert torch.equal(prepared.train.x, data.train.x)  # the trainer dequantises each batch
+    for name in ("val", "test"):
+        x, v = getattr(data, name).x, getattr(prepared, name).x
+        assert torch.equal(torch.floor(v * 256), (x * 255).round()) and not torch.equal(v, x)
+    assert prepare_data(dequantized_config(), prepared) is prepared  # the report passes prepared data on
+    with pytest.raises(DataError, match="not 8-bit levels"):
+        prepare_data(dequantized_config(), tiny_data())
+    trainer = Trainer(dequantized_config(epochs=1), tmp_path / "run", dataset=data, progress=False)
+    batches = []
+    terms = trainer.loss_terms
+
+    def recording(model, xb, **kw):
+        if model.training:  # the training batches, not the validation pass
+            batches.append(xb.clone())
+        return terms(model, xb, **kw)
+    trainer.loss_terms = recording
+    trainer.fit()
+    levels = torch.floor(torch.cat(batches) * 256)
+    assert levels.shape[0] == data.train.x.shape[0]  # every training image once, each in its 8-bit bin
+    assert torch.equal(levels.sort(0).values, (data.train.x * 255).round().sort(0).values)
+    assert not bool(((torch.cat(batches) * 255) - (torch.cat(batches) * 255).round()).abs().lt(1e-4).all())

@@ -56,6 +56,9 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                          "folder:PATH, npz:PATH or npy:PATH")),
     ("data", "binarize", "--binarize", dict(choices=BINARIZE, help="binarise pixels for a Bernoulli likelihood: "
                                                                   "resampled every batch (dynamic) or once (static)")),
+    ("data", "dequantize", "--dequantize", dict(action="store_const", const=True, help="8-bit pixels k/255 as "
+                                                "(k + u)/256, u ~ U[0, 1) drawn every batch, for a Gaussian "
+                                                "likelihood: its NLL then bounds the 8-bit images' (bits/dim)")),
     ("model", "model", "--model", dict(choices=MODELS, help="pca (closed form), ae, vae (default), hvae "
                                                            "(hierarchical, NVAE-style) or text-vae "
                                                            "(sentence VAE, for --data fortunes)")),

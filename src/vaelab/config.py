@@ -63,11 +63,14 @@ class DataConfig:
 
     name: str = "mnist5k"
     binarize: str = "none"
+    dequantize: bool = False  # 8-bit pixels k/255 as (k + u)/256, u ~ U[0, 1): see data.dequantize
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("--data must name a data set, e.g. mnist5k, digits, fashion-mnist, folder:PATH")
         _choice(self.binarize, BINARIZE, "--binarize")
+        if not isinstance(self.dequantize, bool):
+            raise ConfigError(f"--dequantize is on or off (true or false), got {self.dequantize!r}")
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,12 @@ class RunConfig:
         if self.model.bn_mu is not None and self.train.batch_size < 2:  # BatchNorm1d's statistics need 2 examples
             raise ConfigError(f"--bn-mu batch-normalises posterior means over each batch, which needs --batch-size "
                               f">= 2, got {self.train.batch_size}")
+        if self.data.dequantize:
+            if self.model.model in TEXT_MODELS:
+                raise ConfigError(f"--dequantize applies to 8-bit images, not to --model {self.model.model}")
+            if self.model.likelihood == "bernoulli" or self.data.binarize != "none":
+                raise ConfigError("--dequantize spreads 8-bit pixels over their bins for a continuous density: use "
+                                  "it with --likelihood gaussian or gaussian-learned, without --binarize")
         if self.model.model not in HIERARCHICAL_MODELS:
             if self.train.kl_balance or self.train.spectral_reg:
                 raise ConfigError("--kl-balance and --spectral-reg regularise a hierarchy of latent groups; "

@@ -21,6 +21,7 @@ from torch import nn
 from . import runs
 from .config import RunConfig
 from .data import Dataset, binarize
+from .data.dataset import EIGHT_BIT_LEVELS
 from .data.text import token_counts
 from .density import importance_sample, log_likelihood
 from .errors import ConfigError
@@ -117,9 +118,14 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
         elif config.model.likelihood == "bernoulli":  # a probability of binary images: bits per pixel
             result.update(estimate.summary(math.prod(x.shape[1:])))
         else:  # a Gaussian's log p(x) is a density of [0, 1]-scaled pixels, above 0 nats or below; in bits per
-            # dimension it would read as a discrete model's (those of 8-bit images need dequantised
-            # training and a D log 256 change of scale, Theis et al. 2016), so none is given
+            # dimension it would read as a discrete model's, so none is given unless the run was trained and is
+            # scored on dequantised 8-bit pixels: then -log P(8-bit image) <= -log p(x) + D log 256 in
+            # expectation (Theis et al. 2016, Sec. 3.1), and that bound is the bits per dimension
             result.update(estimate.summary(), nll_density=True)
+            if config.data.dequantize:
+                dims = math.prod(x.shape[1:])
+                result["nll_bits_per_dim"] = (result["nll"] + dims * math.log(EIGHT_BIT_LEVELS)) / (dims * math.log(2))
+                result["nll_dequantized"] = True
         result["test_binarize_seed"] = seed
     if probe and data.train.y is not None:
         with warnings.catch_warnings():  # lbfgs may stop at max_iter on raw pixels; the accuracy stands

@@ -42,6 +42,11 @@ DENSITY_NAMES = {  # a Gaussian likelihood's NLL (evaluation.json's "nll_density
     "nll": "test -log p(x), nats: a density of [0, 1]-scaled pixels (Gaussian likelihood; not comparable with "
            "NLLs of discrete data, and below 0 where the density exceeds 1)",
 }
+DEQUANTIZED_NAMES = {  # a Gaussian likelihood trained and scored on dequantised 8-bit pixels (--dequantize)
+    "nll": "test -log p(x), nats: a density of the dequantised pixels (k + u)/256",
+    "nll_bits_per_dim": "NLL of the 8-bit images, bits per dimension: at most this (-log p(x) + D log 256, "
+                        "through dequantisation)",
+}
 TOP_GROUP_NAMES = {  # a hierarchy's encode() is q(z_1 | x) of its top group: these statistics are of z_1 alone
     "active_units": "active units of the top latent group z_1 (Cov_x(E_q[z_1]) > 0.01)",
     "mutual_information": "mutual information I(x; z_1) of the top group >= this, nats (InfoNCE over N test codes; "
@@ -158,6 +163,7 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
     settings = [{"setting": f"{section}.{k}", "value": json.dumps(v)}
                 for section in ("data", "model", "train") for k, v in config_dict[section].items()]
     names = {**METRIC_NAMES, **(DENSITY_NAMES if metrics.get("nll_density") else {}),
+             **(DEQUANTIZED_NAMES if metrics.get("nll_dequantized") else {}),
              **(TOP_GROUP_NAMES if metrics.get("kl_per_group") else {})}
     metric_rows = [{"metric": names.get(k, k), "value": NONE_MEANS.get(k) if v is None else v}
                    for k, v in metrics.items()

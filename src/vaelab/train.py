@@ -25,7 +25,17 @@ from tqdm.auto import tqdm
 
 from . import distributed, runs
 from .config import TEXT_MODELS, RunConfig, TrainConfig
-from .data import Dataset, binarize, check_finite, check_unit_interval, load_dataset, static_binarize
+from .data import (
+    Dataset,
+    binarize,
+    check_eight_bit,
+    check_finite,
+    check_unit_interval,
+    dequantize,
+    dequantize_held_out,
+    load_dataset,
+    static_binarize,
+)
 from .errors import CheckpointError, ConfigError, TrainingError, is_out_of_memory
 from .models import PCA, build_model
 from .objectives import OBJECTIVES, reconstruction
@@ -53,15 +63,21 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
         if mode != "none":
             raise ConfigError(f"--binarize {mode} applies to images; {ds.name!r} is text (drop --binarize)")
         return ds
+    if config.data.dequantize and ds.dequantized_with == EVAL_SEED:
+        return ds  # prepared already (the report passes its prepared data on): dequantising twice moves pixels
     needs_unit = config.model.likelihood == "bernoulli" or mode != "none"
     for split_name in ("train", "val", "test"):
         x = getattr(ds, split_name).x
         source = f"data set {ds.name!r} ({split_name} split)"
-        if needs_unit:
+        if config.data.dequantize:
+            check_eight_bit(x, source)
+        elif needs_unit:
             why = "binarisation" if mode != "none" else "--likelihood bernoulli"
             check_unit_interval(x, f"{source}, as {why} needs values in [0, 1]")
         else:
             check_finite(x, source)
+    if config.data.dequantize:  # (not with --binarize: RunConfig refuses the pair)
+        return dequantize_held_out(ds, EVAL_SEED)
     if mode == "none":
         return ds
     held_out = static_binarize(ds, EVAL_SEED)  # val/test fixed once for comparable numbers
@@ -339,6 +355,7 @@ class Trainer:
         shared = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch))
         perm = torch.randperm(n, generator=shared, device=self.device)  # the same in every process
         dynamic = self.config.data.binarize == "dynamic"
+        dequantized = self.config.data.dequantize
         self.model.train()
         totals = torch.zeros(3, device=self.device)  # loss, recon, kl summed over examples
         examples = 0
@@ -354,6 +371,8 @@ class Trainer:
             xb = torch.index_select(self.train_x, 0, mine)  # faster than x[idx]
             if dynamic:
                 xb = binarize(xb, noise)
+            elif dequantized:  # fresh noise every batch, as for dynamic binarisation
+                xb = dequantize(xb, noise)
             beta = kl_weight(cfg, epoch - 1 + i / steps)
             lr = learning_rate(cfg, epoch - 1 + i / steps)
             for group in self.optimizer.param_groups:

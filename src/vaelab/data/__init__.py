@@ -1,7 +1,17 @@
 """Data sets as (N, C, H, W) float tensors: named sets, user folders and arrays, binarisation, value checks."""
 
 from vaelab.data.custom import load_folder, load_npy, load_npz
-from vaelab.data.dataset import Dataset, Split, binarize, check_finite, check_unit_interval, static_binarize
+from vaelab.data.dataset import (
+    Dataset,
+    Split,
+    binarize,
+    check_eight_bit,
+    check_finite,
+    check_unit_interval,
+    dequantize,
+    dequantize_held_out,
+    static_binarize,
+)
 from vaelab.data.fetch import data_dir, download
 from vaelab.data.idx import read_idx
 from vaelab.data.registry import CUSTOM, DATASETS, DEFAULT_DATASET, load_dataset
@@ -13,9 +23,12 @@ __all__ = [
     "Dataset",
     "Split",
     "binarize",
+    "check_eight_bit",
     "check_finite",
     "check_unit_interval",
     "data_dir",
+    "dequantize",
+    "dequantize_held_out",
     "download",
     "load_dataset",
     "load_folder",

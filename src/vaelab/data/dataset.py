@@ -35,6 +35,7 @@ class Dataset:
     test: Split
     classes: tuple[str, ...] | None = None
     vocab: tuple[str, ...] | None = None
+    dequantized_with: int | None = None  # the seed val/test were dequantised with (dequantize_held_out), if they were
 
     def __post_init__(self) -> None:
         """Refuse splits that disagree, so models can trust `shape` and labels."""
@@ -115,6 +116,46 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
     """
     # u < p with u ~ U[0, 1) is Bernoulli(p); about 3x faster than torch.bernoulli on CPU.
     return torch.empty_like(x).uniform_(generator=generator).lt_(x).to(x.dtype)
+
+
+EIGHT_BIT_LEVELS = 256
+
+
+def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """8-bit pixels x = k/255 as (k + u)/256 with u ~ U[0, 1): spread uniformly over their bin of [0, 1].
+
+    A continuous density p trained and scored on such values bounds the probability of the 8-bit image:
+    log P(k) >= E_u[log p((k + u)/256)] - D log 256 (Uria et al. 2013; Theis et al. 2016, Sec. 3.1).
+
+    Args:
+        x: 8-bit pixel values in [0, 1] (checked once by check_eight_bit, not here: this runs every batch).
+        generator: optional torch.Generator on x's device, for reproducible noise.
+    """
+    k = (x * (EIGHT_BIT_LEVELS - 1)).round_()
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    # k + u rounds up to k + 1 for u within half a float32 step of 1 (~1e-5 of draws at k >= 128): keep it below,
+    # so every value stays inside its own bin; dividing by 256 is exact
+    return torch.minimum(k + u, k + (1 - 2.0**-16)).div_(EIGHT_BIT_LEVELS)
+
+
+def check_eight_bit(x: torch.Tensor, source: str) -> None:
+    """Raise DataError unless every value of `x` is k/255 for an integer k in 0..255 (to float32 precision)."""
+    check_unit_interval(x, source, fix="--dequantize needs 8-bit pixels k/255")
+    if x.numel() == 0:
+        return
+    scaled = x.double() * (EIGHT_BIT_LEVELS - 1)
+    off = float((scaled - scaled.round()).abs().max())
+    if off > 1e-3:
+        raise DataError(f"{source} has values that are not 8-bit levels k/255 (off by up to {off:.3g} of a "
+                        "level); --dequantize is for 8-bit images (uint8 files, PNGs, IDX): drop it for other data")
+
+
+def dequantize_held_out(ds: Dataset, seed: int) -> Dataset:
+    """The validation and test splits dequantised once with `seed`, for comparable numbers (train is as given:
+    the trainer draws new noise every batch)."""
+    generator = torch.Generator(device=ds.val.x.device).manual_seed(seed)
+    return replace(ds, val=Split(dequantize(ds.val.x, generator), ds.val.y),
+                   test=Split(dequantize(ds.test.x, generator), ds.test.y), dequantized_with=seed)
 
 
 def static_binarize(ds: Dataset, seed: int) -> Dataset:
