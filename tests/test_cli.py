@@ -59,6 +59,26 @@ def test_report_says_which_baselines_it_trains_and_where(npz_data, tmp_path, cap
     assert "baseline" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("n", [3, 8, 130])
+def test_small_data_sets_train_and_report(tmp_path, capsys, n):
+    """After training, the report failed on small test splits: 13 test images (of 130) made an odd number of
+    interpolation ends, and fewer images brought more failures: a PCA baseline with more components than
+    training images, one test code (its spread, its 2-D map) and probes of one class."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "small.npz"
+    np.savez(data, x=rng.integers(0, 256, (n, 8, 8), dtype=np.uint8), y=rng.integers(0, 3, n))
+    out = tmp_path / "run"
+    assert main(["train", "--data", f"npz:{data}", "--hidden", "16", "--epochs", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert (out / "figures" / "latent_map.png").exists() and "<td>ae</td>" in page
+    assert ("none: PCA has at most" in page) == (n < 16)  # --latent-dim 16: more than n training images
+    if n == 8:  # PCA itself is refused in one line (it was a shape error from copying 6 components into 16)
+        err = run_error(["train", "--data", f"npz:{data}", "--model", "pca", "--quiet", "--out", str(tmp_path / "p")],
+                        capsys)
+        assert "--latent-dim 16: PCA of" in err and "lower --latent-dim or give more data" in err
+
+
 def test_evaluate_sample_reconstruct_interpolate_report(vae_run, tmp_path, capsys):
     assert main(["evaluate", str(vae_run)]) == 0
     result = json.loads((vae_run / "evaluation.json").read_text())

@@ -222,11 +222,12 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
         return rows
     own = runs.load(run_dir)
     size = sum(own.group_sizes) if hasattr(own, "group_sizes") else config.model.latent_dim
-    pixels = math.prod(data.shape)
+    pixels, examples = math.prod(data.shape), data.train.x.shape[0]
     for name in (*BASELINES, *((config.model.model,) if config.model.model not in BASELINES else ())):
-        if name == "pca" and size > pixels:  # (so the run is not PCA's either)
-            rows.append({"model": name, "latent_dim": size,
-                         "note": f"none: PCA has at most {pixels} components, one per pixel"})
+        if name == "pca" and size > min(pixels, examples):  # (so the run is not PCA's either)
+            limit = (f"{pixels} components, one per pixel" if pixels <= examples else
+                     f"{examples} components, one per training image")
+            rows.append({"model": name, "latent_dim": size, "note": f"none: PCA has at most {limit}"})
             continue
         if name == config.model.model:
             source, model = run_dir, own

@@ -88,7 +88,8 @@ def project_2d(codes: torch.Tensor) -> tuple[np.ndarray, str]:
         return codes.numpy(), "z"
     centred = codes - codes.mean(0)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    return (centred @ vh[:2].T).numpy(), "PCA of the codes"
+    points = centred @ vh[:2].T  # one code has one component: the second axis is then 0
+    return torch.nn.functional.pad(points, (0, 2 - points.shape[1])).numpy(), "PCA of the codes"
 
 
 def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,

@@ -48,7 +48,7 @@ def active_units(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_UN
     under the uniform prior each coordinate has variance 1/D, and even perfectly spread vMF means
     (length A(kappa) < 1) would rarely pass an unscaled 0.01 at D = 32.
     """
-    variance = codes(model, x).double().var(0)
+    variance = codes(model, x).double().var(0, correction=int(x.shape[0] > 1))  # one code: no spread, not NaN
     prior_variance = getattr(model.prior(), "variance", None) if hasattr(model, "prior") else None
     scale = prior_variance.detach().double().cpu().flatten() if prior_variance is not None else 1.0
     return {"active_units": int((variance > threshold * scale).sum()), "active_unit_threshold": threshold,
@@ -131,7 +131,8 @@ def linear_probes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
     """Test accuracy of logistic regression on the model's codes, on PCA features of equal size, and on pixels.
 
     The probes train on up to max_train training examples (a fixed-seed subset) with standardised
-    features; scikit-learn's LogisticRegression (lbfgs).
+    features; scikit-learn's LogisticRegression (lbfgs). With fewer than two classes among those labels
+    there is nothing to classify, and the result is {}.
     """
     from sklearn.decomposition import PCA as SkPCA
     from sklearn.linear_model import LogisticRegression
@@ -141,6 +142,8 @@ def linear_probes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(train_x.shape[0], generator=g)[:max_train]
     tx, ty = train_x[pick], train_y[pick].numpy()
+    if len(np.unique(ty)) < 2:  # (a handful of images, or one class): LogisticRegression refuses
+        return {}
     flat_train, flat_test = tx.flatten(1).double().numpy(), test_x.flatten(1).double().numpy()
     latent_dim = codes(model, tx[:1]).shape[1]
     features = {

@@ -64,17 +64,21 @@ def make_figures(run_dir: Path, model: torch.nn.Module, data: Dataset) -> dict[s
     x = data.test.x
     torch.manual_seed(EVAL_SEED)
     gen = torch.Generator().manual_seed(EVAL_SEED)
-    pick = torch.randperm(x.shape[0], generator=gen)
+    n = x.shape[0]
+    pick = torch.randperm(n, generator=gen)
     made: dict[str, Path] = {}
-    recon = figures.reconstructions(model, x[pick[:N_RECON]])
-    made["reconstructions"] = figures.save_grid(recon, out / "reconstructions.png", nrow=N_RECON)
+    shown = min(N_RECON, n)  # small test splits (a folder of a few dozen images) show what they have
+    recon = figures.reconstructions(model, x[pick[:shown]])
+    made["reconstructions"] = figures.save_grid(recon, out / "reconstructions.png", nrow=shown)
     if hasattr(model, "sample"):
         made["samples"] = figures.save_grid(model.sample(N_SAMPLES), out / "samples.png", nrow=8)
-    pairs = pick[N_RECON:N_RECON + 2 * INTERP_PAIRS].view(2, -1)
-    strip = figures.interpolations(model, x[pairs[0]], x[pairs[1]], steps=INTERP_STEPS)
-    made["interpolations"] = figures.save_grid(strip, out / "interpolations.png", nrow=INTERP_STEPS)
+    n_pairs = min(INTERP_PAIRS, n // 2)  # distinct images, after those reconstructed where there are enough
+    if n_pairs:
+        pairs = pick[(N_RECON + torch.arange(2 * n_pairs)) % n].view(2, -1)
+        strip = figures.interpolations(model, x[pairs[0]], x[pairs[1]], steps=INTERP_STEPS)
+        made["interpolations"] = figures.save_grid(strip, out / "interpolations.png", nrow=INTERP_STEPS)
     codes = torch.cat([model.embed(x[i:i + 1000].to(model_device(model))).cpu() for i in range(0, len(x), 1000)])
-    spread = codes.std(0)
+    spread = codes.std(0) if n > 1 else torch.ones(codes.shape[1])  # one code has no spread: the prior's scale
     dims = spread.argsort(descending=True)[:N_TRAVERSE].tolist()  # the dimensions the codes use most
     grid = figures.traversals(model, x[pick[:1]], dims, scale=spread.to(model_device(model)))
     made["traversals"] = figures.save_grid(grid, out / "traversals.png", nrow=grid.shape[0] // len(dims))

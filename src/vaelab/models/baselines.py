@@ -37,6 +37,9 @@ class PCA(nn.Module):
         """Fit to images x (N, C, H, W) via the SVD of the centred data (in float64)."""
         if x.shape[0] < 2:
             raise ConfigError("PCA needs at least 2 training examples")
+        if self.latent_dim > x.shape[0]:  # the SVD of N examples has at most N components
+            raise ConfigError(f"--latent-dim {self.latent_dim}: PCA of {x.shape[0]} training examples has at most "
+                              f"{x.shape[0]} components; lower --latent-dim or give more data")
         flat = x.flatten(1).double()
         mean = flat.mean(0)
         _, s, vh = torch.linalg.svd(flat - mean, full_matrices=False)
