@@ -463,3 +463,25 @@ def test_dequantised_runs_draw_new_noise_per_batch_and_fix_the_held_out_splits_o
     assert levels.shape[0] == data.train.x.shape[0]  # every training image once, each in its 8-bit bin
     assert torch.equal(levels.sort(0).values, (data.train.x * 255).round().sort(0).values)
     assert not bool(((torch.cat(batches) * 255) - (torch.cat(batches) * 255).round()).abs().lt(1e-4).all())
+
+
+def test_the_report_of_a_run_that_stopped_early_says_so(tmp_path):
+    """An interrupted run's report showed its last checkpoint (even the untrained epoch 0) as the run, beside
+    baselines trained for all the epochs, without a word."""
+    from vaelab.reports import write_report
+
+    trainer = Trainer(tiny_config(epochs=3), tmp_path / "run", dataset=tiny_data(), progress=False)
+    one_epoch = trainer._epoch
+
+    def interrupted(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return one_epoch(epoch)
+    trainer._epoch = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    page = write_report(tmp_path / "run", baselines=False, data=tiny_data()).read_text()
+    assert (f"Training stopped after epoch 1 of 3: this report shows that checkpoint (baselines for the table train "
+            f"for all 3). To continue it: vaelab train --resume --out {tmp_path / 'run'}") in page
+    train(tiny_config(epochs=1), tmp_path / "done", dataset=tiny_data(), progress=False)
+    assert "Training stopped" not in write_report(tmp_path / "done", baselines=False, data=tiny_data()).read_text()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from . import figures, runs, text_views
+from .config import RunConfig
 from .data import Dataset
 from .evaluate import compare_baselines, evaluate_run
 from .fileio import atomic_write_text
@@ -136,10 +137,20 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
         made["kl_per_group"] = figures.kl_per_dimension(metrics["kl_per_group"], None,
                                                         run_dir / "figures" / "kl_per_group.png", unit="latent group")
     page = _render(config_dict=config.to_dict(), metrics=metrics, table=table, made=made, run_dir=run_dir,
-                   text=text)
+                   text=text, status=_unfinished(run_dir, config))
     path = run_dir / "report.html"
     atomic_write_text(path, page)
     return path
+
+
+def _unfinished(run_dir: Path, config: RunConfig) -> str:
+    """A line for a run whose training stopped early (interrupted, or stopped on a non-finite loss); "" else."""
+    if runs.is_complete(run_dir):
+        return ""
+    epoch = runs.latest_checkpoint(run_dir).epoch
+    return (f"Training stopped after epoch {epoch} of {config.train.epochs}: this report shows that checkpoint "
+            f"(baselines for the table train for all {config.train.epochs}). To continue it: "
+            f"vaelab train --resume --out {run_dir}")
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
@@ -163,7 +174,7 @@ def _fmt(value: Any) -> str:
 
 
 def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[str, Path], run_dir: Path,
-            text: str = "") -> str:
+            text: str = "", status: str = "") -> str:
     settings = [{"setting": f"{section}.{k}", "value": json.dumps(v)}
                 for section in ("data", "model", "train") for k, v in config_dict[section].items()]
     names = {**METRIC_NAMES, **(DENSITY_NAMES if metrics.get("nll_density") else {}),
@@ -195,6 +206,7 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; image-rendering: pixelated
 figcaption {{ color: #555; font-size: 0.9em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
+{f'<p><strong>{html.escape(status)}</strong></p>' if status else ""}
 <h2>Test metrics</h2>
 {_table(metric_rows, [("metric", "metric"), ("value", "value")])}
 {comparison}
