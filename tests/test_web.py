@@ -116,6 +116,16 @@ def test_projection_maps_points_back_to_codes_in_its_plane(d):
         assert points[:, 0].var() >= points[:, 1].var()
 
 
+def test_projection_of_a_single_code_still_has_two_axes():
+    """A test split of one image (a data set of 3-9 images): the SVD has one component, and the explorer failed
+    to load with an IndexError; the second axis is a zero direction."""
+    code = torch.randn(1, 5)
+    points, how = projection(code)
+    comps = torch.tensor(how["components"])
+    assert points.shape == (1, 2) and comps.shape == (2, 5) and not comps[1].any()
+    torch.testing.assert_close(torch.tensor(how["mean"]) + points @ comps, code)
+
+
 # ---- happy paths
 
 

@@ -70,7 +70,8 @@ def projection(codes: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     else:
         mean = codes.mean(0)
         _, _, vh = torch.linalg.svd(codes - mean, full_matrices=False)
-        components, kind = vh[:2], "pca"
+        # one code has one component: the map's second axis is then a zero direction (it changes nothing)
+        components, kind = torch.cat([vh[:2], vh.new_zeros(max(0, 2 - vh.shape[0]), d)]), "pca"
     points = (codes - mean) @ components.T  # (N, 2)
     return points.float(), {"kind": kind, "dims": d, "mean": mean.tolist(), "components": components.tolist()}
 
