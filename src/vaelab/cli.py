@@ -264,8 +264,8 @@ def _run_and_data(run: Path, device: str):
 
 def _index(value: int, n: int, flag: str) -> int:
     if not -n <= value < n:
-        raise ConfigError(f"{flag} {value} is out of range: the test split has {n} images (0..{n - 1}, or "
-                          f"-{n}..-1 counting from the end)")
+        images = "1 image (0, or -1" if n == 1 else f"{n} images (0..{n - 1}, or -{n}..-1"
+        raise ConfigError(f"{flag} {value} is out of range: the test split has {images} counting from the end)")
     return value % n
 
 
