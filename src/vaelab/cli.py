@@ -195,8 +195,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed and args.out is None:  # each process would otherwise pick its own default folder
         raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
     out = _run_folder(args.out or _default_out(config))
-    done = runs.latest_checkpoint(out).epoch if args.resume else 0
-    fitted = args.resume and config.model.model == "pca" and runs.is_complete(out)  # closed form: no epochs
+    checkpoint = runs.latest_checkpoint(out) if args.resume else None
+    done = checkpoint.epoch if checkpoint else 0
+    fitted = bool(checkpoint and config.model.model == "pca" and checkpoint.complete)  # closed form: no epochs
     t0 = time.perf_counter()
     if not fitted:
         train(config, out, resume=args.resume, progress=not args.quiet)

@@ -145,11 +145,11 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
 
 def _unfinished(run_dir: Path, config: RunConfig) -> str:
     """A line for a run whose training stopped early (interrupted, or stopped on a non-finite loss); "" else."""
-    if runs.is_complete(run_dir):
+    checkpoint = runs.latest_checkpoint(run_dir)
+    if checkpoint.complete:
         return ""
-    epoch = runs.latest_checkpoint(run_dir).epoch
-    return (f"Training stopped after epoch {epoch} of {config.train.epochs}: this report shows that checkpoint "
-            f"(baselines for the table train for all {config.train.epochs}). To continue it: "
+    return (f"Training stopped after epoch {checkpoint.epoch} of {config.train.epochs}: this report shows that "
+            f"checkpoint (baselines for the table train for all {config.train.epochs}). To continue it: "
             f"vaelab train --resume --out {run_dir}")
 
 

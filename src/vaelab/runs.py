@@ -53,6 +53,11 @@ class Checkpoint:
     epoch: int
     state: dict[str, Any]
 
+    @property
+    def complete(self) -> bool:
+        """Whether training reached the end of its epochs with this checkpoint."""
+        return bool(self.state.get("complete"))
+
 
 def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     state: dict[str, Any], keep: int = 2) -> Path:
@@ -121,7 +126,7 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint:
 def is_complete(run_dir: Path) -> bool:
     """Whether a run directory holds a run trained to the end of its epochs."""
     try:
-        return bool(latest_checkpoint(run_dir).state.get("complete"))
+        return latest_checkpoint(run_dir).complete
     except CheckpointError:
         return False
 
