@@ -21,10 +21,10 @@ from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import registry
 from vaelab.data.text import tokens_to_text
 from vaelab.errors import VaelabError
+from vaelab.figures import projection
 from vaelab.train import train
 from vaelab.web import add_serve_command, bind, is_loopback, url
 from vaelab.web.catalog import find_runs
-from vaelab.web.explorer import projection
 
 fastapi = pytest.importorskip("fastapi")
 with warnings.catch_warnings():  # starlette 1.x nudges TestClient users towards httpx2; httpx still works

@@ -79,23 +79,32 @@ def traversals(model: nn.Module, x0: torch.Tensor, dims: list[int], *, scale: to
     return model.decode(torch.cat(rows)).mean
 
 
-def project_2d(codes: torch.Tensor) -> tuple[np.ndarray, str]:
-    """Codes (N, D) as 2-D points: themselves when D <= 2, else their first two principal components."""
+def projection(codes: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Codes (N, D) as 2-D points p, with the affine map back: z = mean + p[0] * c[0] + p[1] * c[1]. The report's
+    latent map and the web page's.
+
+    D <= 2: the identity (padded with zeros for D = 1). D > 2: the plane of the first two principal
+    components through the mean code, so a point clicked on the map decodes the code it stands for
+    in that plane; the other directions are held at the mean.
+    """
+    n, d = codes.shape
     codes = codes.double().cpu()
-    if codes.shape[1] == 1:
-        return torch.cat([codes, torch.zeros_like(codes)], 1).numpy(), "z"
-    if codes.shape[1] == 2:
-        return codes.numpy(), "z"
-    centred = codes - codes.mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    points = centred @ vh[:2].T  # one code has one component: the second axis is then 0
-    return torch.nn.functional.pad(points, (0, 2 - points.shape[1])).numpy(), "PCA of the codes"
+    if d <= 2:
+        mean, components, kind = torch.zeros(d, dtype=codes.dtype), torch.eye(2, d, dtype=codes.dtype), "identity"
+    else:
+        mean = codes.mean(0)
+        _, _, vh = torch.linalg.svd(codes - mean, full_matrices=False)
+        # one code has one component: the map's second axis is then a zero direction (it changes nothing)
+        components, kind = torch.cat([vh[:2], vh.new_zeros(max(0, 2 - vh.shape[0]), d)]), "pca"
+    points = (codes - mean) @ components.T  # (N, 2)
+    return points.float(), {"kind": kind, "dims": d, "mean": mean.tolist(), "components": components.tolist()}
 
 
 def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,
                classes: tuple[str, ...] | None = None) -> Path:
     """Scatter of 2-D projected codes coloured by label."""
-    points, how = project_2d(codes)
+    points, how = projection(codes)
+    how = "z" if how["kind"] == "identity" else "PCA of the codes"
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     if labels is None:
         ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.6)

@@ -56,26 +56,6 @@ def png(images: torch.Tensor, *, nrow: int, pad: int = 1) -> bytes:
     return buffer.getvalue()
 
 
-def projection(codes: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Codes (N, D) as 2-D points p, with the affine map back: z = mean + p[0] * c[0] + p[1] * c[1].
-
-    D <= 2: the identity (padded with zeros for D = 1). D > 2: the plane of the first two principal
-    components through the mean code, so a point clicked on the map decodes the code it stands for
-    in that plane; the other directions are held at the mean.
-    """
-    n, d = codes.shape
-    codes = codes.double()
-    if d <= 2:
-        mean, components, kind = torch.zeros(d, dtype=codes.dtype), torch.eye(2, d, dtype=codes.dtype), "identity"
-    else:
-        mean = codes.mean(0)
-        _, _, vh = torch.linalg.svd(codes - mean, full_matrices=False)
-        # one code has one component: the map's second axis is then a zero direction (it changes nothing)
-        components, kind = torch.cat([vh[:2], vh.new_zeros(max(0, 2 - vh.shape[0]), d)]), "pca"
-    points = (codes - mean) @ components.T  # (N, 2)
-    return points.float(), {"kind": kind, "dims": d, "mean": mean.tolist(), "components": components.tolist()}
-
-
 def supports_temperature(model: nn.Module) -> bool:
     """Whether model.sample takes a `temperature` argument (hierarchical models do)."""
     try:
@@ -305,7 +285,7 @@ def finite_json(value: Any) -> Any:
 
 def _map(codes: torch.Tensor, labels: list[int] | None, classes: tuple[str, ...] | None) -> dict[str, Any]:
     """The 2-D map of the test encodings (a fixed random subset of at most MAX_MAP_POINTS)."""
-    points, how = projection(codes)
+    points, how = figures.projection(codes)
     n = codes.shape[0]
     keep = torch.arange(n)
     if n > MAX_MAP_POINTS:
