@@ -121,10 +121,10 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
             # dimension it would read as a discrete model's, so none is given unless the run was trained and is
             # scored on dequantised 8-bit pixels: then -log P(8-bit image) <= -log p(x) + D log 256 in
             # expectation (Theis et al. 2016, Sec. 3.1), and that bound is the bits per dimension
-            result.update(estimate.summary(), nll_density=True)
-            if config.data.dequantize:
-                dims = math.prod(x.shape[1:])
-                result["nll_bits_per_dim"] = (result["nll"] + dims * math.log(EIGHT_BIT_LEVELS)) / (dims * math.log(2))
+            result.update(estimate.summary(math.prod(x.shape[1:]) if config.data.dequantize else None),
+                          nll_density=True)
+            if config.data.dequantize:  # + D log 256 nats is + log2(256) = 8 bits per dimension
+                result["nll_bits_per_dim"] += math.log2(EIGHT_BIT_LEVELS)
                 result["nll_dequantized"] = True
         result["test_binarize_seed"] = seed
     if probe and data.train.y is not None:
