@@ -75,8 +75,8 @@ class Explorer:
     labels: list[int] | None  # (N,) test labels
     summary: dict[str, Any]  # as at loading; current_summary() reads evaluation.json again
     map: dict[str, Any]
-    run_dir: Path | None = None
-    checkpoint_epoch: int | None = None  # the epoch of the checkpoint loaded
+    run_dir: Path
+    checkpoint_epoch: int  # the epoch of the checkpoint loaded
     vocab: tuple[str, ...] | None = None  # the tokens of a text model's data set; None for images
     _sample_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -100,8 +100,6 @@ class Explorer:
     def current_summary(self) -> dict[str, Any]:
         """The summary with the metrics of evaluation.json as it is now: `vaelab evaluate` may have run since the
         run was loaded (the page tells the user to run it and reload)."""
-        if self.run_dir is None:
-            return self.summary
         return {**self.summary, **_evaluated(self.run_dir, self.checkpoint_epoch)}
 
     @property
