@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import vaelab
 from vaelab import runs
@@ -485,3 +486,15 @@ def test_the_report_of_a_run_that_stopped_early_says_so(tmp_path):
             f"for all 3). To continue it: vaelab train --resume --out {tmp_path / 'run'}") in page
     train(tiny_config(epochs=1), tmp_path / "done", dataset=tiny_data(), progress=False)
     assert "Training stopped" not in write_report(tmp_path / "done", baselines=False, data=tiny_data()).read_text()
+
+
+def test_load_takes_the_checkpoint_a_caller_read_even_after_training_moves_on(tmp_path):
+    """The explorer names the epoch it shows from the checkpoint it read; the weights must be that epoch's."""
+    train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    first = runs.latest_checkpoint(tmp_path / "run")
+    train(tiny_config(epochs=2), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
+    assert runs.latest_checkpoint(tmp_path / "run").epoch == 2
+    pinned, latest = runs.load(tmp_path / "run", checkpoint=first), runs.load(tmp_path / "run")
+    saved = load_file(first.path / "model.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in pinned.state_dict().items())
+    assert not all(torch.equal(v, latest.state_dict()[k]) for k, v in pinned.state_dict().items())

@@ -183,19 +183,21 @@ def load_config(run_dir: Path) -> RunConfig:
         raise CheckpointError(str(e)) from None
 
 
-def load(run_dir: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+def load(run_dir: str | Path, *, device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None) -> nn.Module:
     """The trained model of a run directory, in eval mode, from config.json and the latest checkpoint.
 
     Args:
         run_dir: the folder `vaelab train --out` wrote.
         device: where to put the model.
+        checkpoint: the checkpoint to load (default latest_checkpoint(run_dir), read now), for a caller that
+            read it already and must get the weights of that epoch even while training writes newer ones.
     """
     config = load_config(Path(run_dir))
     try:
         model = build_model(config.model)
     except ConfigError as e:  # e.g. config.json edited to a model too large to build, or without input_shape
         raise CheckpointError(f"{Path(run_dir) / 'config.json'} describes no model vaelab can build: {e}") from None
-    load_weights(model, latest_checkpoint(Path(run_dir)))
+    load_weights(model, checkpoint or latest_checkpoint(Path(run_dir)))
     return model.to(resolve_device(str(device))).eval()
 
 

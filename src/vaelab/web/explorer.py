@@ -85,8 +85,9 @@ class Explorer:
     def load(cls, name: str, run_dir: Path, *, device: str = "cpu") -> Explorer:
         """Load a run's model and test split and precompute its encodings, map and summary."""
         config = runs.load_config(run_dir)
-        epoch = runs.latest_checkpoint(run_dir).epoch
-        model = runs.load(run_dir, device=device)
+        checkpoint = runs.latest_checkpoint(run_dir)  # its epoch names the model shown (metrics of other epochs
+        epoch = checkpoint.epoch  # are not its own), so the weights come from this very checkpoint
+        model = runs.load(run_dir, device=device, checkpoint=checkpoint)
         data = prepare_data(config)
         x = data.test.x.to(model_device(model))
         if x.shape[0] == 0:
