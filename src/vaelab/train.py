@@ -315,8 +315,9 @@ class Trainer:
 
     def _resume(self) -> int:
         stored = runs.load_config(self.run_dir)
-        if _identity(stored) != _identity(self.config):
-            before, now = _identity(stored).to_dict(), _identity(self.config).to_dict()
+        in_run, asked = _identity(stored), _identity(self.config)
+        if in_run != asked:
+            before, now = in_run.to_dict(), asked.to_dict()
             differ = ", ".join(f"{section}.{key} {before[section][key]!r} in the run, {value!r} here"
                                for section in ("data", "model", "train")
                                for key, value in now[section].items() if before[section][key] != value)
