@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_train import eight_bit
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from vaelab import latent_stats, runs
@@ -255,12 +256,6 @@ def test_a_dequantised_run_reports_bits_per_dimension_of_its_8_bit_images(tmp_pa
     assert result["nll_bits_per_dim"] == pytest.approx((result["nll"] + 36 * math.log(256)) / (36 * math.log(2)))
     page = write_report(tmp_path / "run", baselines=False, data=data).read_text()
     assert "a density of the dequantised pixels" in page and "NLL of the 8-bit images, bits per dimension" in page
-
-
-def eight_bit(data: Dataset) -> Dataset:
-    """The data set with every pixel rounded to a level k/255."""
-    return dataclasses.replace(data, **{name: Split((getattr(data, name).x * 255).round() / 255, getattr(data, name).y)
-                                        for name in ("train", "val", "test")})
 
 
 def test_compare_prints_a_markdown_row_per_run(tmp_path):

@@ -417,8 +417,8 @@ def test_optimizer_step_leaves_adamw_style_decay_and_global_hooks_to_step():
     assert calls == [1]
 
 
-def eight_bit_data() -> Dataset:
-    data = tiny_data()
+def eight_bit(data: Dataset) -> Dataset:
+    """The data set with every pixel rounded to a level k/255."""
     return dataclasses.replace(data, **{name: Split((getattr(data, name).x * 255).round() / 255, getattr(data, name).y)
                                         for name in ("train", "val", "test")})
 
@@ -441,7 +441,7 @@ def test_dequantize_is_refused_where_it_has_no_meaning():
 
 
 def test_dequantised_runs_draw_new_noise_per_batch_and_fix_the_held_out_splits_once(tmp_path):
-    data = eight_bit_data()
+    data = eight_bit(tiny_data())
     prepared = prepare_data(dequantized_config(), data)
     assert torch.equal(prepared.train.x, data.train.x)  # the trainer dequantises each batch
     for name in ("val", "test"):
