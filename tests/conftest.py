@@ -48,3 +48,17 @@ def write_idx(path: Path, array, compress: bool = True) -> Path:
 def write_idx_fixture():
     """The write_idx helper, as a fixture so test modules need not import conftest."""
     return write_idx
+
+
+@pytest.fixture
+def tracing_only(monkeypatch):
+    """torch.compile with dynamo's tracing alone (backend "eager": no inductor, the random stream as in eager
+    mode; seconds instead of minutes), after dynamo's caches and counters are reset."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+

@@ -18,10 +18,7 @@ def test_sentences_end_in_eos_then_padding():
 
 
 @pytest.mark.parametrize("net", ["lstm", "gru"])
-def test_each_variant_runs_and_only_the_traced_one_is_one_graph(monkeypatch, net):
-    compile = torch.compile  # dynamo's tracing without inductor: seconds instead of minutes
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
-    torch._dynamo.reset()
+def test_each_variant_runs_and_only_the_traced_one_is_one_graph(tracing_only, net):
     results = run(net=net, hidden=8, latent_dim=2, embedding_dim=4, vocab=30, length=8, batch_size=4,
                   rounds=1, steps=1)
     assert results["in pieces"]["graphs"] == 9 and results["traced"]["graphs"] == 1

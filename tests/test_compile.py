@@ -16,16 +16,6 @@ from vaelab.train import _identity, compile_step, objective_for, train
 dynamo_counters = pytest.importorskip("torch._dynamo.utils").counters
 
 
-@pytest.fixture
-def tracing_only(monkeypatch):
-    """torch.compile with dynamo's tracing alone (backend "eager": no inductor, the random stream as in eager
-    mode), after dynamo's caches and counters are reset."""
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
-    torch._dynamo.reset()
-    dynamo_counters.clear()
-
-
 def test_the_step_is_one_graph_and_kl_warmup_does_not_recompile():
     """One graph (no breaks: the KL lookup is filled eagerly first); new beta values reuse it."""
     torch.manual_seed(0)
