@@ -488,6 +488,23 @@ def test_the_report_of_a_run_that_stopped_early_says_so(tmp_path):
     assert "Training stopped" not in write_report(tmp_path / "done", baselines=False, data=tiny_data()).read_text()
 
 
+def test_an_untrained_run_says_so_in_its_report_and_on_the_command_line(tmp_path, capsys):
+    """--epochs 0 saves the initial weights; the CLI said "trained vae" and the report showed them as a model."""
+    from vaelab.cli import main
+    from vaelab.reports import write_report
+
+    assert main(["train", "--data", "digits", "--epochs", "0", "--hidden", "8", "--latent-dim", "2", "--quiet",
+                 "--no-report", "--out", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out == f"initialised vae on digits without training (--epochs 0): {tmp_path / 'run'}\n"
+    page = write_report(tmp_path / "run", baselines=False).read_text()
+    assert "This model is untrained (--epochs 0)" in page
+    assert f"vaelab train --resume --epochs N --out {tmp_path / 'run'}" in page
+    assert main(["train", "--data", "digits", "--model", "pca", "--epochs", "0", "--latent-dim", "2", "--quiet",
+                 "--no-report", "--out", str(tmp_path / "pca")]) == 0
+    assert capsys.readouterr().out.startswith("trained pca on digits in ")
+    assert "untrained" not in write_report(tmp_path / "pca", baselines=False).read_text()
+
+
 def test_load_takes_the_checkpoint_a_caller_read_even_after_training_moves_on(tmp_path):
     """The explorer names the epoch it shows from the checkpoint it read; the weights must be that epoch's."""
     train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)

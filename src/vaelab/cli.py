@@ -208,6 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.resume and done >= config.train.epochs:
         print(f"{out} is at epoch {done} already (--epochs {config.train.epochs}): nothing to train; "
               "give a larger --epochs to continue it")
+    elif config.train.epochs == 0 and config.model.model != "pca":
+        print(f"initialised {config.model.model} on {config.data.name} without training (--epochs 0): {out}")
     else:
         print(f"trained {config.model.model} on {config.data.name} in {time.perf_counter() - t0:.1f} s: {out}")
     if not args.no_report:
