@@ -121,9 +121,9 @@ def test_resuming_a_pca_run_says_there_is_nothing_to_continue(npz_data, tmp_path
 @pytest.mark.parametrize("model", ["pca", "ae"])
 def test_train_baseline_models(npz_data, tmp_path, model):
     out = tmp_path / model
-    assert main(["train", "--data", npz_data, "--model", model, "--likelihood", "gaussian", "--net", "conv",
-                 "--hidden", "4,8", "--latent-dim", "2", "--epochs", "1", "--quiet", "--no-baselines",
-                 "--out", str(out)]) == 0
+    nets = ["--likelihood", "gaussian", "--net", "conv", "--hidden", "4,8"] if model == "ae" else []  # PCA: none
+    assert main(["train", "--data", npz_data, "--model", model, *nets, "--latent-dim", "2", "--epochs", "1",
+                 "--quiet", "--no-baselines", "--out", str(out)]) == 0
     assert (out / "report.html").exists()
     assert "samples" not in (out / "report.html").read_text()  # no prior to sample from
 
@@ -181,6 +181,53 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
     with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2 with usage
         main(["train", "--hidden", "a,b"])
     assert "comma-separated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--model", "ae", "--beta", "2", "--k", "3"], "--beta and --k would be ignored (--model ae has a deterministic "
+                                                   "code: no posterior, prior or KL term); drop them"),
+    (["--model", "ae", "--latent", "vmf"], "--latent would be ignored (--model ae has"),
+    (["--model", "pca", "--net", "conv", "--hidden", "3", "--lr", "0.1"],
+     "--net, --hidden and --lr would be ignored (--model pca is fitted in closed form by SVD"),
+    (["--model", "pca", "--likelihood", "gaussian"], "--likelihood would be ignored (--model pca"),
+    (["--cells", "3", "--word-dropout", "0.1"], "--word-dropout and --cells would be ignored (--word-dropout is for "
+                                                "--model text-vae; --cells is for --model hvae); drop them"),
+    (["--model", "hvae", "--embedding-dim", "8"], "--embedding-dim would be ignored (--embedding-dim is for --model "
+                                                  "text-vae)"),
+    (["--sigma", "0.3"], "--sigma would be ignored (--sigma is the scale of --likelihood gaussian or "
+                         "gaussian-learned); drop it"),
+    (["--kl-cycle-ratio", "0.3"], "--kl-cycle-ratio would be ignored (--kl-cycle-ratio shapes the cycles of "
+                                  "--kl-cycles N)"),
+    (["--lr-min", "1e-4"], "--lr-min would be ignored (--lr-min is where --lr-schedule cosine ends)"),
+    (["--activation", "gated", "--linear"], "--linear drops every nonlinearity, --activation gated is one"),
+])
+def test_flags_the_model_would_ignore_are_refused(tmp_path, capsys, argv, line):
+    """Each trained without a word: an autoencoder with --beta 2, PCA with --net conv, a VAE with --cells."""
+    err = run_error(["train", "--data", "digits", "--epochs", "1", "--quiet", "--no-report", *argv,
+                     "--out", str(tmp_path / "run")], capsys)
+    assert line in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_each_model_uses_are_accepted_and_pca_dequantises_without_a_likelihood_flag(tmp_path, capsys):
+    """The refusals above must not catch flags that act: the same flags beside what they need, and --model given
+    without --net (config_from_args then resets --net and --hidden to the model's defaults, unasked)."""
+    for i, argv in enumerate((["--model", "pca", "--epochs", "0", "--latent-dim", "2"],
+                              ["--model", "ae", "--likelihood", "gaussian", "--sigma", "0.3", "--hidden", "8"],
+                              ["--kl-cycles", "2", "--kl-cycle-ratio", "0.3", "--lr-schedule", "cosine", "--lr-min",
+                               "1e-4", "--objective", "iwae", "--k", "2", "--hidden", "8"],
+                              ["--model", "hvae", "--hidden", "4,8", "--cells", "2", "--likelihood", "gaussian"])):
+        assert main(["train", "--data", "digits", "--epochs", "1", "--quiet", "--no-report", *argv,
+                     "--out", str(tmp_path / str(i))]) == 0, capsys.readouterr().err
+    data = tmp_path / "eight_bit.npy"  # PCA's p(x|z) is Gaussian: --dequantize needs no --likelihood flag
+    np.save(data, np.random.default_rng(0).integers(0, 256, (60, 4, 4), dtype=np.uint8))
+    assert main(["train", "--data", f"npy:{data}", "--model", "pca", "--dequantize", "--latent-dim", "2",
+                 "--epochs", "1", "--hidden", "8", "--quiet", "--out", str(tmp_path / "pca")]) != 0  # --hidden: PCA
+    capsys.readouterr()
+    assert main(["train", "--data", f"npy:{data}", "--model", "pca", "--dequantize", "--latent-dim", "2",
+                 "--epochs", "1", "--quiet", "--out", str(tmp_path / "pca")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "pca" / "baselines" / "vae" / "config.json").read_text())["model"]["likelihood"] \
+        == "gaussian"  # the report's VAE baseline on the dequantised pixels
 
 
 def test_python_dash_m_entry_point_and_help():

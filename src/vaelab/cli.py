@@ -163,13 +163,56 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
         value = getattr(args, _dest(flag), None)
         if value is not None:
             sections[section][field] = value
+    given = [(section, field, flag) for section, field, flag, _ in FLAGS if field in sections[section]]
     changes = sections["model"]
     if "model" in changes and "net" not in changes:
         changes["net"] = None  # the new model's default body (mlp for images, lstm for text)
     if "net" in changes and "hidden" not in changes:
         changes["hidden"] = None  # the new net's default widths
-    return RunConfig(**{name: dataclasses.replace(getattr(base, name), **changes)
-                        for name, changes in sections.items()})
+    config = RunConfig(**{name: dataclasses.replace(getattr(base, name), **changes)
+                          for name, changes in sections.items()})
+    _refuse_ignored(given, config)
+    return config
+
+
+# train flags of a latent posterior's objective, which autoencoders and PCA do not have; PCA has no optimiser
+POSTERIOR_FLAGS = ("--beta", "--warmup-epochs", "--kl-cycles", "--kl-cycle-ratio", "--free-bits", "--objective", "--k")
+OPTIMISER_FLAGS = ("--lr", "--lr-schedule", "--lr-min", "--grad-clip")
+WHY_IGNORED = {"ae": "--model ae has a deterministic code: no posterior, prior or KL term",
+               "pca": "--model pca is fitted in closed form by SVD: no network, optimiser, likelihood choice or KL"}
+
+
+def _refuse_ignored(given: list[tuple[str, str, str]], config: RunConfig) -> None:
+    """One line naming the given flags that would have no effect (README: flags that would be ignored are refused).
+
+    A model flag counts when the model's class takes no such argument (build_model drops those); --net is
+    checked by ModelConfig, except for PCA, which has no net. Some flags only act beside another setting.
+    """
+    from .models import MODELS as CLASSES
+
+    def users(field: str) -> list[str]:
+        return [name for name, cls in CLASSES.items() if field in inspect.signature(cls).parameters]
+
+    model, why = config.model.model, {}
+    for section, field, flag in given:
+        if section == "model" and field not in ("model", "net") and model not in users(field):
+            vae_setting = model == "ae" and "vae" in users(field)  # the posterior's: --latent, --kappa, --bn-mu
+            why[flag] = (WHY_IGNORED[model] if model == "pca" or vae_setting else
+                         f"{flag} is for --model {' or '.join(users(field))}")
+        elif model in WHY_IGNORED and (flag in POSTERIOR_FLAGS or model == "pca" and
+                                       (flag in OPTIMISER_FLAGS or field == "net")):
+            why[flag] = WHY_IGNORED[model]
+        elif flag == "--sigma" and config.model.likelihood == "bernoulli":
+            why[flag] = "--sigma is the scale of --likelihood gaussian or gaussian-learned"
+        elif flag == "--kl-cycle-ratio" and not config.train.kl_cycles:
+            why[flag] = "--kl-cycle-ratio shapes the cycles of --kl-cycles N"
+        elif flag == "--lr-min" and config.train.lr_schedule == "constant":
+            why[flag] = "--lr-min is where --lr-schedule cosine ends"
+    if why:
+        flags = list(why)
+        listed = " and ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)
+        raise ConfigError(f"{listed} would be ignored ({'; '.join(dict.fromkeys(why.values()))}); "
+                          f"drop {'them' if len(flags) > 1 else 'it'}")
 
 
 def _default_out(config: RunConfig) -> Path:

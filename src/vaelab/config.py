@@ -128,6 +128,8 @@ class ModelConfig:
         _choice(self.activation, ACTIVATIONS, "--activation")
         if self.activation != "relu" and self.net != "mlp":
             raise ConfigError(f"--activation {self.activation} is for --net mlp; drop it or use --net mlp")
+        if self.activation != "relu" and self.linear:
+            raise ConfigError(f"--linear drops every nonlinearity, --activation {self.activation} is one; choose one")
         if self.kappa is not None:
             _positive(self.kappa, "--kappa")
             if self.latent != "vmf":
@@ -247,7 +249,8 @@ class RunConfig:
         if self.data.dequantize:
             if self.model.model in TEXT_MODELS:
                 raise ConfigError(f"--dequantize applies to 8-bit images, not to --model {self.model.model}")
-            if self.model.likelihood == "bernoulli" or self.data.binarize != "none":
+            bernoulli = self.model.likelihood == "bernoulli" and self.model.model != "pca"  # PCA's p(x|z) is Gaussian
+            if bernoulli or self.data.binarize != "none":
                 raise ConfigError("--dequantize spreads 8-bit pixels over their bins for a continuous density: use "
                                   "it with --likelihood gaussian or gaussian-learned, without --binarize")
         if self.model.model not in HIERARCHICAL_MODELS:

@@ -200,7 +200,10 @@ def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None
     """The run's configuration with another --model: same data, net and budget, and the latent size given
     (default the run's --latent-dim); settings of a hierarchy (groups, KL balancing, spectral norms) dropped."""
     train_config = dataclasses.replace(config.train, objective="elbo", k=1, kl_balance=False, spectral_reg=0.0)
-    model_config = dataclasses.replace(config.model, model=model, linear=False, groups=None,
+    likelihood = config.model.likelihood  # a dequantised PCA run's own is unused (p(x|z) is Gaussian)
+    if config.data.dequantize and likelihood == "bernoulli":
+        likelihood = "gaussian"
+    model_config = dataclasses.replace(config.model, model=model, linear=False, groups=None, likelihood=likelihood,
                                        latent_dim=config.model.latent_dim if latent_dim is None else latent_dim)
     return dataclasses.replace(config, model=model_config, train=train_config)
 
