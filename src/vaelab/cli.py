@@ -274,11 +274,15 @@ def _run_folder(out: Path) -> Path:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
-    if args.k < 1:
+    if args.k is not None and args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
     if args.chunk is not None and args.chunk < 1:
         raise ConfigError(f"--chunk must be >= 1 (samples per pass), got {args.chunk}")
-    result = evaluate_run(args.run, nll_k=args.k if args.nll else None, probe=not args.no_probe,
+    given = [flag for flag, value in (("--k", args.k), ("--chunk", args.chunk)) if value is not None]
+    if given and not args.nll:
+        raise ConfigError(f"{' and '.join(given)} would be ignored: {'they set' if len(given) > 1 else 'it sets'} "
+                          "the importance-sampled NLL; add --nll or drop " + ("them" if len(given) > 1 else "it"))
+    result = evaluate_run(args.run, nll_k=(args.k or 5000) if args.nll else None, probe=not args.no_probe,
                           chunk=args.chunk, device=args.device)
     for key, value in result.items():
         if isinstance(value, list):
@@ -472,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "I(x;z), linear probes, reconstruction error; NLL with --nll); writes "
                                 "RUN/evaluation.json", cmd_evaluate)
     q.add_argument("--nll", action="store_true", help="estimate log p(x) by importance sampling (IWAE bound)")
-    q.add_argument("--k", type=int, default=5000, help="importance samples per test image (default 5000)")
+    q.add_argument("--k", type=int, default=None, help="importance samples per test image (default 5000)")
     q.add_argument("--chunk", type=int, default=None, help="samples per pass (memory knob; default 200)")
     q.add_argument("--no-probe", action="store_true", help="skip the logistic-regression probes")
     q = sub.add_parser("compare", help="a table of several evaluated runs, printed and written as Markdown",
