@@ -26,9 +26,10 @@ def test_image_models_name_what_encode_and_decode_take(name):
     x = torch.rand(4, *SHAPE)
     assert model.reconstruct(x).shape == x.shape  # the right inputs still work
     assert tuple(model.decode(torch.zeros(5, 3)).mean.shape) == (5, *SHAPE)
-    for bad, message in [(torch.rand(4, 36), r"shape \(4, 36\).*\(B, 1, 6, 6\).*x\[None\]"),
-                         (torch.rand(*SHAPE), r"shape \(1, 6, 6\).*\(B, 1, 6, 6\)"),
-                         (torch.rand(4, 1, 7, 7), r"\(B, 1, 6, 6\)"),
+    for bad, message in [(torch.rand(4, 36), r"shape \(4, 36\).*\(B, 1, 6, 6\) \(flattened images: "
+                                             r"x.view\(-1, 1, 6, 6\)\)"),  # the hint was x[None]
+                         (torch.rand(*SHAPE), r"shape \(1, 6, 6\).*\(B, 1, 6, 6\) \(one image: x\[None\]\)"),
+                         (torch.rand(4, 1, 7, 7), r"\(B, 1, 6, 6\) \(images of another size: resize them"),
                          ((x * 255).to(torch.uint8), r"dtype torch.uint8.*x.float\(\) / 255"),
                          (x.double(), r"dtype torch.float64, but this model's weights are torch.float32: pass "
                                       r"x.to\(torch.float32\)"),  # torch.from_numpy of float data

@@ -1,6 +1,7 @@
 """Pieces every model shares: the forward-pass output, decoder body + likelihood head, and input checks."""
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -44,8 +45,11 @@ def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, like: tor
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{method}: x must be a torch.Tensor of shape {want}, got {type(x).__name__}")
     if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
-        raise InputError(f"{method}: x has shape {tuple(x.shape)}, but this model takes image batches {want} "
-                         "(one image: x[None])")
+        size = math.prod(shape)
+        hint = ("one image: x[None]" if tuple(x.shape) == tuple(shape) else
+                f"flattened images: x.view(-1, {', '.join(map(str, shape))})" if x.dim() == 2 and x.shape[1] == size
+                else "images of another size: resize them first; another data set: train on it")
+        raise InputError(f"{method}: x has shape {tuple(x.shape)}, but this model takes image batches {want} ({hint})")
     if not x.is_floating_point():
         raise InputError(f"{method}: x has dtype {x.dtype}; pass floating-point pixels in [0, 1] "
                          "(e.g. x.float() / 255)")
