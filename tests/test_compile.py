@@ -1,5 +1,6 @@
 """--compile: the training step through torch.compile, as one graph, the same bound, and clear failures."""
 import dataclasses
+import importlib
 import warnings
 
 import numpy as np
@@ -64,6 +65,26 @@ def test_compiled_training_lowers_the_loss_and_saves_plain_weights(tmp_path):
     loaded = runs.load(tmp_path / "run")
     assert loaded.state_dict().keys() == model.state_dict().keys()  # no _orig_mod. prefixes
     assert runs.load_config(tmp_path / "run").train.compile
+
+
+def test_the_short_last_batch_of_an_epoch_runs_eagerly_instead_of_compiling_again(tmp_path, tracing_only,
+                                                                                  monkeypatch):
+    """67 training examples in batches of 16: four full batches and one of 3 per epoch. Its own graph took as
+    long to compile as the first (~70 s for the text VAE's traced RNNs) to save part of a step per epoch."""
+    training = importlib.import_module("vaelab.train")  # (vaelab.train is also the function)
+
+    sizes = []
+    eager = training.step_loss
+
+    def counted(loss_terms, net, x, **kwargs):
+        if not torch.compiler.is_compiling():  # (compile_step traces this function too)
+            sizes.append(x.shape[0])
+        return eager(loss_terms, net, x, **kwargs)
+    monkeypatch.setattr(training, "step_loss", counted)
+    train(tiny_config(epochs=2, compile=True), tmp_path / "run", dataset=tiny_data(), progress=False)
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    assert sizes == [3, 3]  # once per epoch, and only the short batch
+    assert runs.is_complete(tmp_path / "run")
 
 
 def test_a_compiler_failure_is_one_line_that_names_the_flag(tmp_path, monkeypatch):

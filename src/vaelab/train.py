@@ -173,12 +173,12 @@ def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.M
 
     Inductor fuses the elementwise work around the matmuls (likelihood, KL, reparameterisation, ReLUs) and
     runs the pass without Python: 5-15% per step for the MLP VAE on a CPU (benchmarks/train_speed.py).
-    A tensor beta keeps KL warm-up from compiling a graph per value; shapes are static (the last, short
-    batch of an epoch compiles once more). torch.distributions picks a KL function with min() over a
-    generator, which dynamo cannot trace, so one eager pass on two examples (eval mode, no gradients, the
-    random state restored after) fills its lookup table first and the step compiles as one graph. That pass
-    takes the step's options (free bits and KL balancing ask for KLs per unit, another lookup) and a beta
-    below 1, so that every KL the step can ask for has been looked up.
+    A tensor beta keeps KL warm-up from compiling a graph per value; shapes are static (the trainer runs
+    the last, short batch of an epoch eagerly rather than compile it again). torch.distributions picks a KL
+    function with min() over a generator, which dynamo cannot trace, so one eager pass on two examples (eval
+    mode, no gradients, the random state restored after) fills its lookup table first and the step compiles
+    as one graph. That pass takes the step's options (free bits and KL balancing ask for KLs per unit,
+    another lookup) and a beta below 1, so that every KL the step can ask for has been looked up.
     """
     was_training = model.training
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
@@ -268,6 +268,7 @@ class Trainer:
         self.optimizer = None if isinstance(self.model, PCA) else _make_optimizer(self.model, config.train.lr)
         self.parameters = list(self.model.parameters())
         self.compiled = None  # compile_step(...) with --compile, made at the first step
+        self.compiled_batch = 0  # the batch size it compiled for
 
     def _log(self, message: str) -> None:
         if self.progress and self.job.is_main:
@@ -412,11 +413,14 @@ class Trainer:
         """step_loss for a training step: eager, or compiled with --compile."""
         cfg = self.config.train
         options = {"free_bits": cfg.free_bits, "kl_balance": cfg.kl_balance}
-        if not cfg.compile:
-            return step_loss(self.loss_terms, self.net, xb, beta=beta, **options)
-        first = self.compiled is None
+        first = cfg.compile and self.compiled is None
         if first:
             self.compiled = compile_step(self.loss_terms, self.net, xb, **options)
+            self.compiled_batch = xb.shape[0]
+        if not cfg.compile or xb.shape[0] != self.compiled_batch:
+            # an epoch's last, short batch runs eagerly: compiling its own graph cost ~8 s for a small MLP VAE
+            # and ~75 s for the text VAE's traced RNNs (README), to save a fraction of one step per epoch
+            return step_loss(self.loss_terms, self.net, xb, beta=beta, **options)
         try:
             return self.compiled(self.net, xb, beta=torch.tensor(beta, device=self.device), **options)
         except Exception as e:  # inductor's failures come as many types; the eager pass below tells them apart
