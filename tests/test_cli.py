@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vaelab import runs
@@ -126,6 +127,31 @@ def test_train_baseline_models(npz_data, tmp_path, model):
                  "--quiet", "--no-baselines", "--out", str(out)]) == 0
     assert (out / "report.html").exists()
     assert "samples" not in (out / "report.html").read_text()  # no prior to sample from
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_the_map_of_one_dimensional_codes_is_a_strip_with_a_row_per_label(tmp_path, monkeypatch, labelled):
+    """With --latent-dim 1 the map drew every class on the line z2 = 0, over each other, under an axis "z2"."""
+    from vaelab import figures
+
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+    codes, labels = torch.linspace(-1, 1, 60)[:, None], torch.arange(60) % 3
+    figures.latent_map(codes, labels if labelled else None, tmp_path / "map.png", classes=("a", "b", "c"))
+    ax = saved[0].axes[0]
+    ys = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections])
+    xs = np.concatenate([c.get_offsets()[:, 0] for c in ax.collections])
+    assert sorted(xs.tolist()) == pytest.approx(codes[:, 0].tolist())  # z1 across, as it is
+    if labelled:
+        for k, collection in enumerate(ax.collections):  # one row per class, jittered within it
+            rows = collection.get_offsets()[:, 1]
+            assert np.all(np.abs(rows - k) <= 0.3) and rows.std() > 0.05
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"] and ax.get_ylabel() == "label"
+    else:
+        assert ys.std() > 0.05 and ax.get_ylabel() == "" and not ax.get_yticks().size
+    saved.clear()
+    figures.latent_map(torch.randn(30, 2), labels[:30], tmp_path / "map.png")  # two dimensions: z1 and z2
+    assert saved[0].axes[0].get_ylabel() == "z2"
 
 
 def test_a_latent_larger_than_the_image_reports_without_a_pca_row(npz_data, tmp_path):

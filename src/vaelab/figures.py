@@ -102,23 +102,38 @@ def projection(codes: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
 
 def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,
                classes: tuple[str, ...] | None = None) -> Path:
-    """Scatter of 2-D projected codes coloured by label."""
+    """Scatter of 2-D projected codes coloured by label. A 1-D code is a strip plot: z1 across, one row per
+    label, jittered (its projection's second coordinate is all zeros, and every class fell on one line)."""
     points, how = projection(codes)
+    strip = how["dims"] == 1
     how = "z" if how["kind"] == "identity" else "PCA of the codes"
+    lab = None if labels is None else labels.cpu().numpy()
+    rows = np.zeros(len(points)) if lab is None else lab.astype(float)
+    if strip:
+        jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(points))
+        points = np.stack([points[:, 0].numpy(), rows + jitter], 1)
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
-    if labels is None:
+    if lab is None:
         ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.6)
     else:
-        lab = labels.cpu().numpy()
         cmap = plt.get_cmap("tab10" if lab.max() < 10 else "tab20")
+        names = {}
         for k in np.unique(lab):
-            name = classes[k] if classes is not None and k < len(classes) else str(k)
+            names[k] = classes[k] if classes is not None and k < len(classes) else str(k)
             sel = lab == k
-            ax.scatter(points[sel, 0], points[sel, 1], s=4, alpha=0.7, color=cmap(int(k) % cmap.N), label=name)
-        ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+            ax.scatter(points[sel, 0], points[sel, 1], s=4, alpha=0.7, color=cmap(int(k) % cmap.N), label=names[k])
+        if strip:
+            ax.set_yticks(list(names), list(names.values()))
+        else:
+            ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
     ax.set_xlabel(f"{how} 1" if how != "z" else "z1")
-    ax.set_ylabel(f"{how} 2" if how != "z" else "z2")
-    ax.set_title("test encodings")
+    if strip:
+        ax.set_ylabel("label" if lab is not None else "")
+        if lab is None:
+            ax.set_yticks([])
+    else:
+        ax.set_ylabel(f"{how} 2" if how != "z" else "z2")
+    ax.set_title("test encodings" + (" (1-D code, one row per label)" if strip and lab is not None else ""))
     return _save(fig, path)
 
 

@@ -100,7 +100,7 @@ CAPTIONS = {
     "traversals": "Traversals: one latent dimension per row (the most used first), varied by +-3 standard "
                   "deviations of the test codes around one test image's encoding.",
     "latent_map": "Test encodings (posterior means) coloured by label; a PCA projection when the latent has "
-                  "more than two dimensions.",
+                  "more than two dimensions, one row per label when it has one.",
     "training_curves": "Loss per epoch on the training and validation sets (left); validation reconstruction "
                        "and KL terms (right).",
     "kl_per_dim": "KL per latent dimension on the test set (left) and the variance of the posterior means over "
