@@ -154,6 +154,29 @@ def test_the_map_of_one_dimensional_codes_is_a_strip_with_a_row_per_label(tmp_pa
     assert saved[0].axes[0].get_ylabel() == "z2"
 
 
+def test_a_run_of_one_epoch_and_one_latent_dimension_has_visible_curves_and_whole_number_ticks(tmp_path,
+                                                                                             monkeypatch):
+    """One epoch drew lines of one point, which are invisible, over ticks 0.96 ... 1.04; one latent
+    dimension's bars stood over -0.4 ... 0.4."""
+    from vaelab import figures
+
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+    record = {"epoch": 1, "train_loss": 3.0, "val_loss": 2.0, "val_recon": 1.5, "val_kl": 0.5}
+    figures.training_curves([record], tmp_path / "curves.png")
+    figures.kl_per_dimension([0.2], [0.003], tmp_path / "kl.png")
+    curves, kl = saved
+    lines = [line for ax in curves.axes for line in ax.get_lines()]
+    assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines)
+    for ax in (*curves.axes[:2], *kl.axes):
+        assert [float(t) for t in ax.get_xticks()] == ([1.0] if ax in curves.axes else [0.0])
+    saved.clear()
+    figures.training_curves([{**record, "epoch": e} for e in range(1, 61)], tmp_path / "curves.png")
+    ticks = saved[0].axes[0].get_xticks()
+    assert saved[0].axes[0].get_lines()[0].get_marker() in ("None", None, "")  # long runs: plain lines
+    assert np.allclose(ticks, np.round(ticks))
+
+
 def test_a_latent_larger_than_the_image_reports_without_a_pca_row(npz_data, tmp_path):
     """Over-complete codes are a VAE's business; PCA has one component per pixel at most, so its row says so
     instead of the report failing after training (64 pixels here, 70 latent units)."""

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -144,14 +145,17 @@ def training_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     epochs = [r["epoch"] for r in records]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
-    axes[0].plot(epochs, [r["train_loss"] for r in records], label="train loss")
-    axes[0].plot(epochs, [r["val_loss"] for r in records], label="validation loss")
+    dots = {"marker": "o", "markersize": 3} if len(epochs) <= 40 else {}  # a run of one epoch drew no line at all
+    axes[0].plot(epochs, [r["train_loss"] for r in records], label="train loss", **dots)
+    axes[0].plot(epochs, [r["val_loss"] for r in records], label="validation loss", **dots)
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("nats per example")
     axes[0].legend(frameon=False)
-    axes[1].plot(epochs, [r["val_recon"] for r in records], label="validation reconstruction")
+    axes[1].plot(epochs, [r["val_recon"] for r in records], label="validation reconstruction", **dots)
     ax_kl = axes[1].twinx()
-    ax_kl.plot(epochs, [r["val_kl"] for r in records], color="C3", label="validation KL")
+    ax_kl.plot(epochs, [r["val_kl"] for r in records], color="C3", label="validation KL", **dots)
+    for ax in axes:
+        _integer_ticks(ax, epochs)  # epochs, not 0.96 ... 1.04
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("-log p(x|z)")
     ax_kl.set_ylabel("KL", color="C3")
@@ -175,8 +179,19 @@ def kl_per_dimension(kl: list[float], variance: list[float] | None, path: Path, 
         axes[0, 1].set_yscale("log")
         axes[0, 1].set_xlabel("latent dimension")
         axes[0, 1].set_ylabel("Cov_x(E_q[z_d]) (active > 0.01)")
+    for ax in axes[0]:
+        _integer_ticks(ax, d.tolist())  # dimensions, not -0.4 ... 0.4
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _integer_ticks(ax: plt.Axes, values: list[int]) -> None:
+    """x ticks at whole numbers: each value when there are few (matplotlib's integer locator falls back to
+    fractions when the axis spans fewer than two whole numbers), else an integer locator."""
+    if len(values) <= 12:
+        ax.set_xticks(values)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
