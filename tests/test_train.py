@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -167,6 +168,42 @@ def test_truncated_or_tampered_checkpoints_give_clear_errors(tmp_path):
     (tmp_path / "run" / "checkpoints" / "latest.json").write_text("{")
     with pytest.raises(CheckpointError, match="damaged"):
         vaelab.load(tmp_path / "run")
+
+
+def test_a_damaged_checkpoint_names_the_intact_earlier_one_and_following_that_resumes(tmp_path):
+    """Runs keep two checkpoints, but the errors said only "truncated or tampered with" (and a missing
+    latest.json "no checkpoint; train it first"), as if the run's work were lost."""
+    run = tmp_path / "run"
+    train(tiny_config(epochs=3), run, dataset=tiny_data(), progress=False)
+    root = run / "checkpoints"
+    (root / "epoch-0003" / "model.safetensors").write_bytes(b"cut")
+    advice = ('the run also holds epoch-0002: to use it, write {"epoch": 2, "dir": "epoch-0002"} into '
+              f'{root / "latest.json"}')
+    for damage in ("weights", "optimizer", "trainer"):
+        with pytest.raises(CheckpointError) as caught:
+            if damage == "optimizer":
+                (root / "epoch-0003" / "optimizer.pt").write_bytes(b"cut")
+                train(tiny_config(epochs=4), run, resume=True, dataset=tiny_data(), progress=False)
+            elif damage == "trainer":
+                (root / "epoch-0003" / "trainer.json").write_text("{")
+                vaelab.load(run)
+            else:
+                vaelab.load(run)
+        assert str(caught.value).endswith(advice), damage
+        if damage == "weights":
+            (root / "epoch-0003" / "model.safetensors").unlink()
+            shutil.copy(root / "epoch-0002" / "model.safetensors", root / "epoch-0003")
+    (root / "latest.json").unlink()  # no pointer: the newest folder whose trainer.json reads is offered
+    with pytest.raises(CheckpointError, match=r"latest.json is missing; the run holds epoch-0002: to use it"):
+        vaelab.load(run)
+    (root / "latest.json").write_text('{"epoch": 2, "dir": "epoch-0002"}')  # as the message says
+    train(tiny_config(epochs=4), run, resume=True, dataset=tiny_data(), progress=False)
+    assert runs.latest_checkpoint(run).epoch == 4 and runs.is_complete(run)
+    for folder in root.glob("epoch-*"):
+        shutil.rmtree(folder)
+    (root / "latest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"has no checkpoint \(.*latest.json is missing\); train it first$"):
+        vaelab.load(run)
 
 
 def test_malicious_pickle_as_optimizer_state_is_refused(tmp_path):

@@ -100,8 +100,24 @@ def _prune(root: Path, *, keep: int, current: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _other_checkpoint(root: Path, damaged: Path | None = None) -> str:
+    """How to fall back to the newest other checkpoint folder whose trainer.json reads: "; the run also holds
+    epoch-0002: to use it, write {...} into .../latest.json", or "" when there is none (a run keeps two)."""
+    for path in sorted(root.glob("epoch-*"), reverse=True):
+        if path == damaged or not path.is_dir():
+            continue
+        try:
+            epoch = int(json.loads((path / "trainer.json").read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        pointer = json.dumps({"epoch": epoch, "dir": path.name})
+        return f"; the run also holds {path.name}: to use it, write {pointer} into {root / LATEST}"
+    return ""
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint:
-    """The checkpoint latest.json points to, with clear errors when it is missing or damaged."""
+    """The checkpoint latest.json points to, with clear errors when it is missing or damaged (naming an
+    intact earlier checkpoint to go back to, when the run has one)."""
     root = Path(run_dir) / CHECKPOINTS
     pointer = root / LATEST
     try:
@@ -109,17 +125,23 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint:
         path = root / str(raw["dir"])
         epoch = int(raw["epoch"])
     except FileNotFoundError:
-        raise CheckpointError(f"{run_dir} has no checkpoint ({pointer} is missing); train it first") from None
+        fallback = _other_checkpoint(root).replace("also ", "")
+        raise CheckpointError(f"{pointer} is missing" + fallback if fallback else
+                              f"{run_dir} has no checkpoint ({pointer} is missing); train it first") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{pointer} is damaged ({e}); delete it and point it at an epoch-* folder") from None
+        raise CheckpointError(f"{pointer} is damaged ({e})"
+                              + (_other_checkpoint(root) or "; train the run again")) from None
     if path.parent != root or not path.is_dir():
-        raise CheckpointError(f"{pointer} points at {path}, which is not a checkpoint folder in {root}")
+        raise CheckpointError(f"{pointer} points at {path}, which is not a checkpoint folder in {root}"
+                              + _other_checkpoint(root))
     try:
         state = json.loads((path / "trainer.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / 'trainer.json'} is unreadable ({e}); the checkpoint is damaged") from None
+        raise CheckpointError(f"{path / 'trainer.json'} is unreadable ({e}); the checkpoint is damaged"
+                              + _other_checkpoint(root, path)) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path / 'trainer.json'} is not a JSON object; the checkpoint is damaged")
+        raise CheckpointError(f"{path / 'trainer.json'} is not a JSON object; the checkpoint is damaged"
+                              + _other_checkpoint(root, path))
     return Checkpoint(path=path, epoch=epoch, state=state)
 
 
@@ -137,9 +159,8 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
     try:
         weights = load_file(file)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{file} is not a readable safetensors file ({e}); it is truncated or tampered with"
-        ) from None
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it is truncated or tampered with"
+                              + _other_checkpoint(checkpoint.path.parent, checkpoint.path)) from None
     try:
         unwrap(model).load_state_dict(weights, strict=True)
     except RuntimeError as e:
@@ -155,7 +176,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> 
         optimizer.load_state_dict(state)
     except Exception as e:  # UnpicklingError, EOFError, RuntimeError, ValueError, KeyError: all mean "damaged"
         kind = type(e).__name__
-        raise CheckpointError(f"{file} cannot be loaded safely ({kind}); it is damaged or not vaelab's") from None
+        raise CheckpointError(f"{file} cannot be loaded safely ({kind}); it is damaged or not vaelab's"
+                              + _other_checkpoint(checkpoint.path.parent, checkpoint.path)) from None
     _match_layouts(optimizer)
 
 
