@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -610,3 +611,35 @@ def test_the_page_shows_the_mutual_information_as_its_bounds(browser, live_url, 
     finally:
         evaluation.unlink()
     assert dict(zip(terms, values))["I(x; z), nats"] == shown and not errors
+
+
+@pytest.fixture(scope="module")
+def strip_root(tmp_path_factory) -> Path:
+    """runs/line: a VAE with a 1-d latent on the bars."""
+    root = tmp_path_factory.mktemp("strip")
+    x, y = bars(120)
+    np.savez(root / "bars.npz", x=x, y=y)
+    config = RunConfig(data=DataConfig(name=f"npz:{root / 'bars.npz'}"),
+                       model=ModelConfig(model="vae", hidden=(16,), latent_dim=1),
+                       train=TrainConfig(epochs=2, batch_size=32, device="cpu"))
+    train(config, root / "runs" / "line", progress=False)
+    return root / "runs"
+
+
+def test_the_map_of_a_one_dimensional_latent_is_a_strip_of_label_rows(browser, strip_root):
+    """Every code of a 1-d latent sat on one line, all classes over each other; now z runs across, and each label
+    has a jittered row (the height maps to no coordinate, so a point decodes as its z alone)."""
+    client = TestClient(create_app(strip_root), raise_server_exceptions=False)
+    shown = client.get("/api/map", params={"run": "line"}).json()
+    points, labels = np.array(shown["points"]), np.array(shown["labels"])
+    assert shown["projection"]["dims"] == 1 and len(set(labels.tolist())) == 3
+    assert np.all(np.abs(points[:, 1] - labels) <= 0.3) and points[:, 1].std() > 0.5
+    for address in serve(strip_root):
+        page, errors = open_page(browser, address)
+        assert "one row per label" in page.inner_text("#map-note")
+        box = page.locator("#map").bounding_box()
+        page.mouse.click(box["x"] + 0.6 * box["width"], box["y"] + 0.2 * box["height"])
+        page.wait_for_timeout(300)
+        assert re.fullmatch(r"the map point \(-?\d+\.\d\d\)", page.inner_text("#base-text"))  # z alone
+        assert errors == [], errors
+        page.close()

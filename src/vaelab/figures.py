@@ -101,6 +101,13 @@ def projection(codes: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     return points.float(), {"kind": kind, "dims": d, "mean": mean.tolist(), "components": components.tolist()}
 
 
+def strip_rows(labels: np.ndarray | list[int] | None, n: int) -> np.ndarray:
+    """Heights for a strip plot of n one-dimensional codes: each label's row, jittered by up to 0.3 (the same
+    every time), or the jitter alone without labels. The map of a 1-D latent, in the report and the explorer."""
+    rows = np.zeros(n) if labels is None else np.asarray(labels, dtype=float)
+    return rows + np.random.default_rng(0).uniform(-0.3, 0.3, n)
+
+
 def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,
                classes: tuple[str, ...] | None = None) -> Path:
     """Scatter of 2-D projected codes coloured by label. A 1-D code is a strip plot: z1 across, one row per
@@ -109,10 +116,8 @@ def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,
     strip = how["dims"] == 1
     how = "z" if how["kind"] == "identity" else "PCA of the codes"
     lab = None if labels is None else labels.cpu().numpy()
-    rows = np.zeros(len(points)) if lab is None else lab.astype(float)
     if strip:
-        jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(points))
-        points = np.stack([points[:, 0].numpy(), rows + jitter], 1)
+        points = np.stack([points[:, 0].numpy(), strip_rows(lab, len(points))], 1)
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     if lab is None:
         ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.6)

@@ -283,8 +283,11 @@ def finite_json(value: Any) -> Any:
 
 
 def _map(codes: torch.Tensor, labels: list[int] | None, classes: tuple[str, ...] | None) -> dict[str, Any]:
-    """The 2-D map of the test encodings (a fixed random subset of at most MAX_MAP_POINTS)."""
+    """The 2-D map of the test encodings (a fixed random subset of at most MAX_MAP_POINTS). A 1-D latent is a
+    strip, one row per label: the height is no coordinate (the projection maps it to nothing)."""
     points, how = figures.projection(codes)
+    if how["dims"] == 1:
+        points[:, 1] = torch.from_numpy(figures.strip_rows(labels, codes.shape[0])).float()
     n = codes.shape[0]
     keep = torch.arange(n)
     if n > MAX_MAP_POINTS:

@@ -109,13 +109,17 @@ function setUpMap() {
   const pts = state.map.points;
   let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
   for (const [x, y] of pts) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
-  // equal scale on both axes, so distances on the map are distances in the plane
-  const span = Math.max(x1 - x0, y1 - y0, 1e-6) * 1.15;
+  // equal scale on both axes, so distances on the map are distances in the plane; a 1-D latent's strip has
+  // rows of labels for its height, which is no distance, so each axis fills the canvas
+  const strip = state.map.projection.dims === 1;
+  const span = Math.max(x1 - x0, strip ? 0 : y1 - y0, 1e-6) * 1.15;
   const cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
-  const scale = canvas.width / span;
+  const sx = canvas.width / span;
+  const sy = strip ? canvas.height / (Math.max(y1 - y0, 1e-6) * 1.15) : sx;
   state.view = {
-    toPx: (p) => [canvas.width / 2 + (p[0] - cx) * scale, canvas.height / 2 - (p[1] - cy) * scale],
-    fromPx: (px, py) => [cx + (px - canvas.width / 2) / scale, cy - (py - canvas.height / 2) / scale],
+    strip,
+    toPx: (p) => [canvas.width / 2 + (p[0] - cx) * sx, canvas.height / 2 - (p[1] - cy) * sy],
+    fromPx: (px, py) => [cx + (px - canvas.width / 2) / sx, cy - (py - canvas.height / 2) / sy],
   };
   const dots = document.createElement("canvas");
   dots.width = canvas.width; dots.height = canvas.height;
@@ -154,8 +158,14 @@ function drawMap(hoverZ) {
   const mark = (z, colour, size) => {
     const [px, py] = state.view.toPx(toPlane(z));
     ctx.strokeStyle = colour; ctx.lineWidth = 2;
-    ctx.beginPath(); ctx.moveTo(px - size, py); ctx.lineTo(px + size, py);
-    ctx.moveTo(px, py - size); ctx.lineTo(px, py + size); ctx.stroke();
+    ctx.beginPath();
+    if (state.view.strip) {  // a code of a 1-D latent is a column of the strip, whatever the row
+      ctx.moveTo(px, 0); ctx.lineTo(px, canvas.height);
+    } else {
+      ctx.moveTo(px - size, py); ctx.lineTo(px + size, py);
+      ctx.moveTo(px, py - size); ctx.lineTo(px, py + size);
+    }
+    ctx.stroke();
   };
   if (state.base) mark(state.base, "#000", 9);
   if (hoverZ) mark(hoverZ, "#e00", 6);
@@ -319,7 +329,7 @@ function wire() {
   canvas.addEventListener("mouseleave", () => requestDecode(state.z));
   canvas.addEventListener("click", (e) => {
     const z = eventToLatent(e);
-    const p = toPlane(z).map((v) => v.toFixed(2)).join(", ");
+    const p = toPlane(z).slice(0, state.view.strip ? 1 : 2).map((v) => v.toFixed(2)).join(", ");
     setBase(z, `the map point (${p})`);
   });
   $("base-index").addEventListener("change", () => chooseTestImage(+$("base-index").value));
@@ -353,7 +363,9 @@ async function main() {
   $("map-note").textContent = (state.map.projection.kind === "pca"
     ? `The ${s.latent_dim}-d test encodings projected on their first two principal components; a point ` +
       "decodes as the mean code plus that offset in the plane. "
-    : "The test encodings as they are. ") + "Hover to decode any point; click to centre the sliders there.";
+    : state.map.projection.dims === 1
+      ? "The 1-d test encodings across, one row per label (the height is only the label). "
+      : "The test encodings as they are. ") + "Hover to decode any point; click to centre the sliders there.";
   $("temperature-choice").hidden = !s.temperature;
   showMetrics();
   setUpMap();
