@@ -36,7 +36,7 @@ import torch
 from budget import best_dir, cosine_lr, train_then_finetune
 
 from vaelab import figures, fileio, runs
-from vaelab.cli import PRESETS, group_counts, positive_ints
+from vaelab.flags import PRESETS, group_counts, positive_ints
 from vaelab.config import RunConfig
 from vaelab.density import importance_sample, mean_and_stderr
 from vaelab.evaluate import nll_test_set

@@ -19,7 +19,7 @@ import time
 import torch
 from hvae_fashion_mnist import hvae_config
 
-from vaelab.cli import group_counts, positive_ints
+from vaelab.flags import group_counts, positive_ints
 from vaelab.models import build_model
 from vaelab.train import objective_for
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from vaelab import distributed, runs
-from vaelab.cli import PRESETS, build_parser, config_from_args
+from vaelab.cli import build_parser
+from vaelab.flags import PRESETS, config_from_args
 from vaelab.config import ModelConfig
 from vaelab.models import VAE, build_model
 
