@@ -24,8 +24,8 @@ from vaelab.data import load_dataset
 from vaelab.errors import DataError
 from vaelab.models import VAE
 from vaelab.objectives import elbo
+from vaelab.steps import make_optimizer, optimizer_step
 from vaelab.system import flush_denormals, keep_freed_memory
-from vaelab.train import _make_optimizer, optimizer_step
 
 BATCH = 128
 
@@ -39,7 +39,7 @@ def block_times(flush: bool, steps: int, block: int) -> list[float]:
     keep_freed_memory()
     torch.manual_seed(0)
     model = VAE(input_shape=tuple(x.shape[1:]), latent_dim=16, hidden=(512, 256))
-    optimizer = _make_optimizer(model, 1e-3)
+    optimizer = make_optimizer(model, 1e-3)
     times, out = [], []
     with flush_denormals() if flush else contextlib.nullcontext():
         for i in range(steps):

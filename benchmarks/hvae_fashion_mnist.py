@@ -36,10 +36,10 @@ import torch
 from budget import best_dir, cosine_lr, train_then_finetune
 
 from vaelab import figures, fileio, runs
-from vaelab.flags import PRESETS, group_counts, positive_ints
 from vaelab.config import RunConfig
 from vaelab.density import importance_sample, mean_and_stderr
 from vaelab.evaluate import nll_test_set
+from vaelab.flags import PRESETS, group_counts, positive_ints
 from vaelab.train import prepare_data
 
 RESULTS = Path(__file__).parent / "results"

@@ -21,7 +21,7 @@ from hvae_fashion_mnist import hvae_config
 
 from vaelab.flags import group_counts, positive_ints
 from vaelab.models import build_model
-from vaelab.train import objective_for
+from vaelab.steps import objective_for
 
 
 def main() -> None:

@@ -33,7 +33,8 @@ from vaelab.data.text import token_counts
 from vaelab.density import importance_sample
 from vaelab.latent_stats import active_units
 from vaelab.objectives import elbo
-from vaelab.train import mean_terms, train
+from vaelab.steps import mean_terms
+from vaelab.train import train
 from vaelab.vmf import HypersphericalUniform, VonMisesFisher
 
 RESULTS = Path(__file__).parent / "results" / "kl_vanishing.json"

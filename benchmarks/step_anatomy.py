@@ -4,8 +4,8 @@ The MLP VAE of benchmarks/train_speed.py (784-512-256 -> 16 -> 256-512-784, Bern
 128) on Fashion-MNIST's training split (mnist5k when it is missing), all in one process, with denormals
 flushed as the trainer runs, in alternating rounds of --steps steps; medians after two warm-up rounds.
 
-- vaelab: the trainer's step (vaelab's model and ELBO through train.step_loss, gradients dropped, backward,
-  train.optimizer_step), as it runs by default on this machine (on non-Intel CPUs its large matmuls go
+- vaelab: the trainer's step (vaelab's model and ELBO through steps.step_loss, gradients dropped, backward,
+  steps.optimizer_step), as it runs by default on this machine (on non-Intel CPUs its large matmuls go
   through oneDNN, vaelab.linear; the other rows use torch's default, MKL);
 - plain autograd: the same network in plain tensors (pytorch/examples' loss, one BCE-with-logits sum), the
   same optimiser step;
@@ -14,7 +14,7 @@ flushed as the trainer runs, in alternating rounds of --steps steps; medians aft
   same fused Adam. It is checked against autograd first. It is what an eager step can cost with every
   framework overhead removed, short of fusing kernels (what --compile does);
 - its matmuls alone: the step's 17 products (6 forward, 11 backward) with the same shapes and layouts;
-- fused Adam alone: train.optimizer_step over the model's 1.08 M parameters.
+- fused Adam alone: steps.optimizer_step over the model's 1.08 M parameters.
 
 Then the framework's own cost per step: vaelab's step and the plain-autograd one for a tiny network
 (784-8-8 -> 16 -> 8-8-784) on batches of 2, where the arithmetic is negligible and what is left is
@@ -41,8 +41,8 @@ from train_speed import BATCH, flops_per_sample, load, matmul_rate
 
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.models import VAE
+from vaelab.steps import objective_for, optimizer_step, step_loss
 from vaelab.system import flush_denormals, keep_freed_memory
-from vaelab.train import objective_for, optimizer_step, step_loss
 
 LATENT = 16
 RESULTS = Path(__file__).parent / "results" / "step_anatomy.json"

@@ -2,7 +2,7 @@
 
 Under torch.compile dynamo leaves nn.LSTM/nn.GRU out of its graphs unless torch._dynamo.config.allow_rnn is
 set: the step becomes nine graphs with the RNNs run eagerly between them ("in pieces"). vaelab's --compile
-(train.compile_step) sets allow_rnn while it traces a model with RNNs, so the step is one graph ("traced").
+(steps.compile_step) sets allow_rnn while it traces a model with RNNs, so the step is one graph ("traced").
 This script times the three in one process: the model of README's text VAE (--hidden 256, --latent-dim 32,
 --embedding-dim 128) on random sentences shaped like fortunes' (4-20 tokens, vocabulary 8,000, length
 21), batch 64, the trainer's loss (ELBO) and fused Adam step. Rounds of --steps steps alternate between
@@ -28,7 +28,7 @@ import torch
 
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.models import build_model
-from vaelab.train import _make_optimizer, compile_step, objective_for, optimizer_step, step_loss
+from vaelab.steps import compile_step, make_optimizer, objective_for, optimizer_step, step_loss
 
 OPTIONS = {"free_bits": 0.0, "kl_balance": False}
 
@@ -68,7 +68,7 @@ def run(*, net: str = "lstm", hidden: int = 256, latent_dim: int = 32, embedding
 
     def variant(name: str) -> tuple[Callable[[], None], int]:
         model = copy.deepcopy(base)
-        optimizer = _make_optimizer(model, 1e-3)
+        optimizer = make_optimizer(model, 1e-3)
         if name == "eager":
             def forward(m, xb, beta, **options):
                 return step_loss(loss_terms, m, xb, beta=float(beta), **options)

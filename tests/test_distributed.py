@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from vaelab import distributed, runs
 from vaelab.cli import build_parser
-from vaelab.flags import PRESETS, config_from_args
 from vaelab.config import ModelConfig
+from vaelab.flags import PRESETS, config_from_args
 from vaelab.models import VAE, build_model
 
 COMMON = ["--model", "ae", "--likelihood", "gaussian", "--hidden", "16", "--latent-dim", "3", "--lr", "0.01",

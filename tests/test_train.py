@@ -388,7 +388,7 @@ def test_gradient_clipping_bounds_every_step(tmp_path, monkeypatch):
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_optimizer_step_matches_adam_step_bit_for_bit(amsgrad):
     """The trainer's fused-Adam step (functional adam on the optimizer's own state) is Adam.step()."""
-    from vaelab.train import optimizer_step
+    from vaelab.steps import optimizer_step
 
     torch.manual_seed(0)
     ours, ref = torch.nn.Linear(20, 30), torch.nn.Linear(20, 30)
@@ -412,7 +412,7 @@ def test_optimizer_step_matches_adam_step_bit_for_bit(amsgrad):
 
 
 def test_optimizer_step_runs_hooks_and_other_optimizers_through_step():
-    from vaelab.train import optimizer_step
+    from vaelab.steps import optimizer_step
 
     model = torch.nn.Linear(4, 2)
     model(torch.randn(3, 4)).sum().backward()
@@ -430,7 +430,7 @@ def test_optimizer_step_runs_hooks_and_other_optimizers_through_step():
 def test_optimizer_step_leaves_adamw_style_decay_and_global_hooks_to_step():
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from vaelab.train import optimizer_step
+    from vaelab.steps import optimizer_step
 
     model = torch.nn.Linear(4, 2)
     decoupled = torch.optim.Adam(model.parameters(), lr=0.1, fused=True, weight_decay=0.5,

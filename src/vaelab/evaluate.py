@@ -28,9 +28,10 @@ from .errors import ConfigError
 from .fileio import atomic_write_text
 from .latent_stats import active_units, active_units_per_group, kl_per_unit, linear_probes, mutual_information_bounds
 from .objectives import elbo
+from .steps import mean_terms, objective_for
 from .system import model_device
 from .text_views import token_accuracy
-from .train import EVAL_SEED, mean_terms, objective_for, prepare_data, train
+from .train import EVAL_SEED, prepare_data, train
 
 BASELINES = ("pca", "ae", "vae")
 COMPARE_COLUMNS = [  # (key in evaluation.json, column title)

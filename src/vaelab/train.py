@@ -7,20 +7,16 @@ from a checkpoint continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim import optimizer as optimizer_module
-from torch.optim.adam import adam
 from tqdm.auto import tqdm
 
 from . import distributed, runs
@@ -38,8 +34,8 @@ from .data import (
 )
 from .errors import CheckpointError, ConfigError, TrainingError, is_out_of_memory
 from .models import PCA, build_model
-from .objectives import OBJECTIVES, reconstruction
-from .system import flush_denormals, keep_freed_memory, model_device
+from .steps import compile_step, make_optimizer, mean_terms, objective_for, optimizer_step, step_loss
+from .system import flush_denormals, keep_freed_memory
 
 EVAL_SEED = 0  # validation/test sets are binarised once, and evaluation noise drawn, with this seed
 PROGRESS_EVERY = 20  # steps between progress-bar updates, which are also the NaN checks (one sync each)
@@ -120,119 +116,6 @@ def learning_rate(config: TrainConfig, progress_epochs: float) -> float:
     return config.lr
 
 
-@torch.no_grad()
-def mean_terms(model: nn.Module, loss_terms: Callable, x: torch.Tensor, *, batch_size: int = 1000,
-               beta: float = 1.0) -> dict[str, float]:
-    """Loss terms (from objective_for) averaged over x, in eval mode and batches (no gradients)."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    sums: dict[str, float] = {}
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size].to(device)
-        for k, v in loss_terms(model, xb, beta=beta).items():
-            sums[k] = sums.get(k, 0.0) + v.sum().item()
-    model.train(was_training)
-    return {k: v / x.shape[0] for k, v in sums.items()}
-
-
-def _loss_terms(model: nn.Module, x: torch.Tensor, *, beta: float, objective: Callable, k: int | None,
-                free_bits: float = 0.0, kl_balance: bool = False) -> dict[str, torch.Tensor]:
-    out = model(x) if k is None else model(x, k=k)
-    return objective(out, x, beta=beta, free_bits=free_bits, kl_balance=kl_balance)
-
-
-def objective_for(config: RunConfig) -> Callable[..., dict[str, torch.Tensor]]:
-    """loss_terms(model, x, beta=..., free_bits=...): a forward pass (K samples for IWAE), then the objective.
-
-    Validation and evaluation call it with the defaults (beta=1, no free bits): the true bound.
-
-    Autoencoders and PCA use their reconstruction loss; VAEs the configured --objective, with
-    --k samples per example (the IWAE bound's K, or a K-sample average for the ELBO).
-    """
-    if config.model.model in ("ae", "pca"):
-        return functools.partial(_loss_terms, objective=reconstruction, k=None)
-    k = config.train.k
-    return functools.partial(_loss_terms, objective=OBJECTIVES[config.train.objective],
-                             k=k if k > 1 or config.train.objective == "iwae" else None)
-
-
-def step_loss(loss_terms: Callable[..., dict[str, torch.Tensor]], net: nn.Module, x: torch.Tensor,
-              **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training step's summed loss, and its (loss, recon, kl) sums without gradients, for the metrics."""
-    terms = loss_terms(net, x, **kwargs)
-    loss = terms["loss"].sum()
-    with torch.no_grad():
-        totals = torch.stack([loss, terms["recon"].sum(), terms["kl"].sum()])
-    return loss, totals
-
-
-def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.Module,
-                 x: torch.Tensor, **options: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """step_loss with loss_terms through torch.compile; call it with beta as a 0-d tensor.
-
-    Inductor fuses the elementwise work around the matmuls (likelihood, KL, reparameterisation, ReLUs) and
-    runs the pass without Python: 5-15% per step for the MLP VAE on a CPU (benchmarks/train_speed.py).
-    A tensor beta keeps KL warm-up from compiling a graph per value; shapes are static (the trainer runs
-    the last, short batch of an epoch eagerly rather than compile it again). torch.distributions picks a KL
-    function with min() over a generator, which dynamo cannot trace, so one eager pass on two examples (eval
-    mode, no gradients, the random state restored after) fills its lookup table first and the step compiles
-    as one graph. That pass takes the step's options (free bits and KL balancing ask for KLs per unit,
-    another lookup) and a beta below 1, so that every KL the step can ask for has been looked up.
-    """
-    was_training = model.training
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
-        loss_terms(model.eval(), x[:2], beta=0.5, **options)
-    model.train(was_training)
-    compiled = torch.compile(functools.partial(step_loss, loss_terms), dynamic=False)
-    if x.device.type != "cpu" or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
-        return compiled  # (on a GPU tracing would replace cuDNN's fused RNN kernels: not measured, not done)
-
-    def traced_with_rnns(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        # dynamo leaves nn.LSTM/GRU out of its graphs unless allow_rnn is set (read at trace time: the first
-        # call), and the text VAE's step was nine graphs around them. Traced, the step is one graph, 1.08x
-        # (LSTM) and 1.19x (GRU) faster on a CPU than in pieces, after ~70 s of compiling instead of ~20
-        # (benchmarks/text_step.py). The setting is patched for this call only, never left on globally.
-        with torch._dynamo.config.patch(allow_rnn=True):
-            return compiled(*args, **kwargs)
-    return traced_with_rnns
-
-
-def _make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    try:  # the fused kernel is ~15% faster per step on CPU for these models
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(model.parameters(), lr=lr)
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
-    """optimizer.step(); for a fused Adam whose state exists, through torch.optim's functional adam.
-
-    The same kernel on the same state, without Optimizer.step's per-call bookkeeping (hooks, profiler
-    ranges, state and device checks): ~0.1 ms, 2% of an MLP VAE's step on a CPU. Other optimizers and
-    Adam variants, the first step (which creates the state) and hooked optimizers take optimizer.step().
-    """
-    hooks = [getattr(owner, name, True) for owner, name in (
-        (optimizer, "_optimizer_step_pre_hooks"), (optimizer, "_optimizer_step_post_hooks"),
-        (optimizer_module, "_global_optimizer_pre_hooks"), (optimizer_module, "_global_optimizer_post_hooks"))]
-    plain = type(optimizer) is torch.optim.Adam and not any(hooks)
-    updates = []
-    for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
-        states = [optimizer.state.get(p) for p in params]
-        if not (plain and group.get("fused") and all(states) and not any(p.is_complex() for p in params)
-                and not any(group.get(k) for k in ("capturable", "differentiable", "decoupled_weight_decay"))):
-            optimizer.step()
-            return
-        updates.append((group, params, states))
-    for group, params, states in updates:
-        beta1, beta2 = group["betas"]
-        adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
-             fused=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
-
-
 class Trainer:
     """Trains one run into its run directory; `fit` returns the trained model.
 
@@ -265,7 +148,7 @@ class Trainer:
         self.loss_terms = objective_for(self.config)
         self.train_x = self.data.train.x.to(self.device)
         self.val_x = self.data.val.x.to(self.device)
-        self.optimizer = None if isinstance(self.model, PCA) else _make_optimizer(self.model, config.train.lr)
+        self.optimizer = None if isinstance(self.model, PCA) else make_optimizer(self.model, config.train.lr)
         self.parameters = list(self.model.parameters())
         self.compiled = None  # compile_step(...) with --compile, made at the first step
         self.compiled_batch = 0  # the batch size it compiled for
