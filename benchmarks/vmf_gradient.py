@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vaelab.bessel import bessel_iv_ratio
 from vaelab.objectives import sampler_correction
-from vaelab.vmf import VonMisesFisher, bessel_iv_ratio
+from vaelab.vmf import VonMisesFisher
 
 CASES = [(2, 1.0), (2, 10.0), (5, 2.0), (10, 1.0), (10, 10.0), (64, 10.0)]
 RESULTS = Path(__file__).parent / "results" / "vmf_gradient.json"
