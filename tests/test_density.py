@@ -268,6 +268,22 @@ def test_compare_prints_a_markdown_row_per_run(tmp_path):
     assert rows[1]["test_kl"] < rows[0]["test_kl"]  # a larger beta buys a smaller KL
 
 
+def test_compare_evaluates_again_a_run_trained_on_after_its_evaluation(tmp_path, capsys):
+    """compare read evaluation.json as it was: a run evaluated at epoch 1 and trained to epoch 2 showed epoch 1's
+    numbers as the run's."""
+    config = RunConfig(data=DataConfig(name="digits"), model=ModelConfig(hidden=(8,), latent_dim=2),
+                       train=TrainConfig(epochs=1))
+    train(config, tmp_path / "run", progress=False)
+    evaluate_run(tmp_path / "run", nll_k=5, probe=False)
+    train(dataclasses.replace(config, train=TrainConfig(epochs=2)), tmp_path / "run", resume=True, progress=False)
+    rows, markdown = compare_runs([tmp_path / "run"])
+    assert rows[0]["epoch"] == 2 and "| 2 |" in markdown
+    assert (f"{tmp_path / 'run'}: evaluation.json is of epoch 1, the run is at epoch 2: evaluating it again (for its "
+            f"NLL: vaelab evaluate {tmp_path / 'run'} --nll)") in capsys.readouterr().err
+    compare_runs([tmp_path / "run"])  # now current: read, not evaluated again
+    assert capsys.readouterr().err == ""
+
+
 def test_active_units_and_mutual_information_on_known_encoders():
     torch.manual_seed(0)
     model = VAE(input_shape=(1, 4, 4), latent_dim=4, hidden=()).eval()

@@ -170,10 +170,18 @@ def read_evaluation(run_dir: Path) -> dict[str, Any]:
 
 
 def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
-    """One row per run from its evaluation.json (evaluated now if missing), and the table as Markdown."""
+    """One row per run from its evaluation.json (evaluated now if missing, or if it is of an earlier checkpoint
+    than the run's latest: a run trained on after its evaluation showed the old numbers), and the table as
+    Markdown."""
     rows = []
     for run_dir in run_dirs:
         result = read_evaluation(run_dir)
+        epoch = runs.latest_checkpoint(Path(run_dir)).epoch
+        if result and result.get("epoch") != epoch:
+            nll = f" (for its NLL: vaelab evaluate {run_dir} --nll)" if "nll" in result else ""
+            print(f"{run_dir}: evaluation.json is of epoch {result.get('epoch')}, the run is at epoch {epoch}: "
+                  f"evaluating it again{nll}", file=sys.stderr)
+            result = {}
         if not result:
             result = evaluate_run(run_dir, probe=False)
         rows.append({"run": str(run_dir), **result})
