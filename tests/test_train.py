@@ -323,8 +323,10 @@ def test_binarisation_modes(tmp_path):
     static = prepare_data(RunConfig(data=DataConfig(name="tiny", binarize="static")), data)
     assert set(static.train.x.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(static.test.x, dynamic.test.x)  # held-out splits: one fixed seed for every run
-    again = prepare_data(RunConfig(data=DataConfig(name="tiny", binarize="static")), static)
-    assert torch.equal(again.train.x, static.train.x)  # preparing twice changes nothing
+    assert prepare_data(RunConfig(data=DataConfig(name="tiny", binarize="static")), static) is static  # passed on
+    with pytest.raises(ConfigError, match=r"'tiny' was prepared for another run \(--binarize static --seed 0\); "
+                                          r"pass the data set as loaded"):  # it was binarised again, or used as is
+        prepare_data(tiny_config(), static)
 
 
 def test_pca_and_ae_train_through_the_same_entry_point(tmp_path):

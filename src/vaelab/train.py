@@ -47,9 +47,21 @@ def epoch_seed(seed: int, epoch: int, *rank: int) -> int:
 
 
 def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
-    """Load the run's data set and apply its binarisation; checks values for the chosen likelihood."""
+    """Load the run's data set and apply its binarisation or dequantisation; checks values for the chosen
+    likelihood. Data this returned comes back as it is for the same settings (the report passes its data on to
+    evaluation, baselines and training), and is refused for others."""
     ds = dataset if dataset is not None else load_dataset(config.data.name)
     mode = config.data.binarize
+    needs_unit = not config.data.dequantize and (config.model.likelihood == "bernoulli" or mode != "none")
+    key = (mode, config.data.dequantize, config.train.seed if mode == "static" else None, needs_unit)
+    if ds.prepared_as == key:
+        return ds
+    if ds.prepared_as is not None:
+        binarized, dequantized, seed, _ = ds.prepared_as
+        raise ConfigError(f"data set {ds.name!r} was prepared for another run (--binarize {binarized}"
+                          + (" --dequantize" if dequantized else "") + (f" --seed {seed}" if seed is not None else "")
+                          + "); pass the data set as loaded (vaelab.data.load_dataset)")
+    ds = dataclasses.replace(ds, prepared_as=key)
     text_model = config.model.model in TEXT_MODELS
     if ds.is_text != text_model:
         wanted = "a text data set such as fortunes" if text_model else "an image data set such as mnist5k"
@@ -59,9 +71,6 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
         if mode != "none":
             raise ConfigError(f"--binarize {mode} applies to images; {ds.name!r} is text (drop --binarize)")
         return ds
-    if config.data.dequantize and ds.dequantized_with == EVAL_SEED:
-        return ds  # prepared already (the report passes its prepared data on): dequantising twice moves pixels
-    needs_unit = config.model.likelihood == "bernoulli" or mode != "none"
     for split_name in ("train", "val", "test"):
         x = getattr(ds, split_name).x
         source = f"data set {ds.name!r} ({split_name} split)"

@@ -35,7 +35,10 @@ class Dataset:
     test: Split
     classes: tuple[str, ...] | None = None
     vocab: tuple[str, ...] | None = None
-    dequantized_with: int | None = None  # the seed val/test were dequantised with (dequantize_held_out), if they were
+    # what train.prepare_data applied (binarisation, dequantisation, the seed of a static training split, and
+    # whether it checked values in [0, 1]), so that data passed on prepared is not prepared again (dequantising
+    # twice moves pixels); None: as loaded
+    prepared_as: tuple[str, bool, int | None, bool] | None = None
 
     def __post_init__(self) -> None:
         """Refuse splits that disagree, so models can trust `shape` and labels."""
@@ -155,7 +158,7 @@ def dequantize_held_out(ds: Dataset, seed: int) -> Dataset:
     the trainer draws new noise every batch)."""
     generator = torch.Generator(device=ds.val.x.device).manual_seed(seed)
     return replace(ds, val=Split(dequantize(ds.val.x, generator), ds.val.y),
-                   test=Split(dequantize(ds.test.x, generator), ds.test.y), dequantized_with=seed)
+                   test=Split(dequantize(ds.test.x, generator), ds.test.y))
 
 
 def static_binarize(ds: Dataset, seed: int) -> Dataset:
