@@ -643,3 +643,15 @@ def test_the_map_of_a_one_dimensional_latent_is_a_strip_of_label_rows(browser, s
         assert re.fullmatch(r"the map point \(-?\d+\.\d\d\)", page.inner_text("#base-text"))  # z alone
         assert errors == [], errors
         page.close()
+
+
+def test_the_nll_note_gives_the_command_for_the_run_and_only_where_there_is_an_nll(browser, live_url, runs_root):
+    """It said `vaelab evaluate RUN --nll` for every run, PCA and autoencoders included, which have no NLL."""
+    page, errors = open_page(browser, live_url + "?run=vae")
+    note = f"No NLL yet: run `vaelab evaluate {runs_root / 'vae'} --nll` and reload."
+    assert page.inner_text("#metrics-note") == note
+    page.close()
+    page, more = open_page(browser, live_url + "?run=pca")
+    assert page.inner_text("#metrics-note") == ""
+    page.close()
+    assert errors == more == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import io
 import math
+import shlex
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +242,7 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
     records = runs.read_metrics(run_dir)
     return finite_json({
         "run": name, "model": config.model.model, "data": data.name, "latent_dim": d,
+        "nll_command": f"vaelab evaluate {shlex.quote(str(run_dir))} --nll",  # run where `vaelab serve` ran
         "kind": "text" if data.is_text else "image",
         "input_shape": list(model.input_shape), "n_test": int(codes.shape[0]),
         "classes": list(data.classes) if data.classes is not None else None,

@@ -305,8 +305,8 @@ function showMetrics() {
     dt.textContent = name; dd.textContent = value;
     dl.append(dt, dd);
   }
-  $("metrics-note").textContent = m.nll === undefined
-    ? "No NLL yet: run `vaelab evaluate RUN --nll` and reload." : "";
+  $("metrics-note").textContent = m.nll === undefined && s.has_prior  // (autoencoders and PCA have no NLL)
+    ? `No NLL yet: run \`${s.nll_command}\` and reload.` : "";
 }
 
 // ---- start
