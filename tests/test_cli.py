@@ -250,6 +250,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
     (["--kl-cycle-ratio", "0.3"], "--kl-cycle-ratio would be ignored (--kl-cycle-ratio shapes the cycles of "
                                   "--kl-cycles N)"),
     (["--lr-min", "1e-4"], "--lr-min would be ignored (--lr-min is where --lr-schedule cosine ends)"),
+    (["--model", "hvae", "--hidden", "4,8", "--kl-balance"], "--kl-balance would be ignored (--kl-balance acts while "
+                                                            "the KL weight is below 1, as --warmup-epochs N"),
     (["--activation", "gated", "--linear"], "--linear drops every nonlinearity, --activation gated is one"),
 ])
 def test_flags_the_model_would_ignore_are_refused(tmp_path, capsys, argv, line):
@@ -267,7 +269,8 @@ def test_flags_each_model_uses_are_accepted_and_pca_dequantises_without_a_likeli
                               ["--model", "ae", "--likelihood", "gaussian", "--sigma", "0.3", "--hidden", "8"],
                               ["--kl-cycles", "2", "--kl-cycle-ratio", "0.3", "--lr-schedule", "cosine", "--lr-min",
                                "1e-4", "--objective", "iwae", "--k", "2", "--hidden", "8"],
-                              ["--model", "hvae", "--hidden", "4,8", "--cells", "2", "--likelihood", "gaussian"])):
+                              ["--model", "hvae", "--hidden", "4,8", "--cells", "2", "--likelihood", "gaussian"],
+                              ["--model", "hvae", "--hidden", "4,8", "--kl-balance", "--warmup-epochs", "2"])):
         assert main(["train", "--data", "digits", "--epochs", "1", "--quiet", "--no-report", *argv,
                      "--out", str(tmp_path / str(i))]) == 0, capsys.readouterr().err
     data = tmp_path / "eight_bit.npy"  # PCA's p(x|z) is Gaussian: --dequantize needs no --likelihood flag

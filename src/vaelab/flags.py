@@ -199,6 +199,10 @@ def _refuse_ignored(given: list[tuple[str, str, str]], config: RunConfig) -> Non
             why[flag] = "--kl-cycle-ratio shapes the cycles of --kl-cycles N"
         elif flag == "--lr-min" and config.train.lr_schedule == "constant":
             why[flag] = "--lr-min is where --lr-schedule cosine ends"
+        elif flag == "--kl-balance" and not (config.train.warmup_epochs or config.train.kl_cycles or
+                                             config.train.beta < 1):
+            why[flag] = ("--kl-balance acts while the KL weight is below 1, as --warmup-epochs N or --kl-cycles N "
+                         "set it")
     if why:
         flags = list(why)
         listed = " and ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)
