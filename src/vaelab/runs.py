@@ -100,7 +100,7 @@ def _prune(root: Path, *, keep: int, current: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _other_checkpoint(root: Path, damaged: Path | None = None) -> str:
+def _other_checkpoint(root: Path, damaged: Path | None = None, *, also: bool = True) -> str:
     """How to fall back to the newest other checkpoint folder whose trainer.json reads: "; the run also holds
     epoch-0002: to use it, write {...} into .../latest.json", or "" when there is none (a run keeps two)."""
     for path in sorted(root.glob("epoch-*"), reverse=True):
@@ -111,7 +111,7 @@ def _other_checkpoint(root: Path, damaged: Path | None = None) -> str:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         pointer = json.dumps({"epoch": epoch, "dir": path.name})
-        return f"; the run also holds {path.name}: to use it, write {pointer} into {root / LATEST}"
+        return f"; the run {'also ' if also else ''}holds {path.name}: to use it, write {pointer} into {root / LATEST}"
     return ""
 
 
@@ -125,7 +125,7 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint:
         path = root / str(raw["dir"])
         epoch = int(raw["epoch"])
     except FileNotFoundError:
-        fallback = _other_checkpoint(root).replace("also ", "")
+        fallback = _other_checkpoint(root, also=False)
         raise CheckpointError(f"{pointer} is missing" + fallback if fallback else
                               f"{run_dir} has no checkpoint ({pointer} is missing); train it first") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
