@@ -3,6 +3,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -282,6 +283,21 @@ def test_flags_each_model_uses_are_accepted_and_pca_dequantises_without_a_likeli
                  "--epochs", "1", "--quiet", "--out", str(tmp_path / "pca")]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "pca" / "baselines" / "vae" / "config.json").read_text())["model"]["likelihood"] \
         == "gaussian"  # the report's VAE baseline on the dequantised pixels
+
+
+def test_a_relative_data_path_is_stored_absolute_so_later_commands_work_from_elsewhere(tmp_path, monkeypatch,
+                                                                                       npz_data):
+    """config.json kept `npz:mine.npz` as typed: `vaelab report` from any other folder could not find the data."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "mine.npz").write_bytes(Path(npz_data.split(":", 1)[1]).read_bytes())
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["train", "--data", "npz:mine.npz", *TINY, "--no-report"]) == 0
+    run = tmp_path / "work" / "runs" / "npz-mine-vae"  # the default folder names the file, not its whole path
+    assert runs.load_config(run).data.name == f"npz:{tmp_path / 'work' / 'mine.npz'}"
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(run), "--no-baselines", "--quiet"]) == 0
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "3", "--quiet", "--no-report"]) == 0
+    assert runs.latest_checkpoint(run).epoch == 3
 
 
 def test_python_dash_m_entry_point_and_help():

@@ -21,7 +21,10 @@ from .flags import FLAGS, PRESETS, config_from_args, dest
 
 
 def _default_out(config: RunConfig) -> Path:
-    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in f"{config.data.name}-{config.model.model}")
+    """runs/<data>-<model>, numbered when taken; a file's data set by its file name (npz:/a/b/mine.npz: mine)."""
+    prefix, colon, path = config.data.name.partition(":")
+    data = f"{prefix}-{Path(path).stem}" if colon else config.data.name
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in f"{data}-{config.model.model}")
     out, i = Path("runs") / stem, 2
     while out.exists():
         out, i = Path("runs") / f"{stem}-{i}", i + 1

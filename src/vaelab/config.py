@@ -57,6 +57,9 @@ def _integer(value: Any, flag: str, *, minimum: int) -> None:
         raise ConfigError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
 
+FILE_DATA = ("folder", "npz", "npy")  # --data PREFIX:PATH, the user's own files (data.registry.CUSTOM)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data set, and how pixel values become observations."""
@@ -68,6 +71,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("--data must name a data set, e.g. mnist5k, digits, fashion-mnist, folder:PATH")
+        prefix, colon, path = self.name.partition(":")
+        if colon and prefix in FILE_DATA and path:  # stored absolute: later commands run from other folders
+            object.__setattr__(self, "name", f"{prefix}:{Path(path).expanduser().absolute()}")
         _choice(self.binarize, BINARIZE, "--binarize")
         if not isinstance(self.dequantize, bool):
             raise ConfigError(f"--dequantize is on or off (true or false), got {self.dequantize!r}")
