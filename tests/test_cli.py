@@ -323,9 +323,17 @@ def test_demo_trains_on_the_embedded_digits_and_prints_its_report(tmp_path, caps
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--quiet"]) == 0
     assert [r["epoch"] for r in runs.read_metrics(tmp_path / "demo" / "vae")] == [1, 2]
     assert runs.latest_checkpoint(tmp_path / "demo" / "vae").epoch == 2
+    # and so does its AE baseline, which the table compares at the same budget (it stayed at 1 epoch)
+    assert runs.latest_checkpoint(tmp_path / "demo" / "vae" / "baselines" / "ae").epoch == 2
     capsys.readouterr()
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"]) == 0
     assert "holds a demo of 2 epochs; reporting it as it is (delete the folder to train 1)" in capsys.readouterr().err
+
+
+def test_a_demo_of_no_epochs_reports_the_untrained_model(tmp_path, capsys):
+    """--epochs 0 failed with "d0/vae is not a directory; give the --out folder of a `vaelab train` run"."""
+    assert main(["demo", "--out", str(tmp_path / "d0"), "--epochs", "0", "--quiet"]) == 0
+    assert "This model is untrained (--epochs 0)" in (tmp_path / "d0" / "vae" / "report.html").read_text()
 
 
 def command_raising(monkeypatch, error: BaseException) -> None:

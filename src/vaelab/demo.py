@@ -25,7 +25,9 @@ def run_demo(out: Path, *, epochs: int = 30, progress: bool = True) -> Path:
     data = prepare_data(config)
     started = (run_dir / "config.json").exists()
     done = runs.latest_checkpoint(run_dir).epoch if started else 0
-    if done < epochs:  # a fresh demo, one cut off, or a shorter one (is_complete alone kept a 2-epoch demo at 2)
+    # a fresh demo (--epochs 0 too: it failed, asking for a run), one cut off, or a shorter one (is_complete
+    # alone kept a 2-epoch demo at 2)
+    if not started or done < epochs:
         train(config, run_dir, resume=started, dataset=data, progress=progress)
     elif done > epochs:
         print(f"{run_dir} holds a demo of {done} epochs; reporting it as it is (delete the folder to train "

@@ -221,7 +221,8 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
                       data: Dataset | None = None) -> list[dict[str, Any]]:
     """PCA, AE and VAE at the run's latent size on the same test data: one row of errors per model.
 
-    The run's own model fills its row; the others are trained (once) into RUN/baselines/<model>,
+    The run's own model fills its row; the others are trained (once, and on to the run's epochs when it has
+    trained further) into RUN/baselines/<model>,
     with the run's settings, unless train_missing is False (then missing rows are left out). A hierarchy's
     latent size is that of all its groups together (its reconstructions use them all), and its own row
     comes last. Above one latent unit per pixel PCA's row has a "note" instead of errors.
@@ -245,10 +246,13 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
             source, model = run_dir, own
         else:
             source = run_dir / "baselines" / name
-            if not runs.is_complete(source):
+            resume = (source / "config.json").exists()  # a baseline cut off earlier continues
+            # the run trained on since (train --resume --epochs, a longer demo): its baselines follow, as the
+            # table compares them at the same budget (PCA has no epochs)
+            behind = resume and name != "pca" and runs.load_config(source).train.epochs < config.train.epochs
+            if behind and train_missing or not runs.is_complete(source):
                 if not train_missing:
                     continue
-                resume = (source / "config.json").exists()  # a baseline cut off earlier continues
                 if progress:  # else its epoch lines read as the run's own, trained a second time
                     print(f"{'continuing' if resume else 'training'} the {name} baseline for the report's table "
                           f"(latent {size}) in {source} (--no-baselines skips it)", file=sys.stderr)
