@@ -222,8 +222,8 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
     """PCA, AE and VAE at the run's latent size on the same test data: one row of errors per model.
 
     The run's own model fills its row; the others are trained (once, and on to the run's epochs when it has
-    trained further) into RUN/baselines/<model>,
-    with the run's settings, unless train_missing is False (then missing rows are left out). A hierarchy's
+    trained further) into RUN/baselines/<model>, with the run's settings, unless train_missing is False (then
+    missing rows are left out, and baselines behind the run are shown as they are). A hierarchy's
     latent size is that of all its groups together (its reconstructions use them all), and its own row
     comes last. Above one latent unit per pixel PCA's row has a "note" instead of errors.
     """
