@@ -247,12 +247,13 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
         else:
             source = run_dir / "baselines" / name
             resume = (source / "config.json").exists()  # a baseline cut off earlier continues
+            complete = runs.is_complete(source)
+            if not complete and not train_missing:
+                continue
             # the run trained on since (train --resume --epochs, a longer demo): its baselines follow, as the
             # table compares them at the same budget (PCA has no epochs)
             behind = resume and name != "pca" and runs.load_config(source).train.epochs < config.train.epochs
-            if behind and train_missing or not runs.is_complete(source):
-                if not train_missing:
-                    continue
+            if not complete or behind and train_missing:
                 if progress:  # else its epoch lines read as the run's own, trained a second time
                     print(f"{'continuing' if resume else 'training'} the {name} baseline for the report's table "
                           f"(latent {size}) in {source} (--no-baselines skips it)", file=sys.stderr)
