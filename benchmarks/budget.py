@@ -17,7 +17,8 @@ from pathlib import Path
 from vaelab import runs
 from vaelab.config import RunConfig
 from vaelab.data import Dataset
-from vaelab.train import cosine_rate, train
+from vaelab.schedules import cosine_rate
+from vaelab.train import train
 
 
 def best_dir(out: Path) -> Path:

@@ -13,7 +13,8 @@ from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split
 from vaelab.errors import CheckpointError, ConfigError, DataError, TrainingError
-from vaelab.train import Trainer, cosine_rate, kl_weight, learning_rate, prepare_data, train
+from vaelab.schedules import cosine_rate, kl_weight, learning_rate
+from vaelab.train import Trainer, prepare_data, train
 
 
 def tiny_data(n=96, shape=(1, 6, 6), seed=0) -> Dataset:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, runs
-from .config import TEXT_MODELS, RunConfig, TrainConfig
+from .config import TEXT_MODELS, RunConfig
 from .data import (
     Dataset,
     binarize,
@@ -34,6 +34,7 @@ from .data import (
 )
 from .errors import CheckpointError, ConfigError, TrainingError, is_out_of_memory
 from .models import PCA, build_model
+from .schedules import kl_weight, learning_rate
 from .steps import compile_step, make_optimizer, mean_terms, objective_for, optimizer_step, step_loss
 from .system import flush_denormals, keep_freed_memory
 
@@ -88,41 +89,6 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
     held_out = static_binarize(ds, EVAL_SEED)  # val/test fixed once for comparable numbers
     train = static_binarize(ds, config.train.seed).train if mode == "static" else ds.train
     return dataclasses.replace(held_out, train=train)
-
-
-def kl_weight(config: TrainConfig, progress_epochs: float) -> float:
-    """The KL weight after `progress_epochs` (fractional) epochs of training.
-
-    Linear warm-up: beta * min(1, t / warmup) (Bowman et al. 2016; Sonderby et al. 2016). Cyclical
-    annealing: the run splits into kl_cycles equal cycles, and in each the weight rises linearly from 0
-    to beta over the first kl_cycle_ratio of it, then holds (Fu et al. 2019, eq. 3).
-    """
-    if config.kl_cycles > 0:
-        period = config.epochs / config.kl_cycles
-        phase = (progress_epochs % period) / period
-        return config.beta * min(1.0, phase / config.kl_cycle_ratio)
-    if config.warmup_epochs <= 0:
-        return config.beta
-    return config.beta * min(1.0, progress_epochs / config.warmup_epochs)
-
-
-def cosine_rate(peak: float, floor: float, fraction: float) -> float:
-    """floor + (peak - floor) (1 + cos(pi t)) / 2 at t = fraction of the run, clamped to [0, 1].
-
-    Cosine annealing without restarts (Loshchilov & Hutter 2017, "SGDR", eq. 5), as NVAE anneals its rate.
-    """
-    t = min(1.0, max(0.0, fraction))
-    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * t))
-
-
-def learning_rate(config: TrainConfig, progress_epochs: float) -> float:
-    """The rate after `progress_epochs` (fractional) epochs: lr, or its cosine annealing over config.epochs.
-
-    A --resume that extends --epochs stretches the rest of the cosine over the new length.
-    """
-    if config.lr_schedule == "cosine" and config.epochs > 0:
-        return cosine_rate(config.lr, config.lr_min, progress_epochs / config.epochs)
-    return config.lr
 
 
 class Trainer:
