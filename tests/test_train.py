@@ -13,7 +13,7 @@ from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split
 from vaelab.errors import CheckpointError, ConfigError, DataError, TrainingError
-from vaelab.schedules import cosine_rate, kl_weight, learning_rate
+from vaelab.schedules import cosine_rate, kl_weight, learning_rate, resume_note
 from vaelab.train import Trainer, prepare_data, train
 
 
@@ -104,6 +104,31 @@ def test_cosine_schedule_anneals_the_rate_at_every_step(tmp_path):
         tiny_config(lr=1e-3, lr_schedule="cosine", lr_min=1e-2)
     with pytest.raises(ConfigError, match="--lr-schedule"):
         tiny_config(lr_schedule="step")
+
+
+def test_resume_with_other_epochs_says_how_the_cosine_and_the_kl_cycles_move(tmp_path, capsys):
+    config = tiny_config(epochs=2, lr_schedule="cosine", warmup_epochs=0, kl_cycles=2)
+    train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
+    last = runs.read_metrics(tmp_path / "run")[-1]
+    assert last["lr"] < 1e-4 and last["beta"] == 1.0  # the end of the rate's cosine and of the second cycle
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=3))
+    train(longer, tmp_path / "run", resume=True, dataset=tiny_data(), progress=True)
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert note == [f"note: --epochs 3 (was 2) spreads the run's schedule over the new length: after epoch 2, the "
+                    f"learning rate goes from {last['lr']:.3g} to 0.00025; the KL cycles last 1.5 epochs (were 1) "
+                    "and the KL weight goes from 1 to 0.667"]
+    assert runs.read_metrics(tmp_path / "run")[-1]["beta"] == 1.0  # the new cycle rose over epoch 3
+    # the same length, a constant rate and a plain warm-up are not moved by --epochs: nothing to say
+    assert resume_note(config.train, config.train, 2, last) is None
+    warm = tiny_config(epochs=2)
+    assert resume_note(warm.train, dataclasses.replace(warm.train, epochs=5), 2, last) is None
+    cycles = dataclasses.replace(config.train, epochs=4, lr_schedule="constant")
+    assert resume_note(cycles, dataclasses.replace(cycles, epochs=8), 2, last) == (  # stopped after 2 of 4 epochs
+        "note: --epochs 8 (was 4) spreads the run's schedule over the new length: after epoch 2, the KL cycles "
+        "last 4 epochs (were 2) and the KL weight goes from 0 to 1")  # its second cycle would have begun here
+    assert resume_note(cycles, dataclasses.replace(cycles, epochs=10), 3, last) == (
+        "note: --epochs 10 (was 4) spreads the run's schedule over the new length: after epoch 3, the KL cycles "
+        "last 5 epochs (were 2)")  # the weight holds at 1 in both: half-way through a cycle, and 60% through one
 
 
 def test_resume_refuses_other_settings_and_fresh_start_refuses_an_existing_run(tmp_path):

@@ -5,6 +5,7 @@ Each is a function of the fractional epoch the step is at, so a resumed run reco
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from .config import TrainConfig
 
@@ -37,8 +38,40 @@ def cosine_rate(peak: float, floor: float, fraction: float) -> float:
 def learning_rate(config: TrainConfig, progress_epochs: float) -> float:
     """The rate after `progress_epochs` (fractional) epochs: lr, or its cosine annealing over config.epochs.
 
-    A --resume that extends --epochs stretches the rest of the cosine over the new length.
+    A --resume with another --epochs redraws the cosine over the new length (see resume_note).
     """
     if config.lr_schedule == "cosine" and config.epochs > 0:
         return cosine_rate(config.lr, config.lr_min, progress_epochs / config.epochs)
     return config.lr
+
+
+def resume_note(before: TrainConfig, after: TrainConfig, epoch: int, last: dict | None) -> str | None:
+    """What a --resume with another --epochs does to the schedules that span the run, or None.
+
+    The cosine rate and the KL cycles are fractions of config.epochs, so a new length moves them at
+    once: extending a finished cosine run raises its rate again, and cycles get longer. Each value is
+    compared with the old schedule's at the same point or, where the run had finished, with its last
+    step's, from `last`: the metrics record of the checkpoint's epoch, when there is one.
+    """
+    def old(key: str, schedule: Callable[[TrainConfig, float], float]) -> float:
+        finished = epoch >= before.epochs and last is not None and key in last
+        return last[key] if finished else schedule(before, epoch)
+
+    if before.epochs == after.epochs:
+        return None
+    moved = []
+    if after.lr_schedule == "cosine":
+        was, now = old("lr", learning_rate), learning_rate(after, epoch)
+        if not math.isclose(was, now, rel_tol=1e-3):
+            moved.append(f"the learning rate goes from {was:.3g} to {now:.3g}")
+    if after.kl_cycles > 0:
+        was, now = old("beta", kl_weight), kl_weight(after, epoch)
+        cycles = (f"the KL cycles last {after.epochs / after.kl_cycles:.3g} epochs "
+                  f"(were {before.epochs / before.kl_cycles:.3g})")
+        if not math.isclose(was, now, rel_tol=1e-3, abs_tol=1e-9):
+            cycles += f" and the KL weight goes from {was:.3g} to {now:.3g}"
+        moved.append(cycles)
+    if not moved:
+        return None
+    return (f"note: --epochs {after.epochs} (was {before.epochs}) spreads the run's schedule over the new length: "
+            f"after epoch {epoch}, " + "; ".join(moved))

@@ -34,7 +34,7 @@ from .data import (
 )
 from .errors import CheckpointError, ConfigError, TrainingError, is_out_of_memory
 from .models import PCA, build_model
-from .schedules import kl_weight, learning_rate
+from .schedules import kl_weight, learning_rate, resume_note
 from .steps import compile_step, make_optimizer, mean_terms, objective_for, optimizer_step, step_loss
 from .system import flush_denormals, keep_freed_memory
 
@@ -193,7 +193,10 @@ class Trainer:
                 self.config.save(self.run_dir / "config.json")  # training extended (or shortened) by --epochs
             kept = [r for r in runs.read_metrics(self.run_dir) if r.get("epoch", 0) <= checkpoint.epoch]
             runs.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        self._log(f"resuming {self.run_dir} after epoch {checkpoint.epoch}")
+            self._log(f"resuming {self.run_dir} after epoch {checkpoint.epoch}")
+            last = next((r for r in kept if r.get("epoch") == checkpoint.epoch), None)
+            if note := resume_note(stored.train, self.config.train, checkpoint.epoch, last):
+                self._log(note)
         return checkpoint.epoch + 1
 
     def _fit_pca(self) -> nn.Module:
