@@ -285,6 +285,21 @@ def test_flags_each_model_uses_are_accepted_and_pca_dequantises_without_a_likeli
         == "gaussian"  # the report's VAE baseline on the dequantised pixels
 
 
+def test_pca_trains_and_reports_on_real_valued_data(tmp_path, capsys):
+    """PCA's config keeps the default --likelihood bernoulli, which it does not use (and refuses as a flag), yet
+    standardised data were refused as "--likelihood bernoulli needs values in [0, 1]", and then its report's
+    baselines trained with that Bernoulli likelihood."""
+    data = tmp_path / "standardised.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((60, 4, 4)).astype(np.float32))
+    assert main(["train", "--data", f"npy:{data}", "--model", "pca", "--latent-dim", "2", "--epochs", "1",
+                 "--quiet", "--out", str(tmp_path / "pca")]) == 0, capsys.readouterr().err
+    for baseline in ("ae", "vae"):
+        assert runs.load_config(tmp_path / "pca" / "baselines" / baseline).model.likelihood == "gaussian"
+    assert main(["train", "--data", f"npy:{data}", "--model", "ae", "--latent-dim", "2", "--epochs", "1", "--quiet",
+                 "--no-report", "--out", str(tmp_path / "ae")]) == 2  # an AE's Bernoulli does need [0, 1]
+    assert "--likelihood bernoulli needs values in [0, 1]" in capsys.readouterr().err
+
+
 def test_a_relative_data_path_is_stored_absolute_so_later_commands_work_from_elsewhere(tmp_path, monkeypatch,
                                                                                        npz_data):
     """config.json kept `npz:mine.npz` as typed: `vaelab report` from any other folder could not find the data."""

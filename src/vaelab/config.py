@@ -102,6 +102,11 @@ class ModelConfig:
     cells: int = 1  # hvae: residual cells per group, in the encoder and in the decoder
     scale_floor: float = 0.01  # hvae: every prior/posterior standard deviation is softplus(.) + this (NVAE)
 
+    @property
+    def bernoulli(self) -> bool:
+        """Whether p(x|z) is Bernoulli, which needs pixels in [0, 1]; PCA's is Gaussian whatever --likelihood says."""
+        return self.likelihood == "bernoulli" and self.model != "pca"
+
     def __post_init__(self) -> None:
         _choice(self.model, MODELS, "--model")
         if self.net is None:
@@ -255,8 +260,7 @@ class RunConfig:
         if self.data.dequantize:
             if self.model.model in TEXT_MODELS:
                 raise ConfigError(f"--dequantize applies to 8-bit images, not to --model {self.model.model}")
-            bernoulli = self.model.likelihood == "bernoulli" and self.model.model != "pca"  # PCA's p(x|z) is Gaussian
-            if bernoulli or self.data.binarize != "none":
+            if self.model.bernoulli or self.data.binarize != "none":
                 raise ConfigError("--dequantize spreads 8-bit pixels over their bins for a continuous density: use "
                                   "it with --likelihood gaussian or gaussian-learned, without --binarize")
         if self.model.model not in HIERARCHICAL_MODELS:

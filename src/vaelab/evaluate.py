@@ -75,7 +75,7 @@ def nll_test_set(config: RunConfig, data: Dataset) -> tuple[torch.Tensor, int | 
         return x, None
     if config.data.binarize != "none":
         return x, EVAL_SEED
-    if config.model.likelihood == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
+    if config.model.bernoulli and not bool(((x == 0) | (x == 1)).all()):
         return binarize(x, torch.Generator().manual_seed(EVAL_SEED)), EVAL_SEED
     return x, None
 
@@ -209,9 +209,9 @@ def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None
     """The run's configuration with another --model: same data, net and budget, and the latent size given
     (default the run's --latent-dim); settings of a hierarchy (groups, KL balancing, spectral norms) dropped."""
     train_config = dataclasses.replace(config.train, objective="elbo", k=1, kl_balance=False, spectral_reg=0.0)
-    likelihood = config.model.likelihood  # a dequantised PCA run's own is unused (p(x|z) is Gaussian)
-    if config.data.dequantize and likelihood == "bernoulli":
-        likelihood = "gaussian"
+    # PCA's p(x|z) is Gaussian, whatever its config's --likelihood: its baselines' is too (fixed --sigma), so
+    # they train on the data PCA does, which need not lie in [0, 1]
+    likelihood = "gaussian" if config.model.model == "pca" else config.model.likelihood
     model_config = dataclasses.replace(config.model, model=model, linear=False, groups=None, likelihood=likelihood,
                                        latent_dim=config.model.latent_dim if latent_dim is None else latent_dim)
     return dataclasses.replace(config, model=model_config, train=train_config)

@@ -53,7 +53,7 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
     evaluation, baselines and training), and is refused for others."""
     ds = dataset if dataset is not None else load_dataset(config.data.name)
     mode = config.data.binarize
-    needs_unit = not config.data.dequantize and (config.model.likelihood == "bernoulli" or mode != "none")
+    needs_unit = not config.data.dequantize and (config.model.bernoulli or mode != "none")
     key = (mode, config.data.dequantize, config.train.seed if mode == "static" else None, needs_unit)
     if ds.prepared_as == key:
         return ds
