@@ -355,6 +355,20 @@ def test_binarisation_modes(tmp_path):
         prepare_data(tiny_config(), static)
 
 
+def test_data_prepared_for_pca_is_checked_again_for_a_bernoulli_model_and_passed_on(tmp_path):
+    """PCA needs finite values only; the report then passed its data on to a Bernoulli VAE baseline, which was
+    refused as "prepared for another run" (and, had it been taken, would not have been checked for [0, 1])."""
+    pca, vae = RunConfig(data=DataConfig(name="tiny"), model=ModelConfig(model="pca")), RunConfig(data=DataConfig(
+        name="tiny"))
+    for_pca = prepare_data(pca, tiny_data())
+    for_vae = prepare_data(vae, for_pca)
+    assert for_vae.train is for_pca.train and prepare_data(pca, for_vae) is for_vae  # checked for [0, 1] is finite
+    wide = prepare_data(pca, dataclasses.replace(tiny_data(), train=Split(tiny_data().train.x * 3,
+                                                                           tiny_data().train.y)))
+    with pytest.raises(DataError, match=r"\(train split\), as --likelihood bernoulli needs values in \[0, 1\]"):
+        prepare_data(vae, wide)
+
+
 def test_pca_and_ae_train_through_the_same_entry_point(tmp_path):
     for name in ("pca", "ae"):
         config = RunConfig(data=DataConfig(name="tiny"), model=ModelConfig(model=name, hidden=(16,), latent_dim=2,

@@ -55,8 +55,11 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
     mode = config.data.binarize
     needs_unit = not config.data.dequantize and (config.model.bernoulli or mode != "none")
     key = (mode, config.data.dequantize, config.train.seed if mode == "static" else None, needs_unit)
-    if ds.prepared_as == key:
-        return ds
+    if ds.prepared_as is not None and ds.prepared_as[:3] == key[:3]:
+        if needs_unit and not ds.prepared_as[3]:  # prepared for PCA, say, and now for a Bernoulli baseline
+            _check_values(ds, config, needs_unit)
+            return dataclasses.replace(ds, prepared_as=key)
+        return ds  # (checked for [0, 1] is also checked for finite values)
     if ds.prepared_as is not None:
         binarized, dequantized, seed, _ = ds.prepared_as
         raise ConfigError(f"data set {ds.name!r} was prepared for another run (--binarize {binarized}"
@@ -72,16 +75,7 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
         if mode != "none":
             raise ConfigError(f"--binarize {mode} applies to images; {ds.name!r} is text (drop --binarize)")
         return ds
-    for split_name in ("train", "val", "test"):
-        x = getattr(ds, split_name).x
-        source = f"data set {ds.name!r} ({split_name} split)"
-        if config.data.dequantize:
-            check_eight_bit(x, source)
-        elif needs_unit:
-            why = "binarisation" if mode != "none" else "--likelihood bernoulli"
-            check_unit_interval(x, f"{source}, as {why} needs values in [0, 1]")
-        else:
-            check_finite(x, source)
+    _check_values(ds, config, needs_unit)
     if config.data.dequantize:  # (not with --binarize: RunConfig refuses the pair)
         return dequantize_held_out(ds, EVAL_SEED)
     if mode == "none":
@@ -89,6 +83,20 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
     held_out = static_binarize(ds, EVAL_SEED)  # val/test fixed once for comparable numbers
     train = static_binarize(ds, config.train.seed).train if mode == "static" else ds.train
     return dataclasses.replace(held_out, train=train)
+
+
+def _check_values(ds: Dataset, config: RunConfig, needs_unit: bool) -> None:
+    """Each split's values as the run's likelihood and binarisation need them, or a one-line DataError."""
+    for split_name in ("train", "val", "test"):
+        x = getattr(ds, split_name).x
+        source = f"data set {ds.name!r} ({split_name} split)"
+        if config.data.dequantize:
+            check_eight_bit(x, source)
+        elif needs_unit:
+            why = "binarisation" if config.data.binarize != "none" else "--likelihood bernoulli"
+            check_unit_interval(x, f"{source}, as {why} needs values in [0, 1]")
+        else:
+            check_finite(x, source)
 
 
 class Trainer:
