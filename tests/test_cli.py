@@ -219,6 +219,10 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
         assert f"{flag} must be" in err and argv[-1] in err
     err = run_error(["evaluate", str(vae_run), "--k", "100", "--chunk", "10"], capsys)  # was evaluated without NLL
     assert "--k and --chunk would be ignored: they set the importance-sampled NLL; add --nll or drop them" in err
+    err = run_error(["evaluate", str(vae_run / "baselines" / "pca"), "--nll", "--k", "100"], capsys)
+    assert "--k would be ignored: PCA's log p(x) is exact, with no importance sampling; drop it" in err
+    err = run_error(["evaluate", str(vae_run / "baselines" / "ae"), "--nll"], capsys)
+    assert "--nll needs a model of p(x): a VAE (importance-sampled) or PCA (exact), not --model ae" in err
     err = run_error(["sample", str(vae_run / "baselines" / "ae")], capsys)
     assert "holds a --model ae run, which has no prior to sample from" in err
     # --out: a folder, or a picture's name PIL cannot map to a format, were tracebacks; -n counts from the end

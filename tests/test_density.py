@@ -1,5 +1,6 @@
 """Importance-sampled log p(x), IWAE, and the evaluation suite, checked against closed forms."""
 import dataclasses
+import html
 import json
 import math
 
@@ -13,10 +14,11 @@ from vaelab import latent_stats, runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split, dequantize
 from vaelab.density import importance_sample, log_likelihood, mean_and_stderr
+from vaelab.errors import InputError
 from vaelab.evaluate import compare_runs, evaluate_run
 from vaelab.latent_stats import active_units, mutual_information, mutual_information_bounds
 from vaelab.latents import DiagonalNormal
-from vaelab.models import VAE
+from vaelab.models import AE, PCA, VAE
 from vaelab.objectives import elbo, iwae
 from vaelab.train import train
 
@@ -256,6 +258,52 @@ def test_a_dequantised_run_reports_bits_per_dimension_of_its_8_bit_images(tmp_pa
     assert result["nll_bits_per_dim"] == pytest.approx((result["nll"] + 36 * math.log(256)) / (36 * math.log(2)))
     page = write_report(tmp_path / "run", baselines=False, data=data).read_text()
     assert "a density of the dequantised pixels" in page and "NLL of the 8-bit images, bits per dimension" in page
+
+
+def test_pca_log_marginal_is_probabilistic_pca_s_exact_gaussian_and_the_maximum_likelihood_fit_s():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 1, 4, 5, generator=g)
+    x[:, :, 0] = 0.5 * x[:, :, 1] + 0.1 * x[:, :, 0]  # correlated rows: a principal subspace worth the name
+    model = PCA(input_shape=(1, 4, 5), latent_dim=3).fit(x)
+    u, eigenvalues = model.components.double().T, model.explained_variance.double()
+    noise = model.noise_variance.double()
+    w = u * (eigenvalues - noise).sqrt()  # Tipping & Bishop 1999, eq. 7 (R = I)
+    exact = MultivariateNormal(model.mean.double(), w @ w.T + noise * torch.eye(20, dtype=torch.float64))
+    test = torch.rand(7, 1, 4, 5, generator=g)
+    assert torch.allclose(model.log_marginal(test), exact.log_prob(test.flatten(1).double()), atol=1e-6)
+    # at the maximum-likelihood C (eigenvalues from the (N - 1)-normalised covariance) the training data's mean
+    # log-likelihood is -(P log 2 pi + log |C| + P (N - 1) / N) / 2, as tr(C^-1 S) = P (Tipping & Bishop, eq. 4)
+    n = x.shape[0]
+    expected = -0.5 * (20 * math.log(2 * math.pi) + torch.logdet(exact.covariance_matrix) + 20 * (n - 1) / n)
+    assert float(model.log_marginal(x).mean()) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_evaluate_gives_pca_its_exact_nll_as_a_density_and_says_so(tmp_path):
+    from vaelab.reports import write_report
+
+    data = eight_bit(tiny_data())
+    for name, dequantised in (("pca", False), ("dequantised", True)):
+        config = RunConfig(data=DataConfig(name="tiny", dequantize=dequantised),
+                           model=ModelConfig(model="pca", latent_dim=3))
+        train(config, tmp_path / name, dataset=data, progress=False)
+    result = evaluate_run(tmp_path / "pca", nll_k=5000, probe=False, data=data)
+    model = runs.load(tmp_path / "pca")
+    assert result["nll"] == pytest.approx(-float(model.log_marginal(data.test.x).mean()))
+    assert torch.equal(log_likelihood(model, data.test.x, k=7), model.log_marginal(data.test.x).float())
+    with pytest.raises(InputError, match=r"PCA models have no latent posterior .*exact: log_likelihood\(model, x\)"):
+        importance_sample(model, data.test.x, k=7)  # were tracebacks from forward(x, k=...), as for an AE
+    with pytest.raises(InputError, match=r"AE models have no latent posterior and prior to sample from"):
+        log_likelihood(AE(input_shape=(1, 6, 6), latent_dim=2, hidden=(4,)), data.test.x)
+    assert result["nll_exact"] and result["nll_density"] and "nll_k" not in result and "ess_mean" not in result
+    assert "nll_bits_per_dim" not in result and result["test_binarize_seed"] is None  # grey pixels, not binarised
+    page = html.unescape(write_report(tmp_path / "pca", baselines=False, data=data).read_text())
+    assert "test -log p(x), nats, exact: probabilistic PCA's Gaussian" in page
+    dequantised = evaluate_run(tmp_path / "dequantised", nll_k=5000, probe=False, data=data)
+    assert dequantised["nll_dequantized"]
+    assert dequantised["nll_bits_per_dim"] == pytest.approx((dequantised["nll"] + 36 * math.log(256)) /
+                                                             (36 * math.log(2)))
+    _, markdown = compare_runs([tmp_path / "pca"])
+    assert f"| {result['nll']:.2f} (density) | exact |" in markdown.splitlines()[2]
 
 
 def test_compare_prints_a_markdown_row_per_run(tmp_path):

@@ -646,12 +646,34 @@ def test_the_map_of_a_one_dimensional_latent_is_a_strip_of_label_rows(browser, s
 
 
 def test_the_nll_note_gives_the_command_for_the_run_and_only_where_there_is_an_nll(browser, live_url, runs_root):
-    """It said `vaelab evaluate RUN --nll` for every run, PCA and autoencoders included, which have no NLL."""
-    page, errors = open_page(browser, live_url + "?run=vae")
-    note = f"No NLL yet: run `vaelab evaluate {runs_root / 'vae'} --nll` and reload."
-    assert page.inner_text("#metrics-note") == note
-    page.close()
-    page, more = open_page(browser, live_url + "?run=pca")
-    assert page.inner_text("#metrics-note") == ""
-    page.close()
+    """It said `vaelab evaluate RUN --nll` for every run, autoencoders included, which have no NLL; PCA's is exact."""
+    from vaelab.evaluate import evaluate_run
+
+    errors = []
+    for run in ("vae", "pca"):
+        page, more = open_page(browser, live_url + f"?run={run}")
+        note = f"No NLL yet: run `vaelab evaluate {runs_root / run} --nll` and reload."
+        assert page.inner_text("#metrics-note") == note
+        page.close()
+        errors += more
+    written = runs_root / "pca" / "evaluation.json"
+    assert not written.exists()  # (other tests see the fixture's runs unevaluated)
+    try:
+        evaluate_run(runs_root / "pca", nll_k=1, probe=False)
+        page, more = open_page(browser, live_url + "?run=pca")
+        assert page.inner_text("#metrics-note") == ""
+        assert "(exact; a density: PCA's Gaussian)" in page.inner_text("#metrics")
+        page.close()
+    finally:
+        written.unlink(missing_ok=True)
     assert errors == more == []
+
+
+def test_an_autoencoder_has_no_nll_to_ask_for(runs_root, tmp_path):
+    config = RunConfig(data=DataConfig(name=f"npz:{runs_root.parent / 'bars.npz'}"),
+                       model=ModelConfig(model="ae", hidden=(8,), latent_dim=2),
+                       train=TrainConfig(epochs=1, batch_size=32, device="cpu"))
+    train(config, tmp_path / "ae", progress=False)
+    client = TestClient(create_app(tmp_path), raise_server_exceptions=False)
+    assert client.get("/api/summary", params={"run": "ae"}).json()["has_nll"] is False  # the page shows no note
+    assert client.get("/api/summary", params={"run": "ae"}).json()["has_prior"] is False

@@ -80,6 +80,7 @@ def _run_folder(out: Path) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import runs
     from .evaluate import evaluate_run
 
     if args.k is not None and args.k < 1:
@@ -90,6 +91,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if given and not args.nll:
         raise ConfigError(f"{' and '.join(given)} would be ignored: {'they set' if len(given) > 1 else 'it sets'} "
                           "the importance-sampled NLL; add --nll or drop " + ("them" if len(given) > 1 else "it"))
+    if given and runs.load_config(args.run).model.model == "pca":
+        raise ConfigError(f"{' and '.join(given)} would be ignored: PCA's log p(x) is exact, with no importance "
+                          "sampling; drop " + ("them" if len(given) > 1 else "it"))
     result = evaluate_run(args.run, nll_k=(args.k or 5000) if args.nll else None, probe=not args.no_probe,
                           chunk=args.chunk, device=args.device)
     for key, value in result.items():
@@ -283,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = run_command("evaluate", "the evaluation suite on the test set (ELBO, KL per dimension, active units, "
                                 "I(x;z), linear probes, reconstruction error; NLL with --nll); writes "
                                 "RUN/evaluation.json", cmd_evaluate)
-    q.add_argument("--nll", action="store_true", help="estimate log p(x) by importance sampling (IWAE bound)")
+    q.add_argument("--nll", action="store_true", help="log p(x) of the test set: importance-sampled for a VAE "
+                   "(IWAE bound), exact for PCA")
     q.add_argument("--k", type=int, default=None, help="importance samples per test image (default 5000)")
     q.add_argument("--chunk", type=int, default=None, help="samples per pass (memory knob; default 200)")
     q.add_argument("--no-probe", action="store_true", help="skip the logistic-regression probes")

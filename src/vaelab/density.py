@@ -50,18 +50,25 @@ class Estimate:
     k: int
 
     def summary(self, n_dims: int | None = None, tokens: torch.Tensor | None = None) -> dict[str, float]:
-        """Mean NLL in nats with its standard error and the mean ESS; in bits per dimension for images
-        (n_dims values each), or per token and as perplexity exp(sum NLL / sum tokens) for text."""
-        nll = -self.log_px.double()
-        mean, stderr = mean_and_stderr(nll)
-        result = {"nll": mean, "nll_stderr": stderr, "nll_k": self.k,
-                  "ess_mean": float(self.ess.double().mean()), "ess_fraction": float(self.ess.double().mean()) / self.k}
-        if n_dims is not None:
-            result["nll_bits_per_dim"] = float(nll.mean()) / (n_dims * math.log(2))
-        if tokens is not None:
-            per_token = float(nll.sum() / tokens.double().sum())
-            result.update(nll_per_token=per_token, perplexity=math.exp(per_token))
-        return result
+        """nll_summary of the estimates, with K and the mean ESS."""
+        ess = float(self.ess.double().mean())
+        return {**nll_summary(self.log_px, n_dims, tokens), "nll_k": self.k, "ess_mean": ess,
+                "ess_fraction": ess / self.k}
+
+
+def nll_summary(log_px: torch.Tensor, n_dims: int | None = None,
+                tokens: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean NLL in nats of per-example log p(x) with its standard error; in bits per dimension for images
+    (n_dims values each), or per token and as perplexity exp(sum NLL / sum tokens) for text."""
+    nll = -log_px.double()
+    mean, stderr = mean_and_stderr(nll)
+    result = {"nll": mean, "nll_stderr": stderr}
+    if n_dims is not None:
+        result["nll_bits_per_dim"] = mean / (n_dims * math.log(2))
+    if tokens is not None:
+        per_token = float(nll.sum() / tokens.double().sum())
+        result.update(nll_per_token=per_token, perplexity=math.exp(per_token))
+    return result
 
 
 @dataclass
@@ -133,6 +140,10 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         seed: the noise is keyed by (seed, example, sample), so a result depends on the seed alone;
             the global RNG is not touched.
     """
+    if not hasattr(model, "prior"):  # PCA, autoencoders: no q(z|x) to sample from
+        exact = "; PCA's log p(x) is exact: log_likelihood(model, x)" if hasattr(model, "log_marginal") else ""
+        raise InputError(f"importance_sample: {type(model).__name__} models have no latent posterior and prior to "
+                         f"sample from; log p(x) needs a VAE{exact}")
     if k < 1:
         raise InputError(f"importance_sample: k must be >= 1, got {k}")
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
@@ -180,5 +191,8 @@ def _importance_sample(model: nn.Module, x: torch.Tensor, *, k: int, chunk: int 
 
 def log_likelihood(model: nn.Module, x: torch.Tensor, k: int = 5000, chunk: int | None = None, *,
                    batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
-    """Per-example importance-sampled log p(x) in nats, shape (N,): see importance_sample."""
+    """Per-example log p(x) in nats, shape (N,): importance-sampled (see importance_sample), or for PCA exact
+    (probabilistic PCA's Gaussian marginal; k, chunk, batch_size and seed unused)."""
+    if hasattr(model, "log_marginal") and isinstance(x, torch.Tensor):
+        return model.log_marginal(x.to(model_device(model))).float().cpu()
     return importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed).log_px

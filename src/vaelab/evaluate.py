@@ -23,10 +23,11 @@ from .config import RunConfig
 from .data import Dataset, binarize
 from .data.dataset import EIGHT_BIT_LEVELS
 from .data.text import token_counts
-from .density import importance_sample, log_likelihood
+from .density import importance_sample, log_likelihood, nll_summary
 from .errors import ConfigError
 from .fileio import atomic_write_text
 from .latent_stats import active_units, active_units_per_group, kl_per_unit, linear_probes, mutual_information_bounds
+from .models import PCA
 from .objectives import elbo
 from .steps import mean_terms, objective_for
 from .system import model_device
@@ -110,20 +111,23 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
         result.update(active_units(model, x))  # of the top group, for a hierarchy
         result.update(mutual_information_bounds(model, x))
     if nll_k is not None:
-        if not has_posterior(model):
-            raise ConfigError(f"--nll needs a model with a latent posterior (a VAE), not {config.model.model}")
+        if not (has_posterior(model) or isinstance(model, PCA)):
+            raise ConfigError(f"--nll needs a model of p(x): a VAE (importance-sampled) or PCA (exact), not "
+                              f"--model {config.model.model}, whose codes are deterministic")
         x_nll, seed = nll_test_set(config, data)
-        estimate = importance_sample(model, x_nll, k=nll_k, chunk=chunk, seed=EVAL_SEED)
-        if data.is_text:
-            result.update(estimate.summary(tokens=token_counts(x_nll)))
-        elif config.model.likelihood == "bernoulli":  # a probability of binary images: bits per pixel
-            result.update(estimate.summary(math.prod(x.shape[1:])))
-        else:  # a Gaussian's log p(x) is a density of [0, 1]-scaled pixels, above 0 nats or below; in bits per
-            # dimension it would read as a discrete model's, so none is given unless the run was trained and is
-            # scored on dequantised 8-bit pixels: then -log P(8-bit image) <= -log p(x) + D log 256 in
-            # expectation (Theis et al. 2016, Sec. 3.1), and that bound is the bits per dimension
-            result.update(estimate.summary(math.prod(x.shape[1:]) if config.data.dequantize else None),
-                          nll_density=True)
+        # a Gaussian's log p(x) is a density of [0, 1]-scaled pixels, above 0 nats or below; in bits per
+        # dimension it would read as a discrete model's, so none is given unless the run was trained and is
+        # scored on dequantised 8-bit pixels: then -log P(8-bit image) <= -log p(x) + D log 256 in
+        # expectation (Theis et al. 2016, Sec. 3.1), and that bound is the bits per dimension
+        density = not data.is_text and not config.model.bernoulli
+        per_dim = math.prod(x.shape[1:]) if not data.is_text and (config.data.dequantize or not density) else None
+        if isinstance(model, PCA):  # probabilistic PCA's Gaussian marginal, in closed form
+            result.update(nll_summary(model.log_marginal(x_nll.to(model_device(model))), per_dim), nll_exact=True)
+        else:
+            estimate = importance_sample(model, x_nll, k=nll_k, chunk=chunk, seed=EVAL_SEED)
+            result.update(estimate.summary(per_dim, tokens=token_counts(x_nll) if data.is_text else None))
+        if density:
+            result["nll_density"] = True
             if config.data.dequantize:  # + D log 256 nats is + log2(256) = 8 bits per dimension
                 result["nll_bits_per_dim"] += math.log2(EIGHT_BIT_LEVELS)
                 result["nll_dequantized"] = True
@@ -191,6 +195,8 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
         cells = {key: _cell(row.get(key)) for key, _ in columns}
         if row.get("nll_density") and cells["nll"]:  # not comparable with the discrete NLLs beside it
             cells["nll"] += " (density)"
+        if row.get("nll_exact") and cells["nll"]:  # PCA's: no importance samples
+            cells["nll_k"] = "exact"
         lines.append("| " + " | ".join(cells.values()) + " |")
     notes = "\n(density): -log p(x) of a Gaussian likelihood, a density of [0, 1]-scaled pixels.\n" if any(
         row.get("nll_density") and row.get("nll") is not None for row in rows) else ""

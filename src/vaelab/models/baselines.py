@@ -66,6 +66,25 @@ class PCA(nn.Module):
         loc = (z @ self.components + self.mean).unflatten(-1, self.input_shape)
         return Independent(Normal(loc, self.noise_variance.sqrt(), validate_args=False), 3, validate_args=False)
 
+    @torch.no_grad()
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x) of images x under probabilistic PCA, x ~ N(mean, W W^T + sigma^2 I): (B,), float64.
+
+        With the maximum-likelihood W = U (Lambda - sigma^2 I)^(1/2) (Tipping & Bishop 1999, eq. 7) the
+        covariance has eigenvalue lambda_i along component u_i and sigma^2 elsewhere, so its log-determinant
+        is sum log lambda_i + (P - L) log sigma^2 and (x - mean)^T C^-1 (x - mean) is
+        |x - mean|^2 / sigma^2 - sum_i (u_i^T (x - mean))^2 (1 / sigma^2 - 1 / lambda_i): no P x P matrix.
+        """
+        check_images(x, self.input_shape, "log_marginal", model_tensor(self))
+        centred = x.flatten(1).double() - self.mean.double()
+        projections = centred @ self.components.double().T
+        noise = self.noise_variance.double()
+        eigenvalues = self.explained_variance.double().clamp_min(noise)  # >= sigma^2 for a fitted model
+        n_features = centred.shape[1]
+        log_det = eigenvalues.log().sum() + (n_features - self.latent_dim) * noise.log()
+        mahalanobis = centred.pow(2).sum(1) / noise - (projections.pow(2) * (1 / noise - 1 / eigenvalues)).sum(1)
+        return -0.5 * (n_features * math.log(2 * math.pi) + log_det + mahalanobis)
+
     def forward(self, x: torch.Tensor) -> Output:
         z = self.encode(x)
         return Output(qz=None, pz=None, z=z, px_z=self.decode(z))

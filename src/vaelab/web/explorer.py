@@ -26,6 +26,7 @@ from ..errors import VaelabError
 from ..evaluate import read_evaluation
 from ..latent_stats import codes as test_codes
 from ..latent_stats import kl_per_unit
+from ..models import PCA
 from ..system import model_device
 from ..train import prepare_data
 
@@ -246,7 +247,8 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
         "kind": "text" if data.is_text else "image",
         "input_shape": list(model.input_shape), "n_test": int(codes.shape[0]),
         "classes": list(data.classes) if data.classes is not None else None,
-        "has_prior": hasattr(model, "sample"), "temperature": supports_temperature(model) if
+        "has_prior": hasattr(model, "sample"), "has_nll": hasattr(model, "sample") or isinstance(model, PCA),
+        "temperature": supports_temperature(model) if
         hasattr(model, "sample") else False,
         "epoch": records[-1].get("epoch") if records else None,
         "last_epoch": {k: v for k, v in records[-1].items() if isinstance(v, (int, float))} if records else {},
@@ -266,7 +268,8 @@ def _evaluated(run_dir: Path, epoch: int | None) -> dict[str, Any]:
     """The page's test metrics, read from RUN/evaluation.json now."""
     evaluation = _evaluation_of(run_dir, epoch)
     return {"metrics": {k: evaluation[k] for k in METRIC_KEYS if _is_number(evaluation.get(k))},
-            "evaluated": bool(evaluation), "nll_density": evaluation.get("nll_density") is True}
+            "evaluated": bool(evaluation), "nll_density": evaluation.get("nll_density") is True,
+            "nll_exact": evaluation.get("nll_exact") is True}
 
 
 def _is_number(value: Any) -> bool:

@@ -284,7 +284,8 @@ function fmt(v, digits = 2) {
 function showMetrics() {
   const s = state.summary, m = s.metrics, last = s.last_epoch || {};
   const rows = [
-    [s.nll_density ? "test −log p(x), nats (a density: Gaussian likelihood)" : "test NLL (nats)", m.nll !== undefined ? fmt(m.nll) + (m.nll_stderr !== undefined ? ` ± ${fmt(m.nll_stderr)}` : "") : null],
+    [s.nll_exact ? "test −log p(x), nats (exact; a density: PCA's Gaussian)"
+      : s.nll_density ? "test −log p(x), nats (a density: Gaussian likelihood)" : "test NLL (nats)", m.nll !== undefined ? fmt(m.nll) + (m.nll_stderr !== undefined ? ` ± ${fmt(m.nll_stderr)}` : "") : null],
     ["NLL, bits/dim", fmt(m.nll_bits_per_dim, 4)],
     ["test ELBO", fmt(m.test_elbo)],
     ["reconstruction", fmt(m.test_recon)],
@@ -305,7 +306,7 @@ function showMetrics() {
     dt.textContent = name; dd.textContent = value;
     dl.append(dt, dd);
   }
-  $("metrics-note").textContent = m.nll === undefined && s.has_prior  // (autoencoders and PCA have no NLL)
+  $("metrics-note").textContent = m.nll === undefined && s.has_nll  // (autoencoders have no NLL)
     ? `No NLL yet: run \`${s.nll_command}\` and reload.` : "";
 }
 
