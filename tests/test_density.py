@@ -314,6 +314,9 @@ def test_compare_prints_a_markdown_row_per_run(tmp_path):
     assert len(rows) == 2 and markdown.count("\n") == 4
     assert "NLL (nats)" in markdown and str(tmp_path / "b") in markdown
     assert rows[1]["test_kl"] < rows[0]["test_kl"]  # a larger beta buys a smaller KL
+    (tmp_path / "b").rename(tmp_path / "renamed")  # a row showed the path its evaluation.json was written by
+    rows, markdown = compare_runs([tmp_path / "renamed"])
+    assert rows[0]["run"] == str(tmp_path / "renamed") and f"| {tmp_path / 'b'} |" not in markdown
 
 
 def test_compare_evaluates_again_a_run_trained_on_after_its_evaluation(tmp_path, capsys):

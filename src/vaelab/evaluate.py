@@ -188,7 +188,7 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
             result = {}
         if not result:
             result = evaluate_run(run_dir, probe=False)
-        rows.append({"run": str(run_dir), **result})
+        rows.append({**result, "run": str(run_dir)})  # as given: evaluation.json has the path it was evaluated by
     columns = [("run", "run"), *COMPARE_COLUMNS]
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
