@@ -397,6 +397,20 @@ def test_a_file_the_system_refuses_is_one_line_naming_it(monkeypatch, capsys, er
     assert run_error(["evaluate", "runs/x"], capsys) == line
 
 
+@pytest.mark.parametrize("fail", ["mkstemp", "replace"])
+def test_a_refused_atomic_write_names_the_file_asked_for_not_its_temporary_one(monkeypatch, capsys, vae_run,
+                                                                                 tmp_path, fail):
+    import vaelab.fileio
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / ".c.md.x1y2.tmp"))
+
+    monkeypatch.setattr(vaelab.fileio.tempfile if fail == "mkstemp" else vaelab.fileio.os, fail, refuse)
+    err = run_error(["compare", str(vae_run), "--out", str(tmp_path / "c.md")], capsys)
+    assert err == f"vaelab: error: No space left on device: {tmp_path / 'c.md'}"
+    assert list(tmp_path.iterdir()) == []  # and no temporary file left behind
+
+
 def test_os_errors_without_a_file_still_raise(monkeypatch):
     command_raising(monkeypatch, OSError("a socket closed"))
     with pytest.raises(OSError, match="socket"):
