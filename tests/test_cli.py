@@ -234,9 +234,21 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
     assert main(["interpolate", str(vae_run), "--a", "-1", "--out", str(tmp_path / "last.PNG")]) == 0
     err = run_error(["interpolate", str(vae_run), "--b", "-13"], capsys)
     assert "12 images (0..11, or -12..-1 counting from the end)" in err
-    with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2 with usage
+    with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2
         main(["train", "--hidden", "a,b"])
     assert "comma-separated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "--epochs", "abc"], ["train", "--model", "foo"], ["train", "--hidden", "0"],
+                                  ["evaluate"], ["bogus"], []])
+def test_malformed_command_lines_are_one_line_too(argv, capsys):
+    """argparse printed its 16-line usage block above the error."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    prog = " ".join(["vaelab", *argv[:1]]) if argv[:1] != ["bogus"] else "vaelab"
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"{prog}: error: ") and err.endswith(f"; see `{prog} --help`\n")
 
 
 @pytest.mark.parametrize("argv, line", [

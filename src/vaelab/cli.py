@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .config import DEVICES, RunConfig
@@ -254,9 +255,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, as every other error of vaelab's (argparse prints its usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="vaelab", description="Variational autoencoders: train, evaluate, "
+    """The argument parser of every subcommand (their parsers are Parsers too)."""
+    parser = Parser(prog="vaelab", description="Variational autoencoders: train, evaluate, "
                                      "sample and explore. Run `vaelab demo` for a first look.")
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
