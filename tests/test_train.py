@@ -409,6 +409,15 @@ def test_config_json_round_trip_and_strictness(tmp_path):
         TrainConfig(lr=float("nan"))
     with pytest.raises(ConfigError, match="--likelihood"):
         RunConfig.from_dict({"model": {"likelihood": "poisson"}})
+    for section, key, value, says in (("model", "latent_dim", "x", "[model]: --latent-dim must be an integer"),
+                                      ("train", "batch_size", 1, "--bn-mu batch-normalises")):
+        raw = config.to_dict()  # a value its flag would refuse named the flag alone, not the file
+        raw[section][key] = value
+        raw["model"]["bn_mu"] = 1.0
+        (tmp_path / "bad.json").write_text(json.dumps(raw))
+        with pytest.raises(ConfigError) as error:
+            RunConfig.load(tmp_path / "bad.json")
+        assert str(error.value).startswith(f"{tmp_path / 'bad.json'}: ") and says in str(error.value)
 
 
 def test_gradient_clipping_bounds_every_step(tmp_path, monkeypatch):

@@ -288,7 +288,10 @@ class RunConfig:
             name: _section_from_dict(kind, raw.get(name, {}), f"{source}: [{name}]")
             for name, kind in _SECTION_TYPES.items()
         }
-        return cls(**parts)
+        try:
+            return cls(**parts)
+        except ConfigError as e:  # settings that do not go together
+            raise ConfigError(f"{source}: {e}") from None
 
     def save(self, path: Path) -> None:
         """Write as JSON atomically."""
@@ -319,5 +322,5 @@ def _section_from_dict(kind: type, raw: Any, source: str) -> Any:
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     try:
         return kind(**values)
-    except TypeError as e:  # e.g. a list where a number belongs
+    except (TypeError, ConfigError) as e:  # a list where a number belongs; a value its flag would refuse
         raise ConfigError(f"{source}: {e}") from None
