@@ -178,6 +178,21 @@ def test_a_run_of_one_epoch_and_one_latent_dimension_has_visible_curves_and_whol
     assert np.allclose(ticks, np.round(ticks))
 
 
+def test_kl_per_dimension_of_a_very_wide_latent_is_one_artist_per_panel_not_a_bar_each(tmp_path, monkeypatch):
+    """--latent-dim 100000 drew 200,000 bar patches: ~5 minutes of the report (and bars under a pixel wide)."""
+    from vaelab import figures
+
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+    for d in (figures.MAX_BARS, figures.MAX_BARS + 1):
+        figures.kl_per_dimension([0.5] * d, [0.003, 0.5] * (d // 2) + [0.5] * (d % 2), tmp_path / "kl.png")
+    bars, wide = saved
+    assert [len(ax.patches) for ax in bars.axes] == [figures.MAX_BARS] * 2
+    assert [len(ax.patches) for ax in wide.axes] == [1, 0] and len(wide.axes[1].collections) == 1
+    points = wide.axes[1].collections[0]
+    assert len(points.get_offsets()) == figures.MAX_BARS + 1 and len({tuple(c) for c in points.get_facecolors()}) == 2
+
+
 def test_a_latent_larger_than_the_image_reports_without_a_pca_row(npz_data, tmp_path):
     """Over-complete codes are a VAE's business; PCA has one component per pixel at most, so its row says so
     instead of the report failing after training (64 pixels here, 70 latent units)."""
