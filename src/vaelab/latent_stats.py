@@ -136,7 +136,6 @@ def linear_probes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
     """
     from sklearn.decomposition import PCA as SkPCA
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     g = torch.Generator().manual_seed(seed)
@@ -153,11 +152,26 @@ def linear_probes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
     }
     result = {}
     for name, (f_train, f_test) in features.items():
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-        probe.fit(f_train, ty)
+        scaler = StandardScaler().fit(f_train)
+        f_train, f_test = scaler.transform(f_train), scaler.transform(f_test)
+        if f_train.shape[1] > f_train.shape[0]:  # (a latent wider than the training set)
+            f_train, f_test = _training_span(f_train, f_test)
+        probe = LogisticRegression(max_iter=1000).fit(f_train, ty)
         result[f"probe_accuracy_{name}"] = float(probe.score(f_test, test_y.numpy()))
     result["probe_train_examples"] = int(len(pick))
     return result
+
+
+def _training_span(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features (n, d) with d > n as coordinates in an orthonormal basis V of their training rows' span (n, r),
+    r <= n: an L2-penalised logistic regression's weights lie in that span (a part orthogonal to every
+    training row adds to the penalty and to no prediction on them), so the fit on X V is the fit on X and
+    scores X_test V alike, with n rather than d weights per class. V comes from the Gram matrix X X^T =
+    U diag(lambda) U^T, V = X^T U diag(lambda)^-1/2: one (n, n) product, not an SVD of X."""
+    eigenvalues, vectors = np.linalg.eigh(train @ train.T)
+    keep = eigenvalues > eigenvalues[-1] * 1e-9
+    root = np.sqrt(eigenvalues[keep])
+    return vectors[:, keep] * root, (test @ train.T) @ vectors[:, keep] / root
 
 
 def _pca_features(train: np.ndarray, test: np.ndarray, n: int, pca_class) -> tuple[np.ndarray, np.ndarray]:
