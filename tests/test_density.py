@@ -413,12 +413,23 @@ def test_mutual_information_bounds_its_pairwise_temporaries_whatever_the_latent_
         sizes.append(torch.broadcast_shapes(value.shape, self.batch_shape + self.event_shape).numel())
         return log_prob(self, value)
 
+    fast = mutual_information_bounds(model, x)
+    monkeypatch.delattr(DiagonalNormal, "pairwise_log_prob")  # the path of other latents (vMF, ...)
     monkeypatch.setattr(DiagonalNormal, "log_prob", recording)
-    whole = mutual_information(model, x)
+    whole = mutual_information_bounds(model, x)
     pairs = sizes[1:]  # after log q(z_i | x_i)
     assert max(pairs) <= latent_stats.PAIR_ELEMENTS < 256 * 300 * 3000 and sum(pairs) == 300 * 300 * 3000
     monkeypatch.setattr(latent_stats, "PAIR_ELEMENTS", 1)  # one code a chunk
-    assert mutual_information(model, x) == pytest.approx(whole, rel=1e-5)
+    assert mutual_information(model, x) == pytest.approx(whole["mutual_information"], rel=1e-5)
+    assert fast == pytest.approx(whole, rel=1e-5)  # the diagonal Gaussian's matrix products: the same bounds
+
+
+def test_pairwise_log_prob_of_a_diagonal_gaussian_matches_log_prob_of_every_pair():
+    g = torch.Generator().manual_seed(0)
+    loc, scale = torch.randn(7, 5, generator=g), torch.rand(7, 5, generator=g) * 2 + 0.01
+    q, z = DiagonalNormal(loc, scale), torch.randn(4, 5, generator=g) * 3
+    assert torch.allclose(q.pairwise_log_prob(z), q.log_prob(z[:, None]).double(), rtol=1e-5, atol=1e-4)
+    assert q.pairwise_log_prob(z).shape == (4, 7) and q.pairwise_log_prob(z).dtype == torch.float64
 
 
 def test_probes_of_codes_wider_than_the_training_set_fit_in_its_span_with_the_same_predictions():

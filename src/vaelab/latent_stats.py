@@ -109,11 +109,15 @@ def mutual_information_bounds(model: nn.Module, x: torch.Tensor, *, max_examples
                 mean_kl = float(kl_divergence(qz, model.prior()).mean())
             except (AttributeError, NotImplementedError):  # no prior, or no analytic KL to it
                 mean_kl = math.inf
-            # log q(z_i | x_j) for all pairs, in rows of z: (rows, N), each from (rows, N, D) temporaries
+            # log q(z_i | x_j) for all pairs, in rows of z: (rows, N), each from (rows, N, D) temporaries, or
+            # from matrix products for a diagonal Gaussian
             n, rows = z.shape[0], max(1, PAIR_ELEMENTS // z[0].numel() // z.shape[0])
+            pairwise = getattr(qz, "pairwise_log_prob", None)
+            if pairwise is not None:
+                rows = max(1, PAIR_ELEMENTS // n)
             log_mix, log_others = [], []
             for i in range(0, n, rows):
-                pairs = qz.log_prob(z[i:i + rows, None])
+                pairs = pairwise(z[i:i + rows]) if pairwise is not None else qz.log_prob(z[i:i + rows, None])
                 log_mix.append(torch.logsumexp(pairs, 1))
                 own = torch.arange(pairs.shape[0], device=pairs.device)
                 log_others.append(torch.logsumexp(pairs.index_put((own, own + i), pairs.new_tensor(-math.inf)), 1))

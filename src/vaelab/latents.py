@@ -4,6 +4,7 @@ The KL between them comes from `torch.distributions.kl_divergence`, analytic whe
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -33,6 +34,19 @@ class DiagonalNormal(Independent):
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, logvar: torch.Tensor | None = None):
         super().__init__(Normal(loc, scale, validate_args=False), 1, validate_args=False)
         self.logvar = logvar
+
+    def pairwise_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q_j(z_i) for codes z (M, D) under each distribution j of a batch (N,): (M, N), in float64.
+
+        sum_d (z_id - mu_jd)^2 / sigma_jd^2 expanded into three (M, D) x (D, N) products, where log_prob
+        of z[:, None] builds (M, N, D) temporaries: for the mutual-information bounds of a 100,000-dimensional
+        latent over its test codes, ~2 minutes of a report.
+        """
+        loc, scale = self.base_dist.loc.double(), self.base_dist.scale.double()
+        precision = scale.pow(-2)
+        z = z.double()
+        quadratic = z.pow(2) @ precision.T - 2 * z @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)
+        return -0.5 * quadratic - scale.log().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(DiagonalNormal, _instance)
