@@ -265,7 +265,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (their parsers are Parsers too)."""
     parser = Parser(prog="vaelab", description="Variational autoencoders: train, evaluate, "
-                                     "sample and explore. Run `vaelab demo` for a first look.")
+                    "sample and explore. Run `vaelab demo` for a first look.")
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
