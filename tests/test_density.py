@@ -296,6 +296,7 @@ def test_evaluate_gives_pca_its_exact_nll_as_a_density_and_says_so(tmp_path):
         log_likelihood(AE(input_shape=(1, 6, 6), latent_dim=2, hidden=(4,)), data.test.x)
     assert result["nll_exact"] and result["nll_density"] and "nll_k" not in result and "ess_mean" not in result
     assert "nll_bits_per_dim" not in result and result["test_binarize_seed"] is None  # grey pixels, not binarised
+    assert "test_kl" not in result and "test_recon" in result  # no KL term: its 0 read as a collapsed posterior
     page = html.unescape(write_report(tmp_path / "pca", baselines=False, data=data).read_text())
     assert "test -log p(x), nats, exact: probabilistic PCA's Gaussian" in page
     dequantised = evaluate_run(tmp_path / "dequantised", nll_k=5000, probe=False, data=data)
