@@ -59,6 +59,13 @@ def test_report_says_which_baselines_it_trains_and_where(npz_data, tmp_path, cap
     assert err.index("training the ae baseline") < err.index("epoch 1/")
     assert main(["report", str(out)]) == 0  # trained once: nothing to announce the second time
     assert "baseline" not in capsys.readouterr().err
+    # the run trains on; a report without training baselines shows them as they are, saying for how long
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "3", "--quiet", "--no-report"]) == 0
+    assert main(["report", str(out), "--no-baselines"]) == 0
+    page = (out / "report.html").read_text()
+    assert "<td>ae</td><td>3</td><td>2</td>" in page and "<td>vae</td><td>3</td><td>3</td>" in page
+    assert "<td>pca</td><td>3</td><td></td>" in page  # PCA has no epochs
+    assert main(["report", str(out)]) == 0 and "<td>ae</td><td>3</td><td>3</td>" in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize("n", [3, 8, 130])

@@ -265,6 +265,7 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
                           f"(latent {size}) in {source} (--no-baselines skips it)", file=sys.stderr)
                 train(baseline_config(config, name, size), source, resume=resume, dataset=data, progress=progress)
             model = runs.load(source)
-        rows.append({"model": name, "latent_dim": size, "run": str(source),
+        epochs = None if name == "pca" else runs.latest_checkpoint(source).epoch  # (PCA has none)
+        rows.append({"model": name, "latent_dim": size, "epochs": epochs, "run": str(source),
                      **reconstruction_error(model, data.test.x)})
     return rows

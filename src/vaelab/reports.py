@@ -202,7 +202,7 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
         f"<h2>{html.escape(_listing([row['model'].upper() for row in table]))} at the same latent size</h2>"
         "<p>Reconstruction error on the test set (mean "
         "reconstruction from the code or posterior mean).</p>"
-        + _table(table, [("model", "model"), ("latent_dim", "latent size"),
+        + _table(table, [("model", "model"), ("latent_dim", "latent size"), ("epochs", "epochs"),
                          ("sse_per_image", "squared error per test image"), ("mse_per_pixel", "MSE per pixel")]
                  + [("note", "note")] * any("note" in row for row in table)))
     title = f"vaelab report: {config_dict['model']['model']} on {config_dict['data']['name']}"
