@@ -212,6 +212,13 @@ def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     config = runs.load_config(out)
     assert config.model.model == "hvae" and config.model.groups == (4, 4, 0) and config.train.kl_balance
     assert config.train.spectral_reg == 0.01
+    capsys.readouterr()  # the preset's model named again keeps its widths; another model is refused, not its groups
+    assert main(["train", "--preset", "hvae-s", "--model", "hvae", "--data", "digits", "--epochs", "0", "--quiet",
+                 "--no-report", "--out", str(tmp_path / "same")]) == 0
+    assert runs.load_config(tmp_path / "same").model.hidden == (16, 32, 64)
+    assert main(["train", "--preset", "hvae-s", "--model", "vae", "--data", "digits", "--out",
+                 str(tmp_path / "v")]) == 2
+    assert "--preset hvae-s configures a --model hvae; drop --model vae, or the preset" in capsys.readouterr().err
     assert (out / "report.html").exists() and (out / "figures" / "kl_per_group.png").exists()
     page = (out / "report.html").read_text()  # encode() gives the top group: its statistics say so
     assert "active units of the top latent group z_1" in page and "I(x; z_1) of the top group &gt;= this" in page
@@ -224,8 +231,9 @@ def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     model = runs.load(out)  # the spectral buffers are part of the checkpoint and load back
     assert isinstance(model, HVAE)
     capsys.readouterr()
-    assert main(["sample", str(out), "--temperature", "-1"]) == 2
-    assert "--temperature" in capsys.readouterr().err
+    for t in ("-1", "1e6"):  # 1e6 wrote a picture of NaN pixels
+        assert main(["sample", str(out), "--temperature", t]) == 2
+        assert f"--temperature must be between 0 and 10, got {float(t)}" in capsys.readouterr().err
     _explorer_serves(out, model.latent_dim)
 
 

@@ -217,7 +217,8 @@ def test_temperature_reaches_a_model_whose_sample_takes_it(client, monkeypatch):
     monkeypatch.setattr(model, "sample", sample)
     assert client.get("/api/summary", params={"run": "vae"}).json()["has_prior"]
     image(client.get("/api/samples", params={"n": 2, "t": 0.7, "run": "vae"}))
-    assert seen == [0.7]
+    image(client.get("/api/samples", params={"n": 2, "t": 0, "run": "vae"}))  # deterministic, as on the CLI
+    assert seen == [0.7, 0.0]
 
 
 # ---- refusals: 422 for bad values, 400 for what the model cannot do, always a JSON message
@@ -249,8 +250,8 @@ REFUSED = [
     ("/api/samples?n=0&run=vae", 422, "between 1 and 64"),
     ("/api/samples?n=65&run=vae", 422, "between 1 and 64"),
     ("/api/samples?n=100000000&run=vae", 422, "between 1 and 64"),
-    ("/api/samples?t=0&run=vae", 422, "temperature"),
     ("/api/samples?t=-1&run=vae", 422, "temperature"),
+    ("/api/samples?t=10.5&run=vae", 422, "temperature in [0, 10]"),
     ("/api/samples?t=nan&run=vae", 422, "temperature"),
     ("/api/samples?t=inf&run=vae", 422, "temperature"),
     ("/api/samples?t=hot&run=vae", 422, "t"),
@@ -513,6 +514,19 @@ def text_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_client(text_root) -> TestClient:
     return TestClient(create_app(text_root), raise_server_exceptions=False)
+
+
+def test_sample_on_the_command_line_refuses_image_and_hierarchy_flags_for_a_text_run(text_root, tmp_path, capsys):
+    """--temperature 0.5 and --nrow 4 wrote sentences as if they were not there."""
+    from vaelab.cli import main
+
+    run, out = str(text_root / "text"), str(tmp_path / "s.txt")
+    assert main(["sample", run, "--temperature", "0.5", "--out", out]) == 2
+    assert "holds a text-vae model, whose prior has no temperature; drop --temperature" in capsys.readouterr().err
+    assert main(["sample", run, "--nrow", "4", "--out", out]) == 2
+    assert "--nrow lays out images" in capsys.readouterr().err
+    assert main(["sample", run, "--n", "3", "--out", out]) == 0
+    assert len((tmp_path / "s.txt").read_text().splitlines()) == 3
 
 
 def sentences(response) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import math
 import os
 import re
 import sys
@@ -136,6 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from . import figures, runs
+    from .models.hvae import MAX_TEMPERATURE
 
     model = runs.load(args.run, device=args.device)
     if not hasattr(model, "sample"):
@@ -144,24 +144,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           "--model vae run")
     if args.n < 1 or args.n > 10_000:
         raise ConfigError(f"--n must be between 1 and 10000, got {args.n}")
-    if args.nrow < 1:
+    if args.nrow is not None and args.nrow < 1:
         raise ConfigError(f"--nrow must be >= 1 (images per row), got {args.nrow}")
+    if not 0 <= args.temperature <= MAX_TEMPERATURE:  # (NaN fails it too)
+        raise ConfigError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, got {args.temperature}")
+    kwargs = {}
+    if "temperature" in inspect.signature(model.sample).parameters:
+        kwargs["temperature"] = args.temperature
+    elif args.temperature != 1:  # (a text model's too: it was ignored)
+        raise ConfigError(f"{args.run} holds a {runs.load_config(args.run).model.model} model, whose prior has no "
+                          "temperature; drop --temperature (it applies to --model hvae)")
     torch.manual_seed(args.seed)
     vocab = _vocab(args.run)
     if vocab is not None:
         from . import text_views
 
+        if args.nrow is not None:  # (it was ignored)
+            raise ConfigError("--nrow lays out images; a text model's samples are sentences, one per line: drop it")
         return _write_lines(text_views.samples(model, vocab, args.n), _output(args.out, Path(args.run) / "samples.txt"))
-    kwargs = {}
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if "temperature" in inspect.signature(model.sample).parameters:
-        kwargs["temperature"] = args.temperature
-    elif args.temperature != 1:
-        raise ConfigError(f"{args.run} holds a {runs.load_config(args.run).model.model} model, whose prior has no "
-                          "temperature; drop --temperature (it applies to --model hvae)")
     out = figures.save_grid(model.sample(args.n, **kwargs), _output(args.out, Path(args.run) / "samples.png"),
-                            nrow=args.nrow)
+                            nrow=args.nrow or 8)
     print(f"written: {out}")
     return 0
 
@@ -308,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = run_command("sample", "a grid of samples from the prior, as PNG (sentences, as text, for text models)",
                     cmd_sample)
     q.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    q.add_argument("--nrow", type=int, default=8, help="images per row (default 8)")
+    q.add_argument("--nrow", type=int, default=None, help="images per row (default 8)")
     q.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                   help="hvae: scale the priors' standard deviations by T (0 <= T; default 1)")
+                   help="hvae: scale the priors' standard deviations by T (0 <= T <= 10; default 1)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", type=Path, help="PNG path (default RUN/samples.png)")
     q = run_command("reconstruct", "test images and their reconstructions, as PNG", cmd_reconstruct)

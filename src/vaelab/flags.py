@@ -156,6 +156,11 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
             sections[section][field] = value
     given = [(section, field, flag) for section, field, flag, _ in FLAGS if field in sections[section]]
     changes = sections["model"]
+    if preset is not None and "model" in changes:
+        if changes["model"] != base.model.model:  # its groups, cells... belong to that model
+            raise ConfigError(f"--preset {preset} configures a --model {base.model.model}; drop --model "
+                              f"{changes['model']}, or the preset")
+        del changes["model"]  # the preset's own: its net and widths stay
     if "model" in changes and "net" not in changes:
         changes["net"] = None  # the new model's default body (mlp for images, lstm for text)
     if "net" in changes and "hidden" not in changes:

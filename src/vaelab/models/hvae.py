@@ -34,6 +34,7 @@ from ..likelihoods import build_likelihood
 from .common import check_codes, check_count, check_images, model_tensor
 
 SOFTPLUS_ONE = math.log(math.expm1(1.0))  # softplus(0 + SOFTPLUS_ONE) = 1
+MAX_TEMPERATURE = 10.0  # sample(temperature=t) takes 0 <= t <= this: far above, latents overflow the decoder (NaN)
 KL_BALANCE_EPS = 0.01  # NVAE's kl_per_group adds 0.01: a collapsed group keeps a small, nonzero coefficient
 
 
@@ -330,8 +331,8 @@ class HVAE(nn.Module):
         Temperatures below 1 trade diversity for quality (NVAE Sec. 5); t = 0 is deterministic.
         """
         n = check_count(n, "sample")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise InputError(f"sample: temperature must be a finite number >= 0, got {temperature!r}")
+        if not (isinstance(temperature, (int, float)) and 0 <= temperature <= MAX_TEMPERATURE):
+            raise InputError(f"sample: temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {temperature!r}")
         _, params = self._top_down(n, temperature=temperature)
         px_z = self.likelihood(params)
         return px_z.mean if mean else px_z.sample()

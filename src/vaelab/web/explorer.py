@@ -27,6 +27,7 @@ from ..evaluate import read_evaluation
 from ..latent_stats import codes as test_codes
 from ..latent_stats import kl_per_unit
 from ..models import PCA
+from ..models.hvae import MAX_TEMPERATURE
 from ..system import model_device
 from ..train import prepare_data
 
@@ -36,7 +37,6 @@ MAX_FRAMES = 32
 MAX_SAMPLES = 64
 Z_CHARS_PER_DIM = 32  # "-1.2345678901234567e-05," is 24: room for any float's repr
 MAX_ABS_Z = 1e3  # finite but huge codes overflow the decoder; nothing useful lives out there
-MAX_TEMPERATURE = 10.0
 METRIC_KEYS = ("nll", "nll_stderr", "nll_bits_per_dim", "test_elbo", "test_loss", "test_recon", "test_kl",
                "active_units", "mutual_information", "mutual_information_upper", "probe_accuracy_latent",
                "sse_per_image")
@@ -201,8 +201,8 @@ class Explorer:
                                "samples need a VAE", status=400)
         if not 1 <= n <= MAX_SAMPLES:
             raise RequestError(f"n must be between 1 and {MAX_SAMPLES} samples, got {n}")
-        if not (math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE):
-            raise RequestError(f"t must be a temperature in (0, {MAX_TEMPERATURE:g}], got {temperature}")
+        if not 0 <= temperature <= MAX_TEMPERATURE:  # (NaN fails it too)
+            raise RequestError(f"t must be a temperature in [0, {MAX_TEMPERATURE:g}], got {temperature}")
         kwargs = {}
         if supports_temperature(self.model):
             kwargs["temperature"] = temperature
