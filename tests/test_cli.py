@@ -207,7 +207,7 @@ def test_a_latent_larger_than_the_image_reports_without_a_pca_row(npz_data, tmp_
     assert main(["train", "--data", npz_data, "--hidden", "16", "--latent-dim", "70", "--epochs", "1",
                  "--quiet", "--out", str(out)]) == 0
     page = (out / "report.html").read_text()
-    assert "<td>pca</td><td>70</td><td></td><td></td><td>none: PCA has at most 64 components" in page
+    assert "<td>pca</td><td>70</td><td></td><td></td><td></td><td>none: PCA has at most 64 components" in page
     assert "<td>ae</td>" in page and "<td>vae</td>" in page and not (out / "baselines" / "pca").exists()
 
 
