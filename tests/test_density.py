@@ -279,7 +279,7 @@ def test_pca_log_marginal_is_probabilistic_pca_s_exact_gaussian_and_the_maximum_
 
 
 def test_evaluate_gives_pca_its_exact_nll_as_a_density_and_says_so(tmp_path):
-    from vaelab.reports import write_report
+    from vaelab.reports import EXACT, write_report
 
     data = eight_bit(tiny_data())
     for name, dequantised in (("pca", False), ("dequantised", True)):
@@ -298,9 +298,11 @@ def test_evaluate_gives_pca_its_exact_nll_as_a_density_and_says_so(tmp_path):
     assert "nll_bits_per_dim" not in result and result["test_binarize_seed"] is None  # grey pixels, not binarised
     assert "test_kl" not in result and "test_recon" in result  # no KL term: its 0 read as a collapsed posterior
     page = html.unescape(write_report(tmp_path / "pca", baselines=False, data=data).read_text())
-    assert "test -log p(x), nats, exact: probabilistic PCA's Gaussian" in page
+    assert "a density of [0, 1]-scaled pixels (Gaussian likelihood" in page and EXACT in page
     dequantised = evaluate_run(tmp_path / "dequantised", nll_k=5000, probe=False, data=data)
     assert dequantised["nll_dequantized"]
+    page = html.unescape(write_report(tmp_path / "dequantised", baselines=False, data=data).read_text())
+    assert f"a density of the dequantised pixels (k + u)/256{EXACT}" in page  # the exact label was lost there
     assert dequantised["nll_bits_per_dim"] == pytest.approx((dequantised["nll"] + 36 * math.log(256)) /
                                                              (36 * math.log(2)))
     _, markdown = compare_runs([tmp_path / "pca"])

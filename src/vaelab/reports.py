@@ -48,10 +48,7 @@ DEQUANTIZED_NAMES = {  # a Gaussian likelihood trained and scored on dequantised
     "nll_bits_per_dim": "NLL of the 8-bit images, bits per dimension: at most this (-log p(x) + D log 256, "
                         "through dequantisation)",
 }
-EXACT_NAMES = {  # PCA's (evaluation.json's "nll_exact"): probabilistic PCA's marginal in closed form
-    "nll": "test -log p(x), nats, exact: probabilistic PCA's Gaussian N(mean, W W^T + sigma^2 I), a density of the "
-           "pixels (below 0 where it exceeds 1)",
-}
+EXACT = "; exact: probabilistic PCA's Gaussian N(mean, W W^T + sigma^2 I)"  # after PCA's "nll" ("nll_exact")
 TOP_GROUP_NAMES = {  # a hierarchy's encode() is q(z_1 | x) of its top group: these statistics are of z_1 alone
     "active_units": "active units of the top latent group z_1 (Cov_x(E_q[z_1]) > 0.01)",
     "mutual_information": "mutual information I(x; z_1) of the top group >= this, nats (InfoNCE over N test codes; "
@@ -187,9 +184,10 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
     settings = [{"setting": f"{section}.{k}", "value": json.dumps(v)}
                 for section in ("data", "model", "train") for k, v in config_dict[section].items()]
     names = {**METRIC_NAMES, **(DENSITY_NAMES if metrics.get("nll_density") else {}),
-             **(EXACT_NAMES if metrics.get("nll_exact") else {}),
              **(DEQUANTIZED_NAMES if metrics.get("nll_dequantized") else {}),
              **(TOP_GROUP_NAMES if metrics.get("kl_per_group") else {})}
+    if metrics.get("nll_exact"):
+        names["nll"] += EXACT
     metric_rows = [{"metric": names.get(k, k), "value": NONE_MEANS.get(k) if v is None else v}
                    for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None and k in NONE_MEANS]
