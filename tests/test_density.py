@@ -197,7 +197,7 @@ def test_evaluation_suite_writes_every_metric(tmp_path):
 
 
 def test_a_gaussian_likelihood_s_nll_is_labelled_a_density_without_bits_per_dimension(tmp_path):
-    """A Gaussian's log p(x) is a density of [0, 1]-scaled pixels: as bits per dimension it read as a discrete
+    """A Gaussian's log p(x) is a density of pixels in [0, 1]: as bits per dimension it read as a discrete
     model's NLL (and is below 0 wherever the density exceeds 1)."""
     from vaelab.reports import write_report
 
@@ -208,14 +208,16 @@ def test_a_gaussian_likelihood_s_nll_is_labelled_a_density_without_bits_per_dime
     assert result["nll_density"] is True and "nll_bits_per_dim" not in result and math.isfinite(result["nll"])
     assert evaluate_run(tmp_path / "run", probe=False, data=tiny_data())["nll_density"]  # kept with the NLL
     page = write_report(tmp_path / "run", baselines=False, data=tiny_data()).read_text()
-    assert "a density of [0, 1]-scaled pixels (Gaussian likelihood" in page and "bits per dimension" not in page
+    assert "a density of the values trained on (8-bit pixels scaled to [0, 1]); Gaussian likelihood" in page
+    assert "bits per dimension" not in page
     train(tiny_config(), tmp_path / "bernoulli", dataset=tiny_data(), progress=False)
     bernoulli = evaluate_run(tmp_path / "bernoulli", nll_k=5, probe=False, data=tiny_data())
     assert "nll_density" not in bernoulli and "nll_bits_per_dim" in bernoulli
     _, markdown = compare_runs([tmp_path / "run", tmp_path / "bernoulli"])
     gaussian_row, bernoulli_row = markdown.splitlines()[2:4]
     assert f"| {result['nll']:.2f} (density) |" in gaussian_row and "(density)" not in bernoulli_row
-    assert markdown.endswith("(density): -log p(x) of a Gaussian likelihood, a density of [0, 1]-scaled pixels.\n")
+    assert markdown.endswith("(density): -log p(x) of a Gaussian likelihood, a density of the values trained on "
+                             "(8-bit pixels scaled to [0, 1]).\n")
 
 
 def one_pixel_gaussian(w: float, s: float, b: float) -> tuple[VAE, torch.distributions.Normal]:
@@ -298,7 +300,7 @@ def test_evaluate_gives_pca_its_exact_nll_as_a_density_and_says_so(tmp_path):
     assert "nll_bits_per_dim" not in result and result["test_binarize_seed"] is None  # grey pixels, not binarised
     assert "test_kl" not in result and "test_recon" in result  # no KL term: its 0 read as a collapsed posterior
     page = html.unescape(write_report(tmp_path / "pca", baselines=False, data=data).read_text())
-    assert "a density of [0, 1]-scaled pixels (Gaussian likelihood" in page and EXACT in page
+    assert "a density of the values trained on (8-bit pixels scaled to [0, 1]); Gaussian" in page and EXACT in page
     dequantised = evaluate_run(tmp_path / "dequantised", nll_k=5000, probe=False, data=data)
     assert dequantised["nll_dequantized"]
     page = html.unescape(write_report(tmp_path / "dequantised", baselines=False, data=data).read_text())

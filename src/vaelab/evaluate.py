@@ -115,7 +115,7 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
             raise ConfigError(f"--nll needs a model of p(x): a VAE (importance-sampled) or PCA (exact), not "
                               f"--model {config.model.model}, whose codes are deterministic")
         x_nll, seed = nll_test_set(config, data)
-        # a Gaussian's log p(x) is a density of [0, 1]-scaled pixels, above 0 nats or below; in bits per
+        # a Gaussian's log p(x) is a density of the values (pixels in [0, 1]), above 0 nats or below; in bits per
         # dimension it would read as a discrete model's, so none is given unless the run was trained and is
         # scored on dequantised 8-bit pixels: then -log P(8-bit image) <= -log p(x) + D log 256 in
         # expectation (Theis et al. 2016, Sec. 3.1), and that bound is the bits per dimension
@@ -198,7 +198,8 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
         if row.get("nll_exact") and cells["nll"]:  # PCA's: no importance samples
             cells["nll_k"] = "exact"
         lines.append("| " + " | ".join(cells.values()) + " |")
-    notes = "\n(density): -log p(x) of a Gaussian likelihood, a density of [0, 1]-scaled pixels.\n" if any(
+    notes = ("\n(density): -log p(x) of a Gaussian likelihood, a density of the values trained on (8-bit pixels "
+             "scaled to [0, 1]).\n") if any(
         row.get("nll_density") and row.get("nll") is not None for row in rows) else ""
     return rows, "\n".join(lines) + "\n" + notes
 

@@ -40,8 +40,8 @@ METRIC_NAMES = {
 }
 
 DENSITY_NAMES = {  # a Gaussian likelihood's NLL (evaluation.json's "nll_density")
-    "nll": "test -log p(x), nats: a density of [0, 1]-scaled pixels (Gaussian likelihood; not comparable with "
-           "NLLs of discrete data, and below 0 where the density exceeds 1)",
+    "nll": "test -log p(x), nats: a density of the values trained on (8-bit pixels scaled to [0, 1]); Gaussian "
+           "likelihood, not comparable with NLLs of discrete data, and below 0 where the density exceeds 1",
 }
 DEQUANTIZED_NAMES = {  # a Gaussian likelihood trained and scored on dequantised 8-bit pixels (--dequantize)
     "nll": "test -log p(x), nats: a density of the dequantised pixels (k + u)/256",
