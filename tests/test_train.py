@@ -379,6 +379,19 @@ def test_pca_and_ae_train_through_the_same_entry_point(tmp_path):
         loaded = vaelab.load(tmp_path / name)
         x = tiny_data().test.x
         torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
+        for record in runs.read_metrics(tmp_path / name):  # no KL term to log: its 0 read as a collapsed posterior
+            assert {"val_loss", "val_recon"} <= record.keys() and not {"beta", "train_kl", "val_kl"} & record.keys()
+
+
+def test_an_autoencoder_s_training_curves_have_no_kl_axis(tmp_path, monkeypatch):
+    from vaelab import figures
+
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+    record = {"epoch": 1, "train_loss": 3.0, "val_loss": 2.0, "val_recon": 2.0}
+    figures.training_curves([record], tmp_path / "ae.png")
+    figures.training_curves([{**record, "val_kl": 0.5}], tmp_path / "vae.png")
+    assert [len(fig.axes) for fig in saved] == [2, 3]  # the VAE's KL on a twin axis
 
 
 def test_the_python_entry_point_names_a_wrong_config_or_dataset(tmp_path):

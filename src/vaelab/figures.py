@@ -159,13 +159,14 @@ def training_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     axes[0].set_ylabel("nats per example")
     axes[0].legend(frameon=False)
     axes[1].plot(epochs, [r["val_recon"] for r in records], label="validation reconstruction", **dots)
-    ax_kl = axes[1].twinx()
-    ax_kl.plot(epochs, [r["val_kl"] for r in records], color="C3", label="validation KL", **dots)
+    if all("val_kl" in r for r in records):  # (autoencoders have none)
+        ax_kl = axes[1].twinx()
+        ax_kl.plot(epochs, [r["val_kl"] for r in records], color="C3", label="validation KL", **dots)
+        ax_kl.set_ylabel("KL", color="C3")
     for ax in axes:
         _integer_ticks(ax, epochs)  # epochs, not 0.96 ... 1.04
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("-log p(x|z)")
-    ax_kl.set_ylabel("KL", color="C3")
     axes[1].legend(loc="upper right", frameon=False)
     fig.tight_layout()
     return _save(fig, path)

@@ -211,8 +211,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.fit(self.train_x)
         val = mean_terms(self.model, self.loss_terms, self.val_x)
-        record = {"epoch": 1, "seconds": time.perf_counter() - t0,
-                  **{f"val_{k}": v for k, v in val.items()}}
+        record = _without_kl_unless(False, {"epoch": 1, "seconds": time.perf_counter() - t0,
+                                            **{f"val_{k}": v for k, v in val.items()}})
         self._save({"epoch": 1, "complete": True, "metrics": record}, record)
         return self.model.eval()
 
@@ -273,10 +273,10 @@ class Trainer:
         if not all(math.isfinite(v) for v in val.values()):
             self._check_finite(torch.tensor([math.nan]), epoch, steps, where="validation loss")
         loss, recon, kl = (sums[:3] / sums[3]).tolist()
-        return {"epoch": epoch, "step": epoch * steps, "beta": beta, "lr": lr,
-                "train_loss": loss, "train_recon": recon, "train_kl": kl,
-                **{f"val_{k}": v for k, v in val.items()},
-                "seconds": seconds, "samples_per_s": float(sums[3]) / seconds}
+        return _without_kl_unless(hasattr(self.model, "prior"), {
+            "epoch": epoch, "step": epoch * steps, "beta": beta, "lr": lr,
+            "train_loss": loss, "train_recon": recon, "train_kl": kl, **{f"val_{k}": v for k, v in val.items()},
+            "seconds": seconds, "samples_per_s": float(sums[3]) / seconds})
 
     def _step_loss(self, xb: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """step_loss for a training step: eager, or compiled with --compile."""
@@ -349,9 +349,15 @@ def _identity(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, train=train, model=dataclasses.replace(config.model, input_shape=None))
 
 
+def _without_kl_unless(has_kl: bool, record: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's metrics; PCA and autoencoders have no KL term to log (its 0 read as a collapsed posterior)."""
+    return record if has_kl else {k: v for k, v in record.items() if k not in ("beta", "train_kl", "val_kl")}
+
+
 def _format_record(r: dict[str, Any], epochs: int) -> str:
+    kl = f", kl {r['val_kl']:.2f}" if "val_kl" in r else ""
     return (f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.2f}  val {r['val_loss']:.2f} "
-            f"(recon {r['val_recon']:.2f}, kl {r['val_kl']:.2f})  {r['samples_per_s']:.0f} samples/s")
+            f"(recon {r['val_recon']:.2f}{kl})  {r['samples_per_s']:.0f} samples/s")
 
 
 def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, dataset: Dataset | None = None,
