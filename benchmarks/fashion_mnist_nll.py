@@ -97,7 +97,8 @@ def main() -> None:
     first500 = importance_sample(model, x[:500], k=1000, seed=0).summary(784)  # hvae_fashion_mnist.py's set
     records = runs.read_metrics(args.out)
     epochs = len(records)
-    result = {"nll": summary["nll"], "stderr": summary["nll_stderr"], "k": args.k, "epochs": epochs,
+    result = {"run": str(args.out.resolve()), "nll": summary["nll"], "stderr": summary["nll_stderr"], "k": args.k,
+              "epochs": epochs,
               "wall_s": spent["wall_s"] + eval_s, "cpu_s": spent["cpu_s"] + eval_cpu_s,
               "train_s": spent["wall_s"], "train_cpu_s": spent["cpu_s"], "eval_s": eval_s, "eval_cpu_s": eval_cpu_s,
               "train_epoch_s": sum(r["seconds"] for r in records), "test_binarize_seed": seed,

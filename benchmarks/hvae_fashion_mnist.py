@@ -73,6 +73,17 @@ def training_record(out: Path, name: str) -> dict:
     return json.loads(kept.read_text()) if kept.exists() else read_result(f"{name}_training.json")
 
 
+def vae_training(vae: Path, name: str) -> dict:
+    """results/NAME.json of fashion_mnist_nll.py, if it is of the run in `vae` (results written before it named
+    its run are taken as they are), else {}: the VAE row showed the default run's training time for any --vae."""
+    result = read_result(f"{name}.json")
+    if result.get("run") not in (None, str(vae.resolve())):
+        print(f"results/{name}.json is of {result['run']}, not of --vae {vae}: the VAE's training time is not shown "
+              "(give the --vae-name that run was trained with)", flush=True)
+        return {}
+    return result
+
+
 def estimate(run_dir: Path, x: torch.Tensor, k: int) -> tuple[dict, torch.Tensor, float]:
     """(summary, per-image log p(x) estimates, CPU seconds) of a run's model on the images x."""
     model = runs.load(run_dir)
@@ -94,9 +105,12 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae", type=Path, default=Path("runs/fashion-mnist-nll"))
+    parser.add_argument("--vae-name", default="fashion_mnist_nll",
+                        help="the --name fashion_mnist_nll.py gave the --vae run: its results/<name>.json holds the "
+                             "VAE's training time (default fashion_mnist_nll)")
     parser.add_argument("--out", type=Path, default=Path("runs/fashion-mnist-hvae"))
     parser.add_argument("--cpu-minutes", type=float, default=None,
-                        help="training budget (default: the VAE's training CPU time from fashion_mnist_nll.json)")
+                        help="training budget (default: the VAE's training CPU time, from --vae-name's results)")
     parser.add_argument("--finetune-lr", type=float, default=None,
                         help="spend the last --finetune-cpu-minutes at this lower rate, as the VAE's script does")
     parser.add_argument("--finetune-cpu-minutes", type=float, default=20.0)
@@ -115,7 +129,7 @@ def main() -> None:
     parser.add_argument("--spectral-reg", type=float, default=None, help="NVAE's lambda (default: the preset's, 0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    vae_result = read_result("fashion_mnist_nll.json")
+    vae_result = vae_training(args.vae, args.vae_name)
     budget_s = 60 * args.cpu_minutes if args.cpu_minutes else vae_result.get("train_cpu_s", 50 * 60)
     if args.lr_schedule == "cosine" and args.finetune_lr:
         parser.error("--lr-schedule cosine anneals over the whole budget; drop --finetune-lr")
@@ -143,7 +157,7 @@ def main() -> None:
         summary, log_px[name], cpu_s = estimate(run_dir, x, args.k)
         nll[name] = {"nll": summary["nll"], "stderr": summary["nll_stderr"], "eval_cpu_s": cpu_s,
                      "ess_fraction": summary["ess_fraction"], "epoch": runs.latest_checkpoint(run_dir).epoch}
-    vae_result = read_result("fashion_mnist_nll.json") or vae_result  # the VAE's run may have finished meanwhile
+    vae_result = vae_training(args.vae, args.vae_name) or vae_result  # the VAE's run may have finished meanwhile
     torch.manual_seed(0)
     samples = torch.cat([runs.load(best["vae"]).sample(32), runs.load(best["hvae"]).sample(32)])
     grid = figures.save_grid(samples, RESULTS / f"{args.name}_samples.png", nrow=8)
@@ -163,7 +177,7 @@ def main() -> None:
     for name in ("vae", "hvae"):
         cpu, wall = result[f"cpu_s_{name}"], result[f"wall_s_{name}"]
         print(f"{name:<8}{nll[name]['nll']:>10.2f} +- {nll[name]['stderr']:.2f}{nll[name]['epoch']:>8}"
-              f"{(cpu or 0) / 60:>15.1f}{(wall or 0) / 60:>16.1f}")
+              + "".join(f"{'?' if s is None else f'{s / 60:.1f}':>{w}}" for s, w in ((cpu, 15), (wall, 16))))
     diff = result["nll_hvae_minus_vae"]
     print(f"HVAE - VAE per image: {diff['mean']:+.2f} +- {diff['stderr']:.2f} nats (negative: the HVAE is better)")
     print(f"first {x.shape[0]} test images, K = {args.k}; published: "

@@ -98,3 +98,15 @@ def test_fashion_mnist_nll_with_a_cosine_schedule_end_to_end(tmp_path, monkeypat
     assert 1e-3 >= rates[0] and all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 1e-5
     assert math.isfinite(result["nll"]) and math.isfinite(result["nll_first500_k1000"]) and result["k"] == 20
     assert runs.load(best_dir(out)) is not None
+
+
+def test_the_hvae_benchmark_takes_the_vae_s_training_time_from_that_run_s_results_only(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """The VAE row showed results/fashion_mnist_nll.json's training time whatever run --vae named."""
+    monkeypatch.setattr(hvae_fashion_mnist, "RESULTS", tmp_path)
+    (tmp_path / "smoke.json").write_text(json.dumps({"run": str((tmp_path / "smoke").resolve()), "train_s": 70.0}))
+    (tmp_path / "old.json").write_text(json.dumps({"train_s": 80.0}))  # written before results named their run
+    assert hvae_fashion_mnist.vae_training(tmp_path / "smoke", "smoke")["train_s"] == 70.0
+    assert hvae_fashion_mnist.vae_training(tmp_path / "other", "old")["train_s"] == 80.0
+    assert hvae_fashion_mnist.vae_training(tmp_path / "other", "smoke") == {}
+    assert "results/smoke.json is of" in capsys.readouterr().out
