@@ -84,7 +84,7 @@ def train_within(config: RunConfig, out: Path, *, cpu_s: float, dataset: Dataset
             best_val, best_epoch = record["val_loss"], done
             keep_best(out, best)
         print(f"epoch {done}: val {record['val_loss']:.2f} (kl {record['val_kl']:.2f}), lr {lr:.2g}, "
-              f"{last / 60:.2f} CPU min, {used / 60 + last / 60:.1f} of {cpu_s / 60:.0f}", flush=True)
+              f"{last / 60:.2f} CPU min, {used / 60 + last / 60:.1f} of {cpu_s / 60:.1f}", flush=True)
     return {"epochs": done, "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0,
             "best_epoch": best_epoch, "best_val_loss": best_val}
 

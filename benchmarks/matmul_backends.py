@@ -129,8 +129,9 @@ def main() -> None:
         dispatch()
     if args.layouts or args.dispatch:
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; vaelab.linear uses oneDNN from "
-          f"{MIN_MACS:,} multiply-adds per product\n")
+    uses = (f"uses oneDNN from {MIN_MACS:,} multiply-adds per product" if linear.PREFER_ONEDNN else
+            "keeps nn.Linear's MKL products on this CPU (PREFER_ONEDNN=False)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; vaelab.linear {uses}\n")
     print(f"{'product':<34}{'MKL GFLOP/s':>13}{'oneDNN GFLOP/s':>16}{'ratio':>8}")
     for name, a, b in products():
         repeats = repeats_for(a, b, args.repeats)
