@@ -104,11 +104,13 @@ def main() -> None:
                                       for k, v in results[name].items()), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{'variant':<11}{'KL':>8}{'KL floor':>10}{'active':>8}{'recon':>9}{'NLL':>9}{'PPL':>8}")
+    # rows of variants run before (separate invocations) stay in the file and the table: each says its epochs and K
+    print(f"\n{'variant':<11}{'KL':>8}{'KL floor':>10}{'active':>8}{'recon':>9}{'NLL':>9}{'PPL':>8}"
+          f"{'epochs':>8}{'K':>6}")
     for name, r in results.items():
         print(f"{name:<11}{r['kl']:>8.2f}{r['kl_floor']:>10.2f}{r['active_units']:>8}{r['recon']:>9.2f}"
-              f"{r['nll']:>9.2f}{r['ppl']:>8.1f}")
-    print(f"(nats per test sentence; NLL by importance sampling with K={args.k}; written: {RESULTS})")
+              f"{r['nll']:>9.2f}{r['ppl']:>8.1f}{r.get('epochs', '?'):>8}{r.get('k', '?'):>6}")
+    print(f"(nats per test sentence; NLL by importance sampling with K samples per sentence; written: {RESULTS})")
 
 
 if __name__ == "__main__":
