@@ -64,6 +64,11 @@ def has_posterior(model: nn.Module) -> bool:
     return hasattr(model, "prior")
 
 
+def has_nll(model: nn.Module) -> bool:
+    """Whether the model has a log p(x): importance-sampled through its posterior, or PCA's exact one."""
+    return has_posterior(model) or isinstance(model, PCA)
+
+
 def nll_test_set(config: RunConfig, data: Dataset) -> tuple[torch.Tensor, int | None]:
     """The test images log p(x) is estimated on, and the seed they were binarised with (None: as given).
 
@@ -111,7 +116,7 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
         result.update(active_units(model, x))  # of the top group, for a hierarchy
         result.update(mutual_information_bounds(model, x))
     if nll_k is not None:
-        if not (has_posterior(model) or isinstance(model, PCA)):
+        if not has_nll(model):
             raise ConfigError(f"--nll needs a model of p(x): a VAE (importance-sampled) or PCA (exact), not "
                               f"--model {config.model.model}, whose codes are deterministic")
         x_nll, seed = nll_test_set(config, data)

@@ -23,10 +23,9 @@ from torch import nn
 from .. import figures, runs, text_views
 from ..data.text import tokens_to_text
 from ..errors import VaelabError
-from ..evaluate import read_evaluation
+from ..evaluate import has_nll, read_evaluation
 from ..latent_stats import codes as test_codes
 from ..latent_stats import kl_per_unit
-from ..models import PCA
 from ..models.hvae import MAX_TEMPERATURE
 from ..system import model_device
 from ..train import prepare_data
@@ -247,7 +246,7 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
         "kind": "text" if data.is_text else "image",
         "input_shape": list(model.input_shape), "n_test": int(codes.shape[0]),
         "classes": list(data.classes) if data.classes is not None else None,
-        "has_prior": hasattr(model, "sample"), "has_nll": hasattr(model, "sample") or isinstance(model, PCA),
+        "has_prior": hasattr(model, "sample"), "has_nll": has_nll(model),
         "temperature": supports_temperature(model) if
         hasattr(model, "sample") else False,
         "epoch": records[-1].get("epoch") if records else None,
