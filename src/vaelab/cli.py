@@ -88,12 +88,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.chunk is not None and args.chunk < 1:
         raise ConfigError(f"--chunk must be >= 1 (samples per pass), got {args.chunk}")
     given = [flag for flag, value in (("--k", args.k), ("--chunk", args.chunk)) if value is not None]
-    if given and not args.nll:
-        raise ConfigError(f"{' and '.join(given)} would be ignored: {'they set' if len(given) > 1 else 'it sets'} "
-                          "the importance-sampled NLL; add --nll or drop " + ("them" if len(given) > 1 else "it"))
-    if given and runs.load_config(args.run).model.model == "pca":
-        raise ConfigError(f"{' and '.join(given)} would be ignored: PCA's log p(x) is exact, with no importance "
-                          "sampling; drop " + ("them" if len(given) > 1 else "it"))
+    if given and (not args.nll or runs.load_config(args.run).model.model == "pca"):
+        them = "them" if len(given) > 1 else "it"
+        why = (f"{'they set' if len(given) > 1 else 'it sets'} the importance-sampled NLL; add --nll or drop {them}"
+               if not args.nll else f"PCA's log p(x) is exact, with no importance sampling; drop {them}")
+        raise ConfigError(f"{' and '.join(given)} would be ignored: {why}")
     result = evaluate_run(args.run, nll_k=(args.k or 5000) if args.nll else None, probe=not args.no_probe,
                           chunk=args.chunk, device=args.device)
     for key, value in result.items():
