@@ -112,7 +112,7 @@ def test_resume_with_other_epochs_says_how_the_cosine_and_the_kl_cycles_move(tmp
     last = runs.read_metrics(tmp_path / "run")[-1]
     assert last["lr"] < 1e-4 and last["beta"] == 1.0  # the end of the rate's cosine and of the second cycle
     longer = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=3))
-    train(longer, tmp_path / "run", resume=True, dataset=tiny_data(), progress=True)
+    train(longer, tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)  # --quiet: still said
     note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert note == [f"note: --epochs 3 (was 2) spreads the run's schedule over the new length: after epoch 2, the "
                     f"learning rate goes from {last['lr']:.3g} to 0.00025; the KL cycles last 1.5 epochs (were 1) "

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "from there)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--no-baselines", action="store_true", help="report without training PCA/AE/VAE baselines")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (notices about the run still print)")
     p.set_defaults(func=cmd_train)
 
     def run_command(name: str, help: str, func) -> argparse.ArgumentParser:

@@ -136,8 +136,9 @@ class Trainer:
         self.compiled = None  # compile_step(...) with --compile, made at the first step
         self.compiled_batch = 0  # the batch size it compiled for
 
-    def _log(self, message: str) -> None:
-        if self.progress and self.job.is_main:
+    def _log(self, message: str, *, notice: bool = False) -> None:
+        """Progress lines; a notice (what the run does differently from what was asked) shows under --quiet too."""
+        if (self.progress or notice) and self.job.is_main:
             tqdm.write(message, file=sys.stderr)
 
     def _save(self, state: dict[str, Any], record: dict[str, Any] | None = None) -> None:
@@ -204,7 +205,7 @@ class Trainer:
             self._log(f"resuming {self.run_dir} after epoch {checkpoint.epoch}")
             last = next((r for r in kept if r.get("epoch") == checkpoint.epoch), None)
             if note := resume_note(stored.train, self.config.train, checkpoint.epoch, last):
-                self._log(note)
+                self._log(note, notice=True)
         return checkpoint.epoch + 1
 
     def _fit_pca(self) -> nn.Module:
