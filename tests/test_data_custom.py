@@ -1,6 +1,7 @@
 """Data: user images in folders (folder:PATH) and arrays (npz:PATH, npy:PATH)."""
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -252,3 +253,102 @@ def test_missing_and_mismatched_array_files(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 this is not really a zip")
     with pytest.raises(DataError, match=r"junk\.npz"):
         load_dataset(f"npz:{tmp_path / 'junk.npz'}")
+
+
+# --- what files hold, read as the user meant it (each of these was misread or a traceback before) ------------
+
+
+def test_folder_skips_hidden_files_and_reads_other_formats(tmp_path):
+    for i in range(3):
+        save_grey(tmp_path / f"{i}.png", 10 * i)
+    Image.new("L", (6, 4), 30).save(tmp_path / "3.bmp")
+    Image.new("L", (6, 4), 40).save(tmp_path / "4.webp", lossless=True)
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(tmp_path / ".thumb.png")  # hidden: would make the set RGB
+    (tmp_path / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork: unreadable
+    (tmp_path / "__MACOSX").mkdir()
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.shape == (1, 4, 6) and ds.classes is None
+    values = sorted(round(float(s.x[i].mean()) * 255) for s in all_splits(ds) for i in range(len(s.x)))
+    assert values == [0, 10, 20, 30, 40]
+
+
+def test_folder_applies_exif_orientation(tmp_path):
+    top_row = np.zeros((4, 6), np.uint8)
+    top_row[0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display": the top row shows as the right-hand column
+    for i in range(3):
+        Image.fromarray(top_row).save(tmp_path / f"{i}.png", exif=exif)
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.shape == (1, 6, 4)  # turned: 4 wide, 6 high
+    assert torch.equal(ds.train.x[0, 0, :, -1], torch.ones(6)) and ds.train.x[0, 0, :, :-1].max() == 0
+
+
+def test_folder_grey_palettes_stay_grey(tmp_path):
+    for i in range(3):
+        save_grey(tmp_path / f"{i}.png", 50 * i)
+    Image.new("L", (6, 4), 200).convert("P").save(tmp_path / "p.png")  # what PNG optimisers write
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.shape == (1, 4, 6)
+    Image.new("RGB", (6, 4), (200, 0, 0)).convert("P").save(tmp_path / "q.png")  # a colour palette: RGB
+    assert load_dataset(f"folder:{tmp_path}").shape == (3, 4, 6)
+
+
+def test_folder_refuses_image_folders_inside_class_folders(tmp_path):
+    for name in ("cat", "dog"):
+        for i in range(3):
+            save_grey(tmp_path / name / f"{i}.png", i)
+    save_grey(tmp_path / "cat" / "more" / "9.png", 9)
+    with pytest.raises(DataError, match=r"more holds images inside class folder .*cat; .*move them up"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+@pytest.mark.parametrize("shape,expected", [((10, 7, 6, 4), (4, 7, 6)), ((10, 7, 6, 2), (2, 7, 6)),
+                                            ((10, 4, 4, 3), (3, 4, 4)), ((10, 3, 3, 3), (3, 3, 3)),
+                                            ((10, 4, 7, 6), (4, 7, 6))])
+def test_channels_last_with_alpha(tmp_path, shape, expected):
+    np.save(tmp_path / "a.npy", np.zeros(shape, np.uint8))
+    assert load_dataset(f"npy:{tmp_path / 'a.npy'}").shape == expected
+
+
+def test_integer_dtypes(tmp_path):
+    np.save(tmp_path / "u16.npy", np.full((10, 2, 2), 65535, np.uint16))
+    assert torch.equal(load_dataset(f"npy:{tmp_path / 'u16.npy'}").train.x, torch.ones(8, 1, 2, 2))
+    np.save(tmp_path / "binary.npy", np.arange(40).reshape(10, 2, 2) % 2)  # int64 0/1: kept as given
+    assert set(load_dataset(f"npy:{tmp_path / 'binary.npy'}").train.x.unique().tolist()) == {0.0, 1.0}
+    np.save(tmp_path / "i64.npy", np.arange(40).reshape(10, 2, 2) * 6)  # int64 0..234: pixels or counts?
+    with pytest.raises(DataError, match=r"int64 values from 0 to 234; .*x\.astype\(numpy\.uint8\)"):
+        load_dataset(f"npy:{tmp_path / 'i64.npy'}")
+    np.save(tmp_path / "huge.npy", np.full((5, 2, 2), 1e300))
+    with pytest.raises(DataError, match="beyond float32's range"):
+        load_dataset(f"npy:{tmp_path / 'huge.npy'}")
+
+
+def test_npz_arrays_that_would_not_be_read_are_refused(tmp_path):
+    x = digits_u8()
+    for arrays, unread in [({"x": x, "label": np.arange(20)}, "['label']"),
+                           ({"x_train": x[:12], "x_valid": x[12:16], "x_test": x[16:]}, "['x_valid']"),
+                           ({"x_train": x[:16], "x_test": x[16:], "x": x}, "['x']"),
+                           ({"labels": np.arange(20)}, "none of them images")]:
+        np.savez(tmp_path / "a.npz", **arrays)
+        with pytest.raises(DataError, match=re.escape(unread)):
+            load_dataset(f"npz:{tmp_path / 'a.npz'}")
+
+
+def test_npz_splits_in_different_dtypes_are_refused(tmp_path):
+    x = digits_u8()
+    np.savez(tmp_path / "a.npz", x_train=x[:16], x_test=x[16:].astype(np.float32))
+    with pytest.raises(DataError, match=r"x_train is uint8 \(divided by 255\) but x_test is float32 \(kept as"):
+        load_dataset(f"npz:{tmp_path / 'a.npz'}")
+
+
+def test_label_forms(tmp_path):
+    x = digits_u8(6)
+    np.savez(tmp_path / "col.npz", x=x, y=(np.arange(6) % 2)[:, None])  # Keras-style (N, 1)
+    assert load_dataset(f"npz:{tmp_path / 'col.npz'}").classes == ("0", "1")
+    np.savez(tmp_path / "bytes.npz", x=x, y=np.array([b"cat", b"dog"] * 3))
+    assert load_dataset(f"npz:{tmp_path / 'bytes.npz'}").classes == ("cat", "dog")
+    np.savez(tmp_path / "mixed.npz", x_train=x[:4], y_train=np.array(["a"] * 4), x_test=x[4:], y_test=np.arange(2))
+    with pytest.raises(DataError, match="strings in some splits and numbers in others"):
+        load_dataset(f"npz:{tmp_path / 'mixed.npz'}")

@@ -10,13 +10,13 @@ from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vaelab.data.dataset import Dataset, Split, check_finite, fixed_permutation, split_shuffled
 from vaelab.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "P"}  # P: palettes are usually colour
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow reads
+_SKIPPED_FOLDERS = ("__MACOSX",)  # what zip tools add beside the images (macOS resource forks)
 _SHAPES = "(N, H, W), (N, C, H, W), (N, H, W, C) or flat (N, D)"
 MAX_CLASSES = 2**16  # integer labels are class ids below this; a stray 10**12 must not allocate 10**12 class names
 # what reading a member of a damaged or exotic zip can raise (RuntimeError: an encrypted member)
@@ -26,15 +26,22 @@ _ZIP_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplemented
 def load_folder(spec: str) -> Dataset:
     """Images directly in a folder (no labels) or in one sub-folder per class (labels = sorted folder names).
 
-    Greyscale unless some image is in colour, then RGB for all; 8-bit pixels are scaled to [0, 1].
+    Greyscale unless some image has a pixel in colour, then RGB for all (alpha dropped, as torchvision does);
+    8-bit pixels are scaled to [0, 1]; EXIF orientation is applied, as image viewers do. Hidden files and
+    folders are skipped; class folders with image folders inside them are refused rather than half read.
     """
     root = Path(spec).expanduser()
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DataError(f"{root} {what}; pass folder:PATH with a folder of PNG/JPEG images")
     loose = _images_in(root)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = _folders_in(root)
     labelled = {d.name: _images_in(d) for d in class_dirs}
+    for d in class_dirs:
+        nested = next((sub for sub in _folders_in(d) if _images_in(sub)), None)
+        if nested is not None:
+            raise DataError(f"{nested} holds images inside class folder {d}; vaelab reads one level of class "
+                            f"folders: move them up into {d.name}, or make {nested.name} a class folder of its own")
     if loose or not any(labelled.values()):
         if not loose:
             raise DataError(
@@ -61,9 +68,18 @@ def load_folder(spec: str) -> Dataset:
     return split_shuffled(f"folder:{spec}", x, y, classes)
 
 
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in _SKIPPED_FOLDERS  # .DS_Store, ._x.png, .thumbnails/
+
+
+def _folders_in(folder: Path) -> list[Path]:
+    """The sub-folders of `folder` that can be classes, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p))
+
+
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name so labels and splits are reproducible."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _hidden(p))
 
 
 def _read_images(files: list[Path]) -> np.ndarray:
@@ -73,7 +89,7 @@ def _read_images(files: list[Path]) -> np.ndarray:
         try:
             with Image.open(path) as im:
                 im.load()
-                images.append(im.copy())
+                images.append(ImageOps.exif_transpose(im))  # a copy, turned as the camera's EXIF tag says
         # Pillow's decoders raise many exception types on damaged bytes (OSError, SyntaxError, ValueError, ...).
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read image {path} ({e}); remove or replace the file") from None
@@ -84,20 +100,23 @@ def _read_images(files: list[Path]) -> np.ndarray:
                 f"images differ in size: {files[0]} is {first.size[0]}x{first.size[1]}, "
                 f"{path} is {im.size[0]}x{im.size[1]} (width x height); resize them all to one size"
             )
-    images = [_eight_bit(im) for im in images]
-    mode = "RGB" if any(im.mode in _COLOUR_MODES for im in images) else "L"
-    arrays = [np.asarray(im.convert(mode), dtype=np.uint8) for im in images]
-    stacked = np.stack(arrays)  # (N, H, W) or (N, H, W, 3)
-    return stacked[:, None] if mode == "L" else stacked.transpose(0, 3, 1, 2)
+    rgb = np.stack([np.asarray(_rgb(im), dtype=np.uint8) for im in images])  # (N, H, W, 3)
+    # grey by content, not by mode: WebP has no grey mode, and PNG optimisers write grey images with palettes
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return rgb[None, ..., 0].transpose(1, 0, 2, 3)
+    return rgb.transpose(0, 3, 1, 2)
 
 
-def _eight_bit(im: Image.Image) -> Image.Image:
-    """16- and 32-bit grey images (16-bit PNGs open as I;16 or I) rescaled to 8 bits: Pillow's convert("L")
-    would clip them at 255, turning almost every pixel white. 0..65535 maps to 0..255."""
-    if im.mode != "I" and not im.mode.startswith("I;16"):
-        return im
-    a = np.asarray(im).astype(np.float64)
-    return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
+def _rgb(im: Image.Image) -> Image.Image:
+    """An image in 8-bit RGB, alpha dropped. 16- and 32-bit grey images (16-bit PNGs open as I;16 or I) are
+    rescaled to 8 bits first: Pillow's convert would clip them at 255, turning almost every pixel white.
+    0..65535 maps to 0..255."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("P", "PA"):  # a palette with transparency goes through RGBA, as Pillow asks
+        im = im.convert("RGBA")
+    return im.convert("RGB")
 
 
 def load_npz(spec: str) -> Dataset:
@@ -111,18 +130,33 @@ def load_npz(spec: str) -> Dataset:
         keys = set(archive.files)
         source = f"npz:{spec}"
         if "x_train" in keys or "x_test" in keys:
+            _refuse_unread(keys, {f"{v}_{n}" for v in "xy" for n in ("train", "val", "test")}, path)
             return _presplit(archive, keys, path, source)
-        x_key = next((k for k in ("x", "images") if k in keys), None) or (next(iter(keys)) if len(keys) == 1 else None)
+        x_key = next((k for k in ("x", "images") if k in keys), None) or (
+            next(iter(keys)) if len(keys) == 1 and not keys & {"y", "labels"} else None)
         if x_key is None:
             raise DataError(
-                f"{path} has arrays {sorted(keys)}, none of them images; name the images x (labels y), "
-                "or give x_train, x_test (and optional x_val) with matching y_train, y_test, y_val"
+                f"{path} has arrays {sorted(keys)}, none of them images; {_NPZ_NAMES}"
             )
         y_key = next((k for k in ("y", "labels") if k in keys), None)
+        _refuse_unread(keys, {x_key, y_key}, path)
         x = to_images(_array(archive, x_key, path), f"{path} [{x_key}]")
         y_raw = None if y_key is None else _array(archive, y_key, path)
     y, classes = (None, None) if y_raw is None else to_labels([y_raw], [len(x)], f"{path} [{y_key}]")
     return split_shuffled(source, x, None if y is None else y[0], classes)
+
+
+_NPZ_NAMES = ("name the images x (labels y), or give x_train, x_test (and optional x_val) with matching y_train, "
+              "y_test, y_val")
+
+
+def _refuse_unread(keys: set[str], read: set[str | None], path: Path) -> None:
+    """Refuse arrays vaelab would not read (labels saved as `label`, a validation split as `x_valid`...): dropping
+    them silently would train without the labels or split the user meant."""
+    unread = sorted(keys - read)
+    if unread:
+        raise DataError(f"{path} has array(s) {unread} that vaelab does not read; {_NPZ_NAMES}, "
+                        "and remove the others")
 
 
 def _presplit(archive: np.lib.npyio.NpzFile, keys: set[str], path: Path, source: str) -> Dataset:
@@ -135,7 +169,14 @@ def _presplit(archive: np.lib.npyio.NpzFile, keys: set[str], path: Path, source:
     if any(labelled) and not all(labelled):
         absent = [f"y_{n}" for n, has in zip(names, labelled) if not has]
         raise DataError(f"{path} has labels for some splits but no {absent[0]}; give labels for all or none")
-    xs = {n: to_images(_array(archive, f"x_{n}", path), f"{path} [x_{n}]") for n in names}
+    raw_x = {n: _array(archive, f"x_{n}", path) for n in names}
+    scales = {n: _SCALES.get(a.dtype, "kept as given") for n, a in raw_x.items()}
+    other = next((n for n in names if scales[n] != scales["train"]), None)
+    if other is not None:
+        raise DataError(f"{path}: x_train is {raw_x['train'].dtype} ({scales['train']}) but x_{other} is "
+                        f"{raw_x[other].dtype} ({scales[other]}), so the splits would be on different scales; "
+                        "save every split with one dtype")
+    xs = {n: to_images(raw_x[n], f"{path} [x_{n}]") for n in names}
     classes = None
     ys: dict[str, torch.Tensor | None] = dict.fromkeys(names)
     if all(labelled):
@@ -236,27 +277,49 @@ def _array(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
     return array
 
 
+def _channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether (N, A, B, C) images are (N, H, W, C): C grey or RGB and A not, or C with alpha (2, 4) and A no
+    channel count at all; otherwise (N, C, H, W), which is also how ambiguous arrays like (N, 3, 3, 3) are read."""
+    return shape[-1] in (1, 3) and shape[1] not in (1, 3) or shape[-1] in (2, 4) and shape[1] not in _CHANNELS
+
+
+_SCALES = {np.dtype(np.uint8): "divided by 255", np.dtype(np.uint16): "divided by 65535"}  # as 8- and 16-bit PNGs
+_CHANNELS = (1, 2, 3, 4)  # grey, grey + alpha, RGB, RGBA
+
+
 def to_images(array: np.ndarray, source: str) -> torch.Tensor:
-    """Turn a numeric array of any accepted layout into float32 (N, C, H, W); uint8 is scaled to [0, 1],
-    other dtypes are kept as given (Gaussian likelihoods take any range).
+    """Turn a numeric array of any accepted layout into float32 (N, C, H, W). uint8 pixels are divided by 255 and
+    uint16 by 65535; floats, booleans and integers that are all 0 or 1 are kept as given (Gaussian likelihoods
+    take any range). Other integers are refused: int64 0..255 and int64 counts read alike.
 
     Args:
-        array: (N, H, W), (N, C, H, W), (N, H, W, C) with C in {1, 3}, or flat (N, D) -> (N, 1, 1, D).
+        array: (N, H, W), (N, C, H, W), (N, H, W, C) (see _channels_last), or flat (N, D) -> (N, 1, 1, D).
         source: the file (and key) it came from, quoted in errors.
     """
     if array.dtype.kind not in "biuf":
         raise DataError(f"{source} has dtype {array.dtype}, not numbers; save images as uint8 or float")
     if array.ndim not in (2, 3, 4) or array.size == 0:
         raise DataError(f"{source} has shape {array.shape}; give a non-empty array shaped {_SHAPES}")
+    if array.dtype.kind in "iu" and array.dtype not in _SCALES:
+        lo, hi = array.min(), array.max()
+        if lo < 0 or hi > 1:
+            raise DataError(f"{source} has {array.dtype} values from {lo} to {hi}; vaelab divides uint8 pixels by "
+                            "255 and uint16 by 65535, and keeps floats as given: save 8-bit pixels as uint8 "
+                            "(x.astype(numpy.uint8)), or as floats in the range you mean")
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+        finite = array[np.isfinite(array)]
+        if finite.size and np.abs(finite).max() > np.finfo(np.float32).max:
+            raise DataError(f"{source} has values up to {np.abs(finite).max():.3g}, beyond float32's range "
+                            "(3.4e38), which vaelab computes in; rescale the data")
     if array.ndim == 2:
         array = array[:, None, None, :]
     elif array.ndim == 3:
         array = array[:, None]
-    elif array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
-        array = array.transpose(0, 3, 1, 2)  # channels-last (N, H, W, C)
+    elif _channels_last(array.shape):
+        array = array.transpose(0, 3, 1, 2)
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if array.dtype == np.uint8:
-        x.div_(255)
+    if array.dtype in _SCALES:
+        x.div_(np.iinfo(array.dtype).max)
     check_finite(x, source)  # float arrays are kept as given, so NaN/inf must be caught here
     return x
 
@@ -269,12 +332,17 @@ def to_labels(arrays: list[np.ndarray], counts: list[int], source: str) -> tuple
         counts: number of images each array must label.
         source: the file (and key) they came from, quoted in errors.
     """
+    arrays = [a.reshape(-1) if a.ndim == 2 and a.shape[1] == 1 else a for a in arrays]  # Keras-style (N, 1)
+    arrays = [_decoded(a, source) if a.dtype.kind == "S" else a for a in arrays]
+    if len({a.dtype.kind == "U" for a in arrays}) > 1:
+        raise DataError(f"{source} labels are strings in some splits and numbers in others; give every split the "
+                        "same kind of labels")
     for array, count in zip(arrays, counts):
         if array.ndim != 1 or len(array) != count:
             raise DataError(
                 f"{source} labels have shape {array.shape} for {count} images; give one label per image"
             )
-    if all(a.dtype.kind in "US" for a in arrays):
+    if arrays[0].dtype.kind == "U":
         names = np.unique(np.concatenate(arrays))
         return [torch.from_numpy(np.searchsorted(names, a).astype(np.int64)) for a in arrays], tuple(map(str, names))
     for array in arrays:
@@ -288,3 +356,12 @@ def to_labels(arrays: list[np.ndarray], counts: list[int], source: str) -> tuple
     labels = [torch.from_numpy(a.astype(np.int64)) for a in arrays]
     n_classes = 1 + max(int(t.max()) for t in labels if len(t))
     return labels, tuple(str(i) for i in range(n_classes))
+
+
+def _decoded(array: np.ndarray, source: str) -> np.ndarray:
+    """Byte-string labels (numpy's S dtype, e.g. from HDF5 or Python 2 pickles) as text, so classes read cat, not
+    b'cat'."""
+    try:
+        return np.char.decode(array, "utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{source} labels are byte strings that are not UTF-8 text; save them as str") from None
