@@ -273,11 +273,18 @@ def test_pca_log_marginal_is_probabilistic_pca_s_exact_gaussian_and_the_maximum_
     exact = MultivariateNormal(model.mean.double(), w @ w.T + noise * torch.eye(20, dtype=torch.float64))
     test = torch.rand(7, 1, 4, 5, generator=g)
     assert torch.allclose(model.log_marginal(test), exact.log_prob(test.flatten(1).double()), atol=1e-6)
-    # at the maximum-likelihood C (eigenvalues from the (N - 1)-normalised covariance) the training data's mean
-    # log-likelihood is -(P log 2 pi + log |C| + P (N - 1) / N) / 2, as tr(C^-1 S) = P (Tipping & Bishop, eq. 4)
-    n = x.shape[0]
-    expected = -0.5 * (20 * math.log(2 * math.pi) + torch.logdet(exact.covariance_matrix) + 20 * (n - 1) / n)
-    assert float(model.log_marginal(x).mean()) == pytest.approx(float(expected), abs=1e-5)
+    # at the maximum-likelihood C the training data's mean log-likelihood is -(P log 2 pi + log |C| + P) / 2, as
+    # tr(C^-1 S) = P (Tipping & Bishop, eq. 4); also with fewer examples than pixels (N = 15 < P = 40), where the
+    # noise was the mean of the N - L non-zero discarded eigenvalues alone (4x too large here), and at the
+    # 1/N-normalised S (the eigenvalues were 1/(N - 1)'s)
+    for data in (x, torch.rand(15, 1, 5, 8, generator=g)):
+        model = PCA(input_shape=data.shape[1:], latent_dim=3).fit(data)
+        p = data[0].numel()
+        u, eigenvalues, noise = model.components.double().T, model.explained_variance.double(), model.noise_variance
+        w = u * (eigenvalues - noise).sqrt()
+        log_det = torch.logdet(w @ w.T + noise * torch.eye(p, dtype=torch.float64))
+        expected = -0.5 * (p * math.log(2 * math.pi) + log_det + p)
+        assert float(model.log_marginal(data).mean()) == pytest.approx(float(expected), abs=1e-5)
 
 
 def test_evaluate_gives_pca_its_exact_nll_as_a_density_and_says_so(tmp_path):

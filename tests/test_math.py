@@ -146,7 +146,7 @@ def test_pca_matches_numpy_svd_and_ppca_noise():
     _, s, vh = torch.linalg.svd(centred, full_matrices=False)
     angles = _principal_angles(pca.components.double().T, vh[:3].T)
     assert angles.max() < 1e-4
-    eig = s**2 / (len(flat) - 1)
+    eig = s**2 / len(flat)  # of the maximum-likelihood covariance (1/N)
     torch.testing.assert_close(pca.explained_variance.double(), eig[:3], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pca.noise_variance.double(), eig[3:].mean(), rtol=1e-5, atol=1e-6)
     # projecting twice changes nothing, and components are orthonormal

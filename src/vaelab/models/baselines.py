@@ -14,10 +14,14 @@ from .common import ImageDecoder, Output, check_codes, check_images, model_tenso
 
 
 class PCA(nn.Module):
-    """Principal component analysis, fitted in closed form; decode gives probabilistic PCA's p(x|z).
+    """Principal component analysis, fitted in closed form, with probabilistic PCA's maximum-likelihood noise.
 
-    The noise variance is the maximum-likelihood one of Tipping & Bishop 1999, "Probabilistic
-    Principal Component Analysis", eq. (8): the mean of the discarded eigenvalues.
+    Tipping & Bishop 1999, "Probabilistic Principal Component Analysis": the eigenvalues are those of the
+    1/N-normalised sample covariance S, and the noise variance is the mean of the P - L discarded ones (eq. 8),
+    counting the zero eigenvalues that N < P examples leave (so sigma^2 = (tr S - sum of the kept) / (P - L)).
+    Codes are projections onto the components U and decode gives N(U z + mean, sigma^2 I): PPCA's p(x|z) for its
+    code rescaled, U z = W z_ppca with W = U (Lambda - sigma^2 I)^(1/2), whose prior is N(0, I); reconstruct is the
+    projection, not PPCA's posterior mean (which shrinks each coordinate by (lambda_i - sigma^2) / lambda_i).
     """
 
     def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int):
@@ -43,12 +47,13 @@ class PCA(nn.Module):
         flat = x.flatten(1).double()
         mean = flat.mean(0)
         _, s, vh = torch.linalg.svd(flat - mean, full_matrices=False)
-        eigenvalues = s**2 / (flat.shape[0] - 1)
+        eigenvalues = s**2 / flat.shape[0]  # of the maximum-likelihood covariance S (1/N, not 1/(N - 1))
         components = vh[: self.latent_dim]
         # deterministic signs: the largest-magnitude loading of each component is positive
         signs = torch.sign(components.gather(1, components.abs().argmax(1, keepdim=True)))
-        discarded = eigenvalues[self.latent_dim:]
-        noise = discarded.mean() if discarded.numel() else torch.zeros((), dtype=flat.dtype)
+        n_features, discarded = flat.shape[1], eigenvalues[self.latent_dim:].sum()
+        # the SVD gives min(N, P) eigenvalues: the rest are 0 and count in the mean (Tipping & Bishop, eq. 8)
+        noise = discarded / (n_features - self.latent_dim) if n_features > self.latent_dim else discarded * 0
         self.mean.copy_(mean)
         self.components.copy_(components * signs)
         self.explained_variance.copy_(eigenvalues[: self.latent_dim])
