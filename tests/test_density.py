@@ -379,7 +379,7 @@ def linear_gaussian_encoder() -> tuple[VAE, float]:
     return model, 0.5 * float(torch.logdet(torch.eye(2) + w @ w.T / s**2))
 
 
-def test_mutual_information_bounds_bracket_the_exact_value_and_close_in_on_it_with_more_examples():
+def test_mutual_information_bounds_bracket_the_exact_value_in_expectation_and_close_in_on_it_with_more_examples():
     model, exact = linear_gaussian_encoder()  # 1.95 nats
     g = torch.Generator().manual_seed(0)
     few = [mutual_information_bounds(model, torch.randn(50, 1, 1, 4, generator=g), seed=seed) for seed in range(40)]

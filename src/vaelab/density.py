@@ -58,8 +58,13 @@ class Estimate:
 
 def nll_summary(log_px: torch.Tensor, n_dims: int | None = None,
                 tokens: torch.Tensor | None = None) -> dict[str, float]:
-    """Mean NLL in nats of per-example log p(x) with its standard error; in bits per dimension for images
-    (n_dims values each), or per token and as perplexity exp(sum NLL / sum tokens) for text."""
+    """Mean NLL in nats of per-example log p(x) with its standard error; divided by n_dims ln 2 for images
+    (n_dims values each), or per token and as perplexity exp(sum NLL / sum tokens) for text.
+
+    The division makes bits per dimension of discrete data, e.g. a Bernoulli model's binary pixels. A continuous
+    density's NLL is of the pixels' scale, not bits: for 8-bit pixels scaled to [0, 1] and dequantised it becomes
+    the images' bits/dim after adding log2(256) = 8 (evaluate_run does; README, Density estimation).
+    """
     nll = -log_px.double()
     mean, stderr = mean_and_stderr(nll)
     result = {"nll": mean, "nll_stderr": stderr}
