@@ -58,6 +58,24 @@ def test_reparameterised_samples_have_right_moments_and_carry_gradients():
     assert head.logvar.weight.grad is not None and head.logvar.weight.grad.abs().sum() > 0
 
 
+def test_log_variance_clamp_keeps_the_value_in_range_and_the_gradient():
+    """A unit whose log-variance overshoots a bound is clamped there, and the KL still pulls it back: a hard clamp's
+    zero gradient had left it beyond the bound for good."""
+    from vaelab.latents import LOGVAR_MAX, LOGVAR_MIN
+
+    head = DiagonalGaussian(in_features=3, latent_dim=2)
+    with torch.no_grad():
+        head.logvar.weight.zero_()
+        head.logvar.bias.copy_(torch.tensor([LOGVAR_MIN - 5, LOGVAR_MAX + 5]))
+    qz = head(torch.randn(4, 3))
+    torch.testing.assert_close(qz.logvar, torch.tensor([LOGVAR_MIN, LOGVAR_MAX]).expand(4, 2))
+    torch.testing.assert_close(qz.stddev, torch.tensor([LOGVAR_MIN, LOGVAR_MAX]).div(2).exp().expand(4, 2))
+    kl_divergence(qz, head.prior()).sum().backward()
+    # d KL / d logvar = (exp(logvar) - 1) / 2 at the clamped value, per example: up from the floor, down from the top
+    expected = 4 * 0.5 * (torch.tensor([LOGVAR_MIN, LOGVAR_MAX]).exp() - 1)
+    torch.testing.assert_close(head.logvar.bias.grad, expected)
+
+
 def test_bernoulli_log_likelihood_by_hand():
     logits = torch.tensor([[[[0.3, -1.2], [2.0, 0.0]]]])  # (1, 1, 2, 2)
     x = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])

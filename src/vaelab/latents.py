@@ -13,8 +13,9 @@ from torch.distributions import Distribution, Independent, Normal, register_kl
 
 from .linear import Linear
 
-# Numerics in one place: log-variances outside this range only arise from diverging training,
-# and exp() of them would overflow or underflow float32.
+# Numerics in one place: log-variances outside this range only arise from diverging training; inside it sigma^2,
+# 1/sigma^2 and the KL's gradients stay far from float32's limits (exp overflows at 88). The clamp passes gradients
+# through (straight-through): a hard clamp's zero gradient left a unit past a bound there for good.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 BN_EPS = 1e-12  # BN-VAE normalisation of the posterior means: see DiagonalGaussian
 
@@ -105,7 +106,8 @@ class DiagonalGaussian(nn.Module):
 
     def forward(self, h: torch.Tensor) -> Distribution:
         """Posterior from encoder features h (B, F); batch shape (B,), event shape (D,)."""
-        logvar = self.logvar(h).clamp(LOGVAR_MIN, LOGVAR_MAX)
+        raw = self.logvar(h)
+        logvar = raw + (raw.clamp(LOGVAR_MIN, LOGVAR_MAX) - raw).detach()  # the clamped value, raw's gradient
         mu = self.mean(h)
         if self.mean_bn is not None:
             mu = self.bn_gamma * self.mean_bn(mu) + self.bn_beta
