@@ -93,3 +93,22 @@ def test_configs_refuse_meaningless_combinations():
     with pytest.raises(ConfigError, match="--bn-mu .* needs --batch-size >= 2, got 1"):  # was BatchNorm1d's error
         RunConfig(model=ModelConfig(bn_mu=0.5), train=TrainConfig(batch_size=1))
     RunConfig(model=ModelConfig(bn_mu=0.5), train=TrainConfig(batch_size=2))
+
+
+def test_bn_vae_skips_a_one_example_tail_batch_and_refuses_one_example_in_training_mode(tmp_path):
+    """67 training examples in batches of 33: the epoch's last batch holds one, whose batch statistics BatchNorm1d
+    refuses. It was a traceback at the end of the first epoch; it is skipped, as DDP's too-short tails are."""
+    from vaelab import runs
+    from vaelab.config import DataConfig
+    from vaelab.errors import InputError
+    from vaelab.train import train
+
+    from test_train import tiny_data
+
+    config = RunConfig(data=DataConfig(name="tiny"), model=ModelConfig(hidden=(8,), latent_dim=2, bn_mu=0.5),
+                       train=TrainConfig(epochs=2, batch_size=33))
+    model = train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "run")] == [1, 2]
+    with pytest.raises(InputError, match="at least 2 examples, got 1; call model.eval"):
+        model.train().encode(torch.rand(1, 1, 6, 6))
+    assert model.eval().encode(torch.rand(1, 1, 6, 6)).mean.shape == (1, 2)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, register_kl
 
+from .errors import InputError
 from .linear import Linear
 
 # Numerics in one place: log-variances outside this range only arise from diverging training; inside it sigma^2,
@@ -110,6 +111,9 @@ class DiagonalGaussian(nn.Module):
         logvar = raw + (raw.clamp(LOGVAR_MIN, LOGVAR_MAX) - raw).detach()  # the clamped value, raw's gradient
         mu = self.mean(h)
         if self.mean_bn is not None:
+            if self.training and mu.shape[0] < 2:
+                raise InputError("a BN-VAE in training mode batch-normalises posterior means over the batch, which "
+                                 f"needs at least 2 examples, got {mu.shape[0]}; call model.eval() to encode one")
             mu = self.bn_gamma * self.mean_bn(mu) + self.bn_beta
         return diagonal_normal(mu, torch.exp(0.5 * logvar), logvar)
 

@@ -133,6 +133,9 @@ class Trainer:
         self.val_x = self.data.val.x.to(self.device)
         self.optimizer = None if isinstance(self.model, PCA) else make_optimizer(self.model, config.train.lr)
         self.parameters = list(self.model.parameters())
+        # batch norm in training mode needs two examples for its statistics: a one-example tail batch is skipped
+        # (BatchNorm1d raises, and a 1x1 feature map's BatchNorm2d would too; the permutation changes every epoch)
+        self.min_batch = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()) else 1
         self.compiled = None  # compile_step(...) with --compile, made at the first step
         self.compiled_batch = 0  # the batch size it compiled for
 
@@ -237,7 +240,7 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True)
         for i in range(steps):
             step_idx = perm[i * global_batch:(i + 1) * global_batch]
-            if step_idx.numel() < job.world:  # a tail too short to give every process an example
+            if step_idx.numel() < job.world * self.min_batch:  # a tail too short to give every process its minimum
                 break
             mine = step_idx[job.rank::job.world]
             xb = torch.index_select(self.train_x, 0, mine)  # faster than x[idx]
