@@ -36,8 +36,13 @@ def test_image_models_name_what_encode_and_decode_take(name):
                          (x.numpy(), r"torch.Tensor.*ndarray")]:
         with pytest.raises(InputError, match=f"encode: .*{message}"):
             model.encode(bad)
-        with pytest.raises(InputError, match="encode"):
-            model.reconstruct(bad)
+        for method in ("reconstruct", "embed"):  # errors name the method called (they said encode)
+            with pytest.raises(InputError, match=f"^{method}: .*{message}"):
+                getattr(model, method)(bad)
+    for bad, message in [(torch.rand(6, 6), r"one grey image: x\[None, None\]"),
+                         (torch.rand(4, 6, 6), r"grey images without their channel axis: x\[:, None\]")]:
+        with pytest.raises(InputError, match=message):  # the hint was "images of another size: resize them"
+            model.encode(bad)
     for bad, message in [(torch.zeros(5, 4), r"shape \(5, 4\).*3 dimensions"), (torch.tensor(0.0), "3 dimensions"),
                          (torch.zeros(5, 3, dtype=torch.int64), "dtype torch.int64"),
                          (torch.zeros(5, 3, dtype=torch.float64), "dtype torch.float64.*z.to\\(torch.float32\\)")]:
@@ -130,8 +135,42 @@ def test_importance_sampling_refuses_empty_mistyped_or_impossible_data_and_resto
         with pytest.raises(InputError, match=message):
             importance_sample(model, bad, k=4)
         assert model.training  # the model's mode is restored on failure too
-    with pytest.raises(InputError, match="k must be >= 1"):
-        importance_sample(model, torch.rand(2, *SHAPE), k=0)
+    for arguments, message in [({"k": 0}, "k must be an integer >= 1, got 0"), ({"k": 2.5}, "k must be"),
+                               ({"k": True}, "k must be"), ({"k": 4, "chunk": 0}, "chunk must be an integer >= 1"),
+                               ({"k": 4, "batch_size": -1}, "batch_size must be"), ({"k": 4, "seed": -1}, "seed must")]:
+        with pytest.raises(InputError, match=message):  # were TypeErrors from inside, or silently clamped to 1
+            importance_sample(model, torch.rand(2, *SHAPE), **arguments)
+    with pytest.raises(InputError, match="meta device"):  # was "Tensor.item() cannot be called on meta tensors"
+        importance_sample(model, torch.rand(2, *SHAPE, device="meta"), k=4)
+
+
+def test_pca_log_likelihood_checks_its_data_as_importance_sampling_does():
+    from vaelab.density import log_likelihood
+
+    pca = image_models()["pca"]
+    for bad, message in [(torch.full((2, *SHAPE), float("nan")), "log_likelihood: x has 72 NaN"),
+                         (torch.zeros(0, *SHAPE), "non-empty batch"),  # were NaNs and an empty tensor
+                         (np.zeros((2, *SHAPE)), "as a torch.Tensor, got ndarray"),  # was "PCA's ... log_likelihood"
+                         (torch.rand(2, *SHAPE, device="meta"), "meta device")]:
+        with pytest.raises(InputError, match=message):
+            log_likelihood(pca, bad)
+
+
+def test_vmf_point_codes_are_mean_directions_on_the_sphere():
+    from torch.distributions import kl_divergence
+
+    model = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), latent="vmf").eval()
+    x = torch.rand(4, *SHAPE)
+    codes = model.embed(x)
+    torch.testing.assert_close(codes.norm(dim=-1), torch.ones(4))  # the vMF mean A(kappa) loc lies inside
+    torch.testing.assert_close(codes, model.encode(x).loc)
+    torch.testing.assert_close(model.reconstruct(x), model.decode(codes).mean)
+    prior = model.prior()  # the uniform prior expands like every distribution (NotImplementedError before)
+    qz = model.encode(x)
+    torch.testing.assert_close(kl_divergence(qz, prior.expand((4,))), kl_divergence(qz, prior))
+    assert prior.expand((4,)).rsample((2,)).shape == (2, 4, 3) and prior.expand((4,)).entropy().shape == (4,)
+    gaussian = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,)).eval()
+    torch.testing.assert_close(gaussian.embed(x), gaussian.encode(x).mean)  # a Gaussian's mode is its mean
 
 
 def test_importance_sampling_takes_any_finite_values_under_a_gaussian_likelihood():

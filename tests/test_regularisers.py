@@ -98,12 +98,12 @@ def test_configs_refuse_meaningless_combinations():
 def test_bn_vae_skips_a_one_example_tail_batch_and_refuses_one_example_in_training_mode(tmp_path):
     """67 training examples in batches of 33: the epoch's last batch holds one, whose batch statistics BatchNorm1d
     refuses. It was a traceback at the end of the first epoch; it is skipped, as DDP's too-short tails are."""
+    from test_train import tiny_data
+
     from vaelab import runs
     from vaelab.config import DataConfig
     from vaelab.errors import InputError
     from vaelab.train import train
-
-    from test_train import tiny_data
 
     config = RunConfig(data=DataConfig(name="tiny"), model=ModelConfig(hidden=(8,), latent_dim=2, bn_mu=0.5),
                        train=TrainConfig(epochs=2, batch_size=33))

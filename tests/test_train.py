@@ -616,3 +616,37 @@ def test_load_takes_the_checkpoint_a_caller_read_even_after_training_moves_on(tm
     saved = load_file(first.path / "model.safetensors")
     assert all(torch.equal(v, saved[k]) for k, v in pinned.state_dict().items())
     assert not all(torch.equal(v, latest.state_dict()[k]) for k, v in pinned.state_dict().items())
+
+
+def test_python_api_refuses_mismatched_data_bad_devices_and_wrongly_typed_configs(tmp_path):
+    """Each was a traceback from pathlib, torch or a dataclass, or (the data set) a run whose config.json named
+    other data than it trained on, which evaluate and report then could not load."""
+    config = tiny_config(epochs=1)
+    with pytest.raises(ConfigError, match=r"data set given is 'digits' but the config's data is 'tiny'.*"
+                                          r"DataConfig\(name='digits'\)"):
+        train(config, tmp_path / "run", dataset=dataclasses.replace(tiny_data(), name="digits"), progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="run_dir .*file is a file; give a folder"):
+        train(config, tmp_path / "file", dataset=tiny_data(), progress=False)
+    train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
+    for device, message in [("gpu", "device 'gpu' is not a device vaelab runs on; use auto, cpu, cuda or cuda:N"),
+                            ("", "is not a device"), (0, "is not a device"), ("mps", "is not a device")]:
+        with pytest.raises(ConfigError, match=message):
+            vaelab.load(tmp_path / "run", device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device cuda:0 was asked for but torch sees no CUDA device"):
+            vaelab.load(tmp_path / "run", device="cuda:0")
+    assert vaelab.load(tmp_path / "run", device=torch.device("cpu")).training is False
+    with pytest.raises(ConfigError, match=r"RunConfig's data must be a vaelab.config.DataConfig, got str"):
+        RunConfig(data="digits")
+    with pytest.raises(ConfigError, match=r"RunConfig's train must be .*TrainConfig, got NoneType"):
+        RunConfig(train=None)
+    for hidden in (16, "512,256"):
+        with pytest.raises(ConfigError, match=r"--hidden must list layer widths, like \(512, 256\)"):
+            ModelConfig(hidden=hidden)
+    with pytest.raises(ConfigError, match="--hidden is empty; --net conv needs at least one channel count"):
+        ModelConfig(net="conv", hidden=())
+    with pytest.raises(ConfigError, match="--hidden is empty; --net conv"):
+        ModelConfig(model="hvae", hidden=())  # was a message about --groups, never given
+    assert ModelConfig(hidden=()).hidden == ()  # an MLP without hidden layers is a model

@@ -12,7 +12,8 @@ from fractions import Fraction
 import torch
 
 # log I_v(kappa): the power series up to _SERIES_MAX, an asymptotic expansion above it. 64 series terms leave
-# under 4e-21 of the sum at kappa = 50 (3.2e-21 at v = 0, less as v grows: far below float64's 1e-16); above 50, Hankel's expansion (20 terms) for v < 8 and Debye's (12 terms)
+# under 4e-21 of the sum at kappa = 50 (3.2e-21 at v = 0, less as v grows: far below float64's 1e-16); above 50,
+# Hankel's expansion (20 terms) for v < 8 and Debye's (12 terms)
 # for v >= 8 are exact to rounding. Against mpmath for v in [0, 63.5], kappa in [1e-4, 1e5]: log I_v within
 # 4e-14 (relative where |log I_v| > 1, else absolute), I_{v+1}/I_v within 3e-13 relative.
 _SERIES_MAX = 50.0

@@ -40,11 +40,17 @@ def _finite(value: float) -> bool:
         return False
 
 
+def _numpy_hint(value: Any, kind: str) -> str:
+    """A NumPy scalar reads like a number in messages (np.int64(2)); configs are written to JSON, so they take
+    Python's own numbers."""
+    return f" (a NumPy {type(value).__name__}: pass {kind}(...))" if type(value).__module__ == "numpy" else ""
+
+
 def _positive(value: float, flag: str, *, allow_zero: bool = False) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     if not number or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{flag} must be a finite number {bound}, got {value!r}")
+        raise ConfigError(f"{flag} must be a finite number {bound}, got {value!r}{_numpy_hint(value, 'float')}")
 
 
 def zeros_last(groups: Sequence[int]) -> bool:
@@ -54,7 +60,7 @@ def zeros_last(groups: Sequence[int]) -> bool:
 
 def _integer(value: Any, flag: str, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{flag} must be an integer >= {minimum}, got {value!r}{_numpy_hint(value, 'int')}")
 
 
 FILE_DATA = ("folder", "npz", "npy")  # --data PREFIX:PATH, the user's own files (data.registry.CUSTOM)
@@ -130,9 +136,16 @@ class ModelConfig:
         _positive(self.sigma, "--sigma")
         if not isinstance(self.linear, bool):
             raise ConfigError(f"linear must be true or false, got {self.linear!r}")
+        if self.hidden is not None and not isinstance(self.hidden, (tuple, list)):
+            raise ConfigError(f"--hidden must list layer widths, like (512, 256) (512,256 on the command line), got "
+                              f"{self.hidden!r}")
         hidden = DEFAULT_HIDDEN[self.net] if self.hidden is None else tuple(self.hidden)
         for h in hidden:
             _integer(h, "--hidden (each size)", minimum=1)
+        if not hidden and self.net != "mlp":  # an MLP without hidden layers is a linear map to the latent heads
+            raise ConfigError(f"--hidden is empty; --net {self.net} needs at least one "
+                              f"{'channel count' if self.net == 'conv' else 'state size'}, like "
+                              f"{','.join(map(str, DEFAULT_HIDDEN[self.net]))}")
         object.__setattr__(self, "hidden", hidden)
         self._check_hierarchy(hidden)
         _choice(self.latent, LATENT_FAMILIES, "--latent")
@@ -254,6 +267,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        for name, kind in _SECTION_TYPES.items():
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"RunConfig's {name} must be a vaelab.config.{kind.__name__}, got "
+                                  f"{type(getattr(self, name)).__name__} (e.g. {name}={kind.__name__}(...))")
         if self.model.bn_mu is not None and self.train.batch_size < 2:  # BatchNorm1d's statistics need 2 examples
             raise ConfigError(f"--bn-mu batch-normalises posterior means over each batch, which needs --batch-size "
                               f">= 2, got {self.train.batch_size}")

@@ -149,19 +149,12 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         exact = "; PCA's log p(x) is exact: log_likelihood(model, x)" if hasattr(model, "log_marginal") else ""
         raise InputError(f"importance_sample: {type(model).__name__} models have no latent posterior and prior to "
                          f"sample from; log p(x) needs a VAE{exact}")
-    if k < 1:
-        raise InputError(f"importance_sample: k must be >= 1, got {k}")
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise InputError(f"importance_sample: x must be a non-empty batch of examples (N, ...), got {got}")
-    if x.is_floating_point():  # a NaN or a grey value of 3 gives no density, only a number
-        source, finite_fix = "importance_sample: x", "log p(x) needs finite data"
-        if any(getattr(m, "needs_unit_interval", False) for m in model.modules()):
-            check_unit_interval(x, source, error=InputError, finite_fix=finite_fix,
-                                fix="this model's Bernoulli likelihood is a density on [0, 1] (binary) data; "
-                                    "rescale x to [0, 1]")
-        else:
-            check_finite(x, source, error=InputError, fix=finite_fix)
+    for name, value, lowest in (("k", k, 1), ("chunk", chunk, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if value is None and name in ("chunk", "batch_size"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value < 2**63:
+            raise InputError(f"importance_sample: {name} must be an integer >= {lowest}, got {value!r}")
+    _check_data(model, x, "importance_sample")
     device = model_device(model)
     if device.type == "cpu":
         keep_freed_memory()  # ~25% faster passes over large (K_chunk, B, pixels) tensors
@@ -171,6 +164,25 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         return _importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed, device=device)
     finally:  # also when the model refuses x
         model.train(was_training)
+
+
+def _check_data(model: nn.Module, x: torch.Tensor, where: str) -> None:
+    """x as a log-density needs it: a non-empty tensor batch with values (not on the meta device), finite, and in
+    [0, 1] for a Bernoulli likelihood; else a one-line InputError naming `where`."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputError(f"{where}: x must be a non-empty batch of examples (N, ...) as a torch.Tensor, got {got}")
+    if x.device.type == "meta":
+        raise InputError(f"{where}: x is on the meta device, which holds shapes but no values; pass data on the CPU "
+                         "or the model's device")
+    if x.is_floating_point():  # a NaN or a grey value of 3 gives no density, only a number
+        source, finite_fix = f"{where}: x", "log p(x) needs finite data"
+        if any(getattr(m, "needs_unit_interval", False) for m in model.modules()):
+            check_unit_interval(x, source, error=InputError, finite_fix=finite_fix,
+                                fix="this model's Bernoulli likelihood is a density on [0, 1] (binary) data; "
+                                    "rescale x to [0, 1]")
+        else:
+            check_finite(x, source, error=InputError, fix=finite_fix)
 
 
 def _importance_sample(model: nn.Module, x: torch.Tensor, *, k: int, chunk: int | None, batch_size: int | None,
@@ -198,6 +210,7 @@ def log_likelihood(model: nn.Module, x: torch.Tensor, k: int = 5000, chunk: int 
                    batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
     """Per-example log p(x) in nats, shape (N,): importance-sampled (see importance_sample), or for PCA exact
     (probabilistic PCA's Gaussian marginal; k, chunk, batch_size and seed unused)."""
-    if hasattr(model, "log_marginal") and isinstance(x, torch.Tensor):
+    if hasattr(model, "log_marginal"):
+        _check_data(model, x, "log_likelihood")
         return model.log_marginal(x.to(model_device(model))).float().cpu()
     return importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed).log_px

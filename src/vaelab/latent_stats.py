@@ -25,9 +25,19 @@ def _batches(model: nn.Module, x: torch.Tensor, batch_size: int = 1000):
 
 @torch.no_grad()
 def codes(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Point codes (N, D) on the CPU: posterior means for a VAE, the code for AE and PCA."""
+    """Point codes (N, D) on the CPU, model.embed's: posterior modes for a VAE (means of a Gaussian, mean
+    directions of a vMF), the code for AE and PCA."""
     model.eval()
     return torch.cat([model.embed(xb).cpu() for xb in _batches(model, x)])
+
+
+@torch.no_grad()
+def posterior_means(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """E_q[z|x] (N, D) on the CPU for a model with a posterior (a vMF's lies inside the ball), else its codes."""
+    if not hasattr(model, "prior"):
+        return codes(model, x)
+    model.eval()
+    return torch.cat([model.encode(xb).mean.cpu() for xb in _batches(model, x)])
 
 
 @torch.no_grad()
@@ -48,7 +58,7 @@ def active_units(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_UN
     under the uniform prior each coordinate has variance 1/D, and even perfectly spread vMF means
     (length A(kappa) < 1) would rarely pass an unscaled 0.01 at D = 32.
     """
-    variance = codes(model, x).double().var(0, correction=int(x.shape[0] > 1))  # one code: no spread, not NaN
+    variance = posterior_means(model, x).double().var(0, correction=int(x.shape[0] > 1))  # one code: not NaN
     prior_variance = getattr(model.prior(), "variance", None) if hasattr(model, "prior") else None
     scale = prior_variance.detach().double().cpu().flatten() if prior_variance is not None else 1.0
     return {"active_units": int((variance > threshold * scale).sum()), "active_unit_threshold": threshold,

@@ -62,7 +62,8 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
 
     Reparameterised samples (one, or K averaged) estimate the reconstruction term; the KL is analytic
     (Kingma & Welling 2014, eq. 10), or with kl="mc" the Monte Carlo estimate log q(z|x) - log p(z)
-    on the same samples (their eq. 6, the estimator L^A; eq. 7 is L^B, with the analytic KL). beta != 1 is the beta-VAE of Higgins et al. 2017.
+    on the same samples (their eq. 6, the estimator L^A; eq. 7 is L^B, with the analytic KL).
+    beta != 1 is the beta-VAE of Higgins et al. 2017.
     free_bits > 0 charges each latent unit's KL, averaged over the batch, at least free_bits nats
     (Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow", eq. 15);
     the "kl" term returned stays the true KL. For a hierarchy the units are its latent groups.

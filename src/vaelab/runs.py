@@ -220,7 +220,7 @@ def load(run_dir: str | Path, *, device: str | torch.device = "cpu", checkpoint:
     except ConfigError as e:  # e.g. config.json edited to a model too large to build, or without input_shape
         raise CheckpointError(f"{Path(run_dir) / 'config.json'} describes no model vaelab can build: {e}") from None
     load_weights(model, checkpoint or latest_checkpoint(Path(run_dir)))
-    return model.to(resolve_device(str(device))).eval()
+    return model.to(resolve_device(device, "device")).eval()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

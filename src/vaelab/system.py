@@ -10,16 +10,29 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .errors import TrainingError
+from .errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
+def resolve_device(name: str | torch.device, what: str = "--device") -> torch.device:
+    """'auto' -> cuda when available, else cpu; cpu, cuda and cuda:N checked against what torch sees.
+
+    what: how the caller's user gave the name (the flag, or the device argument of load), for errors.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what} {name!r} is not a device vaelab runs on; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{what} {name} was asked for but torch sees no CUDA device; use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{what} {name}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, runs
-from .config import TEXT_MODELS, RunConfig
+from .config import TEXT_MODELS, DataConfig, RunConfig
 from .data import (
     Dataset,
     binarize,
@@ -51,6 +51,10 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
     """Load the run's data set and apply its binarisation or dequantisation; checks values for the chosen
     likelihood. Data this returned comes back as it is for the same settings (the report passes its data on to
     evaluation, baselines and training), and is refused for others."""
+    if dataset is not None and DataConfig(name=dataset.name).name != config.data.name:  # (names normalised alike)
+        raise ConfigError(f"the data set given is {dataset.name!r} but the config's data is {config.data.name!r}, "
+                          "which the run records and later commands load; give DataConfig(name="
+                          f"{dataset.name!r}), or that data set")
     ds = dataset if dataset is not None else load_dataset(config.data.name)
     mode = config.data.binarize
     needs_unit = not config.data.dequantize and (config.model.bernoulli or mode != "none")
@@ -381,4 +385,6 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, datas
     if dataset is not None and not isinstance(dataset, Dataset):
         raise ConfigError(f"train: dataset must be a vaelab.data.Dataset (from vaelab.data.load_dataset), "
                           f"got {type(dataset).__name__}")
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ConfigError(f"train: run_dir {run_dir} is a file; give a folder for the run (vaelab creates it)")
     return Trainer(config, run_dir, dataset=dataset, progress=progress).fit(resume=resume)

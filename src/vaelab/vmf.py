@@ -51,7 +51,7 @@ def log_sphere_area(m: int) -> float:
 
 
 class HypersphericalUniform(Distribution):
-    """The uniform distribution on S^(m-1) in R^m; batch shape (), event shape (m,).
+    """The uniform distribution on S^(m-1) in R^m; batch shape () (or as expanded), event shape (m,).
 
     Args:
         dim: m, the ambient dimension (m >= 2).
@@ -71,25 +71,35 @@ class HypersphericalUniform(Distribution):
                                  dtype=like.dtype if like is not None else dtype or torch.get_default_dtype())
         super().__init__(torch.Size(), torch.Size([dim]), validate_args=validate_args)
 
+    def expand(self, batch_shape: torch.Size, _instance: HypersphericalUniform | None = None
+               ) -> HypersphericalUniform:
+        """The same distribution with a batch shape (e.g. to pair it with a batch of posteriors)."""
+        new = HypersphericalUniform(self.dim, like=self._zero, validate_args=False)
+        new._zero = self._zero.expand(batch_shape)
+        Distribution.__init__(new, torch.Size(batch_shape), self.event_shape, validate_args=False)
+        return new
+
     @property
     def mean(self) -> torch.Tensor:
         """E[z] = 0."""
-        return self._zero.expand(self.dim)
+        return self._zero[..., None].expand(*self.batch_shape, self.dim)
 
     @property
     def variance(self) -> torch.Tensor:
         """Var[z_i] = 1/m for each coordinate: the m squares sum to 1 and are exchangeable."""
-        return (self._zero + 1.0 / self.dim).expand(self.dim)
+        return (self._zero[..., None] + 1.0 / self.dim).expand(*self.batch_shape, self.dim)
 
     def rsample(self, sample_shape: tuple[int, ...] = (), noise: Noise | None = None) -> torch.Tensor:
-        """Normalised standard normals (Muller 1959), (*sample_shape, m)."""
-        return F.normalize(_normal(noise, (*sample_shape, self.dim), self._zero), dim=-1)
+        """Normalised standard normals (Muller 1959), (*sample_shape, *batch_shape, m)."""
+        shape = (*sample_shape, *self.batch_shape, self.dim)
+        return F.normalize(_normal(noise, shape, self._zero), dim=-1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """-log area(S^(m-1)) at every z (..., m)."""
         if self._validate_args:
             self._validate_sample(value)
-        return (self._zero - log_sphere_area(self.dim)).expand(value.shape[:-1])
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        return (self._zero - log_sphere_area(self.dim)).expand(shape)
 
     def entropy(self) -> torch.Tensor:
         """log area(S^(m-1)), the largest entropy on the sphere."""
@@ -125,6 +135,11 @@ class VonMisesFisher(Distribution):
         batch_shape = torch.Size(batch_shape)
         return VonMisesFisher(self.loc.expand(*batch_shape, self.m), self.scale.expand(*batch_shape, 1),
                               validate_args=False)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        """The mean direction loc, on the sphere (kappa > 0); the mean lies inside the ball."""
+        return self.loc
 
     @property
     def mean(self) -> torch.Tensor:
@@ -273,7 +288,8 @@ def _kl_vmf_uniform(q: VonMisesFisher, p: HypersphericalUniform) -> torch.Tensor
     """KL(vMF || U(S^(m-1))) = kappa A_m(kappa) + log C_m(kappa) + log area(S^(m-1)) (Davidson et al. 2018, Sec. 3)."""
     if q.m != p.dim:
         raise ValueError(f"vMF on S^{q.m - 1} against a uniform on S^{p.dim - 1}")
-    return (q._neg_entropy64() + log_sphere_area(q.m)).to(q.scale.dtype)
+    kl = (q._neg_entropy64() + log_sphere_area(q.m)).to(q.scale.dtype)
+    return kl.expand(torch.broadcast_shapes(kl.shape, p.batch_shape))
 
 
 class VMFLatent(nn.Module):

@@ -97,11 +97,13 @@ class PCA(nn.Module):
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Point codes (B, L)."""
+        check_images(x, self.input_shape, "embed", model_tensor(self))
         return self.encode(x)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Projection onto the principal subspace, shape of x."""
+        check_images(x, self.input_shape, "reconstruct", model_tensor(self))
         return self.decode(self.encode(x)).mean
 
 
@@ -142,9 +144,11 @@ class AE(nn.Module):
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Point codes (B, L)."""
+        check_images(x, self.input_shape, "embed", model_tensor(self))
         return self.encode(x)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|f(x)), shape of x."""
+        check_images(x, self.input_shape, "reconstruct", model_tensor(self))
         return self.decode(self.encode(x)).mean

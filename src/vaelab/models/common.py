@@ -46,8 +46,12 @@ def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, like: tor
         raise InputError(f"{method}: x must be a torch.Tensor of shape {want}, got {type(x).__name__}")
     if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
         size = math.prod(shape)
-        hint = ("one image: x[None]" if tuple(x.shape) == tuple(shape) else
+        given, channels = tuple(x.shape), shape[0]
+        hint = ("one image: x[None]" if given == tuple(shape) else
                 f"flattened images: x.view(-1, {', '.join(map(str, shape))})" if x.dim() == 2 and x.shape[1] == size
+                else "one grey image: x[None, None]" if channels == 1 and given == tuple(shape[1:])
+                else "grey images without their channel axis: x[:, None]" if channels == 1 and given[1:] == shape[1:]
+                else "channels-last images: x.permute(0, 3, 1, 2)" if given[1:] == (*shape[1:], channels)
                 else "images of another size: resize them first; another data set: train on it")
         raise InputError(f"{method}: x has shape {tuple(x.shape)}, but this model takes image batches {want} ({hint})")
     if not x.is_floating_point():

@@ -48,6 +48,10 @@ class VAE(nn.Module):
         check_images(x, self.input_shape, "encode", model_tensor(self))
         return self.posterior(self.encoder(x))
 
+    def _point_code(self, x: torch.Tensor, method: str) -> torch.Tensor:
+        check_images(x, self.input_shape, method, model_tensor(self))
+        return self.posterior(self.encoder(x)).mode
+
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for codes z (..., D): batch shape z.shape[:-1], event shape (C, H, W)."""
         check_codes(z, self.latent_dim, "decode", model_tensor(self))
@@ -68,13 +72,14 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Point codes (B, D): the posterior means."""
-        return self.encode(x).mean
+        """Point codes (B, D): the posterior modes, i.e. the means of a Gaussian posterior, and for vMF latents the
+        mean direction on the sphere, where the decoder's codes live (the vMF mean lies inside the ball)."""
+        return self._point_code(x, "embed")
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x|z) at z = E[q(z|x)], shape of x."""
-        return self.decode(self.embed(x)).mean
+        """Mean of p(x|z) at z = embed(x), shape of x."""
+        return self.decoder(self._point_code(x, "reconstruct")).mean
 
     @torch.no_grad()
     def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
