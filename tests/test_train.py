@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -650,3 +651,20 @@ def test_python_api_refuses_mismatched_data_bad_devices_and_wrongly_typed_config
     with pytest.raises(ConfigError, match="--hidden is empty; --net conv"):
         ModelConfig(model="hvae", hidden=())  # was a message about --groups, never given
     assert ModelConfig(hidden=()).hidden == ()  # an MLP without hidden layers is a model
+
+
+def test_python_api_trains_without_settings_the_model_would_ignore_and_says_so(tmp_path):
+    """The CLI refuses flags a model would ignore; from Python a config shared by several models is natural, so
+    train() resets them and warns. config.json recorded an AE's latent="vmf" and beta=4 as if they had acted."""
+    config = RunConfig(data=DataConfig(name="tiny"), model=ModelConfig(model="ae", hidden=(16,), latent_dim=2,
+                                                                       latent="vmf"),
+                       train=TrainConfig(epochs=1, batch_size=16, beta=4.0))
+    with pytest.warns(UserWarning, match=r"model.latent, train.beta would be ignored \(--model ae has a "
+                                         r"deterministic code.*trained at their defaults, as config.json records"):
+        train(config, tmp_path / "ae", dataset=tiny_data(), progress=False)
+    stored = runs.load_config(tmp_path / "ae")
+    assert stored.model.latent == "gaussian" and stored.train.beta == 1.0 and stored.model.hidden == (16,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say about a config the model uses whole
+        train(dataclasses.replace(config, model=dataclasses.replace(config.model, model="vae")), tmp_path / "vae",
+              dataset=tiny_data(), progress=False)

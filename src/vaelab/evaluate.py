@@ -26,6 +26,7 @@ from .data.text import token_counts
 from .density import importance_sample, log_likelihood, nll_summary
 from .errors import ConfigError
 from .fileio import atomic_write_text
+from .flags import without_ignored_settings
 from .latent_stats import active_units, active_units_per_group, kl_per_unit, linear_probes, mutual_information_bounds
 from .models import PCA
 from .objectives import elbo
@@ -226,7 +227,7 @@ def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None
     likelihood = "gaussian" if config.model.model == "pca" else config.model.likelihood
     model_config = dataclasses.replace(config.model, model=model, linear=False, groups=None, likelihood=likelihood,
                                        latent_dim=config.model.latent_dim if latent_dim is None else latent_dim)
-    return dataclasses.replace(config, model=model_config, train=train_config)
+    return without_ignored_settings(dataclasses.replace(config, model=model_config, train=train_config))[0]
 
 
 def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progress: bool = False,
@@ -269,7 +270,12 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
                 if progress:  # else its epoch lines read as the run's own, trained a second time
                     print(f"{'continuing' if resume else 'training'} the {name} baseline for the report's table "
                           f"(latent {size}) in {source} (--no-baselines skips it)", file=sys.stderr)
-                train(baseline_config(config, name, size), source, resume=resume, dataset=data, progress=progress)
+                wanted = baseline_config(config, name, size)
+                if resume:  # on with the settings it has (older versions kept settings a baseline ignores)
+                    stored = runs.load_config(source)
+                    wanted = dataclasses.replace(stored, train=dataclasses.replace(stored.train,
+                                                                                   epochs=wanted.train.epochs))
+                train(wanted, source, resume=resume, dataset=data, progress=progress)
             model = runs.load(source)
         epochs = None if name == "pca" else runs.latest_checkpoint(source).epoch  # (PCA has none)
         rows.append({"model": name, "latent_dim": size, "epochs": epochs, "run": str(source),

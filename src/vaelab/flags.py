@@ -17,6 +17,7 @@ from .config import (
     MODELS,
     NETS,
     OBJECTIVES,
+    ModelConfig,
     RunConfig,
 )
 from .errors import ConfigError
@@ -178,8 +179,44 @@ WHY_IGNORED = {"ae": "--model ae has a deterministic code: no posterior, prior o
                "pca": "--model pca is fitted in closed form by SVD: no network, optimiser, likelihood choice or KL"}
 
 
+def _changed(config: RunConfig) -> list[tuple[str, str, str]]:
+    """(section, field, flag) of the settings that differ from their defaults for the config's model."""
+    defaults = RunConfig(model=ModelConfig(model=config.model.model))
+    return [(section, field, flag) for section, field, flag, _ in FLAGS
+            if getattr(getattr(config, section), field) != getattr(getattr(defaults, section), field)]
+
+
+def without_ignored_settings(config: RunConfig) -> tuple[RunConfig, str | None]:
+    """The config with every setting its model would ignore back at its default, and a line naming them (None if
+    there were none). The Python API's counterpart of the CLI's refusal: a config shared by several models (a loop
+    over pca, ae and vae; a baseline made from a VAE's config) keeps its data, widths and budget, and the run's
+    config.json records what was trained, not an AE's latent="vmf" or beta=4, or PCA's hidden or lr."""
+    defaults = RunConfig(model=ModelConfig(model=config.model.model))
+    sections = {"data": {}, "model": {}, "train": {}}
+    why = _ignored(_changed(config), config)
+    for section, field, flag, _ in FLAGS:
+        if flag in why:
+            sections[section][field] = getattr(getattr(defaults, section), field)
+    cleaned = RunConfig(**{name: dataclasses.replace(getattr(config, name), **changes)
+                           for name, changes in sections.items()})
+    fields = [f"{section}.{field}" for section, field, flag, _ in FLAGS if flag in why]
+    return cleaned, (f"{', '.join(fields)} would be ignored ({'; '.join(dict.fromkeys(why.values()))}): "
+                     "trained at their defaults, as config.json records" if why else None)
+
+
 def _refuse_ignored(given: list[tuple[str, str, str]], config: RunConfig) -> None:
-    """One line naming the given flags that would have no effect (README: flags that would be ignored are refused).
+    """One line naming the given flags that would have no effect (README: flags that would be ignored are refused;
+    the Python API trains without them and warns: without_ignored_settings)."""
+    why = _ignored(given, config)
+    if why:
+        flags = list(why)
+        listed = " and ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)
+        raise ConfigError(f"{listed} would be ignored ({'; '.join(dict.fromkeys(why.values()))}); "
+                          f"drop {'them' if len(flags) > 1 else 'it'}")
+
+
+def _ignored(given: list[tuple[str, str, str]], config: RunConfig) -> dict[str, str]:
+    """Of the given (section, field, flag)s, the flags that would have no effect, each with why.
 
     A model flag counts when the model's class takes no such argument (build_model drops those); --net is
     checked by ModelConfig, except for PCA, which has no net. Some flags only act beside another setting.
@@ -208,8 +245,4 @@ def _refuse_ignored(given: list[tuple[str, str, str]], config: RunConfig) -> Non
                                              config.train.beta < 1):
             why[flag] = ("--kl-balance acts while the KL weight is below 1, as --warmup-epochs N or --kl-cycles N "
                          "set it")
-    if why:
-        flags = list(why)
-        listed = " and ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)
-        raise ConfigError(f"{listed} would be ignored ({'; '.join(dict.fromkeys(why.values()))}); "
-                          f"drop {'them' if len(flags) > 1 else 'it'}")
+    return why

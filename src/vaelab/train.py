@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from .data import (
     static_binarize,
 )
 from .errors import CheckpointError, ConfigError, TrainingError, is_out_of_memory
+from .flags import without_ignored_settings
 from .models import PCA, build_model
 from .schedules import kl_weight, learning_rate, resume_note
 from .steps import compile_step, make_optimizer, mean_terms, objective_for, optimizer_step, step_loss
@@ -387,4 +389,8 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, datas
                           f"got {type(dataset).__name__}")
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ConfigError(f"train: run_dir {run_dir} is a file; give a folder for the run (vaelab creates it)")
+    if not resume:  # (a run of an older vaelab resumes with the settings it has)
+        config, ignored = without_ignored_settings(config)
+        if ignored:
+            warnings.warn(f"vaelab.train: {ignored}", UserWarning, stacklevel=2)
     return Trainer(config, run_dir, dataset=dataset, progress=progress).fit(resume=resume)
