@@ -36,10 +36,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .reports import write_report
     from .train import train
 
+    stored = None
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out RUN, the run directory to continue")
-        config = config_from_args(args, runs.load_config(args.out))
+        if getattr(args, "preset", None) is not None:  # (it was dropped without a word)
+            raise ConfigError(f"--preset {args.preset} sets up a new run; a resumed run keeps its own settings: "
+                              "drop --preset")
+        stored = runs.load_config(args.out)
+        config = config_from_args(args, stored)
     else:
         config = config_from_args(args)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -48,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = _run_folder(args.out or _default_out(config))
     checkpoint = runs.latest_checkpoint(out) if args.resume else None
     done = checkpoint.epoch if checkpoint else 0
-    fitted = bool(checkpoint and config.model.model == "pca" and checkpoint.complete)  # closed form: no epochs
+    # a fitted PCA has no epochs to continue; asked for another model or other settings, train() names them
+    fitted = bool(checkpoint and checkpoint.complete and stored.model.model == "pca" and config.model == stored.model)
     t0 = time.perf_counter()
     if not fitted:
         train(config, out, resume=args.resume, progress=not args.quiet)
@@ -145,6 +151,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be between 1 and 10000, got {args.n}")
     if args.nrow is not None and args.nrow < 1:
         raise ConfigError(f"--nrow must be >= 1 (images per row), got {args.nrow}")
+    if not 0 <= args.seed < 2**63:  # torch.manual_seed's range (a traceback from it before)
+        raise ConfigError(f"--seed must be an integer with 0 <= N < 2**63, got {args.seed}")
     if not 0 <= args.temperature <= MAX_TEMPERATURE:  # (NaN fails it too)
         raise ConfigError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, got {args.temperature}")
     kwargs = {}
@@ -312,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nrow", type=int, default=None, help="images per row (default 8)")
     q.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help="hvae: scale the priors' standard deviations by T (0 <= T <= 10; default 1)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the draws, 0 <= N < 2**63 (default 0)")
     q.add_argument("--out", type=Path, help="PNG path (default RUN/samples.png)")
     q = run_command("reconstruct", "test images and their reconstructions, as PNG", cmd_reconstruct)
     q.add_argument("--n", type=int, default=10, help="number of test images (1-100, default 10)")
@@ -350,7 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vaelab: error{_rank()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vaelab: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+        after = {cmd_train: "; the last checkpoint is intact (resume with --resume)",
+                 cmd_demo: "; the last checkpoint is intact (the same command continues the demo)"}
+        print("vaelab: interrupted" + after.get(args.func, ""), file=sys.stderr)
         return 130
     except OSError as e:  # a named file the system refused (permissions, a full disk, a file where a folder
         if e.filename is None:  # should be): one line naming it; anything else is a bug to see whole

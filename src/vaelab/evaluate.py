@@ -24,7 +24,7 @@ from .data import Dataset, binarize
 from .data.dataset import EIGHT_BIT_LEVELS
 from .data.text import token_counts
 from .density import importance_sample, log_likelihood, nll_summary
-from .errors import ConfigError
+from .errors import ConfigError, VaelabError
 from .fileio import atomic_write_text
 from .flags import without_ignored_settings
 from .latent_stats import active_units, active_units_per_group, kl_per_unit, linear_probes, mutual_information_bounds
@@ -172,11 +172,13 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
 
 
 def read_evaluation(run_dir: Path) -> dict[str, Any]:
-    """RUN/evaluation.json, or {} when there is none (or it is unreadable)."""
+    """RUN/evaluation.json, or {} when there is none (or it is unreadable, or not a JSON object: evaluate then
+    writes it again)."""
     try:
-        return json.loads((Path(run_dir) / "evaluation.json").read_text())
-    except (OSError, ValueError):
+        result = json.loads((Path(run_dir) / "evaluation.json").read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    return result if isinstance(result, dict) else {}
 
 
 def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
@@ -259,25 +261,42 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
             source, model = run_dir, own
         else:
             source = run_dir / "baselines" / name
-            resume = (source / "config.json").exists()  # a baseline cut off earlier continues
-            complete = runs.is_complete(source)
-            if not complete and not train_missing:
+            cached = source.exists()
+            try:
+                model = _baseline(config, name, size, source, train_missing, progress, data)
+            except VaelabError as e:  # a cached baseline damaged or edited since: the run's own report still stands
+                if not cached:
+                    raise
+                if not train_missing:
+                    continue
+                raise ConfigError(f"the {name} baseline cached in {source} could not be used ({e}); delete that "
+                                  "folder and the report trains it afresh, or report with --no-baselines") from None
+            if model is None:
                 continue
-            # the run trained on since (train --resume --epochs, a longer demo): its baselines follow, as the
-            # table compares them at the same budget (PCA has no epochs)
-            behind = resume and name != "pca" and runs.load_config(source).train.epochs < config.train.epochs
-            if not complete or behind and train_missing:
-                if progress:  # else its epoch lines read as the run's own, trained a second time
-                    print(f"{'continuing' if resume else 'training'} the {name} baseline for the report's table "
-                          f"(latent {size}) in {source} (--no-baselines skips it)", file=sys.stderr)
-                wanted = baseline_config(config, name, size)
-                if resume:  # on with the settings it has (older versions kept settings a baseline ignores)
-                    stored = runs.load_config(source)
-                    wanted = dataclasses.replace(stored, train=dataclasses.replace(stored.train,
-                                                                                   epochs=wanted.train.epochs))
-                train(wanted, source, resume=resume, dataset=data, progress=progress)
-            model = runs.load(source)
         epochs = None if name == "pca" else runs.latest_checkpoint(source).epoch  # (PCA has none)
         rows.append({"model": name, "latent_dim": size, "epochs": epochs, "run": str(source),
                      **reconstruction_error(model, data.test.x)})
     return rows
+
+
+def _baseline(config: RunConfig, name: str, size: int, source: Path, train_missing: bool, progress: bool,
+              data: Dataset) -> nn.Module | None:
+    """The baseline `name` of a run, from RUN/baselines/NAME: trained (or on to the run's epochs) when
+    train_missing, else as it is, or None when there is none."""
+    resume = (source / "config.json").exists()  # a baseline cut off earlier continues
+    complete = runs.is_complete(source)
+    if not complete and not train_missing:
+        return None
+    # the run trained on since (train --resume --epochs, a longer demo): its baselines follow, as the table
+    # compares them at the same budget (PCA has no epochs)
+    behind = resume and name != "pca" and runs.load_config(source).train.epochs < config.train.epochs
+    if not complete or behind and train_missing:
+        if progress:  # else its epoch lines read as the run's own, trained a second time
+            print(f"{'continuing' if resume else 'training'} the {name} baseline for the report's table "
+                  f"(latent {size}) in {source} (--no-baselines skips it)", file=sys.stderr)
+        wanted = baseline_config(config, name, size)
+        if resume:  # on with the settings it has (older versions kept settings a baseline ignores)
+            stored = runs.load_config(source)
+            wanted = dataclasses.replace(stored, train=dataclasses.replace(stored.train, epochs=wanted.train.epochs))
+        train(wanted, source, resume=resume, dataset=data, progress=progress)
+    return runs.load(source)

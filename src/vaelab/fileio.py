@@ -1,9 +1,25 @@
 """Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (os.umask can only be read by setting it, which is why it is cached)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(*, directory: bool = False) -> int:
+    """The permissions open() or mkdir() would give under the umask: mkstemp and mkdtemp make owner-only files
+    and folders (0600, 0700), so a report or config written through them was unreadable to a group member or a
+    web server running as another user."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,6 +43,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        if hasattr(os, "fchmod"):  # (not on Windows before Python 3.13, where mkstemp's mode is not the issue)
+            os.fchmod(fd, usual_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write_text, fsync_dir
+from .fileio import atomic_write_text, fsync_dir, usual_mode
 from .models import build_model
 from .system import resolve_device
 
@@ -68,12 +68,14 @@ def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.O
     name = f"epoch-{epoch:04d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".partial"))
     try:
+        tmp.chmod(usual_mode(directory=True))
         weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": "vaelab", "epoch": str(epoch)})
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
         for f in tmp.iterdir():
+            f.chmod(usual_mode())
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
@@ -101,14 +103,18 @@ def _prune(root: Path, *, keep: int, current: str) -> None:
 
 
 def _other_checkpoint(root: Path, damaged: Path | None = None, *, also: bool = True) -> str:
-    """How to fall back to the newest other checkpoint folder whose trainer.json reads: "; the run also holds
-    epoch-0002: to use it, write {...} into .../latest.json", or "" when there is none (a run keeps two)."""
+    """How to fall back to the newest other checkpoint folder whose trainer.json and weights read (finite): "; the
+    run also holds epoch-0002: to use it, write {...} into .../latest.json", or "" when there is none (a run keeps
+    two). (A fallback that was as damaged sent the user round in a circle.)"""
     for path in sorted(root.glob("epoch-*"), reverse=True):
         if path == damaged or not path.is_dir():
             continue
         try:
             epoch = int(json.loads((path / "trainer.json").read_text())["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
+            weights = load_file(path / "model.safetensors")
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            continue
+        if not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):
             continue
         pointer = json.dumps({"epoch": epoch, "dir": path.name})
         return f"; the run {'also ' if also else ''}holds {path.name}: to use it, write {pointer} into {root / LATEST}"
@@ -161,11 +167,21 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it is truncated or tampered with"
                               + _other_checkpoint(checkpoint.path.parent, checkpoint.path)) from None
+    # training stops before it saves a non-finite value (Trainer._check_finite), so one here is damage: a flipped
+    # exponent bit reads as inf or NaN, and every later command would fail deep inside torch
+    damaged = next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                   None)
+    if damaged is not None:
+        raise CheckpointError(f"{file} holds NaN or infinite values in {damaged}; it is damaged"
+                              + _other_checkpoint(checkpoint.path.parent, checkpoint.path))
     try:
         unwrap(model).load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{file} does not match the model in config.json: {first}") from None
+    except RuntimeError as e:  # torch's first line is "Error(s) in loading state_dict for VAE:"; the next says what
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        detail = next((line for line in lines[1:]), lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{file} does not match the model config.json describes ({detail}); was config.json "
+                              "edited, or (for --data folder:/npz:/npy:) has the data's image size changed? "
+                              "Restore it") from None
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
@@ -223,17 +239,33 @@ def load(run_dir: str | Path, *, device: str | torch.device = "cpu", checkpoint:
     return model.to(resolve_device(device, "device")).eval()
 
 
+_RECORD_KEYS = ("train_loss", "val_loss", "val_recon")  # in every epoch's record, whatever the model
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of metrics.jsonl (empty when there are none yet)."""
+    """The per-epoch records of metrics.jsonl (empty when there are none yet).
+
+    A damaged line is skipped, not the rest of the file (a resume rewrites the file from these records): one
+    cut by a crash, or edited into something that is not a record (null, a list, an epoch that is not a whole
+    number, a loss that is not a number), which reports, resume and the explorer would otherwise trip over.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a crash: what came before is intact
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if _is_record(record):
+            records.append(record)
     return records
+
+
+def _is_record(record: Any) -> bool:
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return (isinstance(record, dict) and isinstance(record.get("epoch"), int) and number(record["epoch"])
+            and record["epoch"] >= 0 and all(number(record.get(key)) for key in _RECORD_KEYS))

@@ -1,0 +1,133 @@
+"""A run directory's other files damaged or edited by hand, and commands given what they cannot do: one clear line
+or a working command, never a traceback, and nothing the run held is lost (each of these was a traceback, a wrong
+answer or lost history before)."""
+import json
+import shutil
+import stat
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from vaelab import runs
+from vaelab.cli import main
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("files")
+    np.savez(root / "bars.npz", x=np.random.default_rng(0).random((120, 6, 6)).astype("float32"))
+    out = root / "run"
+    assert main(["train", "--data", f"npz:{root / 'bars.npz'}", "--hidden", "16", "--latent-dim", "2", "--epochs",
+                 "2", "--batch-size", "16", "--no-report", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+def copy_of(good_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    return run
+
+
+def one_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_metrics_lines_that_are_not_records_are_skipped_and_the_later_ones_kept(good_run, tmp_path, capsys):
+    run = copy_of(good_run, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    damaged = [lines[0][:-5], "null", "[]", '{"epoch": "x"}', '{"epoch": 3, "train_loss": "abc"}', lines[1]]
+    (run / "metrics.jsonl").write_text("\n".join(damaged) + "\n")  # a line cut in the middle of the file, too
+    assert [r["epoch"] for r in runs.read_metrics(run)] == [2]
+    assert main(["report", str(run), "--no-baselines", "--quiet"]) == 0
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "3", "--no-report", "--quiet"]) == 0
+    assert [r["epoch"] for r in runs.read_metrics(run)] == [2, 3]  # epoch 2 survived the rewrite (it was lost)
+
+
+@pytest.mark.parametrize("content", ["null", "[]", "1", '"s"'])
+def test_an_evaluation_json_that_is_not_an_object_is_written_again(good_run, tmp_path, capsys, content):
+    run = copy_of(good_run, tmp_path)
+    (run / "evaluation.json").write_text(content)
+    assert main(["evaluate", str(run), "--no-probe"]) == 0
+    assert json.loads((run / "evaluation.json").read_text())["epoch"] == 2
+    (run / "evaluation.json").write_text(content)
+    assert main(["compare", str(run), "--out", str(tmp_path / "c.md")]) == 0
+
+
+def test_non_finite_weights_are_refused_by_name_with_a_fallback_that_loads(good_run, tmp_path, capsys):
+    run = copy_of(good_run, tmp_path)
+    latest = runs.latest_checkpoint(run).path
+    weights = load_file(latest / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name].clone().fill_(float("inf"))  # what a flipped exponent bit can make
+    save_file(weights, latest / "model.safetensors")
+    for command in (["evaluate", str(run), "--no-probe"], ["sample", str(run)], ["train", "--resume", "--out",
+                                                                                  str(run), "--epochs", "3"]):
+        assert main(command) == 2
+        err = one_line(capsys)  # evaluate was "normal expects all elements of std >= 0.0"; sample wrote junk
+        assert f"holds NaN or infinite values in {name}; it is damaged; the run also holds epoch-0001" in err
+    older = runs.latest_checkpoint(run).path.parent / "epoch-0001" / "model.safetensors"
+    save_file({k: v.fill_(float("nan")) for k, v in load_file(older).items()}, older)
+    assert main(["evaluate", str(run)]) == 2
+    assert "epoch-0001" not in one_line(capsys)  # no fallback as damaged as the checkpoint
+
+
+def test_a_checkpoint_that_does_not_fit_config_json_says_which_weight(good_run, tmp_path, capsys):
+    run = copy_of(good_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["latent_dim"] = 3
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["evaluate", str(run)]) == 2
+    err = one_line(capsys)  # it ended at "Error(s) in loading state_dict for VAE:"
+    assert "size mismatch for posterior" in err and "was config.json edited" in err
+
+
+def test_resume_refuses_another_model_or_a_preset_instead_of_passing_them_over(good_run, tmp_path, capsys):
+    run = copy_of(good_run, tmp_path)
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "3", "--model", "pca", "--no-report"]) == 2
+    assert "model.model 'vae' in the run, 'pca' here" in one_line(capsys)  # "holds a fitted PCA", exit 0
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "3", "--preset", "hvae-s", "--no-report"]) == 2
+    assert "--preset hvae-s sets up a new run" in one_line(capsys)  # was dropped, and the VAE trained on
+    assert runs.latest_checkpoint(run).epoch == 2
+
+
+def test_sample_refuses_a_seed_torch_cannot_take(good_run, tmp_path, capsys):
+    for seed in ("-1", str(2**64)):
+        assert main(["sample", str(good_run), "--seed", seed, "--out", str(tmp_path / "s.png")]) == 2
+        assert "--seed must be an integer with 0 <= N < 2**63" in one_line(capsys)  # a traceback from manual_seed
+
+
+def test_files_written_atomically_have_the_usual_permissions(good_run, tmp_path):
+    run = copy_of(good_run, tmp_path)
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "3", "--no-report", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--no-probe"]) == 0
+    from vaelab.fileio import usual_mode
+
+    latest = runs.latest_checkpoint(run).path
+    for path in (run / "config.json", run / "evaluation.json", run / "metrics.jsonl", latest / "model.safetensors",
+                 run / runs.CHECKPOINTS / "latest.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == usual_mode(), path  # were 0600: unreadable to a group
+    assert stat.S_IMODE(latest.stat().st_mode) == usual_mode(directory=True)
+
+
+def test_a_damaged_cached_baseline_is_named_or_left_out(good_run, tmp_path, capsys):
+    run = copy_of(good_run, tmp_path)
+    (run / "baselines" / "ae").mkdir(parents=True)
+    (run / "baselines" / "ae" / "config.json").write_text("garbage")
+    assert main(["report", str(run), "--no-baselines", "--quiet"]) == 0  # the run's own report stands
+    assert main(["report", str(run), "--quiet"]) == 2
+    err = one_line(capsys)  # even --no-baselines said "config.json is not valid JSON ...; restore it"
+    assert "the ae baseline cached in" in err and "could not be used" in err and "delete that folder" in err
+
+
+def test_an_interrupted_evaluation_does_not_speak_of_checkpoints(good_run, monkeypatch, capsys):
+    from vaelab import evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate_run", interrupted)
+    assert main(["evaluate", str(good_run)]) == 130
+    assert capsys.readouterr().err.strip() == "vaelab: interrupted"  # not "the last checkpoint is intact"
