@@ -1,5 +1,6 @@
 """Every CLI subcommand end to end on tiny data, and the one-line errors for bad input."""
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+import vaelab
 from vaelab import runs
 from vaelab.cli import main
+from vaelab.errors import DataError
 
 TINY = ["--hidden", "16", "--latent-dim", "3", "--epochs", "2", "--batch-size", "32", "--quiet"]
 
@@ -460,3 +463,39 @@ def test_run_and_output_paths_of_the_wrong_kind_are_refused_by_name(tmp_path, ca
         assert f"--out {file} is a file; give a folder for the run" in err
     err = run_error(["compare", str(vae_run), "--out", str(tmp_path)], capsys)
     assert f"--out {tmp_path} is a folder; give a file name such as {tmp_path / 'compare.md'}" in err
+
+
+def test_a_run_on_the_user_s_files_notices_when_they_change(tmp_path, capsys):
+    """The splits are a fixed shuffle of the rows, so rows reordered or added after training move images between
+    them: evaluate reported a test set holding training images, with exit status 0."""
+    rng = np.random.default_rng(1)
+    data = tmp_path / "d.npy"
+    x = rng.integers(0, 256, (100, 8, 8), dtype=np.uint8)
+    np.save(data, x)
+    run = tmp_path / "run"
+    assert main(["train", "--data", f"npy:{tmp_path / '.' / 'd.npy'}", *TINY, "--no-report", "--out", str(run)]) == 0
+    config = runs.load_config(run)
+    assert config.data.name == f"npy:{data}" and config.data.fingerprint.startswith("80/10/10:")  # normalised path
+    assert main(["evaluate", str(run), "--no-probe"]) == 0
+    capsys.readouterr()
+    for changed, said in [(x[rng.permutation(100)], "the same sizes, other contents"),
+                          (np.concatenate([x, x[:10]]), "80/10/10 train/val/test examples then, 88/11/11 now")]:
+        np.save(data, changed)
+        for command in (["evaluate", str(run), "--no-probe"], ["report", str(run), "--no-baselines"],
+                        ["train", "--resume", "--out", str(run), "--epochs", "3", "--no-report"]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert f"{data} has changed since the run trained on it ({said}); put back" in err, err
+    with pytest.raises(DataError, match="has changed since"):  # a config built in Python, without the fingerprint
+        vaelab.train(dataclasses.replace(config, data=dataclasses.replace(config.data, fingerprint=None)), run,
+                     resume=True, progress=False)
+    data.unlink()
+    assert main(["evaluate", str(run)]) == 2
+    assert "does not exist" in capsys.readouterr().err  # ... and how to tell the run where its data went:
+    np.save(tmp_path / "moved.npy", x)
+    assert main(["evaluate", str(run)]) == 2
+    assert "point data.name in the run's config.json at where it is now" in capsys.readouterr().err
+    stored = json.loads((run / "config.json").read_text())
+    stored["data"]["name"] = f"npy:{tmp_path / 'moved.npy'}"
+    (run / "config.json").write_text(json.dumps(stored))
+    assert main(["evaluate", str(run), "--no-probe"]) == 0

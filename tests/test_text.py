@@ -74,6 +74,9 @@ def test_sentences_are_split_and_attributions_dropped(tmp_path):
 def test_missing_corpus_names_the_package(tmp_path):
     with pytest.raises(DataError, match=r"apt-get install fortunes"):
         load_fortunes(tmp_path / "nowhere")
+    (tmp_path / "fortunes").write_text("One sentence of some words.\n%\nAnother sentence of words.\n")
+    with pytest.raises(DataError, match=r"holds 2 usable sentence\(s\); give at least 3"):  # (train came back empty)
+        load_fortunes(tmp_path)
 
 
 @needs_fortunes

@@ -375,7 +375,13 @@ def test_pca_and_ae_train_through_the_same_entry_point(tmp_path):
         config = RunConfig(data=DataConfig(name="tiny"), model=ModelConfig(model=name, hidden=(16,), latent_dim=2,
                                                                            likelihood="gaussian"),
                            train=TrainConfig(epochs=2, batch_size=16))
-        model = train(config, tmp_path / name, dataset=tiny_data(), progress=False)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            model = train(config, tmp_path / name, dataset=tiny_data(), progress=False)
+        assert [str(w.message) for w in said if "would be ignored" in str(w.message)] == (
+            ["vaelab.train: model.likelihood, model.hidden would be ignored (--model pca is fitted in closed form by "
+             "SVD: no network, optimiser, likelihood choice or KL): trained at their defaults, as config.json "
+             "records"] if name == "pca" else [])
         assert runs.is_complete(tmp_path / name)
         loaded = vaelab.load(tmp_path / name)
         x = tiny_data().test.x

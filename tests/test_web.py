@@ -67,7 +67,8 @@ def runs_root(tmp_path_factory) -> Path:
     torch.set_num_threads(1)  # a 32-unit MLP gains nothing from threads, and loses much on a busy machine
     try:
         for name, d in (("vae", 3), ("pca", 2)):
-            config = RunConfig(data=data, model=ModelConfig(model=name, hidden=(32,), latent_dim=d),
+            config = RunConfig(data=data, model=ModelConfig(model=name, hidden=(32,) if name == "vae" else None,
+                                                            latent_dim=d),
                                train=TrainConfig(epochs=8, batch_size=32, device="cpu"))
             train(config, root / "runs" / name, progress=False)
     finally:

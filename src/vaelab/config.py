@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,16 +74,28 @@ class DataConfig:
     name: str = "mnist5k"
     binarize: str = "none"
     dequantize: bool = False  # 8-bit pixels k/255 as (k + u)/256, u ~ U[0, 1): see data.dequantize
+    # data read from the user's files (folder:, npz:, npy:): the splits' sizes and contents' hash at training, which
+    # later commands check (data.fingerprint); filled in by the trainer
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("--data must name a data set, e.g. mnist5k, digits, fashion-mnist, folder:PATH")
         prefix, colon, path = self.name.partition(":")
-        if colon and prefix in FILE_DATA and path:  # stored absolute: later commands run from other folders
-            object.__setattr__(self, "name", f"{prefix}:{Path(path).expanduser().absolute()}")
+        if colon and prefix in FILE_DATA and path:  # stored absolute (and normalised): later commands run elsewhere
+            object.__setattr__(self, "name", f"{prefix}:{os.path.normpath(Path(path).expanduser().absolute())}")
         _choice(self.binarize, BINARIZE, "--binarize")
         if not isinstance(self.dequantize, bool):
             raise ConfigError(f"--dequantize is on or off (true or false), got {self.dequantize!r}")
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise ConfigError(f"fingerprint must be a string like '96/12/12:0123456789abcdef', "
+                              f"got {self.fingerprint!r}")
+
+    @property
+    def from_files(self) -> bool:
+        """Whether the data is the user's own files (folder:, npz:, npy:), which can change after training."""
+        prefix, colon, _ = self.name.partition(":")
+        return bool(colon) and prefix in FILE_DATA
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ from .data import (
     check_unit_interval,
     dequantize,
     dequantize_held_out,
+    fingerprint,
     load_dataset,
     static_binarize,
 )
-from .errors import CheckpointError, ConfigError, TrainingError, is_out_of_memory
+from .errors import CheckpointError, ConfigError, DataError, TrainingError, is_out_of_memory
 from .flags import without_ignored_settings
 from .models import PCA, build_model
 from .schedules import kl_weight, learning_rate, resume_note
@@ -57,7 +58,15 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
         raise ConfigError(f"the data set given is {dataset.name!r} but the config's data is {config.data.name!r}, "
                           "which the run records and later commands load; give DataConfig(name="
                           f"{dataset.name!r}), or that data set")
-    ds = dataset if dataset is not None else load_dataset(config.data.name)
+    try:
+        ds = dataset if dataset is not None else load_dataset(config.data.name)
+    except DataError as e:
+        if config.data.fingerprint is None:  # a new run's data: the message's fix is the user's flag
+            raise
+        raise DataError(f"{e} (a run's data: put it back where it trained, or point data.name in the run's "
+                        "config.json at where it is now)") from None
+    if config.data.fingerprint is not None and ds.prepared_as is None:
+        _check_unchanged(ds.name, fingerprint(ds), config.data.fingerprint)
     mode = config.data.binarize
     needs_unit = not config.data.dequantize and (config.model.bernoulli or mode != "none")
     key = (mode, config.data.dequantize, config.train.seed if mode == "static" else None, needs_unit)
@@ -89,6 +98,16 @@ def prepare_data(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
     held_out = static_binarize(ds, EVAL_SEED)  # val/test fixed once for comparable numbers
     train = static_binarize(ds, config.train.seed).train if mode == "static" else ds.train
     return dataclasses.replace(held_out, train=train)
+
+
+def _check_unchanged(name: str, now: str, recorded: str) -> None:
+    """Refuse data read from files that differ from what the run trained on (sizes, or contents: reordered or
+    added rows move images between the fixed splits, so a test set could hold training images)."""
+    if now != recorded:
+        sizes = ("the same sizes, other contents" if now.split(":")[0] == recorded.split(":")[0] else
+                 f"{recorded.split(':')[0]} train/val/test examples then, {now.split(':')[0]} now")
+        raise DataError(f"{name} has changed since the run trained on it ({sizes}); put back the data it trained "
+                        "on, or train a new run on this data")
 
 
 def _check_values(ds: Dataset, config: RunConfig, needs_unit: bool) -> None:
@@ -123,6 +142,11 @@ class Trainer:
                  progress: bool = True):
         self.run_dir = Path(run_dir)
         self.progress = progress
+        if config.data.from_files and config.data.fingerprint is None and (dataset is None or
+                                                                          dataset.prepared_as is None):
+            dataset = dataset if dataset is not None else load_dataset(config.data.name)
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                          fingerprint=fingerprint(dataset)))
         self.data = prepare_data(config, dataset)
         model_config = dataclasses.replace(config.model, input_shape=self.data.shape,
                                            vocab_size=len(self.data.vocab) if self.data.is_text else None)
@@ -192,6 +216,8 @@ class Trainer:
 
     def _resume(self) -> int:
         stored = runs.load_config(self.run_dir)
+        if None not in (stored.data.fingerprint, self.config.data.fingerprint):  # (a config built in Python)
+            _check_unchanged(stored.data.name, self.config.data.fingerprint, stored.data.fingerprint)
         in_run, asked = _identity(stored), _identity(self.config)
         if in_run != asked:
             before, now = in_run.to_dict(), asked.to_dict()
@@ -356,7 +382,8 @@ def _identity(config: RunConfig) -> RunConfig:
     fine-tune at a lower one; each epoch's rate is in metrics.jsonl), the device, --compile and --no-sync-bn."""
     train = dataclasses.replace(config.train, epochs=0, lr=max(1.0, config.train.lr_min), device="auto",
                                 compile=False, sync_bn=True)
-    return dataclasses.replace(config, train=train, model=dataclasses.replace(config.model, input_shape=None))
+    return dataclasses.replace(config, train=train, model=dataclasses.replace(config.model, input_shape=None),
+                               data=dataclasses.replace(config.data, fingerprint=None))  # checked in _resume
 
 
 def _without_kl_unless(has_kl: bool, record: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from vaelab.data.dataset import (
     check_unit_interval,
     dequantize,
     dequantize_held_out,
+    fingerprint,
     static_binarize,
 )
 from vaelab.data.fetch import data_dir, download
@@ -30,6 +31,7 @@ __all__ = [
     "dequantize",
     "dequantize_held_out",
     "download",
+    "fingerprint",
     "load_dataset",
     "load_folder",
     "load_npy",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -70,6 +71,20 @@ class Dataset:
     def shape(self) -> tuple[int, ...]:
         """(C, H, W) of one image, or (T,) of one padded token sequence."""
         return tuple(int(s) for s in self.train.x.shape[1:])
+
+
+def fingerprint(ds: Dataset) -> str:
+    """The splits' sizes and a hash of their contents, "train/val/test:sha256-prefix": a run records it for data
+    read from the user's files, which can change after training (rows reordered or added move images between the
+    fixed splits), and later commands check it."""
+    digest = hashlib.sha256()
+    for split in (ds.train, ds.val, ds.test):
+        for t in (split.x, split.y):
+            if t is not None:
+                digest.update(str(tuple(t.shape)).encode())
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(repr((ds.classes, ds.vocab)).encode())
+    return f"{len(ds.train.x)}/{len(ds.val.x)}/{len(ds.test.x)}:{digest.hexdigest()[:16]}"
 
 
 def check_finite(x: torch.Tensor, source: str, *, error: type[VaelabError] = DataError,

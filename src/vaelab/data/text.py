@@ -130,7 +130,11 @@ def load_fortunes(root: Path = FORTUNES_DIR) -> Dataset:
     Args:
         root: the folder with the cookie files (the `fortunes` package's /usr/share/games/fortunes).
     """
-    parts = split_sentences(read_sentences(Path(root)))
+    sentences = read_sentences(Path(root))
+    if len(sentences) < 3:  # (an empty training split came back without a word)
+        raise DataError(f"{root} holds {len(sentences)} usable sentence(s); give at least 3 (one each for train, "
+                        "val and test)")
+    parts = split_sentences(sentences)
     vocab = build_vocab(parts["train"])  # held-out words must stay unknown, as they would be for new text
     return Dataset("fortunes", vocab=vocab, **{name: Split(encode(s, vocab)) for name, s in parts.items()})
 
