@@ -306,7 +306,8 @@ def test_out_of_memory_in_training_is_one_line_and_keeps_the_last_checkpoint(tmp
         raise fault
     trainer.loss_terms = allocate
     with pytest.raises(TrainingError, match=r"out of memory on cpu in epoch 3 \(--batch-size 16.*\(epoch 2\) is "
-                                            r"intact: lower --batch-size") as caught:
+                                            r"intact: free memory and --resume, or start a new run with a lower "
+                                            r"--batch-size, --hidden \(--resume keeps the run's own\)") as caught:
         trainer.fit(resume=True)
     assert "\n" not in str(caught.value) and caught.value.__cause__ is None
     assert runs.latest_checkpoint(tmp_path / "run").epoch == 2

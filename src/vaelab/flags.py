@@ -26,8 +26,8 @@ from .errors import ConfigError
 def positive_ints(text: str, minimum: int = 1) -> tuple[int, ...]:
     """argparse type for comma-separated integers >= minimum, positive by default (--hidden; the benchmarks'
     flags); group_counts passes 0."""
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    try:  # every part a number: '32,,16' and '32,' are typos, not 32,16 and 32
+        sizes = tuple(int(s) for s in text.split(","))
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) < minimum:

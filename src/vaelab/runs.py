@@ -148,6 +148,9 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path / 'trainer.json'} is not a JSON object; the checkpoint is damaged"
                               + _other_checkpoint(root, path))
+    if state.get("epoch") != epoch:  # an edited pointer: resume would number the epochs after it from there
+        raise CheckpointError(f"{pointer} says epoch {epoch}, but {path.name} holds epoch {state.get('epoch')!r}; "
+                              f"write {json.dumps({'epoch': state.get('epoch'), 'dir': path.name})} into it")
     return Checkpoint(path=path, epoch=epoch, state=state)
 
 

@@ -355,11 +355,14 @@ class Trainer:
             return "none"
 
     def _oom_message(self, epoch: int) -> str:
-        compiled = ", or train without --compile" if self.config.train.compile else ""
-        return (f"out of memory on {self.device} in epoch {epoch} (--batch-size {self.config.train.batch_size}, "
-                f"--hidden {','.join(map(str, self.config.model.hidden))}); training stopped. The last good checkpoint "
-                f"({self._last_good()}) is intact: lower --batch-size or --hidden{compiled}, or free memory, "
-                "then --resume")
+        cfg = self.config.train
+        samples = f", --k {cfg.k}" if cfg.k > 1 else ""  # K samples per example multiply the activations
+        settings = "--batch-size, --hidden" + (" or --k" if samples else "")
+        compiled = " (or train without --compile, which --resume may change)" if cfg.compile else ""
+        return (f"out of memory on {self.device} in epoch {epoch} (--batch-size {cfg.batch_size}, "
+                f"--hidden {','.join(map(str, self.config.model.hidden))}{samples}); training stopped. The last good "
+                f"checkpoint ({self._last_good()}) is intact: free memory{compiled} and --resume, or start a new run "
+                f"with a lower {settings} (--resume keeps the run's own)")
 
     def _check_finite(self, sums: torch.Tensor, epoch: int, step: int, where: str = "training loss") -> None:
         if bool(torch.isfinite(sums).all()):

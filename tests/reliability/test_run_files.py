@@ -131,3 +131,36 @@ def test_an_interrupted_evaluation_does_not_speak_of_checkpoints(good_run, monke
     monkeypatch.setattr(evaluate, "evaluate_run", interrupted)
     assert main(["evaluate", str(good_run)]) == 130
     assert capsys.readouterr().err.strip() == "vaelab: interrupted"  # not "the last checkpoint is intact"
+
+
+def test_a_pointer_whose_epoch_disagrees_with_its_checkpoint_is_refused(good_run, tmp_path, capsys):
+    run = copy_of(good_run, tmp_path)
+    (run / runs.CHECKPOINTS / runs.LATEST).write_text('{"epoch": 5, "dir": "epoch-0002"}')
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "7", "--no-report", "--quiet"]) == 2
+    # it trained epochs 6-7 from epoch 2's weights, and metrics.jsonl skipped 3-5
+    assert 'says epoch 5, but epoch-0002 holds epoch 2; write {"epoch": 2, "dir": "epoch-0002"}' in one_line(capsys)
+
+
+@pytest.mark.parametrize("hidden", ["32,,16", "32,", ",32"])
+def test_hidden_sizes_with_an_empty_part_are_refused(hidden, capsys):
+    with pytest.raises(SystemExit) as exit_status:  # (argparse's errors end the process)
+        main(["train", "--hidden", hidden, "--epochs", "0"])
+    assert exit_status.value.code == 2
+    assert f"expects comma-separated positive integers like 512,256, got {hidden!r}" in one_line(capsys)
+
+
+def test_out_of_memory_advice_names_k_and_what_resume_can_change(good_run, tmp_path, monkeypatch):
+    from vaelab.config import RunConfig, TrainConfig
+    from vaelab.errors import TrainingError
+    from vaelab.train import Trainer
+
+    config = RunConfig.from_dict(json.loads((good_run / "config.json").read_text()))
+    config = RunConfig(data=config.data, model=config.model, train=TrainConfig(epochs=1, objective="iwae", k=50))
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 85899345920 bytes.")
+    trainer.loss_terms = allocate
+    with pytest.raises(TrainingError, match=r"\(--batch-size 128, --hidden 16, --k 50\).*free memory and --resume, "
+                                            r"or start a new run with a lower --batch-size, --hidden or --k"):
+        trainer.fit()  # --k, the cause, was not named; and --resume cannot lower --batch-size
