@@ -204,8 +204,22 @@ def test_idx_sets_refuse_inconsistent_files(idx_files, write_idx, monkeypatch):
         load_dataset("fashion-mnist")
     write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(N_TRAIN, np.uint8))
     monkeypatch.setattr(sources, "VAL_SIZE", N_TRAIN)
-    with pytest.raises(DataError, match="too few"):
+    with pytest.raises(DataError, match="too few.*reinstall Debian's package"):  # not "download them again"
         load_dataset("fashion-mnist")
+
+
+def test_an_incomplete_debian_folder_is_named_and_every_missing_download_listed(idx_files, monkeypatch, tmp_path):
+    folder, _ = idx_files
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv("VAELAB_FASHION_MNIST_DEBIAN_DIR", str(folder))
+    with pytest.raises(DataError) as info:  # the offline fixture's mirror refuses every download
+        load_dataset("fashion-mnist")
+    message = str(info.value)  # it named train-images... to download, though that file was in the Debian folder
+    assert message.startswith(f"{folder} lacks t10k-labels-idx1-ubyte.gz: reinstall Debian's package")
+    monkeypatch.setenv("VAELAB_FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "no-such-dir"))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz.*\(also missing: train-labels-idx1-ubyte\.gz, "
+                                        r"t10k-images-idx3-ubyte\.gz, t10k-labels-idx1-ubyte\.gz\)"):
+        load_dataset("fashion-mnist")  # one file named at a time, for a user placing them by hand
 
 
 @pytest.mark.skipif(

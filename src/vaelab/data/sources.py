@@ -161,9 +161,17 @@ def load_fashion_mnist() -> Dataset:
     """
     debian = Path(os.environ.get("VAELAB_FASHION_MNIST_DEBIAN_DIR", FASHION_MNIST_DEBIAN_DIR))
     paths = [_present(debian, name) for name in IDX_FILES]
-    if any(p is None for p in paths):
-        mirrors = _mirrors("VAELAB_FASHION_MNIST_URL", FASHION_MNIST_MIRRORS)
+    reinstall = "reinstall Debian's package (apt-get install --reinstall dataset-fashion-mnist)"
+    if all(p is not None for p in paths):
+        return _idx_dataset("fashion-mnist", paths, FASHION_CLASSES, fix=reinstall)
+    mirrors = _mirrors("VAELAB_FASHION_MNIST_URL", FASHION_MNIST_MIRRORS)
+    try:
         paths = _cached_or_downloaded("fashion-mnist", mirrors, FASHION_MNIST_SHA256)
+    except DataError as e:
+        if not any(paths):  # no Debian package: the download was the way
+            raise
+        missing = ", ".join(name for name, p in zip(IDX_FILES, paths) if p is None)
+        raise DataError(f"{debian} lacks {missing}: {reinstall}; the download instead failed: {e}") from None
     return _idx_dataset("fashion-mnist", paths, FASHION_CLASSES)
 
 
@@ -185,33 +193,44 @@ def _cached_or_downloaded(name: str, mirrors: list[str], digests: dict[str, str]
     """The four IDX files of data set `name` in data_dir()/name/, downloading the missing ones."""
     folder = data_dir() / name
     # A file already in the cache was verified when downloaded (or put there by hand); read_idx catches truncation.
-    return [_present(folder, f) or download_first([m + f for m in mirrors], folder / f, digests[f]) for f in IDX_FILES]
+    missing = [f for f in IDX_FILES if _present(folder, f) is None]
+    for f in missing:
+        try:
+            download_first([m + f for m in mirrors], folder / f, digests[f])
+        except DataError as e:
+            others = [g for g in missing if g != f and _present(folder, g) is None]
+            raise DataError(f"{e}" + (f" (also missing: {', '.join(others)})" if others else "")) from None
+    return [_present(folder, f) for f in IDX_FILES]
 
 
-def _idx_dataset(name: str, paths: list[Path], classes: tuple[str, ...]) -> Dataset:
-    """Build the 50k/10k/10k Dataset from (train images, train labels, test images, test labels) IDX files."""
+def _idx_dataset(name: str, paths: list[Path], classes: tuple[str, ...], fix: str | None = None) -> Dataset:
+    """Build the 50k/10k/10k Dataset from (train images, train labels, test images, test labels) IDX files.
+
+    fix: what to do about files that do not add up (default: delete the cached files and download them again).
+    """
+    fix = fix or f"delete the {name} files in {paths[0].parent} and download them again"
     train_x, train_y, test_x, test_y = (read_idx(p, ndim=3 if i % 2 == 0 else 1) for i, p in enumerate(paths))
     for images, path in ((train_x, paths[0]), (test_x, paths[2])):
         if images.dtype != np.uint8:
             raise DataError(
                 f"{path} holds {images.dtype} values, expected unsigned bytes (magic number 0x00000803); "
-                f"delete the {name} files and download them again"
+                f"{fix}"
             )
     for images, labels, image_path, label_path in ((train_x, train_y, *paths[:2]), (test_x, test_y, *paths[2:])):
         if len(images) != len(labels):
             raise DataError(
                 f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels; "
-                f"delete the {name} files and download them again"
+                f"{fix}"
             )
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
             raise DataError(
                 f"{label_path} has labels outside 0..{len(classes) - 1}; "
-                f"delete the {name} files and download them again"
+                f"{fix}"
             )
     if len(train_x) <= VAL_SIZE:
         raise DataError(
             f"{paths[0]} has {len(train_x)} images, too few to hold out {VAL_SIZE} for validation; "
-            f"delete the {name} files and download them again"
+            f"{fix}"
         )
 
     def split(images: np.ndarray, labels: np.ndarray) -> Split:
