@@ -148,11 +148,11 @@ def _unfinished(run_dir: Path, config: RunConfig) -> str:
     """A line for a run whose training stopped early (interrupted, or stopped on a non-finite loss) or never
     started (--epochs 0); "" else."""
     checkpoint = runs.latest_checkpoint(run_dir)
-    if checkpoint.complete and config.train.epochs == 0 and config.model.model != "pca":
+    if runs.finished(checkpoint, config) and config.train.epochs == 0 and config.model.model != "pca":
         return ("This model is untrained (--epochs 0): the report shows its initial weights (baselines for the "
                 "table are untrained too, PCA is fitted). To train it: vaelab train --resume --epochs N "
                 f"--out {run_dir}")
-    if checkpoint.complete:
+    if runs.finished(checkpoint, config):
         return ""
     return (f"Training stopped after epoch {checkpoint.epoch} of {config.train.epochs}: this report shows that "
             f"checkpoint (baselines for the table train for all {config.train.epochs}). To continue it: "

@@ -154,11 +154,17 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint:
     return Checkpoint(path=path, epoch=epoch, state=state)
 
 
+def finished(checkpoint: Checkpoint, config: RunConfig) -> bool:
+    """Whether `checkpoint` ends the training `config` asks for. A resume with more --epochs writes them into
+    config.json before it trains, so a resume cut off leaves a checkpoint complete for the old length only."""
+    return checkpoint.complete and (config.model.model == "pca" or checkpoint.epoch >= config.train.epochs)
+
+
 def is_complete(run_dir: Path) -> bool:
     """Whether a run directory holds a run trained to the end of its epochs."""
     try:
-        return latest_checkpoint(run_dir).complete
-    except CheckpointError:
+        return finished(latest_checkpoint(run_dir), load_config(run_dir))
+    except (CheckpointError, ConfigError):
         return False
 
 

@@ -164,3 +164,15 @@ def test_out_of_memory_advice_names_k_and_what_resume_can_change(good_run, tmp_p
     with pytest.raises(TrainingError, match=r"\(--batch-size 128, --hidden 16, --k 50\).*free memory and --resume, "
                                             r"or start a new run with a lower --batch-size, --hidden or --k"):
         trainer.fit()  # --k, the cause, was not named; and --resume cannot lower --batch-size
+
+
+def test_a_resume_cut_off_before_its_first_new_epoch_reads_as_unfinished(good_run, tmp_path):
+    """A resume with more --epochs writes them into config.json first; cut off then, the run's last checkpoint is
+    complete for the old length only, and the report said nothing of the epochs still to train."""
+    run = copy_of(good_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["epochs"] = 4  # what `train --resume --epochs 4`, interrupted in epoch 3, leaves
+    (run / "config.json").write_text(json.dumps(config))
+    assert not runs.is_complete(run)
+    assert main(["report", str(run), "--no-baselines", "--quiet"]) == 0
+    assert "Training stopped after epoch 2 of 4" in (run / "report.html").read_text()
