@@ -485,3 +485,16 @@ def test_mean_and_stderr_of_per_example_values():
     assert mean == pytest.approx(3.0) and stderr == pytest.approx(math.sqrt(14 / 3) / 2)
     assert mean_and_stderr(torch.tensor([[1.0], [3.0]])) == pytest.approx((2.0, 1.0))  # any shape, flattened
     assert math.isnan(mean_and_stderr([5.0])[1])  # one value has no spread to estimate
+
+
+def test_mutual_information_of_near_deterministic_codes_is_exactly_at_its_ceiling():
+    """sigma = 1e-6: every code is far from the other posteriors, so the lower bound is log N to rounding. The
+    pairwise matrix products expand the quadratic, losing ~0.1 nats of each code's own term at this scale."""
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=32, hidden=()).eval()
+    with torch.no_grad():
+        model.posterior.mean.weight.mul_(20)
+        model.posterior.logvar.weight.zero_()
+        model.posterior.logvar.bias.fill_(2 * math.log(1e-6))
+    bounds = mutual_information_bounds(model, torch.rand(200, 1, 4, 4))
+    assert bounds["mutual_information"] == pytest.approx(math.log(200), abs=1e-6)
