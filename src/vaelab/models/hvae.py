@@ -126,6 +126,10 @@ class HVAE(nn.Module):
         sigma: the Gaussian likelihood's fixed (or initial) scale.
         scale_floor: every prior and posterior standard deviation is softplus(.) + scale_floor.
         cells: residual cells per group, in the encoder and in the decoder.
+
+    Attributes: latent_dim is not the argument but D_top, the top group's size flattened (channels x height x
+    width): what encode, embed and decode take and give, as for a flat VAE (z_channels keeps the argument);
+    group_sizes lists every group's.
     """
 
     def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int = 8,
