@@ -232,7 +232,7 @@ REFUSED = [
     ("/api/decode?z=0,inf,0&run=vae", 422, "finite"),
     ("/api/decode?z=0,0,-Infinity&run=vae", 422, "finite"),
     ("/api/decode?z=a,b,c&run=vae", 422, "numbers"),
-    ("/api/decode?z=&run=vae", 422, "dimensions"),
+    ("/api/decode?z=&run=vae", 422, "z has 0 values but"),  # it said "1 values"
     ("/api/decode?z=1,,2&run=vae", 422, "numbers"),
     ("/api/decode?z=1e9,0,0&run=vae", 422, "within"),
     ("/api/decode?z=" + "1" * 200 + ",0,0&run=vae", 422, "too long"),

@@ -128,7 +128,7 @@ class Explorer:
         if len(text) > Z_CHARS_PER_DIM * d:
             raise RequestError(f"z is too long ({len(text)} characters) for {d} numbers; "
                                f"send at most {Z_CHARS_PER_DIM} characters per value")
-        parts = text.split(",")
+        parts = text.split(",") if text.strip() else []  # "" is no values, not one empty one
         if len(parts) != d:
             raise RequestError(f"z has {len(parts)} values but this model's latent has {d} dimensions")
         try:
