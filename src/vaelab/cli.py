@@ -151,8 +151,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be between 1 and 10000, got {args.n}")
     if args.nrow is not None and args.nrow < 1:
         raise ConfigError(f"--nrow must be >= 1 (images per row), got {args.nrow}")
-    if not 0 <= args.seed < 2**63:  # torch.manual_seed's range (a traceback from it before)
-        raise ConfigError(f"--seed must be an integer with 0 <= N < 2**63, got {args.seed}")
+    if not -2**63 <= args.seed < 2**64:  # torch.manual_seed's range (beyond it, a traceback from it before)
+        raise ConfigError(f"--seed must be between -2**63 and 2**64 - 1, got {args.seed}")
     if not 0 <= args.temperature <= MAX_TEMPERATURE:  # (NaN fails it too)
         raise ConfigError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, got {args.temperature}")
     kwargs = {}
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nrow", type=int, default=None, help="images per row (default 8)")
     q.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help="hvae: scale the priors' standard deviations by T (0 <= T <= 10; default 1)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the draws, 0 <= N < 2**63 (default 0)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     q.add_argument("--out", type=Path, help="PNG path (default RUN/samples.png)")
     q = run_command("reconstruct", "test images and their reconstructions, as PNG", cmd_reconstruct)
     q.add_argument("--n", type=int, default=10, help="number of test images (1-100, default 10)")

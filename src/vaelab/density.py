@@ -13,6 +13,7 @@ draw), so an estimate depends on the seed alone: not on the chunk or batch size,
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -149,11 +150,9 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         exact = "; PCA's log p(x) is exact: log_likelihood(model, x)" if hasattr(model, "log_marginal") else ""
         raise InputError(f"importance_sample: {type(model).__name__} models have no latent posterior and prior to "
                          f"sample from; log p(x) needs a VAE{exact}")
-    for name, value, lowest in (("k", k, 1), ("chunk", chunk, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if value is None and name in ("chunk", "batch_size"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value < 2**63:
-            raise InputError(f"importance_sample: {name} must be an integer >= {lowest}, got {value!r}")
+    k, seed = _whole("k", k, 1), _whole("seed", seed, 0)
+    chunk = None if chunk is None else _whole("chunk", chunk, 1)
+    batch_size = None if batch_size is None else _whole("batch_size", batch_size, 1)
     _check_data(model, x, "importance_sample")
     device = model_device(model)
     if device.type == "cpu":
@@ -164,6 +163,13 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         return _importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed, device=device)
     finally:  # also when the model refuses x
         model.train(was_training)
+
+
+def _whole(name: str, value: object, lowest: int) -> int:
+    """importance_sample's counts and seed as Python ints (NumPy's too), or a one-line InputError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lowest <= value < 2**63:
+        raise InputError(f"importance_sample: {name} must be an integer >= {lowest}, got {value!r}")
+    return int(value)
 
 
 def _check_data(model: nn.Module, x: torch.Tensor, where: str) -> None:

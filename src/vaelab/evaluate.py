@@ -295,8 +295,8 @@ def _baseline(config: RunConfig, name: str, size: int, source: Path, train_missi
             print(f"{'continuing' if resume else 'training'} the {name} baseline for the report's table "
                   f"(latent {size}) in {source} (--no-baselines skips it)", file=sys.stderr)
         wanted = baseline_config(config, name, size)
-        if resume:  # on with the settings it has (older versions kept settings a baseline ignores)
-            stored = runs.load_config(source)
-            wanted = dataclasses.replace(stored, train=dataclasses.replace(stored.train, epochs=wanted.train.epochs))
+        stored = runs.load_config(source) if resume else None
+        if stored is not None and stored.data != wanted.data:  # the run's data moved (its config.json pointed at
+            dataclasses.replace(stored, data=wanted.data).save(source / "config.json")  # it): its baselines follow
         train(wanted, source, resume=resume, dataset=data, progress=progress)
     return runs.load(source)

@@ -7,9 +7,20 @@ import tempfile
 from pathlib import Path
 
 
-@functools.cache
 def _umask() -> int:
-    """The process's umask, read once (os.umask can only be read by setting it, which is why it is cached)."""
+    """The process's umask: from /proc/self/status on Linux; elsewhere os.umask, which can only read it by setting
+    it for a moment (so once, cached)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _umask_by_setting()
+
+
+@functools.cache
+def _umask_by_setting() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -189,8 +189,8 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
         detail = next((line for line in lines[1:]), lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{file} does not match the model config.json describes ({detail}); was config.json "
-                              "edited, or (for --data folder:/npz:/npy:) has the data's image size changed? "
-                              "Restore it") from None
+                              "edited, or (for --data folder:/npz:/npy:) has the data's image size or channel count "
+                              "changed, or how vaelab reads it (README, Data)? Restore it") from None
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
@@ -248,7 +248,7 @@ def load(run_dir: str | Path, *, device: str | torch.device = "cpu", checkpoint:
     return model.to(resolve_device(device, "device")).eval()
 
 
-_RECORD_KEYS = ("train_loss", "val_loss", "val_recon")  # in every epoch's record, whatever the model
+_RECORD_KEYS = ("val_loss", "val_recon")  # in every epoch's record, whatever the model (PCA's has no train_loss)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -277,4 +277,5 @@ def _is_record(record: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     return (isinstance(record, dict) and isinstance(record.get("epoch"), int) and number(record["epoch"])
-            and record["epoch"] >= 0 and all(number(record.get(key)) for key in _RECORD_KEYS))
+            and record["epoch"] >= 0 and all(number(record.get(key)) for key in _RECORD_KEYS)
+            and ("train_loss" not in record or number(record["train_loss"])))

@@ -142,12 +142,14 @@ class Trainer:
                  progress: bool = True):
         self.run_dir = Path(run_dir)
         self.progress = progress
-        if config.data.from_files and config.data.fingerprint is None and (dataset is None or
-                                                                          dataset.prepared_as is None):
+        record = config.data.from_files and config.data.fingerprint is None and (dataset is None or
+                                                                                dataset.prepared_as is None)
+        if record:
             dataset = dataset if dataset is not None else load_dataset(config.data.name)
+        self.data = prepare_data(config, dataset)  # (checks a fingerprint the config has)
+        if record:
             config = dataclasses.replace(config, data=dataclasses.replace(config.data,
                                                                           fingerprint=fingerprint(dataset)))
-        self.data = prepare_data(config, dataset)
         model_config = dataclasses.replace(config.model, input_shape=self.data.shape,
                                            vocab_size=len(self.data.vocab) if self.data.is_text else None)
         self.config = dataclasses.replace(config, model=model_config)
@@ -163,9 +165,11 @@ class Trainer:
         self.val_x = self.data.val.x.to(self.device)
         self.optimizer = None if isinstance(self.model, PCA) else make_optimizer(self.model, config.train.lr)
         self.parameters = list(self.model.parameters())
-        # batch norm in training mode needs two examples for its statistics: a one-example tail batch is skipped
-        # (BatchNorm1d raises, and a 1x1 feature map's BatchNorm2d would too; the permutation changes every epoch)
-        self.min_batch = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()) else 1
+        # batch norm in training mode needs two examples for its statistics (BatchNorm1d raises, as a 1x1 feature
+        # map's BatchNorm2d would): with batches of 2 or more, a one-example tail batch is skipped (the permutation
+        # changes every epoch); --batch-size 1 is the user's choice (the HVAE's 2-D maps take it; BN-VAE refuses it)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.min_batch = 2 if has_bn and config.train.batch_size >= 2 else 1
         self.compiled = None  # compile_step(...) with --compile, made at the first step
         self.compiled_batch = 0  # the batch size it compiled for
 
@@ -206,6 +210,11 @@ class Trainer:
     def _start(self) -> int:
         if self.job.is_main:
             if (self.run_dir / "config.json").exists():
+                try:
+                    runs.load_config(self.run_dir)
+                except (ConfigError, CheckpointError):  # another tool's config.json: --resume would not help
+                    raise TrainingError(f"{self.run_dir} holds a config.json that is not a vaelab run's; choose "
+                                        "another --out") from None
                 raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
                                     "or choose another --out")
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +275,7 @@ class Trainer:
         self.model.train()
         totals = torch.zeros(3, device=self.device)  # loss, recon, kl summed over examples
         examples = 0
+        beta, lr = kl_weight(cfg, epoch - 1), learning_rate(cfg, epoch - 1)  # (as logged if no step ran)
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None if self.progress and job.is_main else True,  # None: only on a terminal
@@ -302,6 +312,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{totals[0].item() / examples:.2f}", refresh=False)
                 bar.update((i + 1) - bar.n)
         bar.close()
+        if examples == 0:  # (the same in every process: they share the permutation)
+            raise TrainingError(f"no training step in epoch {epoch}: the training split has {n} example(s), fewer "
+                                f"than the {job.world * self.min_batch} a step needs here; give more data")
         # over all processes: logged losses cover all the data
         sums = job.sum(torch.cat([totals, totals.new_tensor([float(examples)])]))
         seconds = time.perf_counter() - t0
@@ -382,7 +395,9 @@ class Trainer:
 
 def _identity(config: RunConfig) -> RunConfig:
     """What must not change when a run is resumed: everything but the epoch budget, the learning rate (to
-    fine-tune at a lower one; each epoch's rate is in metrics.jsonl), the device, --compile and --no-sync-bn."""
+    fine-tune at a lower one; each epoch's rate is in metrics.jsonl), the device, --compile and --no-sync-bn;
+    settings the model ignores do not count (a new run drops them from config.json; older runs kept them)."""
+    config = without_ignored_settings(config)[0]
     train = dataclasses.replace(config.train, epochs=0, lr=max(1.0, config.train.lr_min), device="auto",
                                 compile=False, sync_bn=True)
     return dataclasses.replace(config, train=train, model=dataclasses.replace(config.model, input_shape=None),

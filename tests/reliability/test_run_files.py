@@ -1,6 +1,7 @@
 """A run directory's other files damaged or edited by hand, and commands given what they cannot do: one clear line
 or a working command, never a traceback, and nothing the run held is lost (each of these was a traceback, a wrong
 answer or lost history before)."""
+import dataclasses
 import json
 import shutil
 import stat
@@ -94,9 +95,10 @@ def test_resume_refuses_another_model_or_a_preset_instead_of_passing_them_over(g
 
 
 def test_sample_refuses_a_seed_torch_cannot_take(good_run, tmp_path, capsys):
-    for seed in ("-1", str(2**64)):
+    for seed in (str(-2**63 - 1), str(2**64)):
         assert main(["sample", str(good_run), "--seed", seed, "--out", str(tmp_path / "s.png")]) == 2
-        assert "--seed must be an integer with 0 <= N < 2**63" in one_line(capsys)  # a traceback from manual_seed
+        assert "--seed must be between -2**63 and 2**64 - 1" in one_line(capsys)  # a traceback from manual_seed
+    assert main(["sample", str(good_run), "--seed", "-1", "--out", str(tmp_path / "s.png")]) == 0
 
 
 def test_files_written_atomically_have_the_usual_permissions(good_run, tmp_path):
@@ -176,3 +178,75 @@ def test_a_resume_cut_off_before_its_first_new_epoch_reads_as_unfinished(good_ru
     assert not runs.is_complete(run)
     assert main(["report", str(run), "--no-baselines", "--quiet"]) == 0
     assert "Training stopped after epoch 2 of 4" in (run / "report.html").read_text()
+
+
+def test_a_folder_with_another_tool_s_config_json_is_not_called_a_run(tmp_path, capsys):
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "config.json").write_text('{"learning_rate": 0.1}')
+    assert main(["train", "--data", "digits", "--epochs", "0", "--no-report", "--out", str(tmp_path / "proj")]) == 2
+    err = one_line(capsys)  # it said "already holds a run; pass --resume", which then failed
+    assert "holds a config.json that is not a vaelab run's; choose another --out" in err
+    assert (tmp_path / "proj" / "config.json").read_text() == '{"learning_rate": 0.1}'
+
+
+def test_review_regressions_of_the_day(good_run, tmp_path, capsys):
+    """What a review of this session's changes found: resume of a Python config with ignored settings, PCA's
+    metrics, text-VAE vMF codes, NumPy counts, and a cached baseline of a run whose data moved."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    import vaelab
+    from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from vaelab.density import importance_sample
+    from vaelab.models.text_vae import TextVAE
+
+    config = RunConfig(data=DataConfig(name="digits"), model=ModelConfig(model="ae", hidden=(16,), latent_dim=2),
+                       train=TrainConfig(epochs=1, beta=4.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vaelab.train(config, tmp_path / "ae", progress=False)
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=2))
+    vaelab.train(longer, tmp_path / "ae", resume=True, progress=False)  # "train.beta 1.0 in the run, 4.0 here"
+    assert runs.latest_checkpoint(tmp_path / "ae").epoch == 2
+    assert main(["train", "--model", "pca", "--data", "digits", "--latent-dim", "2", "--no-report", "--quiet",
+                 "--out", str(tmp_path / "pca")]) == 0
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "pca")] == [1]  # PCA's record has no train_loss
+    text = TextVAE(input_shape=(10,), latent_dim=4, net="gru", hidden=(16,), vocab_size=20, latent="vmf").eval()
+    torch.testing.assert_close(text.embed(torch.randint(4, 20, (3, 10))).norm(dim=-1), torch.ones(3))
+    model = runs.load(good_run)
+    x = torch.rand(2, 1, 6, 6)
+    assert importance_sample(model, x, k=np.int64(4), seed=np.int32(1)).log_px.shape == (2,)  # were refused
+    # the run's data moves, config.json is pointed at it, the run trains on: its cached baselines follow it
+    run = copy_of(good_run, tmp_path)
+    assert main(["report", str(run), "--quiet"]) == 0  # trains the ae/pca baselines
+    data = runs.load_config(run).data.name.partition(":")[2]
+    moved = tmp_path / "moved.npz"
+    shutil.move(data, moved)
+    stored = json.loads((run / "config.json").read_text())
+    stored["data"]["name"] = f"npz:{moved}"
+    (run / "config.json").write_text(json.dumps(stored))
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "3", "--no-report", "--quiet"]) == 0
+    assert main(["report", str(run), "--quiet"]) == 0  # "the ae baseline cached in ... could not be used"
+    assert runs.load_config(run / "baselines" / "ae").data.name == f"npz:{moved}"
+    shutil.move(moved, data)
+
+
+def test_batch_norm_models_still_train_at_batch_size_1(tmp_path):
+    """Skipping one-example tail batches must not skip every batch of --batch-size 1 (the HVAE's 2-D batch norm
+    takes one image): an UnboundLocalError after the epoch."""
+    assert main(["train", "--model", "hvae", "--data", "digits", "--hidden", "8", "--latent-dim", "2", "--epochs",
+                 "1", "--batch-size", "1", "--no-report", "--quiet", "--out", str(tmp_path / "run")]) == 0
+
+
+def test_float_tiffs_are_refused_not_clipped(tmp_path, capsys):
+    from PIL import Image
+
+    from vaelab.data import load_dataset
+    from vaelab.errors import DataError
+
+    for i in range(3):
+        Image.fromarray(np.full((4, 4), 0.25 * i, dtype=np.float32)).save(tmp_path / f"{i}.tif")
+    with pytest.raises(DataError, match=r"0\.tif holds float pixels, which have no fixed scale"):
+        load_dataset(f"folder:{tmp_path}")  # [0, 1] floats read as 0 and 1/255

@@ -147,8 +147,9 @@ class TextVAE(nn.Module):
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Point codes (B, D): the posterior means."""
-        return self.encode(x).mean
+        """Point codes (B, D): the posterior modes (means of a Gaussian; for vMF latents the mean direction on the
+        sphere, where the decoder's codes live)."""
+        return self.encode(x).mode
 
     @torch.no_grad()
     def greedy(self, z: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
