@@ -39,7 +39,7 @@ from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.density import importance_sample
 from vaelab.evaluate import nll_test_set
-from vaelab.train import prepare_data
+from vaelab.prepare import prepare_data
 
 RESULTS = Path(__file__).parent / "results"
 PUBLISHED = (228.70, 0.15)

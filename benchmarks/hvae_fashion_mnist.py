@@ -40,7 +40,7 @@ from vaelab.config import RunConfig
 from vaelab.density import importance_sample, mean_and_stderr
 from vaelab.evaluate import nll_test_set
 from vaelab.flags import PRESETS, group_counts, positive_ints
-from vaelab.train import prepare_data
+from vaelab.prepare import prepare_data
 
 RESULTS = Path(__file__).parent / "results"
 TRAINING_RECORD = "budget.json"  # in the run directory: --resume and --eval-only read it, whatever --name is

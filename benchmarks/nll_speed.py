@@ -45,7 +45,8 @@ from vaelab.density import log_likelihood, mean_and_stderr
 from vaelab.errors import DataError
 from vaelab.evaluate import nll_test_set
 from vaelab.linear import Linear, onednn_off
-from vaelab.train import prepare_data, train
+from vaelab.prepare import prepare_data
+from vaelab.train import train
 
 RESULTS = Path(__file__).parent / "results" / "nll_speed.json"
 

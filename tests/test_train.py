@@ -14,8 +14,9 @@ from vaelab import runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split
 from vaelab.errors import CheckpointError, ConfigError, DataError, TrainingError
+from vaelab.prepare import prepare_data
 from vaelab.schedules import cosine_rate, kl_weight, learning_rate, resume_note
-from vaelab.train import Trainer, prepare_data, train
+from vaelab.train import Trainer, train
 
 
 def tiny_data(n=96, shape=(1, 6, 6), seed=0) -> Dataset:

@@ -123,7 +123,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _run_and_data(run: Path, device: str):
     from . import runs
-    from .train import prepare_data
+    from .prepare import prepare_data
 
     config = runs.load_config(run)
     return runs.load(run, device=device), prepare_data(config)
@@ -179,7 +179,7 @@ def _vocab(run: Path) -> tuple[str, ...] | None:
     """The vocabulary of a text run (rebuilt from its data set), None for images."""
     from . import runs
     from .config import TEXT_MODELS
-    from .train import prepare_data
+    from .prepare import prepare_data
 
     config = runs.load_config(run)
     return prepare_data(config).vocab if config.model.model in TEXT_MODELS else None

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from . import runs
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .prepare import prepare_data
 from .reports import write_report
-from .train import prepare_data, train
+from .train import train
 
 DEMO_CONFIG = RunConfig(
     data=DataConfig(name="mnist5k", binarize="dynamic"),

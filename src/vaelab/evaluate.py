@@ -30,10 +30,11 @@ from .flags import without_ignored_settings
 from .latent_stats import active_units, active_units_per_group, kl_per_unit, linear_probes, mutual_information_bounds
 from .models import PCA
 from .objectives import elbo
+from .prepare import EVAL_SEED, prepare_data
 from .steps import mean_terms, objective_for
 from .system import model_device
 from .text_views import token_accuracy
-from .train import EVAL_SEED, prepare_data, train
+from .train import train
 
 BASELINES = ("pca", "ae", "vae")
 COMPARE_COLUMNS = [  # (key in evaluation.json, column title)

@@ -13,8 +13,8 @@ from .config import RunConfig
 from .data import Dataset
 from .evaluate import compare_baselines, evaluate_run
 from .fileio import atomic_write_text
+from .prepare import EVAL_SEED, prepare_data
 from .system import model_device
-from .train import EVAL_SEED, prepare_data
 
 N_RECON = 10
 N_SAMPLES = 64

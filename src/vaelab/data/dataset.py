@@ -36,7 +36,7 @@ class Dataset:
     test: Split
     classes: tuple[str, ...] | None = None
     vocab: tuple[str, ...] | None = None
-    # what train.prepare_data applied (binarisation, dequantisation, the seed of a static training split, and
+    # what prepare.prepare_data applied (binarisation, dequantisation, the seed of a static training split, and
     # whether it checked values in [0, 1]), so that data passed on prepared is not prepared again (dequantising
     # twice moves pixels); None: as loaded
     prepared_as: tuple[str, bool, int | None, bool] | None = None

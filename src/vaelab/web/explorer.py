@@ -27,8 +27,8 @@ from ..evaluate import has_nll, read_evaluation
 from ..latent_stats import codes as test_codes
 from ..latent_stats import kl_per_unit
 from ..models.hvae import MAX_TEMPERATURE
+from ..prepare import prepare_data
 from ..system import model_device
-from ..train import prepare_data
 
 MAX_MAP_POINTS = 2000  # the page's canvas stays responsive; larger test sets show a fixed random subset
 MAX_SLIDERS = 16
