@@ -249,7 +249,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
     err = run_error(["evaluate", str(vae_run / "baselines" / "ae"), "--nll"], capsys)
     assert "--nll needs a model of p(x): a VAE (importance-sampled) or PCA (exact), not --model ae" in err
     err = run_error(["sample", str(vae_run / "baselines" / "ae")], capsys)
-    assert "holds a --model ae run, which has no prior to sample from" in err
+    assert "holds a --model ae run, which vaelab does not sample from" in err
     # --out: a folder, or a picture's name PIL cannot map to a format, were tracebacks; -n counts from the end
     err = run_error(["sample", str(vae_run), "--out", str(tmp_path)], capsys)
     assert f"--out {tmp_path} is a folder; give a file name such as {tmp_path / 'samples.png'}" in err
@@ -499,3 +499,27 @@ def test_a_run_on_the_user_s_files_notices_when_they_change(tmp_path, capsys):
     stored["data"]["name"] = f"npy:{tmp_path / 'moved.npy'}"
     (run / "config.json").write_text(json.dumps(stored))
     assert main(["evaluate", str(run), "--no-probe"]) == 0
+
+
+def test_text_runs_keep_perplexity_and_refuse_a_picture_name(tmp_path, capsys, monkeypatch):
+    """Re-evaluating without --nll kept nll* but dropped perplexity (the compare table's PPL went blank), and a
+    text model's sentences were written into a .png file."""
+    from vaelab import evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "evaluation.json").write_text(json.dumps({"epoch": 2, "nll": 40.0, "perplexity": 300.0}))
+    monkeypatch.setattr(evaluate, "test_metrics", lambda *a, **k: {"elbo": 1.0})
+    monkeypatch.setattr(evaluate.runs, "latest_checkpoint", lambda r: SimpleNamespace(epoch=2))
+    config = SimpleNamespace(train=SimpleNamespace(objective="elbo"))
+    monkeypatch.setattr(evaluate.runs, "load_config", lambda r: config)
+    monkeypatch.setattr(evaluate.runs, "load", lambda r, **k: None)
+    monkeypatch.setattr(evaluate, "prepare_data", lambda c, d=None: None)
+    result = evaluate.evaluate_run(run, probe=False)
+    assert result["perplexity"] == 300.0 and result["nll"] == 40.0
+    from vaelab.cli import _output
+    from vaelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"a text model's output is sentences, written as text; .*x\.txt"):
+        _output(tmp_path / "x.png", run / "samples.txt")
+    assert _output(tmp_path / "x.txt", run / "samples.txt") == tmp_path / "x.txt"

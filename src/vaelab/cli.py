@@ -145,8 +145,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = runs.load(args.run, device=args.device)
     if not hasattr(model, "sample"):
         kind = runs.load_config(args.run).model.model
-        raise ConfigError(f"{args.run} holds a --model {kind} run, which has no prior to sample from; sample from a "
-                          "--model vae run")
+        raise ConfigError(f"{args.run} holds a --model {kind} run, which vaelab does not sample from; sample from a "
+                          "--model vae, hvae or text-vae run")
     if args.n < 1 or args.n > 10_000:
         raise ConfigError(f"--n must be between 1 and 10000, got {args.n}")
     if args.nrow is not None and args.nrow < 1:
@@ -195,6 +195,11 @@ def _output(out: Path | None, default: Path) -> Path:
     if default.suffix == ".png" and out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the picture is written as PNG; give a name ending in .png, such as "
                           f"{out.with_suffix('.png')}")
+    from .data.custom import IMAGE_SUFFIXES
+
+    if default.suffix == ".txt" and out.suffix.lower() in IMAGE_SUFFIXES:  # (a text file under a picture's name)
+        raise ConfigError(f"--out {out}: a text model's output is sentences, written as text; give a name such as "
+                          f"{out.with_suffix('.txt')}")
     return out
 
 
@@ -321,16 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help="hvae: scale the priors' standard deviations by T (0 <= T <= 10; default 1)")
     q.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    q.add_argument("--out", type=Path, help="PNG path (default RUN/samples.png)")
+    q.add_argument("--out", type=Path, help="PNG path (default RUN/samples.png; text models: RUN/samples.txt)")
     q = run_command("reconstruct", "test images and their reconstructions, as PNG", cmd_reconstruct)
     q.add_argument("--n", type=int, default=10, help="number of test images (1-100, default 10)")
-    q.add_argument("--out", type=Path, help="PNG path (default RUN/reconstructions.png)")
+    q.add_argument("--out", type=Path, help="PNG path (default RUN/reconstructions.png; text models: .txt)")
     q = run_command("interpolate", "decode the line between the codes of two test images, as PNG",
                     cmd_interpolate)
     q.add_argument("--a", type=int, default=0, help="index of the first test image")
     q.add_argument("--b", type=int, default=1, help="index of the second test image")
     q.add_argument("--steps", type=int, default=10, help="images along the line (default 10)")
-    q.add_argument("--out", type=Path, help="PNG path (default RUN/interpolate-A-B.png)")
+    q.add_argument("--out", type=Path, help="PNG path (default RUN/interpolate-A-B.png; text models: .txt)")
     q = run_command("report", "write RUN/report.html with figures, metrics and the PCA/AE/VAE table", cmd_report)
     q.add_argument("--no-baselines", action="store_true", help="do not train missing baselines for the table")
     q.add_argument("--quiet", action="store_true", help="no progress output")
@@ -357,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VaelabError as e:
         print(f"vaelab: error{_rank()}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output piped into `head` and the like, which stopped reading: nothing is wrong
+        sys.stderr.close()  # (and no second error when Python flushes stdout at exit)
+        return 0
     except KeyboardInterrupt:
         after = {cmd_train: "; the last checkpoint is intact (resume with --resume)",
                  cmd_demo: "; the last checkpoint is intact (the same command continues the demo)"}

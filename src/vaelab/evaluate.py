@@ -167,7 +167,8 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
               **test_metrics(model, config, prepare_data(config, data), nll_k=nll_k, probe=probe, chunk=chunk)}
     previous = read_evaluation(run_dir)
     if nll_k is None and previous.get("epoch") == epoch and "nll" in previous:
-        result.update({k: v for k, v in previous.items() if k.startswith(("nll", "ess_", "test_binarize"))})
+        kept = ("nll", "ess_", "test_binarize", "perplexity")  # what --nll estimated (perplexity: text's)
+        result.update({k: v for k, v in previous.items() if k.startswith(kept)})
     atomic_write_text(run_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
     return result
 

@@ -196,8 +196,8 @@ class Explorer:
     def _samples(self, n: int, temperature: float, seed: int) -> torch.Tensor:
         """model.sample(n) (with the temperature where the model takes one), after checking the request."""
         if not hasattr(self.model, "sample"):
-            raise RequestError(f"this run's model ({self.summary['model']}) has no prior to sample from; "
-                               "samples need a VAE", status=400)
+            raise RequestError(f"this run's model ({self.summary['model']}) is not sampled from; samples need a "
+                               "VAE, HVAE or text VAE", status=400)
         if not 1 <= n <= MAX_SAMPLES:
             raise RequestError(f"n must be between 1 and {MAX_SAMPLES} samples, got {n}")
         if not 0 <= temperature <= MAX_TEMPERATURE:  # (NaN fails it too)
