@@ -258,8 +258,8 @@ REFUSED = [
     ("/api/samples?t=hot&run=vae", 422, "t"),
     ("/api/samples?seed=-1&run=vae", 422, "seed"),
     ("/api/samples?t=0.5&run=vae", 400, "no sampling temperature"),
-    ("/api/samples?run=pca", 400, "no prior"),
-    ("/api/samples", 400, "no prior"),
+    ("/api/samples?run=pca", 400, "is not sampled from"),
+    ("/api/samples", 400, "is not sampled from"),
     ("/api/summary?run=nope", 422, "unknown run"),
     ("/api/map?run=../../etc", 422, "unknown run"),
     ("/api/decode?z=0,0&run=..%2F..%2Fetc%2Fpasswd", 422, "unknown run"),
@@ -486,7 +486,7 @@ def test_page_map_sliders_interpolation_and_samples_in_chromium(browser, live_ur
 
 def test_page_for_a_model_without_prior_says_so_in_chromium(browser, live_url):
     page, errors = open_page(browser, live_url)  # the default run: pca
-    assert "no prior" in page.inner_text("#samples-msg")
+    assert "is not sampled from" in page.inner_text("#samples-msg")
     assert page.is_disabled("#resample")
     assert page.is_hidden("#samples")
     assert page.locator("#sliders input[type=range]").count() == 2

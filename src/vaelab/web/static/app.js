@@ -258,7 +258,7 @@ async function interpolate() {
 async function resample() {
   const msg = $("samples-msg");
   if (!state.summary.has_prior) {
-    msg.textContent = `This ${state.summary.model} model has no prior to sample from; only a VAE generates ` +
+    msg.textContent = `This ${state.summary.model} model is not sampled from; only a VAE generates ` +
       `new ${item()}s. The map and the decoder still work.`;
     $("resample").disabled = true;
     $("samples").hidden = true;
