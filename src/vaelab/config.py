@@ -81,8 +81,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("--data must name a data set, e.g. mnist5k, digits, fashion-mnist, folder:PATH")
-        prefix, colon, path = self.name.partition(":")
-        if colon and prefix in FILE_DATA and path:  # stored absolute (and normalised): later commands run elsewhere
+        prefix, _, path = self.name.partition(":")
+        if self.from_files and path:  # stored absolute (and normalised): later commands run from other folders
             object.__setattr__(self, "name", f"{prefix}:{os.path.normpath(Path(path).expanduser().absolute())}")
         _choice(self.binarize, BINARIZE, "--binarize")
         if not isinstance(self.dequantize, bool):

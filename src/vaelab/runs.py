@@ -114,7 +114,7 @@ def _other_checkpoint(root: Path, damaged: Path | None = None, *, also: bool = T
             weights = load_file(path / "model.safetensors")
         except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             continue
-        if not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):
+        if _non_finite(weights) is not None:
             continue
         pointer = json.dumps({"epoch": epoch, "dir": path.name})
         return f"; the run {'also ' if also else ''}holds {path.name}: to use it, write {pointer} into {root / LATEST}"
@@ -178,19 +178,23 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
                               + _other_checkpoint(checkpoint.path.parent, checkpoint.path)) from None
     # training stops before it saves a non-finite value (Trainer._check_finite), so one here is damage: a flipped
     # exponent bit reads as inf or NaN, and every later command would fail deep inside torch
-    damaged = next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()),
-                   None)
+    damaged = _non_finite(weights)
     if damaged is not None:
         raise CheckpointError(f"{file} holds NaN or infinite values in {damaged}; it is damaged"
                               + _other_checkpoint(checkpoint.path.parent, checkpoint.path))
     try:
         unwrap(model).load_state_dict(weights, strict=True)
     except RuntimeError as e:  # torch's first line is "Error(s) in loading state_dict for VAE:"; the next says what
-        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        detail = next((line for line in lines[1:]), lines[0] if lines else type(e).__name__)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = lines[1] if len(lines) > 1 else lines[0]
         raise CheckpointError(f"{file} does not match the model config.json describes ({detail}); was config.json "
                               "edited, or (for --data folder:/npz:/npy:) has the data's image size or channel count "
                               "changed, or how vaelab reads it (README, Data)? Restore it") from None
+
+
+def _non_finite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    return next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
@@ -276,6 +280,6 @@ def _is_record(record: Any) -> bool:
     def number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    return (isinstance(record, dict) and isinstance(record.get("epoch"), int) and number(record["epoch"])
+    return (isinstance(record, dict) and number(record.get("epoch")) and isinstance(record["epoch"], int)
             and record["epoch"] >= 0 and all(number(record.get(key)) for key in _RECORD_KEYS)
             and ("train_loss" not in record or number(record["train_loss"])))

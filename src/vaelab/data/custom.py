@@ -96,7 +96,8 @@ def _read_images(files: list[Path]) -> np.ndarray:
         im = images[-1]
         # float images (TIFF mode F) and 32-bit integers beyond 16 bits have no fixed scale: Pillow's conversion
         # would clip them (floats in [0, 1] read as nearly black)
-        if im.mode == "F" or im.mode == "I" and not 0 <= im.getextrema()[0] <= im.getextrema()[1] <= 65535:
+        lo, hi = im.getextrema() if im.mode == "I" else (0, 0)
+        if im.mode == "F" or not 0 <= lo <= hi <= 65535:
             raise DataError(f"{path} holds {'float' if im.mode == 'F' else '32-bit integer'} pixels, which have no "
                             "fixed scale; save 8- or 16-bit images, or the pixels as an .npy array of floats")
     first = images[0]

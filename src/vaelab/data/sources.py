@@ -194,11 +194,11 @@ def _cached_or_downloaded(name: str, mirrors: list[str], digests: dict[str, str]
     folder = data_dir() / name
     # A file already in the cache was verified when downloaded (or put there by hand); read_idx catches truncation.
     missing = [f for f in IDX_FILES if _present(folder, f) is None]
-    for f in missing:
+    for i, f in enumerate(missing):
         try:
             download_first([m + f for m in mirrors], folder / f, digests[f])
-        except DataError as e:
-            others = [g for g in missing if g != f and _present(folder, g) is None]
+        except DataError as e:  # those before it are downloaded; those after it not yet tried
+            others = missing[i + 1:]
             raise DataError(f"{e}" + (f" (also missing: {', '.join(others)})" if others else "")) from None
     return [_present(folder, f) for f in IDX_FILES]
 
