@@ -306,6 +306,7 @@ def test_evaluate_gives_pca_its_exact_nll_as_a_density_and_says_so(tmp_path):
     assert result["nll_exact"] and result["nll_density"] and "nll_k" not in result and "ess_mean" not in result
     assert "nll_bits_per_dim" not in result and result["test_binarize_seed"] is None  # grey pixels, not binarised
     assert "test_kl" not in result and "test_recon" in result  # no KL term: its 0 read as a collapsed posterior
+    assert result["objective"] is None  # was "elbo", the unused default: PCA is fitted in closed form
     page = html.unescape(write_report(tmp_path / "pca", baselines=False, data=data).read_text())
     assert "a density of the values trained on (8-bit pixels scaled to [0, 1]); Gaussian" in page and EXACT in page
     dequantised = evaluate_run(tmp_path / "dequantised", nll_k=5000, probe=False, data=data)

@@ -163,7 +163,8 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
     config = runs.load_config(run_dir)
     model = runs.load(run_dir, device=device)
     epoch = runs.latest_checkpoint(run_dir).epoch
-    result = {"run": str(run_dir), "epoch": epoch, "objective": config.train.objective,
+    objective = config.train.objective if has_posterior(model) else None  # AE/PCA: no bound was trained
+    result = {"run": str(run_dir), "epoch": epoch, "objective": objective,
               **test_metrics(model, config, prepare_data(config, data), nll_k=nll_k, probe=probe, chunk=chunk)}
     previous = read_evaluation(run_dir)
     if nll_k is None and previous.get("epoch") == epoch and "nll" in previous:
