@@ -255,6 +255,17 @@ def test_trains_saves_and_reloads(tmp_path):
     torch.testing.assert_close(log_likelihood(loaded, x, k=5), log_likelihood(model, x, k=5), rtol=0, atol=0)
 
 
+def test_report_interpolations_name_the_sentences_they_run_between():
+    from vaelab.text_views import html_sections
+
+    x = tiny_text().train.x[:14]
+    page = html_sections(tiny_model(), x, VOCAB)
+    pick = torch.randperm(14, generator=torch.Generator().manual_seed(0))  # the sections' own choice, seed 0
+    for i in (10, 12):  # an untrained decoder's first and last lines are not these sentences
+        ends = [tokens_to_text(x[pick[j]], VOCAB) for j in (i, i + 1)]
+        assert f"From <q>{ends[0]}</q> to <q>{ends[1]}</q>:</p><ol>" in page
+
+
 def test_bn_mu_builds_and_trains_a_step():
     config = ModelConfig(model="text-vae", hidden=(16,), latent_dim=3, embedding_dim=8, latent="gaussian",
                          bn_mu=0.5, word_dropout=0.3, net="gru", input_shape=(8,), vocab_size=len(VOCAB))

@@ -61,9 +61,11 @@ def html_sections(model: nn.Module, x: torch.Tensor, vocab: tuple[str, ...], *, 
     lines = []
     for i in (10, 12):
         path = interpolation(model, x[pick[i]], x[pick[i + 1]], vocab)
-        lines.append("<ol>" + "".join(f"<li>{html.escape(s)}</li>" for s in path) + "</ol>")
+        ends = (html.escape(tokens_to_text(x[pick[j]], vocab)) for j in (i, i + 1))
+        lines.append("<p>From <q>{}</q> to <q>{}</q>:</p><ol>".format(*ends)
+                     + "".join(f"<li>{html.escape(s)}</li>" for s in path) + "</ol>")
     return (f"<h2>Samples from the prior</h2><p>z ~ p(z), decoded greedily.</p><ul>{items}</ul>"
             f"<h2>Reconstructions</h2><p>Test sentences and the greedy decode of their posterior mean.</p>"
             f"<table><thead><tr><th>sentence</th><th>reconstruction</th></tr></thead><tbody>{rows}</tbody></table>"
             f"<h2>Interpolations</h2><p>Greedy decodes along the line between the posterior means of two test "
-            f"sentences (first and last lines are theirs).</p>{''.join(lines)}")
+            f"sentences (first and last lines decode their means).</p>{''.join(lines)}")
