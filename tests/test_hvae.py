@@ -230,6 +230,8 @@ def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     assert main(["interpolate", str(out), "--steps", "4"]) == 0
     model = runs.load(out)  # the spectral buffers are part of the checkpoint and load back
     assert isinstance(model, HVAE)
+    evaluation = json.loads((out / "evaluation.json").read_text())  # was 4, the channels per group
+    assert evaluation["latent_dim"] == sum(model.group_sizes) and evaluation["latent_top_dim"] == model.latent_dim
     capsys.readouterr()
     for t in ("-1", "1e6"):  # 1e6 wrote a picture of NaN pixels
         assert main(["sample", str(out), "--temperature", t]) == 2

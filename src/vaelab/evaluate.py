@@ -88,6 +88,12 @@ def nll_test_set(config: RunConfig, data: Dataset) -> tuple[torch.Tensor, int | 
     return x, None
 
 
+def latent_size(model: nn.Module, config: RunConfig) -> int:
+    """How many latent variables the model has: a hierarchical VAE's in all its groups (--latent-dim is its
+    channels per group, and encode() gives the top group alone)."""
+    return sum(model.group_sizes) if hasattr(model, "group_sizes") else config.model.latent_dim
+
+
 def elbo_terms(model: nn.Module, config: RunConfig, x: torch.Tensor) -> dict[str, float]:
     """Test loss terms: for a VAE the single-sample ELBO with analytic KL (whatever the training objective)."""
     torch.manual_seed(EVAL_SEED)
@@ -103,7 +109,9 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
     """Every metric of the suite on the test split (NLL only when nll_k is given)."""
     x = data.test.x
     result: dict[str, Any] = {"model": config.model.model, "data": data.name,
-                              "latent_dim": config.model.latent_dim, "n_test": int(x.shape[0])}
+                              "latent_dim": latent_size(model, config), "n_test": int(x.shape[0])}
+    if hasattr(model, "group_sizes"):  # what encode() gives, and the statistics below are of
+        result["latent_top_dim"] = model.latent_dim
     result.update(elbo_terms(model, config, x))
     if data.is_text:
         result["token_accuracy"] = token_accuracy(model, x)
@@ -252,7 +260,7 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
     if data.is_text:  # PCA and autoencoders of token ids are not a thing
         return rows
     own = runs.load(run_dir)
-    size = sum(own.group_sizes) if hasattr(own, "group_sizes") else config.model.latent_dim
+    size = latent_size(own, config)
     pixels, examples = math.prod(data.shape), data.train.x.shape[0]
     for name in (*BASELINES, *((config.model.model,) if config.model.model not in BASELINES else ())):
         if name == "pca" and size > min(pixels, examples):  # (so the run is not PCA's either)
