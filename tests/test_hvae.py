@@ -11,6 +11,7 @@ from vaelab.cli import main
 from vaelab.config import ModelConfig, RunConfig, TrainConfig
 from vaelab.density import importance_sample
 from vaelab.errors import ConfigError
+from vaelab.evaluate import compare_runs
 from vaelab.hvae_cells import ResidualCell, SpectralNorms
 from vaelab.models import HVAE, build_model
 from vaelab.models.hvae import kl_balance_coefficients
@@ -232,6 +233,8 @@ def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     assert isinstance(model, HVAE)
     evaluation = json.loads((out / "evaluation.json").read_text())  # was 4, the channels per group
     assert evaluation["latent_dim"] == sum(model.group_sizes) and evaluation["latent_top_dim"] == model.latent_dim
+    row = compare_runs([out])[1].splitlines()[2]  # and the compare table says whose statistics those are
+    assert f"| {evaluation['active_units']} (z_1) |" in row and f"{evaluation['mutual_information']:.3f} (z_1)" in row
     capsys.readouterr()
     for t in ("-1", "1e6"):  # 1e6 wrote a picture of NaN pixels
         assert main(["sample", str(out), "--temperature", t]) == 2

@@ -216,10 +216,15 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
             cells["nll"] += " (density)"
         if row.get("nll_exact") and cells["nll"]:  # PCA's: no importance samples
             cells["nll_k"] = "exact"
+        if "latent_top_dim" in row:  # a hierarchy's z counts every group; these statistics are of z_1's
+            for key in ("active_units", "mutual_information"):
+                cells[key] += " (z_1)" if cells[key] else ""
         lines.append("| " + " | ".join(cells.values()) + " |")
     notes = ("\n(density): -log p(x) of a Gaussian likelihood, a density of the values trained on (8-bit pixels "
              "scaled to [0, 1]).\n") if any(
         row.get("nll_density") and row.get("nll") is not None for row in rows) else ""
+    if any("latent_top_dim" in row for row in rows):
+        notes += "\n(z_1): of the top latent group z_1 alone (of `latent_top_dim` variables); z counts all groups.\n"
     return rows, "\n".join(lines) + "\n" + notes
 
 
