@@ -165,6 +165,25 @@ def test_the_map_of_one_dimensional_codes_is_a_strip_with_a_row_per_label(tmp_pa
     assert saved[0].axes[0].get_ylabel() == "z2"
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+def test_class_names_are_drawn_as_they_are(tmp_path, monkeypatch, dims):
+    """A pair of "$" in a folder's class name was parsed as TeX (a parse error stopped the report), a name
+    starting with "_" was left out of the legend, and a long one took over the figure."""
+    import matplotlib.pyplot as plt
+
+    from vaelab import figures
+
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or fig.savefig(path))
+    classes = ("a$\\frac{1}{$b", "_hidden", "x" * 100)
+    figures.latent_map(torch.randn(30, dims), torch.arange(30) % 3, tmp_path / "map.png", classes=classes)
+    ax = saved[0].axes[0]
+    shown = ax.get_yticklabels() if dims == 1 else ax.get_legend().get_texts()
+    assert [t.get_text() for t in shown] == ["a\\$\\frac{1}{\\$b", "_hidden", "x" * 39 + "\u2026"]
+    assert (tmp_path / "map.png").stat().st_size > 0
+    plt.close(saved[0])
+
+
 def test_a_run_of_one_epoch_and_one_latent_dimension_has_visible_curves_and_whole_number_ticks(tmp_path,
                                                                                              monkeypatch):
     """One epoch drew lines of one point, which are invisible, over ticks 0.96 ... 1.04; one latent

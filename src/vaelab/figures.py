@@ -110,6 +110,13 @@ def strip_rows(labels: np.ndarray | list[int] | None, n: int) -> np.ndarray:
     return rows + np.random.default_rng(0).uniform(-0.3, 0.3, n)
 
 
+def literal(name: str, width: int = 40) -> str:
+    """A class name as matplotlib draws it verbatim: "$" escaped (a pair was parsed as TeX, and a name like
+    "a$\\frac{1}{$b" stopped the report with a parse error), cut to `width` characters."""
+    name = name if len(name) <= width else name[:width - 1] + "\u2026"
+    return name.replace("$", r"\$")
+
+
 def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,
                classes: tuple[str, ...] | None = None) -> Path:
     """Scatter of 2-D projected codes coloured by label. A 1-D code is a strip plot: z1 across, one row per
@@ -125,15 +132,15 @@ def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,
         ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.6)
     else:
         cmap = plt.get_cmap("tab10" if lab.max() < 10 else "tab20")
-        names = {}
+        names, dots = {}, []
         for k in np.unique(lab):
-            names[k] = classes[k] if classes is not None and k < len(classes) else str(k)
+            names[k] = literal(classes[k] if classes is not None and k < len(classes) else str(k))
             sel = lab == k
-            ax.scatter(points[sel, 0], points[sel, 1], s=4, alpha=0.7, color=cmap(int(k) % cmap.N), label=names[k])
+            dots.append(ax.scatter(points[sel, 0], points[sel, 1], s=4, alpha=0.7, color=cmap(int(k) % cmap.N)))
         if strip:
             ax.set_yticks(list(names), list(names.values()))
-        else:
-            ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+        else:  # labels given, not taken from the artists: those that start with "_" would be left out
+            ax.legend(dots, list(names.values()), markerscale=3, fontsize=7, loc="best", frameon=False)
     ax.set_xlabel(f"{how} 1" if how != "z" else "z1")
     if strip:
         ax.set_ylabel("label" if lab is not None else "")
