@@ -82,7 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loopback = is_loopback(args.host)
     sock = bind(args.host, args.port)  # first: a taken port fails before seconds of loading
     try:
-        app = create_app(args.run, device=args.device, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+        # the address served is a name for this machine too (--host 127.0.0.2 refused every request)
+        hosts = [*LOOPBACK_HOSTS, args.host] if loopback else None
+        app = create_app(args.run, device=args.device, allowed_hosts=hosts)
     except BaseException:
         sock.close()
         raise

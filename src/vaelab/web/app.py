@@ -79,13 +79,13 @@ def create_app(root: Path | str | Catalog, *, device: str = "cpu", allowed_hosts
     catalog = root if isinstance(root, Catalog) else Catalog(Path(root), device=device)
     app = FastAPI(title="vaelab latent explorer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.catalog = catalog
-    allowed = None if allowed_hosts is None else {h.strip("[]") for h in allowed_hosts}
+    allowed = None if allowed_hosts is None else {h.strip("[]").lower() for h in allowed_hosts}
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         if allowed is not None and _host_name(request.headers.get("host", "")) not in allowed:
             response = JSONResponse({"detail": "this server answers only requests addressed to this machine "
-                                               "(Host: 127.0.0.1 or localhost)"}, status_code=400)
+                                               f"(Host: {' or '.join(sorted(allowed))})"}, status_code=400)
         else:
             response = await call_next(request)
         response.headers["Content-Security-Policy"] = CSP
@@ -106,7 +106,7 @@ def create_app(root: Path | str | Catalog, *, device: str = "cpu", allowed_hosts
         return JSONResponse({"detail": f"internal error ({type(error).__name__}); see the server's log"},
                             status_code=500)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: `curl -I`, health checks
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 

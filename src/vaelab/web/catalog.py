@@ -15,7 +15,7 @@ from .explorer import Explorer, RequestError
 
 MAX_DEPTH = 3  # runs/<group>/<run>/baselines/<model> is as deep as vaelab itself nests runs
 MAX_RUNS = 500
-MAX_NAME = 200
+MAX_NAME = MAX_DEPTH * 256  # a relative path of MAX_DEPTH folder names of up to 255 bytes: every name found
 SKIP = {"checkpoints", "figures", "__pycache__", "node_modules"}
 
 
