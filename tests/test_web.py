@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -98,6 +99,20 @@ def test_find_runs_names_one_run_or_every_run_below_a_folder(runs_root, tmp_path
         find_runs(tmp_path)
     with pytest.raises(VaelabError, match="not a directory"):
         find_runs(tmp_path / "missing")
+
+
+def test_runs_with_the_longest_folder_names_are_served(runs_root, tmp_path):
+    """Names over 200 characters were listed by /api/runs and then refused as unknown on every request."""
+    long = "R" * 255  # the most a Linux folder name holds
+    shutil.copytree(runs_root / "pca", tmp_path / "one" / long)
+    shutil.copytree(runs_root / "pca", tmp_path / "nested" / long / long / long)
+    for root, name in ((tmp_path / "one", long), (tmp_path / "nested", f"{long}/{long}/{long}")):
+        client = TestClient(create_app(root), raise_server_exceptions=False)
+        assert client.get("/api/runs").json()["default"] == name
+        assert client.get("/api/summary").status_code == 200
+        assert client.get("/api/summary", params={"run": name}).json()["model"] == "pca"
+    client = TestClient(create_app(tmp_path / "one" / long), raise_server_exceptions=False)  # one run, by itself
+    assert client.get("/api/summary", params={"run": long}).status_code == 200
 
 
 @pytest.mark.parametrize("d", [1, 2, 5])
@@ -345,15 +360,17 @@ sys.exit(args.func(args))
 def test_serve_prints_its_address_and_serves(runs_root):
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", str(runs_root), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # a loopback address other than 127.0.0.1: its own Host header was refused on every request
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", str(runs_root), "--port", "0",
+                             "--host", "127.0.0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = proc.stdout.readline()
-        assert "serving 2 runs" in line and "http://127.0.0.1:" in line, (line, proc.stderr.read())
+        assert "serving 2 runs" in line and "http://127.0.0.2:" in line, (line, proc.stderr.read())
         address = line.split(" at ")[1].split()[0]
         listing = httpx.get(address + "api/runs", timeout=10).json()
         assert [r["name"] for r in listing["runs"]] == ["pca", "vae"]
+        assert httpx.head(address, timeout=10).status_code == 200  # `curl -I` and health checks: was 405
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -475,6 +492,16 @@ def test_page_map_sliders_interpolation_and_samples_in_chromium(browser, live_ur
     page.wait_for_selector("#interp-strip[data-frames='6']", timeout=10_000)
     width = page.evaluate("document.querySelector('#interp-strip').naturalWidth")
     assert (width - 1) // (SIDE + 1) == 6
+    page.fill("#interp-b", "")  # an empty box read as 0: "interpolated" 2 -> 0
+    page.click("#interp-go")
+    assert page.inner_text("#interp-msg").startswith("indices must be whole numbers")
+
+    for index, status in (("-1", "test image index must be 0..29"), ("3", ""),  # a success clears the error
+                          ("", "test image index must be 0..29")):  # empty read as 0, shown as image 0
+        page.fill("#base-index", index)
+        page.dispatch_event("#base-index", "change")
+        page.wait_for_function("s => document.querySelector('#status').textContent === s", arg=status,
+                               timeout=10_000)
 
     seed = page.get_attribute("#samples", "data-seed")
     page.click("#resample")

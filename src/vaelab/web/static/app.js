@@ -20,6 +20,12 @@ const $ = (id) => document.getElementById(id);
 
 function setStatus(text) { $("status").textContent = text; }
 
+// A number box's value: NaN when it is empty (the browser empties one holding "abc"), where +"" read as 0
+function numberIn(id) {
+  const text = $(id).value.trim();
+  return text === "" ? NaN : Number(text);
+}
+
 function apiUrl(path, params = {}) {
   const query = new URLSearchParams(params);
   if (state.run !== null) query.set("run", state.run);
@@ -83,6 +89,7 @@ async function pumpDecode() {
       await show($("decoded"), "/api/decode", { z: text }, { z: text });
       $("z-text").textContent = `z = (${z.map((v) => v.toFixed(2)).join(", ")})`;
       drawMap(z);
+      setStatus("");  // an earlier error no longer stands
     } catch (e) {
       setStatus(`decode: ${e.message}`);
     }
@@ -226,6 +233,7 @@ async function chooseTestImage(index) {
     const label = enc.label === null ? "" : ` (${className(enc.label)})`;
     setBase(enc.z, `the encoding of test ${item()} ${index}${label}`);
     await show($("recon"), `/api/reconstruct/${index}`, {}, { index: String(index) });
+    setStatus("");
   } catch (e) {
     setStatus(`test ${item()}: ${e.message}`);
   }
@@ -238,7 +246,7 @@ function className(label) {
 
 // ---- interpolation and samples
 async function interpolate() {
-  const a = +$("interp-a").value, b = +$("interp-b").value, n = +$("interp-n").value;
+  const a = numberIn("interp-a"), b = numberIn("interp-b"), n = numberIn("interp-n");
   const last = state.summary.n_test - 1;
   const msg = $("interp-msg");
   if (![a, b].every((i) => Number.isInteger(i) && i >= 0 && i <= last)) {
@@ -333,7 +341,7 @@ function wire() {
     const p = toPlane(z).slice(0, state.view.strip ? 1 : 2).map((v) => v.toFixed(2)).join(", ");
     setBase(z, `the map point (${p})`);
   });
-  $("base-index").addEventListener("change", () => chooseTestImage(+$("base-index").value));
+  $("base-index").addEventListener("change", () => chooseTestImage(numberIn("base-index")));
   $("base-reset").addEventListener("click", () => setBase(state.base, $("base-text").textContent));
   $("interp-go").addEventListener("click", interpolate);
   $("resample").addEventListener("click", resample);
