@@ -225,6 +225,7 @@ def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     assert "active units of the top latent group z_1" in page and "I(x; z_1) of the top group &gt;= this" in page
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert len(evaluation["kl_per_group"]) == 8 and len(evaluation["active_units_per_group"]) == 8
+    assert sum(evaluation["kl_per_group"]) == pytest.approx(evaluation["test_kl"], rel=1e-5)  # the same draws
     assert main(["evaluate", str(out), "--nll", "--k", "20", "--no-probe"]) == 0
     assert json.loads((out / "evaluation.json").read_text())["nll"] > 0
     assert main(["sample", str(out), "--n", "4", "--temperature", "0.5"]) == 0
