@@ -114,6 +114,10 @@ def test_resume_extends_a_run(vae_run, npz_data, tmp_path, capsys):
     assert main(["train", "--resume", "--out", str(out), "--epochs", "3", "--quiet", "--no-report"]) == 0
     assert "is at epoch 4 already (--epochs 3): nothing to train" in capsys.readouterr().out
     assert len(runs.read_metrics(out)) == 4
+    # and the run keeps its settings: they read --epochs 3 and this --lr, as if trained with them
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--lr", "0.5", "--no-report"]) == 0
+    assert runs.load_config(out).train.epochs == 4 and runs.load_config(out).train.lr != 0.5
+    assert "spreads" not in capsys.readouterr().err  # no schedule note for a schedule that does not run
 
 
 def test_resuming_a_pca_run_says_there_is_nothing_to_continue(npz_data, tmp_path, capsys):
