@@ -304,7 +304,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "config") -> RunConfig:
-        """Strict inverse of to_dict: unknown or missing sections and keys raise ConfigError."""
+        """Inverse of to_dict: unknown sections and keys raise ConfigError; missing ones take their defaults
+        (so that a config written before a setting existed still loads; RunConfig.load wants every section)."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         raw = dict(raw)
@@ -336,6 +337,9 @@ class RunConfig:
             raise ConfigError(f"{path} does not exist; is this a vaelab run directory?") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[...
             raise ConfigError(f"{path} is not valid JSON ({e}); restore it or start a new run") from None
+        missing = sorted(set(_SECTION_TYPES) - set(raw)) if isinstance(raw, dict) else []
+        if missing:  # every vaelab run writes all three: one deleted would load as the defaults' model
+            raise ConfigError(f"{path} has no section(s) {missing}; restore it from a copy of the run")
         return cls.from_dict(raw, str(path))
 
 

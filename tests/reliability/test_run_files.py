@@ -250,3 +250,13 @@ def test_float_tiffs_are_refused_not_clipped(tmp_path, capsys):
         Image.fromarray(np.full((4, 4), 0.25 * i, dtype=np.float32)).save(tmp_path / f"{i}.tif")
     with pytest.raises(DataError, match=r"0\.tif holds float pixels, which have no fixed scale"):
         load_dataset(f"folder:{tmp_path}")  # [0, 1] floats read as 0 and 1/255
+
+
+def test_a_config_json_without_a_section_is_refused_not_read_as_the_defaults(good_run, tmp_path, capsys):
+    """A config.json with its model section deleted loaded as a default 512,256 VAE."""
+    run = copy_of(good_run, tmp_path)
+    raw = json.loads((run / "config.json").read_text())
+    del raw["model"]
+    (run / "config.json").write_text(json.dumps(raw))
+    assert main(["evaluate", str(run)]) == 2
+    assert f"{run / 'config.json'} has no section(s) ['model']; restore it" in one_line(capsys)
