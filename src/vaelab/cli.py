@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nll", action="store_true", help="log p(x) of the test set: importance-sampled for a VAE "
                    "(IWAE bound), exact for PCA")
     q.add_argument("--k", type=int, default=None, help="importance samples per test image (default 5000)")
-    q.add_argument("--chunk", type=int, default=None, help="samples per pass (memory knob; default 200)")
+    q.add_argument("--chunk", type=int, default=None,
+                   help="samples per pass (memory knob; default 200, fewer for large outputs)")
     q.add_argument("--no-probe", action="store_true", help="skip the logistic-regression probes")
     q = sub.add_parser("compare", help="a table of several evaluated runs, printed and written as Markdown",
                        description="Compare runs by their evaluation.json (runs without one are evaluated).")

@@ -141,7 +141,8 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         model: a model with a latent posterior (forward(x, k=K) -> Output with qz, pz, z, px_z).
         x: data, on any device (moved batch by batch to the model's device).
         k: importance samples per example.
-        chunk: samples per pass (default 200); K need not be a multiple of it.
+        chunk: samples per pass (default 200, fewer where one sample's outputs are large: a text VAE's
+            vocabulary x length); K need not be a multiple of it.
         batch_size: data points per pass (default: as many as fit MAX_ELEMENTS pixels of p(x|z)).
         seed: the noise is keyed by (seed, example, sample), so a result depends on the seed alone;
             the global RNG is not touched.
