@@ -227,7 +227,7 @@ def test_a_gaussian_likelihood_s_nll_is_labelled_a_density_without_bits_per_dime
     assert result["nll_density"] is True and "nll_bits_per_dim" not in result and math.isfinite(result["nll"])
     assert evaluate_run(tmp_path / "run", probe=False, data=tiny_data())["nll_density"]  # kept with the NLL
     page = write_report(tmp_path / "run", baselines=False, data=tiny_data()).read_text()
-    assert "a density of the values trained on (8-bit pixels scaled to [0, 1]); Gaussian likelihood" in page
+    assert "a density of the values trained on (pixels scaled to [0, 1]); Gaussian likelihood" in page
     assert "bits per dimension" not in page
     train(tiny_config(), tmp_path / "bernoulli", dataset=tiny_data(), progress=False)
     bernoulli = evaluate_run(tmp_path / "bernoulli", nll_k=5, probe=False, data=tiny_data())
@@ -236,7 +236,7 @@ def test_a_gaussian_likelihood_s_nll_is_labelled_a_density_without_bits_per_dime
     gaussian_row, bernoulli_row = markdown.splitlines()[2:4]
     assert f"| {result['nll']:.2f} (density) |" in gaussian_row and "(density)" not in bernoulli_row
     assert markdown.endswith("(density): -log p(x) of a Gaussian likelihood, a density of the values trained on "
-                             "(8-bit pixels scaled to [0, 1]).\n")
+                             "(pixels scaled to [0, 1]).\n")
 
 
 def one_pixel_gaussian(w: float, s: float, b: float) -> tuple[VAE, torch.distributions.Normal]:
@@ -327,7 +327,7 @@ def test_evaluate_gives_pca_its_exact_nll_as_a_density_and_says_so(tmp_path):
     assert "test_kl" not in result and "test_recon" in result  # no KL term: its 0 read as a collapsed posterior
     assert result["objective"] is None  # was "elbo", the unused default: PCA is fitted in closed form
     page = html.unescape(write_report(tmp_path / "pca", baselines=False, data=data).read_text())
-    assert "a density of the values trained on (8-bit pixels scaled to [0, 1]); Gaussian" in page and EXACT in page
+    assert "a density of the values trained on (pixels scaled to [0, 1]); Gaussian" in page and EXACT in page
     dequantised = evaluate_run(tmp_path / "dequantised", nll_k=5000, probe=False, data=data)
     assert dequantised["nll_dequantized"]
     page = html.unescape(write_report(tmp_path / "dequantised", baselines=False, data=data).read_text())

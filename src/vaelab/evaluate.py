@@ -225,7 +225,7 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
             for key in ("active_units", "mutual_information"):
                 cells[key] += " (z_1)" if cells[key] else ""
         lines.append("| " + " | ".join(cells.values()) + " |")
-    notes = ("\n(density): -log p(x) of a Gaussian likelihood, a density of the values trained on (8-bit pixels "
+    notes = ("\n(density): -log p(x) of a Gaussian likelihood, a density of the values trained on (pixels "
              "scaled to [0, 1]).\n") if any(
         row.get("nll_density") and row.get("nll") is not None for row in rows) else ""
     if any("latent_top_dim" in row for row in rows):

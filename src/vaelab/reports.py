@@ -40,7 +40,7 @@ METRIC_NAMES = {
 }
 
 DENSITY_NAMES = {  # a Gaussian likelihood's NLL (evaluation.json's "nll_density")
-    "nll": "test -log p(x), nats: a density of the values trained on (8-bit pixels scaled to [0, 1]); Gaussian "
+    "nll": "test -log p(x), nats: a density of the values trained on (pixels scaled to [0, 1]); Gaussian "
            "likelihood, not comparable with NLLs of discrete data, and below 0 where the density exceeds 1",
 }
 DEQUANTIZED_NAMES = {  # a Gaussian likelihood trained and scored on dequantised 8-bit pixels (--dequantize)
@@ -95,12 +95,13 @@ def _curves(run_dir: Path) -> dict[str, Path]:
 
 
 CAPTIONS = {
-    "reconstructions": "Test images (top) and their reconstructions (bottom), decoded from the posterior mean.",
+    "reconstructions": "Test images (top) and their reconstructions (bottom), decoded from their point codes "
+                       "(a VAE's posterior mean, or mean direction for vMF latents; an AE's or PCA's code).",
     "samples": "Samples from the prior: z ~ p(z), shown as the mean of p(x|z).",
     "interpolations": "Linear interpolations between the encodings of pairs of test images (one pair per row).",
     "traversals": "Traversals: one latent dimension per row (the most used first), varied by +-3 standard "
                   "deviations of the test codes around one test image's encoding.",
-    "latent_map": "Test encodings (posterior means) coloured by label; a PCA projection when the latent has "
+    "latent_map": "Test point codes (as decoded above) coloured by label; a PCA projection when the latent has "
                   "more than two dimensions, one row per label when it has one.",
     "training_curves": "Loss per epoch on the training and validation sets (left); validation reconstruction "
                        "and KL terms (right).",

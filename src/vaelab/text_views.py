@@ -65,7 +65,8 @@ def html_sections(model: nn.Module, x: torch.Tensor, vocab: tuple[str, ...], *, 
         lines.append("<p>From <q>{}</q> to <q>{}</q>:</p><ol>".format(*ends)
                      + "".join(f"<li>{html.escape(s)}</li>" for s in path) + "</ol>")
     return (f"<h2>Samples from the prior</h2><p>z ~ p(z), decoded greedily.</p><ul>{items}</ul>"
-            f"<h2>Reconstructions</h2><p>Test sentences and the greedy decode of their posterior mean.</p>"
+            f"<h2>Reconstructions</h2><p>Test sentences and the greedy decode of their point code (the posterior "
+            f"mean; for vMF latents its mean direction).</p>"
             f"<table><thead><tr><th>sentence</th><th>reconstruction</th></tr></thead><tbody>{rows}</tbody></table>"
-            f"<h2>Interpolations</h2><p>Greedy decodes along the line between the posterior means of two test "
-            f"sentences (first and last lines decode their means).</p>{''.join(lines)}")
+            f"<h2>Interpolations</h2><p>Greedy decodes along the line between the point codes of two test "
+            f"sentences (first and last lines decode their codes).</p>{''.join(lines)}")
