@@ -316,7 +316,8 @@ def test_malformed_command_lines_are_one_line_too(argv, capsys):
                                   "--kl-cycles N)"),
     (["--lr-min", "1e-4"], "--lr-min would be ignored (--lr-min is where --lr-schedule cosine ends)"),
     (["--model", "hvae", "--hidden", "4,8", "--kl-balance"], "--kl-balance would be ignored (--kl-balance acts while "
-                                                            "the KL weight is below 1, as --warmup-epochs N"),
+                                                            "the KL weight is below 1, as --warmup-epochs N, "
+                                                            "--kl-cycles N or a --beta below 1"),
     (["--activation", "gated", "--linear"], "--linear drops every nonlinearity, --activation gated is one"),
 ])
 def test_flags_the_model_would_ignore_are_refused(tmp_path, capsys, argv, line):

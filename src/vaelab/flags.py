@@ -243,6 +243,6 @@ def _ignored(given: list[tuple[str, str, str]], config: RunConfig) -> dict[str, 
             why[flag] = "--lr-min is where --lr-schedule cosine ends"
         elif flag == "--kl-balance" and not (config.train.warmup_epochs or config.train.kl_cycles or
                                              config.train.beta < 1):
-            why[flag] = ("--kl-balance acts while the KL weight is below 1, as --warmup-epochs N or --kl-cycles N "
-                         "set it")
+            why[flag] = ("--kl-balance acts while the KL weight is below 1, as --warmup-epochs N, --kl-cycles N "
+                         "or a --beta below 1 set it")
     return why
