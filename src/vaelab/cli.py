@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, help="PNG path (default RUN/reconstructions.png; text models: .txt)")
     q = run_command("interpolate", "decode the line between the codes of two test images, as PNG",
                     cmd_interpolate)
-    q.add_argument("--a", type=int, default=0, help="index of the first test image")
-    q.add_argument("--b", type=int, default=1, help="index of the second test image")
+    q.add_argument("--a", type=int, default=0, help="index of the first test image (default 0)")
+    q.add_argument("--b", type=int, default=1, help="index of the second test image (default 1)")
     q.add_argument("--steps", type=int, default=10, help="images along the line (default 10)")
     q.add_argument("--out", type=Path, help="PNG path (default RUN/interpolate-A-B.png; text models: .txt)")
     q = run_command("report", "write RUN/report.html with figures, metrics and the PCA/AE/VAE table", cmd_report)

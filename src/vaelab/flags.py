@@ -68,7 +68,7 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                                                    "(default 128)")),
     ("model", "word_dropout", "--word-dropout", dict(type=float, metavar="P", help="text: share of decoder inputs "
                                                                                   "replaced by <unk> in training "
-                                                                                  "(Bowman et al. 2016)")),
+                                                                                  "(Bowman et al. 2016; default 0)")),
     ("model", "latent", "--latent", dict(choices=LATENT_FAMILIES, help="gaussian (default) or vmf: von Mises-Fisher "
                                                                        "on the sphere (Davidson et al. 2018)")),
     ("model", "kappa", "--kappa", dict(type=float, metavar="K", help="fixed vMF concentration (default: learned)")),
@@ -91,7 +91,8 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                                        "(default 0)")),
     ("train", "beta", "--beta", dict(type=float, metavar="X", help="KL weight (default 1; beta-VAE when != 1)")),
     ("train", "warmup_epochs", "--warmup-epochs", dict(type=float, metavar="N",
-                                                       help="linear KL warm-up from 0 to beta over N epochs")),
+                                                       help="linear KL warm-up from 0 to beta over N epochs "
+                                                            "(default 0: none)")),
     ("train", "kl_cycles", "--kl-cycles", dict(type=int, metavar="N", help="cyclical KL annealing with N cycles "
                                                                           "(Fu et al. 2019)")),
     ("train", "kl_cycle_ratio", "--kl-cycle-ratio", dict(type=float, metavar="R",
