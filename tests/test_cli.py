@@ -365,6 +365,21 @@ def test_pca_trains_and_reports_on_real_valued_data(tmp_path, capsys):
     assert "--likelihood bernoulli needs values in [0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case", ["too few", "overflow"])
+def test_a_pca_the_data_cannot_give_is_refused_before_a_run_is_written(tmp_path, capsys, case):
+    """The refusal came after config.json and an epoch-0 checkpoint were written: evaluate then scored the unfitted
+    PCA with exit 0, and the report said to --resume it. Values near 1e30 fitted an infinite variance."""
+    data = tmp_path / "x.npy"
+    rng = np.random.default_rng(0)
+    np.save(data, (rng.random((10, 8, 8)) * (1e30 if case == "overflow" else 1)).astype(np.float32))
+    dim = "20" if case == "too few" else "2"
+    assert main(["train", "--data", f"npy:{data}", "--model", "pca", "--latent-dim", dim, "--quiet",
+                 "--out", str(tmp_path / "pca")]) == 2
+    err = capsys.readouterr().err
+    assert ("has at most 8 components" if case == "too few" else "overflows torch.float32: scale the data") in err
+    assert not (tmp_path / "pca").exists()
+
+
 def test_a_relative_data_path_is_stored_absolute_so_later_commands_work_from_elsewhere(tmp_path, monkeypatch,
                                                                                        npz_data):
     """config.json kept `npz:mine.npz` as typed: `vaelab report` from any other folder could not find the data."""

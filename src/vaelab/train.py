@@ -109,6 +109,8 @@ class Trainer:
 
     def fit(self, *, resume: bool = False) -> nn.Module:
         """Train from scratch (the run directory must not hold a run yet) or resume from its last checkpoint."""
+        if isinstance(self.model, PCA):  # refusals that depend on the data come before anything is written
+            self.model.check_data(self.train_x)
         start_epoch = self._resume() if resume else self._start()
         if isinstance(self.model, PCA):
             model = self._fit_pca()

@@ -37,13 +37,23 @@ class PCA(nn.Module):
         self.register_buffer("noise_variance", torch.ones(()))
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> PCA:
-        """Fit to images x (N, C, H, W) via the SVD of the centred data (in float64)."""
+    def check_data(self, x: torch.Tensor) -> None:
+        """Refuse training images x (N, C, H, W) this PCA cannot be fitted to, before anything is written."""
         if x.shape[0] < 2:
             raise ConfigError("PCA needs at least 2 training examples")
         if self.latent_dim > x.shape[0]:  # the SVD of N examples has at most N components
             raise ConfigError(f"--latent-dim {self.latent_dim}: PCA of {x.shape[0]} training examples has at most "
                               f"{x.shape[0]} components; lower --latent-dim or give more data")
+        flat = x.flatten(1).double()
+        total = float((flat - flat.mean(0)).pow(2).sum(1).mean())  # the eigenvalues' sum: each is at most this
+        if total > torch.finfo(self.explained_variance.dtype).max:
+            raise ConfigError(f"the training images' variance ({total:.3g} summed over pixels) overflows "
+                              f"{self.explained_variance.dtype}: scale the data (values up to "
+                              f"{float(x.abs().max()):.3g})")
+
+    def fit(self, x: torch.Tensor) -> PCA:
+        """Fit to images x (N, C, H, W) via the SVD of the centred data (in float64)."""
+        self.check_data(x)
         flat = x.flatten(1).double()
         mean = flat.mean(0)
         _, s, vh = torch.linalg.svd(flat - mean, full_matrices=False)
