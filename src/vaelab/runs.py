@@ -96,18 +96,34 @@ def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.O
     return final
 
 
+def _epoch_folders(root: Path) -> list[Path]:
+    """The checkpoint folders epoch-N (or epoch-N-xxxxxxxx) under root, oldest first by N (as text, epoch-9999
+    sorted after epoch-10003 and was kept for good)."""
+    def epoch(path: Path) -> int:
+        number = path.name.split("-")[1]
+        return int(number) if number.isdigit() else -1
+
+    return sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=lambda p: (epoch(p), p.name))
+
+
 def _prune(root: Path, *, keep: int, current: str) -> None:
-    done = sorted(p for p in root.glob("epoch-*") if p.is_dir() and p.name != current)
+    """Keep the newest `keep` checkpoints, and remove what writes killed outright left (a .partial folder holds a
+    copy of the weights and optimiser; only one process writes a run's checkpoints)."""
+    done = [p for p in _epoch_folders(root) if p.name != current]
     for old in done[: max(0, len(done) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
+    for debris in root.glob(".epoch-*.partial"):
+        shutil.rmtree(debris, ignore_errors=True)
+    for debris in root.glob(f".{LATEST}.*.tmp"):
+        debris.unlink(missing_ok=True)
 
 
 def _other_checkpoint(root: Path, damaged: Path | None = None, *, also: bool = True) -> str:
     """How to fall back to the newest other checkpoint folder whose trainer.json and weights read (finite): "; the
     run also holds epoch-0002: to use it, write {...} into .../latest.json", or "" when there is none (a run keeps
     two). (A fallback that was as damaged sent the user round in a circle.)"""
-    for path in sorted(root.glob("epoch-*"), reverse=True):
-        if path == damaged or not path.is_dir():
+    for path in reversed(_epoch_folders(root)):
+        if path == damaged:
             continue
         try:
             epoch = int(json.loads((path / "trainer.json").read_text())["epoch"])

@@ -86,3 +86,19 @@ def test_a_crash_at_every_step_of_a_checkpoint_write_keeps_a_good_one(run, tmp_p
         assert all(torch.equal(loaded[n], old[n]) for n in old) or all(torch.equal(loaded[n], new[n]) for n in new)
         runs.load_optimizer(torch.optim.Adam(model.parameters()), checkpoint)
         assert not list((run_dir / runs.CHECKPOINTS).glob(".*.partial")), f"debris after a crash at step {k}"
+
+
+def test_two_checkpoints_are_kept_by_epoch_number_and_killed_writes_are_cleared(run):
+    """epoch-9999 sorted after epoch-10003 as text and was kept for good; a write killed outright (SIGKILL: no
+    cleanup runs) left its .partial folder, a whole copy of weights and optimiser, through every later save."""
+    run_dir, model = run
+    root = run_dir / "checkpoints"
+    (root / ".epoch-0002.abc123.partial").mkdir()
+    (root / ".epoch-0002.abc123.partial" / "model.safetensors").write_bytes(b"half")
+    (root / ".latest.json.xyz.tmp").write_text("{")
+    for epoch in range(9998, 10004):
+        save(run_dir, model, epoch)
+        kept = sorted(p.name for p in root.iterdir())
+        assert len([name for name in kept if name.startswith("epoch-")]) == 2
+    assert kept == ["epoch-10002", "epoch-10003", "latest.json"]
+    assert runs.latest_checkpoint(run_dir).epoch == 10003
