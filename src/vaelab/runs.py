@@ -106,6 +106,12 @@ def _epoch_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=lambda p: (epoch(p), p.name))
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run got as far as a checkpoint (latest.json, or a checkpoint folder it would fall back to)."""
+    root = Path(run_dir) / CHECKPOINTS
+    return (root / LATEST).exists() or bool(_epoch_folders(root))
+
+
 def _prune(root: Path, *, keep: int, current: str) -> None:
     """Keep the newest `keep` checkpoints, and remove what writes killed outright left (a .partial folder holds a
     copy of the weights and optimiser; only one process writes a run's checkpoints)."""

@@ -138,8 +138,12 @@ class Trainer:
                 except (ConfigError, CheckpointError):  # another tool's config.json: --resume would not help
                     raise TrainingError(f"{self.run_dir} holds a config.json that is not a vaelab run's; choose "
                                         "another --out") from None
-                raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
-                                    "or choose another --out")
+                if runs.has_checkpoint(self.run_dir):
+                    raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
+                                        "or choose another --out")
+                # stopped while writing its first checkpoint: nothing was trained, and --resume has nothing to load
+                self._log(f"{self.run_dir} holds a run stopped before its first checkpoint: starting it again",
+                          notice=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.run_dir / "config.json")
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)

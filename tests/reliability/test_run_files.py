@@ -260,3 +260,17 @@ def test_a_config_json_without_a_section_is_refused_not_read_as_the_defaults(goo
     (run / "config.json").write_text(json.dumps(raw))
     assert main(["evaluate", str(run)]) == 2
     assert f"{run / 'config.json'} has no section(s) ['model']; restore it" in one_line(capsys)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again(good_run, tmp_path, capsys):
+    """A Ctrl+C while the epoch-0 checkpoint was written left config.json alone: --resume said there was no
+    checkpoint, and the same command again that the folder already held a run, until it was deleted by hand."""
+    run = copy_of(good_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    data = runs.load_config(run).data.name
+    args = ["train", "--data", data, "--hidden", "16", "--latent-dim", "2", "--epochs", "1", "--batch-size", "16",
+            "--no-report", "--quiet", "--out", str(run)]
+    assert main(args) == 0
+    assert "holds a run stopped before its first checkpoint: starting it again" in capsys.readouterr().err
+    assert runs.latest_checkpoint(run).epoch == 1 and [r["epoch"] for r in runs.read_metrics(run)] == [1]
+    assert main(args) == 2 and "already holds a run; pass --resume" in capsys.readouterr().err
