@@ -13,7 +13,7 @@ from torch.distributions import MultivariateNormal, kl_divergence
 from vaelab import latent_stats, runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split, dequantize
-from vaelab.density import importance_sample, log_likelihood, mean_and_stderr
+from vaelab.density import importance_sample, log_likelihood, mean_and_stderr, nll_summary
 from vaelab.errors import InputError
 from vaelab.evaluate import compare_runs, evaluate_run
 from vaelab.latent_stats import active_units, mutual_information, mutual_information_bounds
@@ -505,6 +505,8 @@ def test_mean_and_stderr_of_per_example_values():
     assert mean == pytest.approx(3.0) and stderr == pytest.approx(math.sqrt(14 / 3) / 2)
     assert mean_and_stderr(torch.tensor([[1.0], [3.0]])) == pytest.approx((2.0, 1.0))  # any shape, flattened
     assert math.isnan(mean_and_stderr([5.0])[1])  # one value has no spread to estimate
+    one = nll_summary(torch.tensor([-5.0]), 4)  # a test split of one image: its NaN reached evaluation.json
+    assert one == {"nll": 5.0, "nll_bits_per_dim": 5 / (4 * math.log(2))}
 
 
 def test_mutual_information_of_near_deterministic_codes_is_exactly_at_its_ceiling():

@@ -68,7 +68,9 @@ def nll_summary(log_px: torch.Tensor, n_dims: int | None = None,
     """
     nll = -log_px.double()
     mean, stderr = mean_and_stderr(nll)
-    result = {"nll": mean, "nll_stderr": stderr}
+    result = {"nll": mean}
+    if nll.numel() > 1:  # one test example has no standard error (its NaN reached evaluation.json and the report)
+        result["nll_stderr"] = stderr
     if n_dims is not None:
         result["nll_bits_per_dim"] = mean / (n_dims * math.log(2))
     if tokens is not None:
