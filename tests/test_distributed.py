@@ -61,6 +61,11 @@ def test_a_distributed_run_resumes(data, tmp_path):
     out = str(tmp_path / "run")
     first = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", out)
     assert first.returncode == 0, first.stderr
+    # on one process it went on with half the global batch, silently
+    one = subprocess.run([sys.executable, "-m", "vaelab", "train", "--resume", "--out", out, "--epochs", "3",
+                          "--no-report", "--quiet"], capture_output=True, text=True, check=False)
+    assert one.returncode == 2 and "was trained on 2 process(es), this job has 1" in one.stderr, one.stderr
+    assert runs.latest_checkpoint(tmp_path / "run").epoch == 1
     again = torchrun(2, "--resume", "--out", out, "--epochs", "3", "--device", "cpu", "--no-report", "--quiet")
     assert again.returncode == 0, again.stderr
     full = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "3", "--out", str(tmp_path / "full"))

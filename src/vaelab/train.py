@@ -104,6 +104,7 @@ class Trainer:
         if self.job.is_main:
             if record is not None:
                 self._append_metrics(record)
+            state = {**state, "processes": self.job.world}  # the global batch is --batch-size times this
             runs.save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, state=state)
         self.job.barrier()
 
@@ -164,6 +165,12 @@ class Trainer:
                                 f"--epochs/--lr/--device/--compile/--no-sync-bn ({differ}); resume with the run's own "
                                 "settings, or start a new --out")
         checkpoint = runs.latest_checkpoint(self.run_dir)
+        processes = checkpoint.state.get("processes", self.job.world)  # (not recorded before 2026-12-01)
+        if processes != self.job.world and checkpoint.epoch < self.config.train.epochs:
+            raise TrainingError(
+                f"--resume: {self.run_dir} was trained on {processes} process(es), this job has {self.job.world}: each "
+                f"step's batch is --batch-size per process, so the run would go on with another global batch and "
+                f"not reach its result; resume it on {processes} (torchrun --nproc_per_node ...), or start a new --out")
         runs.load_weights(self.model, checkpoint)
         if self.optimizer is not None:
             runs.load_optimizer(self.optimizer, checkpoint)  # (its saved rate is replaced at every step)
