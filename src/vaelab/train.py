@@ -89,8 +89,8 @@ class Trainer:
         # batch norm in training mode needs two examples for its statistics (BatchNorm1d raises, as a 1x1 feature
         # map's BatchNorm2d would): with batches of 2 or more, a one-example tail batch is skipped (the permutation
         # changes every epoch); --batch-size 1 is the user's choice (the HVAE's 2-D maps take it; BN-VAE refuses it)
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        self.min_batch = 2 if has_bn and config.train.batch_size >= 2 else 1
+        self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.min_batch = 2 if self.has_bn and config.train.batch_size >= 2 else 1
         self.compiled = None  # compile_step(...) with --compile, made at the first step
         self.compiled_batch = 0  # the batch size it compiled for
 
@@ -219,9 +219,11 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True)
         for i in range(steps):
             step_idx = perm[i * global_batch:(i + 1) * global_batch]
-            if step_idx.numel() < job.world * self.min_batch:  # a tail too short to give every process its minimum
-                break
-            mine = step_idx[job.rank::job.world]
+            if self.has_bn and step_idx.numel() < job.world * self.min_batch:  # a tail too short to give every
+                break  # process its minimum is skipped (an example in batch norm's statistics counts, weight or not)
+            mine, weight = step_idx[job.rank::job.world], 1.0
+            if not mine.numel():  # a tail shorter than the job (one process trained on it, two skipped it): this
+                mine, weight = step_idx[:1], 0.0  # process steps on an example weighted 0, joining the all-reduce
             xb = torch.index_select(self.train_x, 0, mine)  # faster than x[idx]
             if dynamic:
                 xb = binarize(xb, noise)
@@ -233,7 +235,7 @@ class Trainer:
                 group["lr"] = lr
             loss, step_totals = self._step_loss(xb, beta)
             # the mean over the step's global batch: DDP averages gradients over the job's processes
-            loss = loss * (job.world / step_idx.numel())
+            loss = loss * (weight * job.world / step_idx.numel())
             if cfg.spectral_reg:  # NVAE's spectral regulariser, lambda * sum_i sigma_max(W_i) (Sec. 3.3.2)
                 loss = loss + cfg.spectral_reg * self.model.spectral_penalty()
             for p in self.parameters:  # what zero_grad(set_to_none=True) does, without its bookkeeping
@@ -242,8 +244,8 @@ class Trainer:
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.parameters, cfg.grad_clip)
             optimizer_step(self.optimizer)
-            totals += step_totals
-            examples += mine.numel()
+            totals += weight * step_totals
+            examples += int(weight) * mine.numel()
             if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps:
                 self._check_finite(totals, epoch, i + 1)
                 bar.set_postfix(loss=f"{totals[0].item() / examples:.2f}", refresh=False)
