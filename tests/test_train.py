@@ -336,6 +336,20 @@ def test_kl_warmup_is_linear_then_flat():
 def test_cyclical_kl_annealing_rises_and_holds_in_every_cycle():
     cyc = TrainConfig(beta=1.0, epochs=8, kl_cycles=2, kl_cycle_ratio=0.5)  # cycles of 4 epochs, rising over 2
     assert [kl_weight(cyc, t) for t in (0.0, 1.0, 2.0, 3.5, 4.0, 5.0, 7.9)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0]
+    # a cycle's start reached through float steps (i / steps) is its start: 0.3 % 0.1 = 0.0999... read as the end
+    ten = TrainConfig(beta=1.0, epochs=1, kl_cycles=5, kl_cycle_ratio=0.5)
+    assert [kl_weight(ten, i / 10) for i in range(10)] == [0.0, 1.0] * 5
+
+
+def test_kl_cycles_whose_rise_is_shorter_than_a_step_are_refused(tmp_path):
+    """With one step per cycle each step's weight was 0 or beta as rounding fell; with 100 cycles the KL was off."""
+    config = tiny_config(epochs=1, batch_size=8, kl_cycles=3, warmup_epochs=0)  # 67 training images: 9 steps
+    with pytest.raises(ConfigError, match=r"--kl-cycles 12: the run has 9 steps, so each cycle's rise "
+                                          r"\(--kl-cycle-ratio 0.5\) spans 0.38 of a step; use at most 4 cycles"):
+        train(dataclasses.replace(config, train=dataclasses.replace(config.train, kl_cycles=12)), tmp_path / "r",
+              dataset=tiny_data(), progress=False)
+    assert not (tmp_path / "r").exists()
+    train(config, tmp_path / "ok", dataset=tiny_data(), progress=False)
 
 
 def test_warmup_is_logged_and_beta_weights_the_kl(tmp_path):

@@ -18,8 +18,10 @@ def kl_weight(config: TrainConfig, progress_epochs: float) -> float:
     to beta over the first kl_cycle_ratio of it, then holds (Fu et al. 2019, eq. 3).
     """
     if config.kl_cycles > 0:
-        period = config.epochs / config.kl_cycles
-        phase = (progress_epochs % period) / period
+        cycles = progress_epochs * config.kl_cycles / config.epochs
+        # the fraction of the current cycle; a cycle's start reached up to rounding (0.3 % 0.1 is 0.0999...,
+        # which read as the end of the cycle before) is its start
+        phase = max(0.0, cycles - math.floor(cycles + 1e-9))
         return config.beta * min(1.0, phase / config.kl_cycle_ratio)
     if config.warmup_epochs <= 0:
         return config.beta

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, runs
-from .config import RunConfig
+from .config import RunConfig, TrainConfig
 from .data import (
     Dataset,
     binarize,
@@ -75,6 +75,7 @@ class Trainer:
                                            vocab_size=len(self.data.vocab) if self.data.is_text else None)
         self.config = dataclasses.replace(config, model=model_config)
         self.job, self.device = distributed.join(config.train.device)
+        _check_cycles(config.train, math.ceil(self.data.train.x.shape[0] / (config.train.batch_size * self.job.world)))
         if self.device.type == "cpu":
             keep_freed_memory()
         torch.manual_seed(config.train.seed)  # initial weights, the same in every process
@@ -341,6 +342,20 @@ def _identity(config: RunConfig) -> RunConfig:
                                 compile=False, sync_bn=True)
     return dataclasses.replace(config, train=train, model=dataclasses.replace(config.model, input_shape=None),
                                data=dataclasses.replace(config.data, fingerprint=None))  # checked in _resume
+
+
+def _check_cycles(cfg: TrainConfig, steps_per_epoch: int) -> None:
+    """Refuse --kl-cycles whose rise spans less than one step: each step's weight was then 0 or beta as float
+    rounding fell (with 100 one-step cycles the KL term was off for the whole run)."""
+    if not (cfg.kl_cycles and cfg.epochs):
+        return
+    steps = steps_per_epoch * cfg.epochs
+    rise = steps / cfg.kl_cycles * cfg.kl_cycle_ratio
+    if rise < 1:
+        most = math.floor(steps * cfg.kl_cycle_ratio)
+        fix = f"use at most {most} cycles, or more --epochs" if most else "give more --epochs"
+        raise ConfigError(f"--kl-cycles {cfg.kl_cycles}: the run has {steps} steps, so each cycle's rise "
+                          f"(--kl-cycle-ratio {cfg.kl_cycle_ratio:g}) spans {rise:.2g} of a step; {fix}")
 
 
 def _without_kl_unless(has_kl: bool, record: dict[str, Any]) -> dict[str, Any]:
