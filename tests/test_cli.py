@@ -438,7 +438,7 @@ def command_raising(monkeypatch, error: BaseException) -> None:
     def fail(args):
         raise error
 
-    parser = SimpleNamespace(parse_args=lambda argv: argparse.Namespace(func=fail))
+    parser = SimpleNamespace(parse_args=lambda argv: argparse.Namespace(func=fail, command=argv[0]))
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
 
 
@@ -451,9 +451,11 @@ def command_raising(monkeypatch, error: BaseException) -> None:
 ])
 def test_running_out_of_memory_is_one_line_naming_the_settings(monkeypatch, capsys, error, asked):
     command_raising(monkeypatch, error)
-    err = run_error(["evaluate", "runs/x"], capsys)
+    err = run_error(["sample", "runs/x"], capsys)
     assert err.startswith("vaelab: error: out of memory") and "--batch-size" in err and "--latent-dim" in err
     assert (f"(an allocation of {asked})" in err) if asked else "allocation" not in err
+    err = run_error(["evaluate", "runs/x"], capsys)  # named training flags evaluate does not take
+    assert "give evaluate a smaller --chunk" in err and "--batch-size" not in err
 
 
 def test_other_runtime_errors_still_raise(monkeypatch):

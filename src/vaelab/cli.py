@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vaelab: error{_rank()}: {e.strerror or e}: {target}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
-        message = out_of_memory_message(e)
+        message = out_of_memory_message(e, evaluating=getattr(args, "command", None) in ("evaluate", "compare"))
         if message is None:
             raise
         print(f"vaelab: error{_rank()}: {message}", file=sys.stderr)
@@ -390,9 +390,10 @@ def _rank() -> str:
     return f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
-def out_of_memory_message(e: BaseException) -> str | None:
+def out_of_memory_message(e: BaseException, *, evaluating: bool = False) -> str | None:
     """One line for an allocation failure (MemoryError, torch's CPU or CUDA out-of-memory RuntimeError), naming the
-    size asked for where the error gives it and the settings that set it; None for any other error."""
+    size asked for where the error gives it and the settings that set it (evaluating: evaluate's own, not the
+    training flags it cannot take); None for any other error."""
     if not is_out_of_memory(e):
         return None
     text = str(e)
@@ -400,6 +401,9 @@ def out_of_memory_message(e: BaseException) -> str | None:
     amount = "" if size is None else size.group(1)
     amount = f"{int(amount.split()[0]) / 1e9:.1f} GB" if amount.endswith(" bytes") else amount
     asked = f" (an allocation of {amount})" if amount else ""
+    if evaluating:
+        return (f"out of memory{asked}: give evaluate a smaller --chunk (importance samples per pass; memory does "
+                "not grow with --k) or --no-probe, or use a machine or device with more memory")
     return (f"out of memory{asked}: make the model or its batches smaller (--batch-size, --hidden, --latent-dim) "
             "or use a machine or device with more memory; finished checkpoints are intact")
 

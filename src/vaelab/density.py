@@ -28,6 +28,7 @@ from .system import keep_freed_memory, model_device
 
 MAX_ELEMENTS = 1 << 23  # parameters of p(x|z) materialised per pass (32 MiB of float32 logits)
 DEFAULT_CHUNK = 200  # samples per pass: large enough for efficient matmuls, small enough to stay in cache
+NOISE_BLOCK = 200  # samples of an example's noise drawn at a time (all K at once took K x batch x latent memory)
 
 
 def mean_and_stderr(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
@@ -84,7 +85,9 @@ class KeyedNoise:
     """Standard normal noise for examples [first, first + batch) and K samples each, keyed by example.
 
     Draw number n of a forward pass (a hierarchical model draws once per latent group) gives each
-    example its own (K, *event) block from a CPU generator seeded by (seed, example index, n).
+    example samples j = 0, 1, ... in blocks of NOISE_BLOCK, block b from a CPU generator seeded by
+    (seed, example index, n, b): a sample's noise depends on neither K nor the chunk, and memory holds the
+    blocks of one pass, for any K.
     """
 
     seed: int
@@ -92,18 +95,27 @@ class KeyedNoise:
     batch: int
     k: int
     device: torch.device
-    _blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    _blocks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
-    def block(self, n: int, event: tuple[int, ...]) -> torch.Tensor:
-        """All K samples of draw n, (K, B, *event), generated on first use."""
-        if n not in self._blocks:
+    def _block(self, n: int, b: int, event: tuple[int, ...]) -> torch.Tensor:
+        """Samples b * NOISE_BLOCK ... (b + 1) * NOISE_BLOCK - 1 of draw n, (NOISE_BLOCK, B, *event)."""
+        if (n, b) not in self._blocks:
+            for key in [key for key in self._blocks if key[0] == n and key[1] < b]:  # passes go forwards in K
+                del self._blocks[key]
             g = torch.Generator()
             per_example = []
             for i in range(self.first, self.first + self.batch):
-                g.manual_seed(int(np.random.SeedSequence([self.seed, i, n]).generate_state(1)[0]))
-                per_example.append(torch.randn((self.k, *event), generator=g))
-            self._blocks[n] = torch.stack(per_example, 1).to(self.device)
-        return self._blocks[n]
+                g.manual_seed(int(np.random.SeedSequence([self.seed, i, n, b]).generate_state(1)[0]))
+                per_example.append(torch.randn((NOISE_BLOCK, *event), generator=g))
+            self._blocks[n, b] = torch.stack(per_example, 1).to(self.device)
+        return self._blocks[n, b]
+
+    def normal(self, n: int, event: tuple[int, ...], offset: int, count: int) -> torch.Tensor:
+        """Samples offset ... offset + count - 1 of draw n, (count, B, *event)."""
+        first, last = offset // NOISE_BLOCK, (offset + count - 1) // NOISE_BLOCK
+        blocks = torch.cat([self._block(n, b, event) for b in range(first, last + 1)])
+        start = offset - first * NOISE_BLOCK
+        return blocks[start:start + count]
 
     def samples(self, offset: int) -> _NoiseView:
         """The noise of one forward pass over samples offset, offset + 1, ..."""
@@ -121,9 +133,9 @@ class _NoiseView:
         k_chunk, batch, *event = shape
         if batch != self.source.batch or self.offset + k_chunk > self.source.k:
             raise ValueError(f"noise for shape {shape} at sample {self.offset} is outside the keyed block")
-        full = self.source.block(self.draws, tuple(event))
+        noise = self.source.normal(self.draws, tuple(event), self.offset, k_chunk)
         self.draws += 1
-        return full[self.offset:self.offset + k_chunk]
+        return noise
 
 
 def _sizes(n: int, outputs: int, k: int, chunk: int | None, batch_size: int | None) -> tuple[int, int]:
