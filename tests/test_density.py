@@ -175,6 +175,22 @@ def test_iwae_objective_trains(tmp_path):
     assert result["objective"] == "iwae"
 
 
+def test_the_elbo_with_k_samples_trains_on_their_average():
+    """`--objective elbo --k 5` is a 5-sample ELBO: nothing checked the forward pass took K samples."""
+    from vaelab.steps import objective_for
+
+    torch.manual_seed(0)
+    model, x = VAE(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,)), torch.rand(6, 1, 4, 4)
+    loss_terms = objective_for(RunConfig(train=TrainConfig(k=5)))
+    torch.manual_seed(1)
+    got = loss_terms(model, x, beta=1.0)
+    torch.manual_seed(1)
+    out = model(x, k=5)
+    assert out.z.shape == (5, 6, 2) and torch.equal(got["recon"], elbo(out, x)["recon"])
+    torch.manual_seed(1)
+    assert not torch.equal(got["recon"], elbo(model(x), x)["recon"])
+
+
 def test_evaluation_suite_writes_every_metric(tmp_path):
     train(tiny_config(), tmp_path / "run", dataset=tiny_data(), progress=False)
     result = evaluate_run(tmp_path / "run", nll_k=40, data=tiny_data())

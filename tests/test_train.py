@@ -366,6 +366,9 @@ def test_binarisation_modes(tmp_path):
     static = prepare_data(RunConfig(data=DataConfig(name="tiny", binarize="static")), data)
     assert set(static.train.x.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(static.test.x, dynamic.test.x)  # held-out splits: one fixed seed for every run
+    other = prepare_data(RunConfig(data=DataConfig(name="tiny", binarize="static"), train=TrainConfig(seed=5)), data)
+    assert not torch.equal(other.train.x, static.train.x)  # the training split follows the run's seed,
+    assert torch.equal(other.val.x, static.val.x) and torch.equal(other.test.x, static.test.x)  # held-out ones not
     assert prepare_data(RunConfig(data=DataConfig(name="tiny", binarize="static")), static) is static  # passed on
     with pytest.raises(ConfigError, match=r"'tiny' was prepared for another run \(--binarize static --seed 0\); "
                                           r"pass the data set as loaded"):  # it was binarised again, or used as is
@@ -588,6 +591,58 @@ def test_dequantised_runs_draw_new_noise_per_batch_and_fix_the_held_out_splits_o
     assert levels.shape[0] == data.train.x.shape[0]  # every training image once, each in its 8-bit bin
     assert torch.equal(levels.sort(0).values, (data.train.x * 255).round().sort(0).values)
     assert not bool(((torch.cat(batches) * 255) - (torch.cat(batches) * 255).round()).abs().lt(1e-4).all())
+
+
+def test_dynamic_binarisation_draws_new_pixels_for_every_batch(tmp_path):
+    """Grey 0.5 everywhere: a batch's binary pixels are its noise alone, so batches drawn with the same noise
+    (a generator seeded afresh per batch) would be the same picture."""
+    grey = Dataset(name="tiny", train=Split(torch.full((64, 1, 6, 6), 0.5)), val=Split(torch.full((8, 1, 6, 6), 0.5)),
+                   test=Split(torch.full((8, 1, 6, 6), 0.5)))
+    trainer = Trainer(tiny_config(epochs=1), tmp_path / "run", dataset=grey, progress=False)  # batches of 16
+    batches, terms = [], trainer.loss_terms
+
+    def recording(model, xb, **kw):
+        if model.training:
+            batches.append(xb.clone())
+        return terms(model, xb, **kw)
+    trainer.loss_terms = recording
+    trainer.fit()
+    assert len(batches) == 4 and all(set(b.unique().tolist()) == {0.0, 1.0} for b in batches)
+    assert len({tuple(b.flatten().tolist()) for b in batches}) == 4
+    assert 0.4 < float(torch.cat(batches).mean()) < 0.6
+
+
+def test_a_short_last_batch_steps_on_the_mean_of_its_own_examples(tmp_path, monkeypatch):
+    """The loss is a per-example mean over the step's batch; scaled by --batch-size, a short tail's gradient shrank
+    (a difference Adam mostly hides, --grad-clip does not)."""
+    import copy
+    import sys
+
+    from vaelab.models import build_model
+
+    train_module = sys.modules["vaelab.train"]  # (vaelab.train is also the function)
+
+    config = dataclasses.replace(tiny_config(epochs=1, batch_size=16), model=ModelConfig(
+        model="ae", likelihood="gaussian", hidden=(8,), latent_dim=2))  # deterministic: no sampling noise
+    trainer = Trainer(config, tmp_path / "run", dataset=tiny_data(), progress=False)  # 67 images: a tail of 3
+    seen, grads, terms, step = [], [], trainer.loss_terms, train_module.optimizer_step
+
+    def recording(model, xb, **kw):
+        if model.training:
+            seen.append((copy.deepcopy(model.state_dict()), xb.clone()))
+        return terms(model, xb, **kw)
+    trainer.loss_terms = recording
+    monkeypatch.setattr(train_module, "optimizer_step",
+                        lambda opt: (grads.append([p.grad.clone() for p in trainer.parameters]), step(opt)))
+    trainer.fit()
+    state, xb = seen[-1]
+    assert xb.shape[0] == 3
+    model = build_model(trainer.config.model)
+    model.load_state_dict(state)
+    model.train()
+    terms(model, xb, beta=1.0)["loss"].mean().backward()
+    for got, p in zip(grads[-1], model.parameters()):
+        torch.testing.assert_close(got, p.grad)
 
 
 def test_the_report_of_a_run_that_stopped_early_says_so(tmp_path):
