@@ -74,6 +74,12 @@ def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(tmp_path):
     full_metrics = runs.read_metrics(tmp_path / "full")
     cut_metrics = runs.read_metrics(tmp_path / "cut")
     assert [r["val_loss"] for r in full_metrics] == [r["val_loss"] for r in cut_metrics]
+    # killed after epoch 4's metrics line but before its checkpoint: latest.json still says epoch 3
+    (tmp_path / "cut" / "checkpoints" / "latest.json").write_text('{"epoch": 3, "dir": "epoch-0003"}')
+    train(tiny_config(epochs=4), tmp_path / "cut", resume=True, dataset=tiny_data(), progress=False)
+    def losses(records):
+        return [(r["epoch"], r["train_loss"], r["val_loss"]) for r in records]
+    assert losses(runs.read_metrics(tmp_path / "cut")) == losses(full_metrics)  # epoch 4 once, not twice
 
 
 def test_resume_with_a_lower_learning_rate_fine_tunes_from_the_checkpoint(tmp_path):
