@@ -188,6 +188,40 @@ def test_class_names_are_drawn_as_they_are(tmp_path, monkeypatch, dims):
     plt.close(saved[0])
 
 
+def test_interpolations_end_at_the_codes_and_traversals_move_one_dimension_around_one(vae_run):
+    """Nothing checked the pictures' contents: interior points only, or traversals not centred on the image's
+    code, passed every test."""
+    from vaelab import figures
+
+    model = vaelab.load(vae_run)
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        ends = model.decode(model.embed(x)).mean
+        strip = figures.interpolations(model, x[:2], x[1:3], steps=5)  # rows (x0 -> x1), (x1 -> x2)
+        torch.testing.assert_close(strip[[0, 4, 5, 9]], ends[[0, 1, 1, 2]])
+        z0, scale = model.embed(x[:1])[0], torch.tensor([0.5, 1.0, 2.0])
+        rows = figures.traversals(model, x[:1], [2, 0], scale=scale, steps=5, span=3.0)
+        codes = z0.repeat(10, 1)
+        codes[:5, 2] += torch.linspace(-3, 3, 5) * 2.0  # +-span x scale[d] around the code, dim 2 first
+        codes[5:, 0] += torch.linspace(-3, 3, 5) * 0.5
+        torch.testing.assert_close(rows, model.decode(codes).mean)
+
+
+def test_the_report_map_colours_each_code_by_its_own_label(vae_run, npz_data, monkeypatch):
+    from vaelab import figures
+    from vaelab.data import load_dataset
+    from vaelab.reports import make_figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "latent_map", lambda codes, labels, path, classes=None: drawn.update(
+        codes=codes, labels=labels) or path)
+    model, data = vaelab.load(vae_run), load_dataset(npz_data)
+    make_figures(vae_run, model, data)
+    with torch.no_grad():
+        torch.testing.assert_close(drawn["codes"], model.embed(data.test.x))
+    assert torch.equal(drawn["labels"], data.test.y)
+
+
 def test_a_run_of_one_epoch_and_one_latent_dimension_has_visible_curves_and_whole_number_ticks(tmp_path,
                                                                                              monkeypatch):
     """One epoch drew lines of one point, which are invisible, over ticks 0.96 ... 1.04; one latent

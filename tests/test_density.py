@@ -435,6 +435,47 @@ def test_mutual_information_bounds_bracket_the_exact_value_in_expectation_and_cl
     assert mutual_information_bounds(model, one)["mutual_information_upper"] is None
 
 
+def test_reconstruction_error_is_per_image_and_per_value_of_colour_images():
+    """Per pixel meant per value, channels included: dividing by H x W alone tripled an RGB set's figure."""
+    from torch import nn
+
+    from vaelab.evaluate import reconstruction_error
+
+    class Grey(nn.Module):  # reconstructs every value as 0.5
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(1))
+
+        def reconstruct(self, x):
+            return torch.full_like(x, 0.5)
+    x = torch.ones(5, 3, 4, 2)
+    assert reconstruction_error(Grey(), x, batch_size=2) == {"sse_per_image": 24 * 0.25, "mse_per_pixel": 0.25}
+
+
+def test_the_mutual_information_bounds_are_the_estimators_they_name():
+    """InfoNCE (+ log N) and the leave-one-out bound (+ log(N - 1)), by hand on six codes: + log N in the second
+    passed the bracketing test above, whose tolerances absorb log(N / (N - 1)) at N = 50."""
+    model, _ = linear_gaussian_encoder()
+    with torch.no_grad():  # posteriors of scale 3, wider than the prior: the leave-one-out bound is below the KL
+        model.posterior.logvar.bias.fill_(2 * math.log(3.0))
+    x = torch.randn(6, 1, 1, 4, generator=torch.Generator().manual_seed(1))
+    bounds = mutual_information_bounds(model, x, seed=3)
+    xs = x[torch.randperm(6, generator=torch.Generator().manual_seed(3))]  # the estimator's order and draws
+    torch.manual_seed(3)
+    with torch.no_grad():
+        qz = model.encode(xs)
+        z = qz.sample()
+        pairs = torch.distributions.Normal(qz.mean[None], qz.stddev[None]).log_prob(z[:, None]).sum(-1).double()
+        kl = float(kl_divergence(qz, model.prior()).mean())
+    own = pairs.diagonal()
+    lower = float((own - pairs.logsumexp(1) + math.log(6)).mean())
+    others = pairs.masked_fill(torch.eye(6, dtype=torch.bool), -math.inf)
+    leave_one_out = float((own - others.logsumexp(1) + math.log(5)).mean())
+    assert leave_one_out < kl  # so that the reported upper bound is this one
+    assert bounds["mutual_information"] == pytest.approx(lower, abs=1e-5)
+    assert bounds["mutual_information_upper"] == pytest.approx(leave_one_out, abs=1e-5)
+
+
 def test_the_mean_kl_bounds_the_mutual_information_where_posteriors_barely_overlap():
     """Near-deterministic codes: the lower bound sits at its ceiling log N, the leave-one-out bound runs to
     thousands of nats, and E_x KL(q(z|x) || p(z)) = I + KL(q(z) || p(z)) is the upper bound reported."""

@@ -143,6 +143,20 @@ def test_projection_of_a_single_code_still_has_two_axes():
     torch.testing.assert_close(torch.tensor(how["mean"]) + points @ comps, code)
 
 
+def test_a_subsampled_map_keeps_each_point_with_its_own_label_and_index(monkeypatch):
+    """Test sets over MAX_MAP_POINTS (fashion-mnist's 10,000) show a subset: colouring it with the first labels
+    passed every test, as no test set here was that large."""
+    from vaelab.web import explorer
+
+    monkeypatch.setattr(explorer, "MAX_MAP_POINTS", 10)
+    codes, labels = torch.randn(30, 3), [i % 7 for i in range(30)]
+    m = explorer._map(codes, labels, None)
+    full, _ = projection(codes)
+    assert len(m["indices"]) == 10 and m["indices"] != list(range(10))
+    assert m["labels"] == [labels[i] for i in m["indices"]]
+    torch.testing.assert_close(torch.tensor(m["points"]), full[m["indices"]], atol=1e-4, rtol=0)
+
+
 # ---- happy paths
 
 
