@@ -147,10 +147,10 @@ def test_a_bn_vae_trains_in_two_processes_and_saves_plain_batch_norm(data, tmp_p
 def test_a_failing_rank_fails_the_job_with_its_error(data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")  # rank 0 refuses to overwrite an existing run
+    (out / "config.json").write_text("{}")  # rank 0 refuses to overwrite another tool's config.json
     done = torchrun(2, "--data", data, *COMMON, "--epochs", "1", "--out", str(out), timeout=120)
     assert done.returncode != 0
-    assert "vaelab: error (rank 0)" in done.stderr and "already holds a run" in done.stderr
+    assert "vaelab: error (rank 0)" in done.stderr and "holds a config.json that is not a vaelab run's" in done.stderr
 
 
 def test_leaving_a_job_waits_without_the_gil_after_destroying_the_group(monkeypatch):
