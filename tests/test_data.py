@@ -164,6 +164,8 @@ def test_mnist5k_shapes_range_labels(fresh_mnist5k):
 def test_mnist5k_deterministic_and_cached_on_disk(fresh_mnist5k, offline_data):
     first = load_dataset("mnist5k")
     assert (offline_data / "mnist5k.npz").is_file()
+    from vaelab.fileio import usual_mode  # readable as the umask allows, not owner-only
+    assert (offline_data / "mnist5k.npz").stat().st_mode & 0o777 == usual_mode()
     sources._mnist5k_rows.cache_clear()  # the next load reads the .npz
     second = load_dataset("mnist5k")
     for a, b in zip((first.train, first.val, first.test), (second.train, second.val, second.test)):

@@ -6,6 +6,7 @@ import http.server
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,29 @@ def server(idx_files):
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
             requests.append(self.path)
-            super().do_GET()
+            if self.path.startswith("/loop/"):  # redirects to itself
+                self.send_response(302)
+                self.send_header("Location", self.path)
+                self.end_headers()
+            elif self.path.startswith("/slow/"):  # ten bytes every 50 ms
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(200):
+                        self.wfile.write(b"0123456789")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except OSError:  # the client gave up
+                    pass
+            elif self.path.startswith("/cut/"):  # promises the whole file, sends half, closes
+                body = (folder / self.path.removeprefix("/cut/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2])
+                self.close_connection = True
+            else:
+                super().do_GET()
 
         def log_message(self, *args):
             pass
@@ -94,6 +117,8 @@ def test_mnist_downloads_once(server, small_idx_sets, monkeypatch, offline_data)
     check_small_set(load_dataset("mnist"), tuple("0123456789"))
     assert sorted(requests) == sorted(f"/{name}" for name in small_idx_sets)
     assert sorted(os.listdir(offline_data / "mnist")) == sorted(small_idx_sets)  # no temporary files left
+    from vaelab.fileio import usual_mode  # readable as the umask allows (they were owner-only: a shared cache was not)
+    assert all((offline_data / "mnist" / f).stat().st_mode & 0o777 == usual_mode() for f in small_idx_sets)
     check_small_set(load_dataset("mnist"), tuple("0123456789"))
     assert len(requests) == 4  # the second load came from the cache
 
@@ -103,6 +128,7 @@ def test_mirrors_are_tried_in_order(server, small_idx_sets, monkeypatch):
     monkeypatch.setenv("VAELAB_MNIST_URL", f"{base}missing/ {base}")
     check_small_set(load_dataset("mnist"), tuple("0123456789"))
     assert requests[:2] == ["/missing/train-images-idx3-ubyte.gz", "/train-images-idx3-ubyte.gz"]
+    assert len(requests) == 5  # the mirror that answered goes first for the other files (a dead one cost 4 timeouts)
 
 
 def test_corrupt_download_is_refused_and_removed(server, small_idx_sets, monkeypatch, offline_data):
@@ -165,14 +191,73 @@ def test_files_placed_by_hand_are_used_uncompressed_too(
     check_small_set(load_dataset("mnist"), tuple("0123456789"))
 
 
-def test_truncated_cached_file_says_delete_and_redownload(server, small_idx_sets, monkeypatch, offline_data):
-    base, _ = server
+def test_a_cached_file_that_is_not_the_data_sets_is_downloaded_again(server, small_idx_sets, monkeypatch,
+                                                                     offline_data):
+    """Cached files were never checked against their digests: a damaged one said "delete it and download it
+    again", and another data set's files under these names (Fashion-MNIST's as mnist) loaded as this one."""
+    import gzip
+
+    base, requests = server
     monkeypatch.setenv("VAELAB_MNIST_URL", base)
     load_dataset("mnist")
     cached = offline_data / "mnist" / "train-labels-idx1-ubyte.gz"
-    cached.write_bytes(cached.read_bytes()[:-20])
-    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz.*delete it and download it again"):
+    good = cached.read_bytes()
+    cached.write_bytes(gzip.compress(gzip.decompress(good)[::-1]))  # a valid file of the wrong contents
+    check_small_set(load_dataset("mnist"), tuple("0123456789"))
+    assert cached.read_bytes() == good and requests.count("/train-labels-idx1-ubyte.gz") == 2
+    cached.write_bytes(good[:-20])
+    monkeypatch.setenv("VAELAB_MNIST_URL", "http://127.0.0.1:9/")  # and offline
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz is not the file mnist has \(SHA-256 differs\); "
+                                        r"cannot download train-labels"):
         load_dataset("mnist")
+    cached.unlink()  # an uncompressed copy placed by hand has no digest to check: read_idx names its damage
+    (offline_data / "mnist" / "train-labels-idx1-ubyte").write_bytes(gzip.decompress(good)[:-3])
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte is truncated.*delete it and download it again"):
+        load_dataset("mnist")
+
+
+def test_downloads_say_what_went_wrong_on_which_side(server, idx_files, tmp_path, monkeypatch):
+    """A redirect loop's message ran to three lines; a body cut short read as a corrupt file; a full disk was
+    blamed on each mirror in turn (each downloaded again until the disk filled) with a fix that could not work."""
+    import errno
+
+    base, requests = server
+    _, digests = idx_files
+    name = "train-labels-idx1-ubyte.gz"
+    with pytest.raises(DataError) as info:
+        fetch.download_first([f"{base}loop/{name}", f"{base}cut/{name}"], tmp_path / name, digests[name])
+    message = str(info.value)
+    assert "\n" not in message and "loop/train-labels-idx1-ubyte.gz: HTTP 302 The HTTP server returned a redirect " \
+        "error that would lead to an infinite loop.;" in message
+    assert "cut/train-labels-idx1-ubyte.gz: the connection closed after" in message and "try again" in message
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fetch.tempfile, "NamedTemporaryFile", full_disk)
+    requests.clear()
+    with pytest.raises(DataError, match=f"cannot write {tmp_path / name} \\(No space left on device\\); free space"):
+        fetch.download_first([base + name, base + name], tmp_path / name, digests[name])
+    assert len(requests) == 1  # not each mirror in turn
+
+
+def test_a_trickling_mirror_fails_and_what_killed_downloads_left_is_cleared(server, idx_files, tmp_path,
+                                                                             monkeypatch):
+    """A mirror sending a few bytes within every read timeout held a run for ever; a download killed outright
+    left its .part file beside the cache for good."""
+    base, _ = server
+    _, digests = idx_files
+    name = "train-labels-idx1-ubyte.gz"
+    monkeypatch.setattr(fetch, "TIMEOUT_S", 0.3)
+    stale, live = tmp_path / f".{name}.old.part", tmp_path / f".{name}.new.part"
+    stale.write_bytes(b"x")
+    live.write_bytes(b"x")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    t0 = time.monotonic()
+    fetch.download_first([f"{base}slow/{name}", base + name], tmp_path / name, digests[name])
+    assert time.monotonic() - t0 < 5 and (tmp_path / name).is_file()
+    assert not stale.exists() and live.exists()  # a download still being written is left alone
+    with pytest.raises(DataError, match=r"slow/train-labels-idx1-ubyte\.gz: too slow \(\d+\.\d kB/s after \d+ s\)"):
+        fetch.download_first([f"{base}slow/{name}"], tmp_path / "again.gz", digests[name])
 
 
 def test_fashion_mnist_from_debian_dir_is_not_checksummed(idx_files, monkeypatch):
@@ -205,6 +290,12 @@ def test_idx_sets_refuse_inconsistent_files(idx_files, write_idx, monkeypatch):
     write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(N_TRAIN, np.uint8))
     monkeypatch.setattr(sources, "VAL_SIZE", N_TRAIN)
     with pytest.raises(DataError, match="too few.*reinstall Debian's package"):  # not "download them again"
+        load_dataset("fashion-mnist")
+    monkeypatch.setattr(sources, "VAL_SIZE", VAL)
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-9])  # a damaged package file: reinstalling it is the fix
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz is a corrupt gzip file .*; reinstall Debian's "
+                                        r"package \(apt-get install --reinstall dataset-fashion-mnist\)$"):
         load_dataset("fashion-mnist")
 
 

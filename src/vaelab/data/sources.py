@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from vaelab.data.dataset import Dataset, Split, split_shuffled
-from vaelab.data.fetch import data_dir, download_first
+from vaelab.data.fetch import data_dir, download_first, sha256_of
 from vaelab.data.idx import read_idx
 from vaelab.errors import DataError
+from vaelab.fileio import usual_mode
 
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 FASHION_CLASSES = (
@@ -124,6 +125,7 @@ def _write_npz_quietly(path: Path, **arrays: np.ndarray) -> None:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False) as f:
             tmp = Path(f.name)
             np.savez(f, **arrays)
+        tmp.chmod(usual_mode())  # (a temporary file is owner-only)
         os.replace(tmp, path)
         tmp = None
     except OSError:
@@ -190,16 +192,24 @@ def _present(folder: Path, name: str) -> Path | None:
 
 
 def _cached_or_downloaded(name: str, mirrors: list[str], digests: dict[str, str]) -> list[Path]:
-    """The four IDX files of data set `name` in data_dir()/name/, downloading the missing ones."""
+    """The four IDX files of data set `name` in data_dir()/name/, downloading the missing ones and those whose
+    SHA-256 is not the data set's (another data set's files under these names loaded as this one, and damaged
+    copies were never fetched again). Uncompressed files placed by hand are used as they are."""
     folder = data_dir() / name
-    # A file already in the cache was verified when downloaded (or put there by hand); read_idx catches truncation.
-    missing = [f for f in IDX_FILES if _present(folder, f) is None]
+    damaged = set()
+    for f in IDX_FILES:
+        path = _present(folder, f)
+        if path is not None and path.name == f and sha256_of(path) != digests[f].lower():
+            damaged.add(f)
+    missing = [f for f in IDX_FILES if _present(folder, f) is None or f in damaged]
     for i, f in enumerate(missing):
         try:
-            download_first([m + f for m in mirrors], folder / f, digests[f])
+            used = download_first([m + f for m in mirrors], folder / f, digests[f])
         except DataError as e:  # those before it are downloaded; those after it not yet tried
             others = missing[i + 1:]
-            raise DataError(f"{e}" + (f" (also missing: {', '.join(others)})" if others else "")) from None
+            why = f"{folder / f} is not the file {name} has (SHA-256 differs); " if f in damaged else ""
+            raise DataError(why + f"{e}" + (f" (also missing: {', '.join(others)})" if others else "")) from None
+        mirrors = [mirrors[used], *mirrors[:used], *mirrors[used + 1:]]  # a dead first mirror is tried once
     return [_present(folder, f) for f in IDX_FILES]
 
 
@@ -208,8 +218,16 @@ def _idx_dataset(name: str, paths: list[Path], classes: tuple[str, ...], fix: st
 
     fix: what to do about files that do not add up (default: delete the cached files and download them again).
     """
+    def read(path: Path, ndim: int) -> np.ndarray:
+        try:
+            return read_idx(path, ndim=ndim)
+        except DataError as e:  # its fix is for a downloaded file: a package's damaged file wants reinstalling
+            if fix is None or str(e).startswith("cannot read"):
+                raise
+            raise DataError(f"{str(e).rsplit('; ', 1)[0]}; {fix}") from None
+
+    train_x, train_y, test_x, test_y = (read(p, 3 if i % 2 == 0 else 1) for i, p in enumerate(paths))
     fix = fix or f"delete the {name} files in {paths[0].parent} and download them again"
-    train_x, train_y, test_x, test_y = (read_idx(p, ndim=3 if i % 2 == 0 else 1) for i, p in enumerate(paths))
     for images, path in ((train_x, paths[0]), (test_x, paths[2])):
         if images.dtype != np.uint8:
             raise DataError(
