@@ -29,6 +29,7 @@ from .system import keep_freed_memory, model_device
 MAX_ELEMENTS = 1 << 23  # parameters of p(x|z) materialised per pass (32 MiB of float32 logits)
 DEFAULT_CHUNK = 200  # samples per pass: large enough for efficient matmuls, small enough to stay in cache
 NOISE_BLOCK = 200  # samples of an example's noise drawn at a time (all K at once took K x batch x latent memory)
+# (K below it is one block of K: 200 rows for K = 1 took 3.5x the memory and time)
 
 
 def mean_and_stderr(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
@@ -85,9 +86,9 @@ class KeyedNoise:
     """Standard normal noise for examples [first, first + batch) and K samples each, keyed by example.
 
     Draw number n of a forward pass (a hierarchical model draws once per latent group) gives each
-    example samples j = 0, 1, ... in blocks of NOISE_BLOCK, block b from a CPU generator seeded by
-    (seed, example index, n, b): a sample's noise depends on neither K nor the chunk, and memory holds the
-    blocks of one pass, for any K.
+    example samples j = 0, 1, ... in blocks of min(NOISE_BLOCK, K), block b from a CPU generator seeded by
+    (seed, example index, n, b): a sample's noise depends on neither the chunk nor, from K = NOISE_BLOCK on,
+    on K, and memory holds the blocks of one pass, for any K.
     """
 
     seed: int
@@ -98,7 +99,7 @@ class KeyedNoise:
     _blocks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def _block(self, n: int, b: int, event: tuple[int, ...]) -> torch.Tensor:
-        """Samples b * NOISE_BLOCK ... (b + 1) * NOISE_BLOCK - 1 of draw n, (NOISE_BLOCK, B, *event)."""
+        """Samples b * size ... (b + 1) * size - 1 of draw n, (size, B, *event), size = min(NOISE_BLOCK, K)."""
         if (n, b) not in self._blocks:
             for key in [key for key in self._blocks if key[0] == n and key[1] < b]:  # passes go forwards in K
                 del self._blocks[key]
@@ -106,16 +107,21 @@ class KeyedNoise:
             per_example = []
             for i in range(self.first, self.first + self.batch):
                 g.manual_seed(int(np.random.SeedSequence([self.seed, i, n, b]).generate_state(1)[0]))
-                per_example.append(torch.randn((NOISE_BLOCK, *event), generator=g))
+                per_example.append(torch.randn((self.size, *event), generator=g))
             self._blocks[n, b] = torch.stack(per_example, 1).to(self.device)
         return self._blocks[n, b]
 
     def normal(self, n: int, event: tuple[int, ...], offset: int, count: int) -> torch.Tensor:
         """Samples offset ... offset + count - 1 of draw n, (count, B, *event)."""
-        first, last = offset // NOISE_BLOCK, (offset + count - 1) // NOISE_BLOCK
+        first, last = offset // self.size, (offset + count - 1) // self.size
         blocks = torch.cat([self._block(n, b, event) for b in range(first, last + 1)])
-        start = offset - first * NOISE_BLOCK
+        start = offset - first * self.size
         return blocks[start:start + count]
+
+    @property
+    def size(self) -> int:
+        """Samples per block."""
+        return min(NOISE_BLOCK, self.k)
 
     def samples(self, offset: int) -> _NoiseView:
         """The noise of one forward pass over samples offset, offset + 1, ..."""
