@@ -144,6 +144,16 @@ def test_a_bn_vae_trains_in_two_processes_and_saves_plain_batch_norm(data, tmp_p
     assert type(model.posterior.mean_bn) is torch.nn.BatchNorm1d and model.posterior.mean_bn.num_batches_tracked == 5
 
 
+def test_a_training_split_smaller_than_the_job_trains(tmp_path):
+    """One training example and two processes: the process without it steps on it weighted 0, and its progress
+    bar divided by its 0 examples (ZeroDivisionError in rank 1)."""
+    path = tmp_path / "three.npz"
+    np.savez(path, x=np.random.default_rng(0).integers(0, 256, (3, 6, 6), dtype=np.uint8))
+    done = torchrun(2, "--data", f"npz:{path}", *COMMON, "--epochs", "2", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "run")] == [1, 2]
+
+
 def test_a_failing_rank_fails_the_job_with_its_error(data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

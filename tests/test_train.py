@@ -350,11 +350,14 @@ def test_cyclical_kl_annealing_rises_and_holds_in_every_cycle():
 def test_kl_cycles_whose_rise_is_shorter_than_a_step_are_refused(tmp_path):
     """With one step per cycle each step's weight was 0 or beta as rounding fell; with 100 cycles the KL was off."""
     config = tiny_config(epochs=1, batch_size=8, kl_cycles=3, warmup_epochs=0)  # 67 training images: 9 steps
-    with pytest.raises(ConfigError, match=r"--kl-cycles 12: the run has 9 steps, so each cycle's rise "
-                                          r"\(--kl-cycle-ratio 0.5\) spans 0.38 of a step; use at most 4 cycles"):
+    with pytest.raises(ConfigError, match=r"--kl-cycles 12: the run has 9 steps, so each cycle has 0.75 and its "
+                                          r"rise \(--kl-cycle-ratio 0.5\) 0.38; .*; use at most 4 cycles"):
         train(dataclasses.replace(config, train=dataclasses.replace(config.train, kl_cycles=12)), tmp_path / "r",
               dataset=tiny_data(), progress=False)
     assert not (tmp_path / "r").exists()
+    one_step = dataclasses.replace(config.train, kl_cycles=9, kl_cycle_ratio=1.0)  # a rise of 1 step, at 0 each time
+    with pytest.raises(ConfigError, match=r"each cycle has 1 and its rise .* 1; a cycle needs 2 steps"):
+        train(dataclasses.replace(config, train=one_step), tmp_path / "r", dataset=tiny_data(), progress=False)
     train(config, tmp_path / "ok", dataset=tiny_data(), progress=False)
 
 

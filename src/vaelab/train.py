@@ -212,7 +212,7 @@ class Trainer:
         dequantized = self.config.data.dequantize
         self.model.train()
         totals = torch.zeros(3, device=self.device)  # loss, recon, kl summed over examples
-        examples = 0
+        examples = stepped = 0  # this process's weighted examples; the job's steps (the same in every process)
         beta, lr = kl_weight(cfg, epoch - 1), learning_rate(cfg, epoch - 1)  # (as logged if no step ran)
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
@@ -247,12 +247,13 @@ class Trainer:
             optimizer_step(self.optimizer)
             totals += weight * step_totals
             examples += int(weight) * mine.numel()
+            stepped += 1
             if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps:
                 self._check_finite(totals, epoch, i + 1)
-                bar.set_postfix(loss=f"{totals[0].item() / examples:.2f}", refresh=False)
+                bar.set_postfix(loss=f"{totals[0].item() / max(examples, 1):.2f}", refresh=False)
                 bar.update((i + 1) - bar.n)
         bar.close()
-        if examples == 0:  # (the same in every process: they share the permutation)
+        if stepped == 0:  # (the same in every process: they share the permutation)
             raise TrainingError(f"no training step in epoch {epoch}: the training split has {n} example(s), fewer "
                                 f"than the {job.world * self.min_batch} a step needs here; give more data")
         # over all processes: logged losses cover all the data
@@ -345,17 +346,19 @@ def _identity(config: RunConfig) -> RunConfig:
 
 
 def _check_cycles(cfg: TrainConfig, steps_per_epoch: int) -> None:
-    """Refuse --kl-cycles whose rise spans less than one step: each step's weight was then 0 or beta as float
-    rounding fell (with 100 one-step cycles the KL term was off for the whole run)."""
+    """Refuse --kl-cycles whose rise spans less than one step, or cycles of one step: each step's weight was then 0
+    or beta as float rounding fell, or 0 at every step (with 100 one-step cycles the KL term was off for the run)."""
     if not (cfg.kl_cycles and cfg.epochs):
         return
     steps = steps_per_epoch * cfg.epochs
-    rise = steps / cfg.kl_cycles * cfg.kl_cycle_ratio
-    if rise < 1:
-        most = math.floor(steps * cfg.kl_cycle_ratio)
+    per_cycle = steps / cfg.kl_cycles
+    if per_cycle < 2 or per_cycle * cfg.kl_cycle_ratio < 1:
+        most = math.floor(min(steps / 2, steps * cfg.kl_cycle_ratio))
         fix = f"use at most {most} cycles, or more --epochs" if most else "give more --epochs"
-        raise ConfigError(f"--kl-cycles {cfg.kl_cycles}: the run has {steps} steps, so each cycle's rise "
-                          f"(--kl-cycle-ratio {cfg.kl_cycle_ratio:g}) spans {rise:.2g} of a step; {fix}")
+        rise = per_cycle * cfg.kl_cycle_ratio
+        raise ConfigError(f"--kl-cycles {cfg.kl_cycles}: the run has {steps} steps, so each cycle has {per_cycle:.2g} "
+                          f"and its rise (--kl-cycle-ratio {cfg.kl_cycle_ratio:g}) {rise:.2g}; a cycle needs 2 steps "
+                          f"and a rise of 1; {fix}")
 
 
 def _without_kl_unless(has_kl: bool, record: dict[str, Any]) -> dict[str, Any]:
