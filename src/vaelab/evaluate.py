@@ -304,7 +304,8 @@ def _baseline(config: RunConfig, name: str, size: int, source: Path, train_missi
               data: Dataset) -> nn.Module | None:
     """The baseline `name` of a run, from RUN/baselines/NAME: trained (or on to the run's epochs) when
     train_missing, else as it is, or None when there is none."""
-    resume = (source / "config.json").exists()  # a baseline cut off earlier continues
+    resume = runs.has_checkpoint(source)  # a baseline cut off earlier continues (one cut off before its first
+    # checkpoint starts again)
     complete = runs.is_complete(source)
     if not complete and not train_missing:
         return None

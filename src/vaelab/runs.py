@@ -112,6 +112,13 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (root / LATEST).exists() or bool(_epoch_folders(root))
 
 
+def unstarted(run_dir: Path) -> bool:
+    """Whether a run folder shows no sign of training: no metrics line and no evaluation (a run stopped while its
+    first checkpoint was written; one whose checkpoints were deleted afterwards still has its metrics)."""
+    run_dir = Path(run_dir)
+    return not read_metrics(run_dir) and not (run_dir / "evaluation.json").exists()
+
+
 def _prune(root: Path, *, keep: int, current: str) -> None:
     """Keep the newest `keep` checkpoints, and remove what writes killed outright left (a .partial folder holds a
     copy of the weights and optimiser; only one process writes a run's checkpoints)."""

@@ -140,7 +140,7 @@ class Trainer:
                 except (ConfigError, CheckpointError):  # another tool's config.json: --resume would not help
                     raise TrainingError(f"{self.run_dir} holds a config.json that is not a vaelab run's; choose "
                                         "another --out") from None
-                if runs.has_checkpoint(self.run_dir):
+                if runs.has_checkpoint(self.run_dir) or not runs.unstarted(self.run_dir):
                     raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
                                         "or choose another --out")
                 # stopped while writing its first checkpoint: nothing was trained, and --resume has nothing to load

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from vaelab import runs
+from vaelab import evaluate, runs
 from vaelab.cli import main
 
 
@@ -270,7 +270,15 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_again(good_run, tm
     data = runs.load_config(run).data.name
     args = ["train", "--data", data, "--hidden", "16", "--latent-dim", "2", "--epochs", "1", "--batch-size", "16",
             "--no-report", "--quiet", "--out", str(run)]
+    assert main(args) == 2  # its checkpoints deleted after training: its metrics say it was trained, keep it
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    (run / "metrics.jsonl").unlink()  # now as a run stopped while its epoch-0 checkpoint was written
     assert main(args) == 0
     assert "holds a run stopped before its first checkpoint: starting it again" in capsys.readouterr().err
     assert runs.latest_checkpoint(run).epoch == 1 and [r["epoch"] for r in runs.read_metrics(run)] == [1]
     assert main(args) == 2 and "already holds a run; pass --resume" in capsys.readouterr().err
+    baseline = run / "baselines" / "ae"  # a report's baseline stopped the same way: the report said delete it
+    baseline.mkdir(parents=True)
+    evaluate.baseline_config(runs.load_config(run), "ae").save(baseline / "config.json")
+    assert main(["report", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    assert runs.latest_checkpoint(baseline).epoch == 1
