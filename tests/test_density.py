@@ -232,6 +232,12 @@ def test_a_bernoulli_model_of_grey_values_has_its_elbo_scored_where_its_nll_is(t
     assert result["test_binarize_seed"] == EVAL_SEED and result["test_kl"] == pytest.approx(kl, rel=1e-5)
     assert sum(result["kl_per_dim"]) == pytest.approx(kl, rel=1e-5)
     assert result["nll"] <= -result["test_elbo"] + 0.5  # one test set: a bound and its estimate
+    ae = dataclasses.replace(config, model=ModelConfig(model="ae", hidden=(16,), latent_dim=3))
+    train(ae, tmp_path / "ae", dataset=data, progress=False)
+    assert evaluate_run(tmp_path / "ae", probe=False, data=data)["test_binarize_seed"] is None  # grey, as given
+    _, markdown = compare_runs([tmp_path / "run", tmp_path / "ae"])  # whose recon columns are of other images
+    assert "recon, ELBO and KL are of the test images binarised once (seed 0) in rows of VAEs" in markdown
+    assert "binarised once" not in compare_runs([tmp_path / "run"])[1]
 
 
 def test_a_gaussian_likelihood_s_nll_is_labelled_a_density_without_bits_per_dimension(tmp_path):
@@ -254,8 +260,9 @@ def test_a_gaussian_likelihood_s_nll_is_labelled_a_density_without_bits_per_dime
     _, markdown = compare_runs([tmp_path / "run", tmp_path / "bernoulli"])
     gaussian_row, bernoulli_row = markdown.splitlines()[2:4]
     assert f"| {result['nll']:.2f} (density) |" in gaussian_row and "(density)" not in bernoulli_row
-    assert markdown.endswith("(density): -log p(x) of a Gaussian likelihood, a density of the values trained on "
-                             "(pixels scaled to [0, 1]).\n")
+    assert ("\n(density): -log p(x) of a Gaussian likelihood, a density of the values trained on "
+            "(pixels scaled to [0, 1]).\n") in markdown
+    assert "binarised once (seed 0) in rows of VAEs" in markdown  # the Bernoulli run's recon is of binary images
 
 
 def one_pixel_gaussian(w: float, s: float, b: float) -> tuple[VAE, torch.distributions.Normal]:

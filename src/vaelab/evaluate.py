@@ -115,7 +115,10 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
     # a VAE's bound, its terms and the statistics of its posterior are of the test set its NLL is: binarised
     # once where a Bernoulli model was trained on grey values (the ELBO of grey images beside the NLL of binary
     # ones read as a gap from importance sampling twice its size)
-    scored, seed = nll_test_set(config, data) if has_posterior(model) else (x, None)
+    # (an autoencoder's test split is binarised by prepare_data when the run binarises, and used as it is)
+    scored, seed = nll_test_set(config, data) if has_posterior(model) else (
+        x, EVAL_SEED if config.data.binarize != "none" else None)
+    result["test_binarize_seed"] = seed  # the test set the loss terms are of (compare marks a mix)
     result.update(elbo_terms(model, config, scored))
     if data.is_text:
         result["token_accuracy"] = token_accuracy(model, x)
@@ -129,7 +132,6 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
             result["active_units_per_group"] = active_units_per_group(model, scored)
         result.update(active_units(model, scored))  # of the top group, for a hierarchy
         result.update(mutual_information_bounds(model, scored))
-        result["test_binarize_seed"] = seed
     if nll_k is not None:
         if not has_nll(model):
             raise ConfigError(f"--nll needs a model of p(x): a VAE (importance-sampled) or PCA (exact), not "
@@ -228,6 +230,9 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
     notes = ("\n(density): -log p(x) of a Gaussian likelihood, a density of the values trained on (pixels "
              "scaled to [0, 1]).\n") if any(
         row.get("nll_density") and row.get("nll") is not None for row in rows) else ""
+    if len({row["test_binarize_seed"] is None for row in rows if "test_binarize_seed" in row}) > 1:
+        notes += ("\nrecon, ELBO and KL are of the test images binarised once (seed 0) in rows of VAEs with a "
+                  "Bernoulli likelihood or binarised runs, and of the images as given in the others.\n")
     if any("latent_top_dim" in row for row in rows):
         notes += "\n(z_1): of the top latent group z_1 alone (of `latent_top_dim` variables); z counts all groups.\n"
     return rows, "\n".join(lines) + "\n" + notes
