@@ -523,6 +523,23 @@ def test_a_refused_atomic_write_names_the_file_asked_for_not_its_temporary_one(m
     assert list(tmp_path.iterdir()) == []  # and no temporary file left behind
 
 
+def test_pictures_are_written_atomically(monkeypatch, capsys, vae_run, tmp_path):
+    """A full disk cut a good samples.png short (4,096 bytes of it) and left a 0-byte new one, with a traceback."""
+    import vaelab.fileio
+
+    out = tmp_path / "s.png"
+    assert main(["sample", str(vae_run), "--n", "4", "--out", str(out)]) == 0
+    good = out.read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vaelab.fileio.os, "fsync", refuse)
+    capsys.readouterr()
+    assert run_error(["sample", str(vae_run), "--n", "9", "--out", str(out)], capsys) == \
+        f"vaelab: error: No space left on device: {out}"
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
+
+
 def test_os_errors_without_a_file_still_raise(monkeypatch):
     command_raising(monkeypatch, OSError("a socket closed"))
     with pytest.raises(OSError, match="socket"):

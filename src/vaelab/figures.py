@@ -1,6 +1,7 @@
 """Pictures of a trained model: image grids (PIL) and plots (matplotlib), as PNG files."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
+from .fileio import atomic_write_bytes  # noqa: E402
 from .system import model_device  # noqa: E402
 
 MAX_BARS = 500  # per-dimension plots draw bars up to this many dimensions (a bar is ~2 pixels wide there)
@@ -43,10 +45,11 @@ def _upscale_for(images: torch.Tensor) -> int:
 
 
 def save_grid(images: torch.Tensor, path: Path, *, nrow: int) -> Path:
-    """Write image_grid(images) as a PNG."""
+    """Write image_grid(images) as a PNG, atomically (a full disk left a good picture cut short)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, nrow=nrow, scale=_upscale_for(images)).save(path)
+    buffer = io.BytesIO()
+    image_grid(images, nrow=nrow, scale=_upscale_for(images)).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -218,8 +221,12 @@ def _integer_ticks(ax: plt.Axes, values: list[int]) -> None:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    """Write a figure as a PNG, atomically, and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
