@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import vaelab
@@ -176,15 +177,25 @@ def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path,
     model = train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
     before = runs.latest_checkpoint(tmp_path / "run")
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(runs, "save_file", crash)
-    with pytest.raises(OSError):
-        runs.save_checkpoint(tmp_path / "run", model=model, optimizer=None, state={"epoch": 2})
-    after = runs.latest_checkpoint(tmp_path / "run")
-    assert after.path == before.path and after.epoch == 1
-    assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))  # no debris
+    # each writer's own way of saying the disk is full: tracebacks, the last with no file to name
+    for writer, error in (("save_file", SafetensorError("Error while serializing: No space left on device (os "
+                                                        "error 28)")),
+                          ("save_file", OSError(28, "No space left on device")),
+                          ("torch_save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                                      "4661376 vs 4661264"))):
+        def crash(*args, _error=error, **kwargs):
+            raise _error
+        with monkeypatch.context() as patch:
+            patch.setattr(runs, "save_file", crash) if writer == "save_file" else patch.setattr(runs.torch, "save",
+                                                                                                  crash)
+            with pytest.raises(CheckpointError, match=r"cannot write checkpoint epoch-0002 into .*checkpoints \(.*\); "
+                                                      r"the last good checkpoint is intact: free space there and "
+                                                      r"--resume$"):
+                runs.save_checkpoint(tmp_path / "run", model=model, optimizer=torch.optim.Adam(model.parameters()),
+                                     state={"epoch": 2})
+        after = runs.latest_checkpoint(tmp_path / "run")
+        assert after.path == before.path and after.epoch == 1
+        assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))  # no debris
     vaelab.load(tmp_path / "run")
 
 

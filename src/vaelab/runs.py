@@ -66,8 +66,9 @@ def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.O
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".partial"))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".partial"))
         tmp.chmod(usual_mode(directory=True))
         weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": "vaelab", "epoch": str(epoch)})
@@ -86,14 +87,32 @@ def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.O
             final, replaced = root / f"{name}-{uuid.uuid4().hex[:8]}", final
         os.replace(tmp, final)
         fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(root / LATEST, json.dumps({"epoch": epoch, "dir": final.name}) + "\n")
+    except BaseException as e:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _write_failure(e):  # a full disk (or a folder made read-only): tracebacks from safetensors and torch.save
+            raise CheckpointError(f"cannot write checkpoint {name} into {root} ({_reason(e)}); the last good "
+                                  "checkpoint is intact: free space there and --resume") from None
         raise
-    atomic_write_text(root / LATEST, json.dumps({"epoch": epoch, "dir": final.name}) + "\n")
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     _prune(root, keep=keep, current=final.name)
     return final
+
+
+def _write_failure(e: BaseException) -> bool:
+    """Whether e is a file write refused by the system, as each writer of a checkpoint reports it."""
+    text = str(e)
+    return (isinstance(e, (OSError, SafetensorError)) or
+            isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text))
+
+
+def _reason(e: BaseException) -> str:
+    """The system's words for a refused write: "No space left on device", or the first line of the message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _epoch_folders(root: Path) -> list[Path]:
