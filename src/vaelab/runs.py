@@ -10,11 +10,13 @@ A run directory holds:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,39 @@ def _epoch_folders(root: Path) -> list[Path]:
         return int(number) if number.isdigit() else -1
 
     return sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=lambda p: (epoch(p), p.name))
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path, *, create: bool = True) -> Iterator[None]:
+    """Hold RUN/.lock (an advisory lock the system drops when the process ends) while training the run; a second
+    trainer of it is refused with the first one's process id. create: make the run folder (a new run)."""
+    run_dir = Path(run_dir)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # (Windows: no lock)
+        fcntl = None
+    if fcntl is None or not run_dir.is_dir():  # (a resume of a folder that is not there says so itself)
+        yield
+        return
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, usual_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            who = f"another process (PID {holder})" if holder else "another process"
+            raise CheckpointError(f"{run_dir} is being trained by {who}; let it finish or stop it first "
+                                  "(--resume then continues the run)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def has_checkpoint(run_dir: Path) -> bool:

@@ -6,6 +6,7 @@ from a checkpoint continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -113,22 +114,25 @@ class Trainer:
         """Train from scratch (the run directory must not hold a run yet) or resume from its last checkpoint."""
         if isinstance(self.model, PCA):  # refusals that depend on the data come before anything is written
             self.model.check_data(self.train_x)
-        start_epoch = self._resume() if resume else self._start()
-        if isinstance(self.model, PCA):
-            model = self._fit_pca()
-        else:
-            with flush_denormals():  # converging models make denormals, which Intel CPUs compute slowly
-                for epoch in range(start_epoch, self.config.train.epochs + 1):
-                    try:
-                        record = self._epoch(epoch)
-                    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-                        if not is_out_of_memory(e):
-                            raise
-                        raise TrainingError(self._oom_message(epoch)) from None
-                    self._save({"epoch": epoch, "complete": epoch == self.config.train.epochs,
-                                "metrics": record}, record)
-                    self._log(_format_record(record, self.config.train.epochs))
-            model = self.model.eval()
+        # one trainer per run: a --resume started beside a live run pruned its half-written checkpoint, and both
+        # appended metrics
+        with runs.training_lock(self.run_dir, create=not resume) if self.job.is_main else contextlib.nullcontext():
+            start_epoch = self._resume() if resume else self._start()
+            if isinstance(self.model, PCA):
+                model = self._fit_pca()
+            else:
+                with flush_denormals():  # converging models make denormals, which Intel CPUs compute slowly
+                    for epoch in range(start_epoch, self.config.train.epochs + 1):
+                        try:
+                            record = self._epoch(epoch)
+                        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                            if not is_out_of_memory(e):
+                                raise
+                            raise TrainingError(self._oom_message(epoch)) from None
+                        self._save({"epoch": epoch, "complete": epoch == self.config.train.epochs,
+                                    "metrics": record}, record)
+                        self._log(_format_record(record, self.config.train.epochs))
+                model = self.model.eval()
         distributed.leave(self.job)
         return model
 

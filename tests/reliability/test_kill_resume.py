@@ -61,3 +61,28 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path):
         assert torch.equal(a[name], b[name]), name
     epochs = [r["epoch"] for r in runs.read_metrics(killed)]
     assert epochs == list(range(1, EPOCHS + 1))  # the killed epoch is trained once, logged once
+
+
+def test_a_run_being_trained_is_not_trained_by_a_second_process(tmp_path):
+    """A --resume started beside a live run pruned the live one's half-written checkpoint (its trainer died with a
+    traceback), and both appended to metrics.jsonl (epochs 394, 395, 397, 396)."""
+    out = tmp_path / "live"
+    proc = vaelab("--data", "digits", "--hidden", "16", "--latent-dim", "2", "--epochs", "100000", "--quiet",
+                  "--no-report", "--out", str(out))
+    try:
+        deadline = time.monotonic() + 120
+        while last_epoch(out) < 1 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1]
+        second = subprocess.run([sys.executable, "-m", "vaelab", "train", "--resume", "--out", str(out), "--epochs",
+                                 "100000", "--quiet", "--no-report"], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"{out} is being trained by another process (PID {proc.pid}); let it finish" in second.stderr
+        assert proc.poll() is None  # the first goes on
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    third = subprocess.run([sys.executable, "-m", "vaelab", "train", "--resume", "--out", str(out), "--epochs",
+                            str(last_epoch(out) + 1), "--quiet", "--no-report"], capture_output=True, text=True,
+                           timeout=120)  # the lock went with the process that held it
+    assert third.returncode == 0, third.stderr
