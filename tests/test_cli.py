@@ -540,6 +540,15 @@ def test_pictures_are_written_atomically(monkeypatch, capsys, vae_run, tmp_path)
     assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
 
 
+def test_a_tilde_in_run_and_output_paths_means_home(vae_run, tmp_path, monkeypatch):
+    """`--out=~/x` and a quoted '~/x' reach vaelab unexpanded: train made a folder named "~", evaluate said "~/r is
+    not a directory" (serve expanded it)."""
+    monkeypatch.setenv("HOME", str(vae_run.parent))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", f"~/{vae_run.name}", "--n", "4", "--out", "~/s.png"]) == 0
+    assert (vae_run.parent / "s.png").is_file() and not (tmp_path / "~").exists()
+
+
 def test_os_errors_without_a_file_still_raise(monkeypatch):
     command_raising(monkeypatch, OSError("a socket closed"))
     with pytest.raises(OSError, match="socket"):

@@ -276,6 +276,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
+def user_path(text: str) -> Path:
+    """A path argument with "~" expanded, as the shell does not in --out=~/x or a quoted '~/x' (it made a folder
+    named "~"; `serve` expanded it, `evaluate` did not)."""
+    return Path(text).expanduser()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (their parsers are Parsers too)."""
     parser = Parser(prog="vaelab", description="Variational autoencoders: train, evaluate, "
@@ -290,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=dest(flag), default=None, **kwargs)
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration (hvae-s: a small "
                                                              "hierarchical VAE for 28x28 images); flags override it")
-    p.add_argument("--out", type=Path, metavar="DIR", help="run directory (default runs/<data>-<model>)")
+    p.add_argument("--out", type=user_path, metavar="DIR", help="run directory (default runs/<data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                                                           "(a larger --epochs extends it; --lr changes the rate "
                                                           "from there)")
@@ -301,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_command(name: str, help: str, func) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help, description=help)
-        q.add_argument("run", type=Path, metavar="RUN", help="a run directory written by `vaelab train`")
+        q.add_argument("run", type=user_path, metavar="RUN", help="a run directory written by `vaelab train`")
         q.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model (default cpu)")
         q.set_defaults(func=func)
         return q
@@ -317,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-probe", action="store_true", help="skip the logistic-regression probes")
     q = sub.add_parser("compare", help="a table of several evaluated runs, printed and written as Markdown",
                        description="Compare runs by their evaluation.json (runs without one are evaluated).")
-    q.add_argument("runs", type=Path, nargs="+", metavar="RUN")
-    q.add_argument("--out", type=Path, default=Path("compare.md"), help="Markdown file (default compare.md)")
+    q.add_argument("runs", type=user_path, nargs="+", metavar="RUN")
+    q.add_argument("--out", type=user_path, default=Path("compare.md"), help="Markdown file (default compare.md)")
     q.set_defaults(func=cmd_compare)
     q = run_command("sample", "a grid of samples from the prior, as PNG (sentences, as text, for text models)",
                     cmd_sample)
@@ -327,23 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help="hvae: scale the priors' standard deviations by T (0 <= T <= 10; default 1)")
     q.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    q.add_argument("--out", type=Path, help="PNG path (default RUN/samples.png; text models: RUN/samples.txt)")
+    q.add_argument("--out", type=user_path, help="PNG path (default RUN/samples.png; text models: RUN/samples.txt)")
     q = run_command("reconstruct", "test images and their reconstructions, as PNG", cmd_reconstruct)
     q.add_argument("--n", type=int, default=10, help="number of test images (1-100, default 10)")
-    q.add_argument("--out", type=Path, help="PNG path (default RUN/reconstructions.png; text models: .txt)")
+    q.add_argument("--out", type=user_path, help="PNG path (default RUN/reconstructions.png; text models: .txt)")
     q = run_command("interpolate", "decode the line between the codes of two test images, as PNG",
                     cmd_interpolate)
     q.add_argument("--a", type=int, default=0, help="index of the first test image (default 0)")
     q.add_argument("--b", type=int, default=1, help="index of the second test image (default 1)")
     q.add_argument("--steps", type=int, default=10, help="images along the line (default 10)")
-    q.add_argument("--out", type=Path, help="PNG path (default RUN/interpolate-A-B.png; text models: .txt)")
+    q.add_argument("--out", type=user_path, help="PNG path (default RUN/interpolate-A-B.png; text models: .txt)")
     q = run_command("report", "write RUN/report.html with figures, metrics and the PCA/AE/VAE table", cmd_report)
     q.add_argument("--no-baselines", action="store_true", help="do not train missing baselines for the table")
     q.add_argument("--quiet", action="store_true", help="no progress output")
 
     q = sub.add_parser("demo", help="train a VAE on the embedded MNIST digits and write its report (~1 min)",
                        description="Train PCA, an AE and a VAE on mnist5k and write the VAE's report.")
-    q.add_argument("--out", default="runs/demo", help="folder for the demo runs (default runs/demo)")
+    q.add_argument("--out", type=user_path, default=Path("runs/demo"),
+                   help="folder for the demo runs (default runs/demo)")
     q.add_argument("--epochs", type=int, default=30, help="VAE/AE epochs (default 30)")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=cmd_demo)
