@@ -143,6 +143,21 @@ def test_projection_of_a_single_code_still_has_two_axes():
     torch.testing.assert_close(torch.tensor(how["mean"]) + points @ comps, code)
 
 
+def test_the_summary_is_of_the_loaded_checkpoint_and_linked_runs_are_found(runs_root, tmp_path):
+    """Served while training went on, the page showed the newest metrics line's epoch and losses beside the model
+    of an older checkpoint; a run folder linked into a folder of runs was skipped without a word."""
+    run = tmp_path / "runs" / "vae"
+    shutil.copytree(runs_root / "vae", run)
+    records = (run / "metrics.jsonl").read_text()
+    later = json.loads(records.splitlines()[-1]) | {"epoch": 9, "val_loss": 1.0}
+    (run / "metrics.jsonl").write_text(records + json.dumps(later) + "\n")  # a line the checkpoint is behind
+    (tmp_path / "runs" / "linked").symlink_to(runs_root / "pca", target_is_directory=True)
+    client = TestClient(create_app(tmp_path / "runs"), raise_server_exceptions=False)
+    assert [r["name"] for r in client.get("/api/runs").json()["runs"]] == ["linked", "vae"]
+    s = client.get("/api/summary", params={"run": "vae"}).json()
+    assert s["epoch"] == 8 and s["last_epoch"]["epoch"] == 8 and s["last_epoch"]["val_loss"] != 1.0
+
+
 def test_a_subsampled_map_keeps_each_point_with_its_own_label_and_index(monkeypatch):
     """Test sets over MAX_MAP_POINTS (fashion-mnist's 10,000) show a subset: colouring it with the first labels
     passed every test, as no test set here was that large."""

@@ -34,7 +34,7 @@ def find_runs(root: Path) -> dict[str, Path]:
         return {root.resolve().name or "run": root}
     found: dict[str, Path] = {}
     base_depth = len(root.parts)
-    for folder, subdirs, _ in os.walk(root):  # does not follow symlinks
+    for folder, subdirs, _ in os.walk(root, followlinks=True):  # runs linked in count (MAX_DEPTH ends any loop)
         here = Path(folder)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d not in SKIP)
         if len(here.parts) - base_depth >= MAX_DEPTH:

@@ -239,7 +239,9 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
     # +-3 standard deviations of the test codes; a floor keeps an unused dimension's slider movable,
     # so the page shows that moving it changes nothing rather than looking broken
     span = 3 * std.clamp_min(0.1 * float(std.max()) + 1e-6)
-    records = runs.read_metrics(run_dir)
+    # the loaded checkpoint's own record: a run still training (or a metrics line written before a checkpoint
+    # that failed) has later ones, shown beside an older model
+    record = next((r for r in runs.read_metrics(run_dir) if r.get("epoch") == epoch), None)
     return finite_json({
         "run": name, "model": config.model.model, "data": data.name, "latent_dim": d,
         "nll_command": f"vaelab evaluate {shlex.quote(str(run_dir))} --nll",  # run where `vaelab serve` ran
@@ -249,8 +251,8 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
         "has_prior": hasattr(model, "sample"), "has_nll": has_nll(model),
         "temperature": supports_temperature(model) if
         hasattr(model, "sample") else False,
-        "epoch": records[-1].get("epoch") if records else None,
-        "last_epoch": {k: v for k, v in records[-1].items() if isinstance(v, (int, float))} if records else {},
+        "epoch": epoch,
+        "last_epoch": {k: v for k, v in record.items() if isinstance(v, (int, float))} if record else {},
         "kl_per_dim": kl,
         "sliders": {"dims": dims, "span": [float(span[i]) for i in dims], "kl": [kl[i] for i in dims] if kl else None},
     })
