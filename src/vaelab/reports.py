@@ -125,9 +125,10 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
     data = prepare_data(config, data)
-    model = runs.load(run_dir)
-    metrics = evaluate_run(run_dir, data=data)
-    table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data)
+    checkpoint = runs.latest_checkpoint(run_dir)  # read once: a run still training moves on meanwhile, and the
+    model = runs.load(run_dir, checkpoint=checkpoint)  # page mixed figures, metrics and a status of three epochs
+    metrics = evaluate_run(run_dir, data=data, checkpoint=checkpoint)
+    table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data, checkpoint=checkpoint)
     if data.is_text:  # sentences instead of pictures
         made, text = _curves(run_dir), text_views.html_sections(model, data.test.x, data.vocab, seed=EVAL_SEED)
     else:
@@ -139,16 +140,15 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
         made["kl_per_group"] = figures.kl_per_dimension(metrics["kl_per_group"], None,
                                                         run_dir / "figures" / "kl_per_group.png", unit="latent group")
     page = _render(config_dict=config.to_dict(), metrics=metrics, table=table, made=made, run_dir=run_dir,
-                   text=text, status=_unfinished(run_dir, config))
+                   text=text, status=_unfinished(run_dir, config, checkpoint))
     path = run_dir / "report.html"
     atomic_write_text(path, page)
     return path
 
 
-def _unfinished(run_dir: Path, config: RunConfig) -> str:
+def _unfinished(run_dir: Path, config: RunConfig, checkpoint: runs.Checkpoint) -> str:
     """A line for a run whose training stopped early (interrupted, or stopped on a non-finite loss) or never
     started (--epochs 0); "" else."""
-    checkpoint = runs.latest_checkpoint(run_dir)
     if runs.finished(checkpoint, config) and config.train.epochs == 0 and config.model.model != "pca":
         return ("This model is untrained (--epochs 0): the report shows its initial weights (baselines for the "
                 "table are untrained too, PCA is fitted). To train it: vaelab train --resume --epochs N "

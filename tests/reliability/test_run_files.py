@@ -282,3 +282,24 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_again(good_run, tm
     evaluate.baseline_config(runs.load_config(run), "ae").save(baseline / "config.json")
     assert main(["report", str(run), "--quiet"]) == 0, capsys.readouterr().err
     assert runs.latest_checkpoint(baseline).epoch == 1
+
+
+def test_a_report_of_a_run_still_training_is_of_one_checkpoint(good_run, tmp_path, monkeypatch):
+    """write_report read latest.json four times: of a run training meanwhile, its page mixed the figures of one
+    epoch, the metrics of the next and the status of a third (and evaluate labelled weights with a later epoch)."""
+    from vaelab.reports import write_report
+
+    run = copy_of(good_run, tmp_path)
+    real, reads = runs.latest_checkpoint, []
+
+    def moving(run_dir):  # the first read finds epoch 1; training has moved on to epoch 2 by the next
+        reads.append(run_dir)
+        latest = real(run_dir)
+        if len(reads) > 1:
+            return latest
+        earlier = latest.path.parent / "epoch-0001"
+        return runs.Checkpoint(path=earlier, epoch=1, state=json.loads((earlier / "trainer.json").read_text()))
+    monkeypatch.setattr(runs, "latest_checkpoint", moving)
+    page = write_report(run, baselines=False).read_text()
+    assert json.loads((run / "evaluation.json").read_text())["epoch"] == 1
+    assert "Training stopped after epoch 1 of 2" in page
