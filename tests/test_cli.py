@@ -549,6 +549,18 @@ def test_a_tilde_in_run_and_output_paths_means_home(vae_run, tmp_path, monkeypat
     assert (vae_run.parent / "s.png").is_file() and not (tmp_path / "~").exists()
 
 
+def test_evaluate_prints_its_results_before_a_refused_write(monkeypatch, capsys, vae_run):
+    """A read-only run or a full disk lost every metric (a long --nll estimate too) with the one-line error."""
+    import vaelab.fileio
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(vaelab.fileio.tempfile, "mkstemp", refuse)
+    assert main(["evaluate", str(vae_run), "--no-probe"]) == 2
+    captured = capsys.readouterr()
+    assert "test_elbo" in captured.out and f"Read-only file system: {vae_run / 'evaluation.json'}" in captured.err
+
+
 def test_os_errors_without_a_file_still_raise(monkeypatch):
     command_raising(monkeypatch, OSError("a socket closed"))
     with pytest.raises(OSError, match="socket"):

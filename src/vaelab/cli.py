@@ -87,7 +87,7 @@ def _run_folder(out: Path) -> Path:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import runs
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, write_evaluation
 
     if args.k is not None and args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
@@ -100,12 +100,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                if not args.nll else f"PCA's log p(x) is exact, with no importance sampling; drop {them}")
         raise ConfigError(f"{' and '.join(given)} would be ignored: {why}")
     result = evaluate_run(args.run, nll_k=(args.k or 5000) if args.nll else None, probe=not args.no_probe,
-                          chunk=args.chunk, device=args.device)
-    for key, value in result.items():
-        if isinstance(value, list):
+                          chunk=args.chunk, device=args.device, write=False)
+    for key, value in result.items():  # printed before the file is written: a run that cannot take it (read-only,
+        if isinstance(value, list):  # a full disk) lost a long --nll estimate with the error
             value = "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
-        print(f"{key:>28}  {value:.4f}" if isinstance(value, float) else f"{key:>28}  {value}")
-    print(f"written: {Path(args.run) / 'evaluation.json'}")
+        print(f"{key:>28}  {value:.4f}" if isinstance(value, float) else f"{key:>28}  {value}", flush=True)
+    print(f"written: {write_evaluation(args.run, result)}")
     return 0
 
 

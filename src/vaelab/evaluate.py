@@ -163,7 +163,7 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
 
 def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool = True, chunk: int | None = None,
                  device: str = "cpu", data: Dataset | None = None,
-                 checkpoint: runs.Checkpoint | None = None) -> dict[str, Any]:
+                 checkpoint: runs.Checkpoint | None = None, write: bool = True) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint on its test split and write RUN/evaluation.json.
 
     Args:
@@ -176,6 +176,7 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
         data: the run's data set, if already loaded.
         checkpoint: the checkpoint to evaluate (default: the latest, read once: of a run still training, a
             separate read of latest.json labelled the weights of one epoch with the next).
+        write: write RUN/evaluation.json (else the caller does, with write_evaluation).
     """
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
@@ -189,8 +190,16 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
     if nll_k is None and previous.get("epoch") == epoch and "nll" in previous:
         kept = ("nll", "ess_", "test_binarize", "perplexity")  # what --nll estimated (perplexity: text's)
         result.update({k: v for k, v in previous.items() if k.startswith(kept)})
-    atomic_write_text(run_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
+    if write:
+        write_evaluation(run_dir, result)
     return result
+
+
+def write_evaluation(run_dir: str | Path, result: dict[str, Any]) -> Path:
+    """Write an evaluate_run result as RUN/evaluation.json, atomically; returns its path."""
+    path = Path(run_dir) / "evaluation.json"
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return path
 
 
 def read_evaluation(run_dir: Path) -> dict[str, Any]:
