@@ -95,11 +95,16 @@ def main() -> None:
     for name in args.variants.split(","):
         run_dir = args.out / name
         start = time.perf_counter()
+        wanted = config(name, args.epochs, args.hidden)
+        if (run_dir / "config.json").exists():  # a run of other settings is not reused under these
+            stored = runs.load_config(run_dir)
+            if (stored.model.hidden, stored.train.epochs) != (wanted.model.hidden, wanted.train.epochs):
+                raise SystemExit(f"{run_dir} was trained with --hidden {stored.model.hidden[0]} --epochs "
+                                 f"{stored.train.epochs}; give another --out, or remove it")
         if not runs.is_complete(run_dir):
-            train(config(name, args.epochs, args.hidden), run_dir, resume=(run_dir / "config.json").exists(),
-                  dataset=data, progress=False)
+            train(wanted, run_dir, resume=(run_dir / "config.json").exists(), dataset=data, progress=False)
         results[name] = {**evaluate(run_dir, data.test.x, args.k), "kl_floor": bound(name),
-                         "epochs": args.epochs, "seconds": time.perf_counter() - start}
+                         "epochs": args.epochs, "hidden": args.hidden, "seconds": time.perf_counter() - start}
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in results[name].items()), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,8 @@ def layouts(repeats: int) -> None:
     for name, a, b in products():
         n = repeats_for(a, b, repeats)
         flipped = other_layout(b)
-        torch.testing.assert_close(F.linear(a, b), F.linear(a, flipped))
+        # (one thread sums a length-~800 dot product in another order per layout: float32's rounding, not a bug)
+        torch.testing.assert_close(F.linear(a, b), F.linear(a, flipped), rtol=1e-4, atol=1e-4)
         given, other = rate(F.linear, a, b, n), rate(F.linear, a, flipped, n)
         print(f"{name:<34}{given:>16.0f}{other:>14.0f}{other / given:>7.2f}x", flush=True)
 

@@ -16,7 +16,9 @@ what autograd alone costs. vaelab's estimator encodes each image once and scores
 per pass with log_prob of the model's distributions.
 
 Each is timed --rounds times, interleaved; prints the medians' images/second, the ratio, and whether
-the mean estimates agree within their combined standard error. Then (unless --quick) times K=1000 over
+the estimates agree: vaelab's and the loop's per-image difference within 3 of its standard errors (the
+images' spread in difficulty cancels in it, and dwarfed an 8-nat bias in the means' combined error), and
+Pythae's mean within their combined standard error. Then (unless --quick) times K=1000 over
 the whole 10k test set.
 Last line: `speedup=X agree=true|false`.
 
@@ -182,8 +184,8 @@ def main() -> None:
     # Pythae's get_nll returns only the mean; its per-image spread is the loop's (the same estimator)
     m_ref = pythae_mean if pythae is not None else m_loop
     combined = math.sqrt(se_loop**2 + se_ours**2)
-    agree = abs(m_ref - m_ours) <= combined and abs(m_loop - m_ours) <= combined
     paired_m, paired_se = mean_and_stderr(ours - loop)
+    agree = abs(m_ref - m_ours) <= combined and abs(paired_m) <= 3 * paired_se
     print(f"\nmedians of {args.rounds} interleaved rounds")
     print(f"{'estimator':<26}{'seconds':>9}{'images/s':>11}{'vaelab is':>11}{'mean log p(x)':>16}{'stderr':>9}")
     rows = {"pythae": ("Pythae VAE.get_nll", m_ref if pythae is not None else None, None),

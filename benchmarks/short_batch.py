@@ -6,8 +6,8 @@ This script measures both in one process with an empty compiler cache (a tempora
 the first compiled call at the full batch (compiling), the first compiled call at the short batch (the
 second compile the trainer no longer makes), and the median of --steps eager steps at the short batch (the
 reference, what it does now). The ratio says how many epochs' worth of eager short batches one such compile
-costs. Models: the README's MLP VAE on 784 pixels (--model mlp, batch 128, short batch 117, as on
-Fashion-MNIST's 50,000 training images) or its text VAE (--model text, LSTM, batch 128, short batch 117, as on
+costs. Models: the README's MLP VAE on 784 pixels (--model mlp, batch 128, short batch 117; Fashion-MNIST's
+50,000 training images leave 80) or its text VAE (--model text, LSTM, batch 128, short batch 117, as on
 fortunes' 17,013 training sentences; compiling takes minutes on a 2-core CPU).
 
     python benchmarks/short_batch.py [--model mlp|text] [--steps 5]
