@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from typing import NoReturn
 
 from . import __version__
 from .config import DEVICES, RunConfig
-from .errors import ConfigError, VaelabError, is_out_of_memory
+from .errors import ConfigError, VaelabError, out_of_memory_message
 from .flags import FLAGS, PRESETS, config_from_args, dest
 
 
@@ -396,23 +395,6 @@ def _rank() -> str:
     """The suffix " (rank R)" in a job of several processes, where each prints its own errors; else ""."""
     return f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
-
-def out_of_memory_message(e: BaseException, *, evaluating: bool = False) -> str | None:
-    """One line for an allocation failure (MemoryError, torch's CPU or CUDA out-of-memory RuntimeError), naming the
-    size asked for where the error gives it and the settings that set it (evaluating: evaluate's own, not the
-    training flags it cannot take); None for any other error."""
-    if not is_out_of_memory(e):
-        return None
-    text = str(e)
-    size = re.search(r"[Tt]ried to allocate (\d+ bytes|[\d.]+ [KMGT]i?B)", text)  # CPU: bytes; CUDA: "2.00 GiB"
-    amount = "" if size is None else size.group(1)
-    amount = f"{int(amount.split()[0]) / 1e9:.1f} GB" if amount.endswith(" bytes") else amount
-    asked = f" (an allocation of {amount})" if amount else ""
-    if evaluating:
-        return (f"out of memory{asked}: give evaluate a smaller --chunk (importance samples per pass; memory does "
-                "not grow with --k) or --no-probe, or use a machine or device with more memory")
-    return (f"out of memory{asked}: make the model or its batches smaller (--batch-size, --hidden, --latent-dim) "
-            "or use a machine or device with more memory; finished checkpoints are intact")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
 """Error types: every failure a user can cause is one of these, with a one-line message naming the fix."""
+from __future__ import annotations
+
+import re
 
 
 class VaelabError(Exception):
@@ -32,3 +35,21 @@ def is_out_of_memory(e: BaseException) -> bool:
         return True
     text = str(e)
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def out_of_memory_message(e: BaseException, *, evaluating: bool = False) -> str | None:
+    """One line for an allocation failure (MemoryError, torch's CPU or CUDA out-of-memory RuntimeError), naming the
+    size asked for where the error gives it and the settings that set it (evaluating: evaluate's own, not the
+    training flags it cannot take); None for any other error."""
+    if not is_out_of_memory(e):
+        return None
+    text = str(e)
+    size = re.search(r"[Tt]ried to allocate (\d+ bytes|[\d.]+ [KMGT]i?B)", text)  # CPU: bytes; CUDA: "2.00 GiB"
+    amount = "" if size is None else size.group(1)
+    amount = f"{int(amount.split()[0]) / 1e9:.1f} GB" if amount.endswith(" bytes") else amount
+    asked = f" (an allocation of {amount})" if amount else ""
+    if evaluating:
+        return (f"out of memory{asked}: give evaluate a smaller --chunk (importance samples per pass; memory does "
+                "not grow with --k) or --no-probe, or use a machine or device with more memory")
+    return (f"out of memory{asked}: make the model or its batches smaller (--batch-size, --hidden, --latent-dim) "
+            "or use a machine or device with more memory; finished checkpoints are intact")

@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 
 from .config import TrainConfig
+from .errors import ConfigError
 
 
 def kl_weight(config: TrainConfig, progress_epochs: float) -> float:
@@ -26,6 +27,22 @@ def kl_weight(config: TrainConfig, progress_epochs: float) -> float:
     if config.warmup_epochs <= 0:
         return config.beta
     return config.beta * min(1.0, progress_epochs / config.warmup_epochs)
+
+
+def check_cycles(cfg: TrainConfig, steps_per_epoch: int) -> None:
+    """Refuse --kl-cycles whose rise spans less than one step, or cycles of one step: each step's weight was then 0
+    or beta as float rounding fell, or 0 at every step (with 100 one-step cycles the KL term was off for the run)."""
+    if not (cfg.kl_cycles and cfg.epochs):
+        return
+    steps = steps_per_epoch * cfg.epochs
+    per_cycle = steps / cfg.kl_cycles
+    if per_cycle < 2 or per_cycle * cfg.kl_cycle_ratio < 1:
+        most = math.floor(min(steps / 2, steps * cfg.kl_cycle_ratio))
+        fix = f"use at most {most} cycles, or more --epochs" if most else "give more --epochs"
+        rise = per_cycle * cfg.kl_cycle_ratio
+        raise ConfigError(f"--kl-cycles {cfg.kl_cycles}: the run has {steps} steps, so each cycle has {per_cycle:.2g} "
+                          f"and its rise (--kl-cycle-ratio {cfg.kl_cycle_ratio:g}) {rise:.2g}; a cycle needs 2 steps "
+                          f"and a rise of 1; {fix}")
 
 
 def cosine_rate(peak: float, floor: float, fraction: float) -> float:

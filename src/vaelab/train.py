@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, runs
-from .config import RunConfig, TrainConfig
+from .config import RunConfig
 from .data import (
     Dataset,
     binarize,
@@ -34,7 +34,7 @@ from .errors import CheckpointError, ConfigError, TrainingError, is_out_of_memor
 from .flags import without_ignored_settings
 from .models import PCA, build_model
 from .prepare import EVAL_SEED, check_unchanged, prepare_data
-from .schedules import kl_weight, learning_rate, resume_note
+from .schedules import check_cycles, kl_weight, learning_rate, resume_note
 from .steps import compile_step, make_optimizer, mean_terms, objective_for, optimizer_step, step_loss
 from .system import flush_denormals, keep_freed_memory
 
@@ -76,7 +76,7 @@ class Trainer:
                                            vocab_size=len(self.data.vocab) if self.data.is_text else None)
         self.config = dataclasses.replace(config, model=model_config)
         self.job, self.device = distributed.join(config.train.device)
-        _check_cycles(config.train, math.ceil(self.data.train.x.shape[0] / (config.train.batch_size * self.job.world)))
+        check_cycles(config.train, math.ceil(self.data.train.x.shape[0] / (config.train.batch_size * self.job.world)))
         if self.device.type == "cpu":
             keep_freed_memory()
         torch.manual_seed(config.train.seed)  # initial weights, the same in every process
@@ -347,22 +347,6 @@ def _identity(config: RunConfig) -> RunConfig:
                                 compile=False, sync_bn=True)
     return dataclasses.replace(config, train=train, model=dataclasses.replace(config.model, input_shape=None),
                                data=dataclasses.replace(config.data, fingerprint=None))  # checked in _resume
-
-
-def _check_cycles(cfg: TrainConfig, steps_per_epoch: int) -> None:
-    """Refuse --kl-cycles whose rise spans less than one step, or cycles of one step: each step's weight was then 0
-    or beta as float rounding fell, or 0 at every step (with 100 one-step cycles the KL term was off for the run)."""
-    if not (cfg.kl_cycles and cfg.epochs):
-        return
-    steps = steps_per_epoch * cfg.epochs
-    per_cycle = steps / cfg.kl_cycles
-    if per_cycle < 2 or per_cycle * cfg.kl_cycle_ratio < 1:
-        most = math.floor(min(steps / 2, steps * cfg.kl_cycle_ratio))
-        fix = f"use at most {most} cycles, or more --epochs" if most else "give more --epochs"
-        rise = per_cycle * cfg.kl_cycle_ratio
-        raise ConfigError(f"--kl-cycles {cfg.kl_cycles}: the run has {steps} steps, so each cycle has {per_cycle:.2g} "
-                          f"and its rise (--kl-cycle-ratio {cfg.kl_cycle_ratio:g}) {rise:.2g}; a cycle needs 2 steps "
-                          f"and a rise of 1; {fix}")
 
 
 def _without_kl_unless(has_kl: bool, record: dict[str, Any]) -> dict[str, Any]:
