@@ -163,7 +163,8 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
 
 def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool = True, chunk: int | None = None,
                  device: str = "cpu", data: Dataset | None = None,
-                 checkpoint: runs.Checkpoint | None = None, write: bool = True) -> dict[str, Any]:
+                 checkpoint: runs.Checkpoint | None = None, model: nn.Module | None = None,
+                 write: bool = True) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint on its test split and write RUN/evaluation.json.
 
     Args:
@@ -176,12 +177,13 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
         data: the run's data set, if already loaded.
         checkpoint: the checkpoint to evaluate (default: the latest, read once: of a run still training, a
             separate read of latest.json labelled the weights of one epoch with the next).
+        model: the checkpoint's model, already loaded (a run still training may prune its folder meanwhile).
         write: write RUN/evaluation.json (else the caller does, with write_evaluation).
     """
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
     checkpoint = checkpoint or runs.latest_checkpoint(run_dir)
-    model = runs.load(run_dir, device=device, checkpoint=checkpoint)
+    model = model if model is not None else runs.load(run_dir, device=device, checkpoint=checkpoint)
     epoch = checkpoint.epoch
     objective = config.train.objective if has_posterior(model) else None  # AE/PCA: no bound was trained
     result = {"run": str(run_dir), "epoch": epoch, "objective": objective,
@@ -272,7 +274,7 @@ def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None
 
 
 def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progress: bool = False,
-                      data: Dataset | None = None, checkpoint: runs.Checkpoint | None = None) -> list[dict[str, Any]]:
+                      data: Dataset | None = None, model: nn.Module | None = None) -> list[dict[str, Any]]:
     """PCA, AE and VAE at the run's latent size on the same test data: one row of errors per model.
 
     The run's own model fills its row; the others are trained (once, and on to the run's epochs when it has
@@ -287,7 +289,7 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
     rows = []
     if data.is_text:  # PCA and autoencoders of token ids are not a thing
         return rows
-    own = runs.load(run_dir, checkpoint=checkpoint)  # (checkpoint: the run's one the report shows)
+    own = model if model is not None else runs.load(run_dir)  # (model: the run's, as the report shows it)
     size = latent_size(own, config)
     pixels, examples = math.prod(data.shape), data.train.x.shape[0]
     for name in (*BASELINES, *((config.model.model,) if config.model.model not in BASELINES else ())):

@@ -125,10 +125,12 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
     data = prepare_data(config, data)
-    checkpoint = runs.latest_checkpoint(run_dir)  # read once: a run still training moves on meanwhile, and the
-    model = runs.load(run_dir, checkpoint=checkpoint)  # page mixed figures, metrics and a status of three epochs
-    metrics = evaluate_run(run_dir, data=data, checkpoint=checkpoint)
-    table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data, checkpoint=checkpoint)
+    # one checkpoint, read and loaded once: a run still training moves on (and prunes that folder) meanwhile, and
+    # the page mixed figures, metrics and a status of three epochs
+    checkpoint = runs.latest_checkpoint(run_dir)
+    model = runs.load(run_dir, checkpoint=checkpoint)
+    metrics = evaluate_run(run_dir, data=data, checkpoint=checkpoint, model=model)
+    table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data, model=model)
     if data.is_text:  # sentences instead of pictures
         made, text = _curves(run_dir), text_views.html_sections(model, data.test.x, data.vocab, seed=EVAL_SEED)
     else:

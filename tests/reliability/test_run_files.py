@@ -300,6 +300,14 @@ def test_a_report_of_a_run_still_training_is_of_one_checkpoint(good_run, tmp_pat
         earlier = latest.path.parent / "epoch-0001"
         return runs.Checkpoint(path=earlier, epoch=1, state=json.loads((earlier / "trainer.json").read_text()))
     monkeypatch.setattr(runs, "latest_checkpoint", moving)
+    real_load = runs.load
+
+    def load_then_prune(run_dir, **kw):  # the trainer prunes the folder once it has been read: no second read
+        model = real_load(run_dir, **kw)
+        if kw.get("checkpoint") is not None:
+            shutil.rmtree(kw["checkpoint"].path)
+        return model
+    monkeypatch.setattr(runs, "load", load_then_prune)
     page = write_report(run, baselines=False).read_text()
     assert json.loads((run / "evaluation.json").read_text())["epoch"] == 1
     assert "Training stopped after epoch 1 of 2" in page
