@@ -240,6 +240,28 @@ def test_downloads_say_what_went_wrong_on_which_side(server, idx_files, tmp_path
     assert len(requests) == 1  # not each mirror in turn
 
 
+def test_an_ssl_error_mid_download_is_the_mirror_s_not_the_disk_s(server, idx_files, tmp_path, monkeypatch):
+    """ssl.SSLError is an OSError whose errno is the SSL code (1, read as EPERM): it was taken for a local write
+    failure, and the other mirrors were not tried."""
+    import io
+    import ssl
+
+    base, _ = server
+    _, digests = idx_files
+    name = "train-labels-idx1-ubyte.gz"
+    real = fetch.urllib.request.urlopen
+
+    class Broken(io.BytesIO):
+        headers = {}
+
+        def read1(self, n=-1):
+            raise ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed or bad record mac")
+    monkeypatch.setattr(fetch.urllib.request, "urlopen",
+                        lambda url, **kw: Broken() if "broken" in url else real(url, **kw))
+    fetch.download_first([f"{base}broken/{name}", base + name], tmp_path / name, digests[name])
+    assert (tmp_path / name).is_file()
+
+
 def test_a_trickling_mirror_fails_and_what_killed_downloads_left_is_cleared(server, idx_files, tmp_path,
                                                                              monkeypatch):
     """A mirror sending a few bytes within every read timeout held a run for ever; a download killed outright

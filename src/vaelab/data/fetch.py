@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
 import os
@@ -22,9 +21,6 @@ from vaelab.fileio import usual_mode
 TIMEOUT_S = 60.0  # per connection attempt and per read; a stalled mirror fails instead of hanging a run
 MIN_RATE = 10_000  # bytes per second, on average after TIMEOUT_S: a mirror trickling slower fails too
 _CHUNK = 1 << 20
-# errors of the local disk, not of the mirror: trying the next mirror cannot help
-_LOCAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
-          errno.EEXIST, errno.ENOENT}
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> SHA-256, hashed once per process
 
 
@@ -99,43 +95,43 @@ def _fetch(url: str, dest: Path, sha256: str) -> str | None:
     tmp: Path | None = None
     got = 0
     try:
-        with (
-            urllib.request.urlopen(url, timeout=TIMEOUT_S) as response,
-            tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False) as out,
-        ):
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            out = _on_disk(tempfile.NamedTemporaryFile, dir=dest.parent, prefix=f".{dest.name}.", suffix=".part",
+                           delete=False)
             tmp = Path(out.name)
             length = response.headers.get("Content-Length")
             length = int(length) if length and length.isdigit() else None
             digest, start = hashlib.sha256(), time.monotonic()
-            with tqdm(total=length, unit="B", unit_scale=True, desc=f"downloading {dest.name}", leave=False,
-                      disable=None, file=sys.stderr) as bar:  # (None: only on a terminal)
+            with out, tqdm(total=length, unit="B", unit_scale=True, desc=f"downloading {dest.name}", leave=False,
+                           disable=None, file=sys.stderr) as bar:  # (None: only on a terminal)
                 read = getattr(response, "read1", response.read)  # what has arrived: read() waits for it all
                 while chunk := read(_CHUNK):
                     digest.update(chunk)
-                    out.write(chunk)
+                    _on_disk(out.write, chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
                     seconds = time.monotonic() - start
                     if seconds > TIMEOUT_S and got < MIN_RATE * seconds:
                         return f"too slow ({got / seconds / 1000:.1f} kB/s after {seconds:.0f} s)"
+                _on_disk(out.flush)
         if length is not None and got != length:
             return f"the connection closed after {got} of {length} bytes; try again"
         if digest.hexdigest() != sha256:
             return f"SHA-256 {digest.hexdigest()}, expected {sha256}; the corrupt download was removed"
-        tmp.chmod(usual_mode())  # a temporary file is owner-only: a shared cache was unreadable to others
-        os.replace(tmp, dest)  # atomic: readers see the old state or the whole verified file
+        _on_disk(tmp.chmod, usual_mode())  # a temporary file is owner-only: a shared cache was unreadable to others
+        _on_disk(os.replace, tmp, dest)  # atomic: readers see the old state or the whole verified file
         tmp = None
         return None
+    except _DiskError as e:  # the next mirror cannot help
+        raise DataError(f"cannot write {dest} ({e.error.strerror or e.error}); free space there, or set VAELAB_DATA "
+                        "to a writable folder") from None
     except urllib.error.HTTPError as e:
         return f"HTTP {e.code} {str(e.reason).splitlines()[0] if e.reason else ''}".rstrip()  # (a redirect loop's
     except urllib.error.URLError as e:  # reason runs to three lines)
         return _describe(e.reason)
     except http.client.IncompleteRead as e:
         return f"the connection closed early, after {got + len(e.partial)} bytes; try again"
-    except OSError as e:
-        if e.errno in _LOCAL and not isinstance(e, ConnectionError):
-            raise DataError(f"cannot write {dest} ({e.strerror or e}); free space there, or set VAELAB_DATA to a "
-                            "writable folder") from None
+    except OSError as e:  # the network's (an SSL error's errno is the SSL code: 1 read as EPERM, a local failure)
         return _describe(e)
     except (http.client.HTTPException, ValueError) as e:
         hint = " (a base URL needs http://, https:// or file://)" if isinstance(e, ValueError) else ""
@@ -143,6 +139,22 @@ def _fetch(url: str, dest: Path, sha256: str) -> str | None:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+class _DiskError(Exception):
+    """An OSError of the local disk (a full one, a read-only folder), not of the mirror."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _on_disk(operation, *args, **kwargs):
+    """operation(*args, **kwargs), its OSError raised as a _DiskError."""
+    try:
+        return operation(*args, **kwargs)
+    except OSError as e:
+        raise _DiskError(e) from e
 
 
 def _describe(reason: object) -> str:
