@@ -152,6 +152,8 @@ def test_the_summary_is_of_the_loaded_checkpoint_and_linked_runs_are_found(runs_
     later = json.loads(records.splitlines()[-1]) | {"epoch": 9, "val_loss": 1.0}
     (run / "metrics.jsonl").write_text(records + json.dumps(later) + "\n")  # a line the checkpoint is behind
     (tmp_path / "runs" / "linked").symlink_to(runs_root / "pca", target_is_directory=True)
+    (tmp_path / "runs" / "loop").symlink_to(".", target_is_directory=True)  # each run once, not per path to it
+    (tmp_path / "runs" / "again").symlink_to(run, target_is_directory=True)
     client = TestClient(create_app(tmp_path / "runs"), raise_server_exceptions=False)
     assert [r["name"] for r in client.get("/api/runs").json()["runs"]] == ["linked", "vae"]
     s = client.get("/api/summary", params={"run": "vae"}).json()

@@ -34,9 +34,17 @@ def find_runs(root: Path) -> dict[str, Path]:
         return {root.resolve().name or "run": root}
     found: dict[str, Path] = {}
     base_depth = len(root.parts)
-    for folder, subdirs, _ in os.walk(root, followlinks=True):  # runs linked in count (MAX_DEPTH ends any loop)
+    seen = set()  # folders by their real path: a link back up (ln -s . loop) or to a run listed it under many names
+    for folder, subdirs, _ in os.walk(root, followlinks=True):  # runs linked in count
         here = Path(folder)
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d not in SKIP)
+        real = here.resolve()
+        if real in seen:
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        # folders themselves before links to them: a run reached both ways keeps its own name
+        subdirs[:] = sorted((d for d in subdirs if not d.startswith(".") and d not in SKIP),
+                            key=lambda d: (os.path.islink(os.path.join(folder, d)), d))
         if len(here.parts) - base_depth >= MAX_DEPTH:
             subdirs[:] = []
         if here != root and is_run(here):
