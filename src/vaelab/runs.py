@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RunConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, VaelabError
 from .fileio import atomic_write_text, fsync_dir, usual_mode
 from .models import build_model
 from .system import resolve_device
@@ -135,6 +135,7 @@ def training_lock(run_dir: Path, *, create: bool = True) -> Iterator[None]:
     """Hold RUN/.lock (an advisory lock the system drops when the process ends) while training the run; a second
     trainer of it is refused with the first one's process id. create: make the run folder (a new run)."""
     run_dir = Path(run_dir)
+    made = create and not run_dir.exists()
     if create:
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -144,7 +145,9 @@ def training_lock(run_dir: Path, *, create: bool = True) -> Iterator[None]:
     if fcntl is None or not run_dir.is_dir():  # (a resume of a folder that is not there says so itself)
         yield
         return
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, usual_mode())
+    lock = run_dir / LOCK
+    kept = lock.exists()
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, usual_mode())
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -155,7 +158,14 @@ def training_lock(run_dir: Path, *, create: bool = True) -> Iterator[None]:
                                   "(--resume then continues the run)") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        yield
+        try:
+            yield
+        except VaelabError:  # a refused run writes nothing: the lock goes (and the folder it made, if empty)
+            if not kept:
+                lock.unlink(missing_ok=True)
+                if made and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
+            raise
     finally:
         os.close(fd)
 

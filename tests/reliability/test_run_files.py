@@ -187,6 +187,14 @@ def test_a_folder_with_another_tool_s_config_json_is_not_called_a_run(tmp_path, 
     err = one_line(capsys)  # it said "already holds a run; pass --resume", which then failed
     assert "holds a config.json that is not a vaelab run's; choose another --out" in err
     assert (tmp_path / "proj" / "config.json").read_text() == '{"learning_rate": 0.1}'
+    assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == ["config.json"]  # no .lock left in it
+    from vaelab.config import DataConfig, RunConfig
+    from vaelab.errors import CheckpointError
+    from vaelab.train import train
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError):  # a resume of a folder holding no run, from Python
+        train(RunConfig(data=DataConfig(name="digits")), tmp_path / "empty", resume=True, progress=False)
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 def test_review_regressions_of_the_day(good_run, tmp_path, capsys):
