@@ -36,7 +36,7 @@ def check_cycles(cfg: TrainConfig, steps_per_epoch: int) -> None:
         return
     steps = steps_per_epoch * cfg.epochs
     per_cycle = steps / cfg.kl_cycles
-    if per_cycle < 2 or per_cycle * cfg.kl_cycle_ratio < 1:
+    if per_cycle < 2 or per_cycle * cfg.kl_cycle_ratio < 1 - 1e-9:  # (25 steps x 0.36 / 9 cycles is 0.99999...)
         most = math.floor(min(steps / 2, steps * cfg.kl_cycle_ratio))
         fix = f"use at most {most} cycles, or more --epochs" if most else "give more --epochs"
         rise = per_cycle * cfg.kl_cycle_ratio
