@@ -136,7 +136,7 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
         if not has_nll(model):
             raise ConfigError(f"--nll needs a model of p(x): a VAE (importance-sampled) or PCA (exact), not "
                               f"--model {config.model.model}, whose codes are deterministic")
-        x_nll, seed = nll_test_set(config, data)
+        x_nll = scored  # nll_test_set's, for PCA as for a VAE (the models with an NLL)
         # a Gaussian's log p(x) is a density of the values (pixels in [0, 1]), above 0 nats or below; in bits per
         # dimension it would read as a discrete model's, so none is given unless the run was trained and is
         # scored on dequantised 8-bit pixels: then -log P(8-bit image) <= -log p(x) + D log 256 in
@@ -153,7 +153,6 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
             if config.data.dequantize:  # + D log 256 nats is + log2(256) = 8 bits per dimension
                 result["nll_bits_per_dim"] += math.log2(EIGHT_BIT_LEVELS)
                 result["nll_dequantized"] = True
-        result["test_binarize_seed"] = seed
     if probe and data.train.y is not None:
         with warnings.catch_warnings():  # lbfgs may stop at max_iter on raw pixels; the accuracy stands
             warnings.simplefilter("ignore")
