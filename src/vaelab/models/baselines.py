@@ -39,29 +39,34 @@ class PCA(nn.Module):
     @torch.no_grad()
     def check_data(self, x: torch.Tensor) -> None:
         """Refuse training images x (N, C, H, W) this PCA cannot be fitted to, before anything is written."""
+        self._centred(x)
+
+    def _centred(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images flattened and centred in float64, and their mean; or a one-line ConfigError."""
         if x.shape[0] < 2:
             raise ConfigError("PCA needs at least 2 training examples")
         if self.latent_dim > x.shape[0]:  # the SVD of N examples has at most N components
             raise ConfigError(f"--latent-dim {self.latent_dim}: PCA of {x.shape[0]} training examples has at most "
                               f"{x.shape[0]} components; lower --latent-dim or give more data")
         flat = x.flatten(1).double()
-        total = float((flat - flat.mean(0)).pow(2).sum(1).mean())  # the eigenvalues' sum: each is at most this
+        mean = flat.mean(0)
+        centred = flat - mean
+        total = float(centred.pow(2).sum(1).mean())  # the eigenvalues' sum: each is at most this
         if total > torch.finfo(self.explained_variance.dtype).max:
             raise ConfigError(f"the training images' variance ({total:.3g} summed over pixels) overflows "
                               f"{self.explained_variance.dtype}: scale the data (values up to "
                               f"{float(x.abs().max()):.3g})")
+        return centred, mean
 
     def fit(self, x: torch.Tensor) -> PCA:
         """Fit to images x (N, C, H, W) via the SVD of the centred data (in float64)."""
-        self.check_data(x)
-        flat = x.flatten(1).double()
-        mean = flat.mean(0)
-        _, s, vh = torch.linalg.svd(flat - mean, full_matrices=False)
-        eigenvalues = s**2 / flat.shape[0]  # of the maximum-likelihood covariance S (1/N, not 1/(N - 1))
+        centred, mean = self._centred(x)
+        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        eigenvalues = s**2 / centred.shape[0]  # of the maximum-likelihood covariance S (1/N, not 1/(N - 1))
         components = vh[: self.latent_dim]
         # deterministic signs: the largest-magnitude loading of each component is positive
         signs = torch.sign(components.gather(1, components.abs().argmax(1, keepdim=True)))
-        n_features, discarded = flat.shape[1], eigenvalues[self.latent_dim:].sum()
+        n_features, discarded = centred.shape[1], eigenvalues[self.latent_dim:].sum()
         # the SVD gives min(N, P) eigenvalues: the rest are 0 and count in the mean (Tipping & Bishop, eq. 8)
         noise = discarded / (n_features - self.latent_dim) if n_features > self.latent_dim else discarded * 0
         self.mean.copy_(mean)
