@@ -77,7 +77,11 @@ class PCA(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Projections onto the principal components, (B, L)."""
-        check_images(x, self.input_shape, "encode", model_tensor(self))
+        return self._project(x, "encode")
+
+    def _project(self, x: torch.Tensor, method: str) -> torch.Tensor:
+        """encode(x), its input checked under the name of the method called (once)."""
+        check_images(x, self.input_shape, method, model_tensor(self))
         return (x.flatten(1) - self.mean) @ self.components.T
 
     def decode(self, z: torch.Tensor) -> Distribution:
@@ -112,14 +116,12 @@ class PCA(nn.Module):
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Point codes (B, L)."""
-        check_images(x, self.input_shape, "embed", model_tensor(self))
-        return self.encode(x)
+        return self._project(x, "embed")
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Projection onto the principal subspace, shape of x."""
-        check_images(x, self.input_shape, "reconstruct", model_tensor(self))
-        return self.decode(self.encode(x)).mean
+        return self.decode(self._project(x, "reconstruct")).mean
 
 
 class AE(nn.Module):
@@ -144,7 +146,11 @@ class AE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The code z = f(x), (B, L)."""
-        check_images(x, self.input_shape, "encode", model_tensor(self))
+        return self._code(x, "encode")
+
+    def _code(self, x: torch.Tensor, method: str) -> torch.Tensor:
+        """encode(x), its input checked under the name of the method called (once)."""
+        check_images(x, self.input_shape, method, model_tensor(self))
         return self.code(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> Distribution:
@@ -159,11 +165,9 @@ class AE(nn.Module):
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Point codes (B, L)."""
-        check_images(x, self.input_shape, "embed", model_tensor(self))
-        return self.encode(x)
+        return self._code(x, "embed")
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|f(x)), shape of x."""
-        check_images(x, self.input_shape, "reconstruct", model_tensor(self))
-        return self.decode(self.encode(x)).mean
+        return self.decode(self._code(x, "reconstruct")).mean
