@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.resources
+import io
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -18,7 +18,7 @@ from vaelab.data.dataset import Dataset, Split, split_shuffled
 from vaelab.data.fetch import data_dir, download_first, sha256_of
 from vaelab.data.idx import read_idx
 from vaelab.errors import DataError
-from vaelab.fileio import usual_mode
+from vaelab.fileio import atomic_write_bytes
 
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 FASHION_CLASSES = (
@@ -119,20 +119,12 @@ def _parse_mnist5k_csv() -> np.ndarray:
 
 def _write_npz_quietly(path: Path, **arrays: np.ndarray) -> None:
     """Write an .npz atomically; a cache that cannot be written is skipped, never an error."""
-    tmp = None
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False) as f:
-            tmp = Path(f.name)
-            np.savez(f, **arrays)
-        tmp.chmod(usual_mode())  # (a temporary file is owner-only)
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError:
         pass
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 def load_digits() -> Dataset:
