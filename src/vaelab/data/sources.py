@@ -188,12 +188,10 @@ def _cached_or_downloaded(name: str, mirrors: list[str], digests: dict[str, str]
     SHA-256 is not the data set's (another data set's files under these names loaded as this one, and damaged
     copies were never fetched again). Uncompressed files placed by hand are used as they are."""
     folder = data_dir() / name
-    damaged = set()
-    for f in IDX_FILES:
-        path = _present(folder, f)
-        if path is not None and path.name == f and sha256_of(path) != digests[f].lower():
-            damaged.add(f)
-    missing = [f for f in IDX_FILES if _present(folder, f) is None or f in damaged]
+    present = {f: _present(folder, f) for f in IDX_FILES}
+    damaged = {f for f, path in present.items()
+               if path is not None and path.name == f and sha256_of(path) != digests[f].lower()}
+    missing = [f for f, path in present.items() if path is None or f in damaged]
     for i, f in enumerate(missing):
         try:
             used = download_first([m + f for m in mirrors], folder / f, digests[f])
