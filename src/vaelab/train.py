@@ -76,7 +76,9 @@ class Trainer:
                                            vocab_size=len(self.data.vocab) if self.data.is_text else None)
         self.config = dataclasses.replace(config, model=model_config)
         self.job, self.device = distributed.join(config.train.device)
-        check_cycles(config.train, math.ceil(self.data.train.x.shape[0] / (config.train.batch_size * self.job.world)))
+        # steps per epoch: the job's global batches (the last may be short)
+        self.steps = math.ceil(self.data.train.x.shape[0] / (config.train.batch_size * self.job.world))
+        check_cycles(config.train, self.steps)
         if self.device.type == "cpu":
             keep_freed_memory()
         torch.manual_seed(config.train.seed)  # initial weights, the same in every process
@@ -206,8 +208,7 @@ class Trainer:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         cfg, job = self.config.train, self.job
         n = self.train_x.shape[0]
-        global_batch = cfg.batch_size * job.world
-        steps = math.ceil(n / global_batch)
+        global_batch, steps = cfg.batch_size * job.world, self.steps
         torch.manual_seed(epoch_seed(cfg.seed, epoch, job.rank))  # reparameterisation noise, per process
         noise = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch, job.rank))
         shared = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch))
