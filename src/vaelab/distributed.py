@@ -42,6 +42,10 @@ class Job:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t
 
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        """Whether flag is true in every process (flag itself in a job of one)."""
+        return flag if self.world == 1 else int(self.sum(torch.tensor(int(flag), device=device))) == self.world
+
     def barrier(self) -> None:
         """Wait until every process gets here (e.g. until rank 0 has written a checkpoint)."""
         if self.world > 1:

@@ -30,7 +30,7 @@ from .data import (
     fingerprint,
     load_dataset,
 )
-from .errors import CheckpointError, ConfigError, TrainingError, is_out_of_memory
+from .errors import CheckpointError, ConfigError, TrainingError, VaelabError, is_out_of_memory
 from .flags import without_ignored_settings
 from .models import PCA, build_model
 from .prepare import EVAL_SEED, check_unchanged, prepare_data
@@ -116,9 +116,21 @@ class Trainer:
         """Train from scratch (the run directory must not hold a run yet) or resume from its last checkpoint."""
         if isinstance(self.model, PCA):  # refusals that depend on the data come before anything is written
             self.model.check_data(self.train_x)
-        # one trainer per run: a --resume started beside a live run pruned its half-written checkpoint, and both
-        # appended metrics
-        with runs.training_lock(self.run_dir, create=not resume) if self.job.is_main else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            # one trainer per run: a --resume started beside a live run pruned its half-written checkpoint, and both
+            # appended metrics. Under torchrun the other processes learn whether rank 0 got the run before they read
+            # it: they went on, and a refusal was rank 0's line followed by their traceback of a collective whose
+            # peer had gone ("Connection closed by peer").
+            refusal = None
+            if self.job.is_main:
+                try:
+                    held.enter_context(runs.training_lock(self.run_dir, create=not resume))
+                    if not resume:
+                        self._check_new_run()
+                except VaelabError as e:
+                    refusal = e
+            if not self.job.all_true(refusal is None, self.device):
+                raise refusal or TrainingError("rank 0 of this torchrun job did not start the run (its error says why)")
             start_epoch = self._resume() if resume else self._start()
             if isinstance(self.model, PCA):
                 model = self._fit_pca()
@@ -138,20 +150,23 @@ class Trainer:
         distributed.leave(self.job)
         return model
 
+    def _check_new_run(self) -> None:
+        """Rank 0: the run directory must not hold a run yet (one stopped before its first checkpoint starts again)."""
+        if (self.run_dir / "config.json").exists():
+            try:
+                runs.load_config(self.run_dir)
+            except (ConfigError, CheckpointError):  # another tool's config.json: --resume would not help
+                raise TrainingError(f"{self.run_dir} holds a config.json that is not a vaelab run's; choose "
+                                    "another --out") from None
+            if runs.has_checkpoint(self.run_dir) or not runs.unstarted(self.run_dir):
+                raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
+                                    "or choose another --out")
+            # stopped while writing its first checkpoint: nothing was trained, and --resume has nothing to load
+            self._log(f"{self.run_dir} holds a run stopped before its first checkpoint: starting it again",
+                      notice=True)
+
     def _start(self) -> int:
         if self.job.is_main:
-            if (self.run_dir / "config.json").exists():
-                try:
-                    runs.load_config(self.run_dir)
-                except (ConfigError, CheckpointError):  # another tool's config.json: --resume would not help
-                    raise TrainingError(f"{self.run_dir} holds a config.json that is not a vaelab run's; choose "
-                                        "another --out") from None
-                if runs.has_checkpoint(self.run_dir) or not runs.unstarted(self.run_dir):
-                    raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
-                                        "or choose another --out")
-                # stopped while writing its first checkpoint: nothing was trained, and --resume has nothing to load
-                self._log(f"{self.run_dir} holds a run stopped before its first checkpoint: starting it again",
-                          notice=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.run_dir / "config.json")
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
