@@ -103,9 +103,30 @@ def test_a_run_rank_0_refuses_is_refused_by_every_process_in_one_line(data, tmp_
         again = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", str(out))
         refusal = "already holds a run; pass --resume"
     assert again.returncode != 0
-    assert refusal in again.stderr and "rank 0 of this torchrun job did not start the run" in again.stderr
+    assert refusal in again.stderr and "rank 0 of this torchrun job could not start the run" in again.stderr
     assert "[rank1]: Traceback" not in again.stderr and "Connection closed" not in again.stderr, again.stderr
     assert [r["epoch"] for r in runs.read_metrics(out)] == [1]
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_process_in_one_line(data, tmp_path):
+    # rank 0 alone writes checkpoints; the other process waited at a barrier and printed a collective's traceback
+    script = tmp_path / "full_disk.py"
+    script.write_text("import sys\nfrom vaelab import cli, runs\nfrom vaelab.errors import CheckpointError\n"
+                      "save = runs.save_checkpoint\n"
+                      "def full(run_dir, *, state, **kw):\n"
+                      "    if state['epoch'] == 2:\n"
+                      "        raise CheckpointError('no space left on the device (a test)')\n"
+                      "    return save(run_dir, state=state, **kw)\n"
+                      "runs.save_checkpoint = full\nsys.exit(cli.main(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train",
+           "--data", data, *COMMON, "--batch-size", "16", "--epochs", "3", "--out", str(tmp_path / "run")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "no space left on the device (a test)" in done.stderr
+    assert "rank 0 of this torchrun job could not save the run" in done.stderr
+    assert "[rank1]: Traceback" not in done.stderr and "Connection closed" not in done.stderr, done.stderr
+    assert runs.latest_checkpoint(tmp_path / "run").epoch == 1
 
 
 @pytest.mark.parametrize("compiled", [(), ("eager",)], ids=["eager", "traced by dynamo"])

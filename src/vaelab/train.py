@@ -13,6 +13,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +104,27 @@ class Trainer:
         if (self.progress or notice) and self.job.is_main:
             tqdm.write(message, file=sys.stderr)
 
+    @contextlib.contextmanager
+    def _by_rank_0(self, what: str) -> Iterator[None]:
+        """Work rank 0 does alone while the other processes of a torchrun job wait; its refusal (a VaelabError) stops
+        every process. The others went on, and printed the traceback of a collective whose peer had gone
+        ("Connection closed by peer") under rank 0's one line."""
+        failure = None
+        try:
+            yield
+        except VaelabError as e:
+            failure = e
+        if not self.job.all_true(failure is None, self.device):
+            raise failure or TrainingError(f"rank 0 of this torchrun job could not {what} (its error says why)")
+
     def _save(self, state: dict[str, Any], record: dict[str, Any] | None = None) -> None:
         """Rank 0 appends the epoch's metrics and writes the checkpoint; every process waits for it."""
-        if self.job.is_main:
-            if record is not None:
-                self._append_metrics(record)
-            state = {**state, "processes": self.job.world}  # the global batch is --batch-size times this
-            runs.save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, state=state)
-        self.job.barrier()
+        with self._by_rank_0("save the run"):
+            if self.job.is_main:
+                if record is not None:
+                    self._append_metrics(record)
+                state = {**state, "processes": self.job.world}  # the global batch is --batch-size times this
+                runs.save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, state=state)
 
     def fit(self, *, resume: bool = False) -> nn.Module:
         """Train from scratch (the run directory must not hold a run yet) or resume from its last checkpoint."""
@@ -118,19 +132,12 @@ class Trainer:
             self.model.check_data(self.train_x)
         with contextlib.ExitStack() as held:
             # one trainer per run: a --resume started beside a live run pruned its half-written checkpoint, and both
-            # appended metrics. Under torchrun the other processes learn whether rank 0 got the run before they read
-            # it: they went on, and a refusal was rank 0's line followed by their traceback of a collective whose
-            # peer had gone ("Connection closed by peer").
-            refusal = None
-            if self.job.is_main:
-                try:
+            # appended metrics
+            with self._by_rank_0("start the run"):
+                if self.job.is_main:
                     held.enter_context(runs.training_lock(self.run_dir, create=not resume))
                     if not resume:
                         self._check_new_run()
-                except VaelabError as e:
-                    refusal = e
-            if not self.job.all_true(refusal is None, self.device):
-                raise refusal or TrainingError("rank 0 of this torchrun job did not start the run (its error says why)")
             start_epoch = self._resume() if resume else self._start()
             if isinstance(self.model, PCA):
                 model = self._fit_pca()
