@@ -84,27 +84,24 @@ def test_a_distributed_run_resumes(data, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 3
 
 
-@pytest.mark.parametrize("case", ["live trainer", "run exists"])
-def test_a_run_rank_0_refuses_is_refused_by_every_process_in_one_line(data, tmp_path, case):
+def test_a_run_rank_0_refuses_is_refused_by_every_process_in_one_line(data, tmp_path):
     # rank 0 alone holds the run's lock and checks a new --out; the other process went on into the run and printed
     # the traceback of a collective whose peer had gone ("Connection closed by peer")
     out = tmp_path / "run"
     first = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", str(out))
     assert first.returncode == 0, first.stderr
-    if case == "live trainer":
-        fd = os.open(out / runs.LOCK, os.O_RDWR)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, b"4242")
-        again = torchrun(2, "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu", "--no-report", "--quiet")
-        os.close(fd)
-        refusal = "is being trained by another process (PID 4242)"
-    else:
-        again = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", str(out))
-        refusal = "already holds a run; pass --resume"
-    assert again.returncode != 0
-    assert refusal in again.stderr and "rank 0 of this torchrun job could not start the run" in again.stderr
-    assert "[rank1]: Traceback" not in again.stderr and "Connection closed" not in again.stderr, again.stderr
+    fd = os.open(out / runs.LOCK, os.O_RDWR)  # a live trainer
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    os.write(fd, b"4242")
+    beside = torchrun(2, "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu", "--no-report", "--quiet")
+    os.close(fd)
+    again = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", str(out))
+    for done, refusal in ((beside, "is being trained by another process (PID 4242)"),
+                          (again, "already holds a run; pass --resume")):
+        assert done.returncode != 0
+        assert refusal in done.stderr and "rank 0 of this torchrun job could not start the run" in done.stderr
+        assert "[rank1]: Traceback" not in done.stderr and "Connection closed" not in done.stderr, done.stderr
     assert [r["epoch"] for r in runs.read_metrics(out)] == [1]
 
 
