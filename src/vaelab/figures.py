@@ -120,6 +120,9 @@ def literal(name: str, width: int = 40) -> str:
     return name.replace("$", r"\$")
 
 
+MARKERS = "o^sDvP*X"  # classes beyond the palette's colours, in turn
+
+
 def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,
                classes: tuple[str, ...] | None = None) -> Path:
     """Scatter of 2-D projected codes coloured by label. A 1-D code is a strip plot: z1 across, one row per
@@ -139,11 +142,13 @@ def latent_map(codes: torch.Tensor, labels: torch.Tensor | None, path: Path, *,
         for k in np.unique(lab):
             names[k] = literal(classes[k] if classes is not None and k < len(classes) else str(k))
             sel = lab == k
-            dots.append(ax.scatter(points[sel, 0], points[sel, 1], s=4, alpha=0.7, color=cmap(int(k) % cmap.N)))
+            # beyond the palette's colours the marker tells classes apart (class 20 was class 0's twin)
+            dots.append(ax.scatter(points[sel, 0], points[sel, 1], s=4 if k < cmap.N else 9, alpha=0.7,
+                                   color=cmap(int(k) % cmap.N), marker=MARKERS[int(k) // cmap.N % len(MARKERS)]))
         if strip:
             ax.set_yticks(list(names), list(names.values()))
         else:  # labels given, not taken from the artists: those that start with "_" would be left out
-            ax.legend(dots, list(names.values()), markerscale=3, fontsize=7, loc="best", frameon=False)
+            ax.legend(dots, list(names.values()), markerscale=3, fontsize=8, loc="best", frameon=False)
     ax.set_xlabel(f"{how} 1" if how != "z" else "z1")
     if strip:
         ax.set_ylabel("label" if lab is not None else "")
@@ -168,16 +173,17 @@ def training_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("nats per example")
     axes[0].legend(frameon=False)
-    axes[1].plot(epochs, [r["val_recon"] for r in records], label="validation reconstruction", **dots)
+    lines = axes[1].plot(epochs, [r["val_recon"] for r in records], label="validation reconstruction", **dots)
     if all("val_kl" in r for r in records):  # (autoencoders have none)
-        ax_kl = axes[1].twinx()
-        ax_kl.plot(epochs, [r["val_kl"] for r in records], color="C3", label="validation KL", **dots)
+        ax_kl = axes[1].twinx()  # its own marker: with one epoch both axes put their point in the middle
+        lines += ax_kl.plot(epochs, [r["val_kl"] for r in records], color="C3", label="validation KL (right axis)",
+                            **({**dots, "marker": "s", "markerfacecolor": "none", "markersize": 6} if dots else {}))
         ax_kl.set_ylabel("KL", color="C3")
     for ax in axes:
         _integer_ticks(ax, epochs)  # epochs, not 0.96 ... 1.04
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("-log p(x|z)")
-    axes[1].legend(loc="upper right", frameon=False)
+    axes[1].legend(lines, [line.get_label() for line in lines], loc="upper right", frameon=False)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -196,11 +202,16 @@ def kl_per_dimension(kl: list[float], variance: list[float] | None, path: Path, 
     axes[0, 0].set_xlabel(unit)
     axes[0, 0].set_ylabel("KL(q(z_d|x) || p(z_d)), nats" if variance is not None else "KL(q || p), nats")
     if variance is not None:
-        colours = ["C2" if v > threshold else "C7" for v in variance]
-        if many:
-            axes[0, 1].scatter(d, variance, s=2, c=colours, linewidths=0)
-        else:
-            axes[0, 1].bar(d, variance, color=colours)
+        active = np.asarray(variance) > threshold  # told apart by colour and by hatching (or marker), not colour alone
+        for shown, colour, hatch, marker, label in ((active, "C2", None, "o", "active"),
+                                                    (~active, "C7", "///", "x", "inactive")):
+            if many:
+                axes[0, 1].scatter(d[shown], np.asarray(variance)[shown], s=4, color=colour, marker=marker,
+                                   linewidths=0.5, label=label)
+            else:
+                axes[0, 1].bar(d[shown], np.asarray(variance)[shown], color=colour, hatch=hatch, edgecolor="w",
+                               label=label)
+        axes[0, 1].legend(frameon=False, fontsize=8)
         axes[0, 1].axhline(threshold, color="k", lw=0.8, ls="--")
         axes[0, 1].set_yscale("log")
         axes[0, 1].set_xlabel("latent dimension")
