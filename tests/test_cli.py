@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,7 +217,8 @@ def test_the_report_map_colours_each_code_by_its_own_label(vae_run, npz_data, mo
     monkeypatch.setattr(figures, "latent_map", lambda codes, labels, path, classes=None: drawn.update(
         codes=codes, labels=labels) or path)
     model, data = vaelab.load(vae_run), load_dataset(npz_data)
-    make_figures(vae_run, model, data)
+    _, notes = make_figures(vae_run, model, data)
+    assert notes["traversals"].startswith(" Rows, top to bottom: dimensions ")
     with torch.no_grad():
         torch.testing.assert_close(drawn["codes"], model.embed(data.test.x))
     assert torch.equal(drawn["labels"], data.test.y)
@@ -235,7 +237,10 @@ def test_a_run_of_one_epoch_and_one_latent_dimension_has_visible_curves_and_whol
     figures.kl_per_dimension([0.2], [0.003], tmp_path / "kl.png")
     curves, kl = saved
     lines = [line for ax in curves.axes for line in ax.get_lines()]
-    assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines)
+    assert len(lines) == 4 and [line.get_marker() for line in lines] == ["o", "o", "o", "s"]  # KL's own: it hid
+    # the reconstruction's point (both axes put it in the middle), and the legend left it out
+    assert [t.get_text() for t in curves.axes[1].get_legend().get_texts()] == [
+        "validation reconstruction", "validation KL (right axis)"]
     for ax in (*curves.axes[:2], *kl.axes):
         assert [float(t) for t in ax.get_xticks()] == ([1.0] if ax in curves.axes else [0.0])
     saved.clear()
@@ -255,9 +260,43 @@ def test_kl_per_dimension_of_a_very_wide_latent_is_one_artist_per_panel_not_a_ba
         figures.kl_per_dimension([0.5] * d, [0.003, 0.5] * (d // 2) + [0.5] * (d % 2), tmp_path / "kl.png")
     bars, wide = saved
     assert [len(ax.patches) for ax in bars.axes] == [figures.MAX_BARS] * 2
-    assert [len(ax.patches) for ax in wide.axes] == [1, 0] and len(wide.axes[1].collections) == 1
-    points = wide.axes[1].collections[0]
-    assert len(points.get_offsets()) == figures.MAX_BARS + 1 and len({tuple(c) for c in points.get_facecolors()}) == 2
+    assert [len(ax.patches) for ax in wide.axes] == [1, 0] and len(wide.axes[1].collections) == 2
+    active, inactive = wide.axes[1].collections  # told apart by marker too, not by colour alone
+    assert len(active.get_offsets()) + len(inactive.get_offsets()) == figures.MAX_BARS + 1
+    assert not np.array_equal(active.get_paths()[0].vertices, inactive.get_paths()[0].vertices)
+    assert {p.get_hatch() for p in bars.axes[1].patches} == {None, "///"}
+    assert [t.get_text() for t in bars.axes[1].get_legend().get_texts()] == ["active", "inactive"]
+
+
+def test_the_latent_map_tells_apart_classes_beyond_its_twenty_colours(tmp_path, monkeypatch):
+    from vaelab import figures
+
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+    figures.latent_map(torch.randn(50, 2), torch.arange(50) % 25, tmp_path / "map.png")
+    dots = saved[0].axes[0].collections
+    assert len(dots) == 25
+    # class 20 had class 0's colour and marker: the same dots, the same legend entry
+    assert dots[0].get_facecolor().tolist() == dots[20].get_facecolor().tolist()
+    assert not np.array_equal(dots[0].get_paths()[0].vertices, dots[20].get_paths()[0].vertices)
+
+
+def test_the_report_page_is_readable_on_a_phone_and_by_a_screen_reader(vae_run):
+    """It had no viewport (a phone laid it out 980 px wide: text ~6 px), alt texts were the figures' keys
+    ("latent_map"), tables had no caption or header scope, metrics showed raw keys ("n_test"), the traversals did
+    not say which dimensions they show, and non-ASCII settings read as JSON escapes."""
+    from vaelab import reports
+
+    page = (vae_run / "report.html").read_text()
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page and "<main>" in page
+    alts = re.findall(r'alt="([^"]*)"', page)
+    assert len(alts) >= 6 and all(alt in reports.ALTS.values() for alt in alts)
+    assert page.count("<caption>") == page.count("<table>") == 3 and "<th>" not in page
+    assert re.search(r"Rows, top to bottom: dimensions \d, \d and \d \(from 0\)\.</figcaption>", page)
+    assert not re.search(r"<td>(epoch|latent_dim|n_test|active_unit_threshold|probe_train_examples)</td>", page)
+    config = {"data": {"name": "folder:/data/\u00fcber"}, "model": {"model": "vae"}, "train": {}}
+    page = reports._render(config_dict=config, metrics={}, table=[], made={}, run_dir=Path("."))
+    assert "<td>\"folder:/data/\u00fcber\"</td>" in page.replace("&quot;", '"')
 
 
 def test_a_latent_larger_than_the_image_reports_without_a_pca_row(npz_data, tmp_path):

@@ -266,6 +266,14 @@ def test_report_interpolations_name_the_sentences_they_run_between():
         assert f"From <q>{ends[0]}</q> to <q>{ends[1]}</q>:</p><ol>" in page
 
 
+def test_an_empty_decode_shows_as_empty_not_as_a_blank_list_item(monkeypatch):
+    from vaelab import text_views
+
+    monkeypatch.setattr(text_views, "samples", lambda model, vocab, n: ["", "a b"])
+    page = text_views.html_sections(tiny_model(), tiny_text().train.x[:14], VOCAB)
+    assert "<li><em>(empty)</em></li><li>a b</li>" in page and "<li></li>" not in page
+
+
 def test_bn_mu_builds_and_trains_a_step():
     config = ModelConfig(model="text-vae", hidden=(16,), latent_dim=3, embedding_dim=8, latent="gaussian",
                          bn_mu=0.5, word_dropout=0.3, net="gru", input_shape=(8,), vocab_size=len(VOCAB))

@@ -1,5 +1,6 @@
 """The trainer: determinism, resume, checkpoints, NaN handling, save/load and configs."""
 import dataclasses
+import html
 import json
 import os
 import shutil
@@ -694,12 +695,13 @@ def test_an_untrained_run_says_so_in_its_report_and_on_the_command_line(tmp_path
     from vaelab.cli import main
     from vaelab.reports import write_report
 
+    run = tmp_path / "my run"  # the command must paste into a shell: it said --out .../my run
     assert main(["train", "--data", "digits", "--epochs", "0", "--hidden", "8", "--latent-dim", "2", "--quiet",
-                 "--no-report", "--out", str(tmp_path / "run")]) == 0
-    assert capsys.readouterr().out == f"initialised vae on digits without training (--epochs 0): {tmp_path / 'run'}\n"
-    page = write_report(tmp_path / "run", baselines=False).read_text()
+                 "--no-report", "--out", str(run)]) == 0
+    assert capsys.readouterr().out == f"initialised vae on digits without training (--epochs 0): {run}\n"
+    page = html.unescape(write_report(run, baselines=False).read_text())
     assert "This model is untrained (--epochs 0)" in page
-    assert f"vaelab train --resume --epochs N --out {tmp_path / 'run'}" in page
+    assert f"vaelab train --resume --epochs N --out '{run}'" in page
     assert main(["train", "--data", "digits", "--model", "pca", "--epochs", "0", "--latent-dim", "2", "--quiet",
                  "--no-report", "--out", str(tmp_path / "pca")]) == 0
     assert capsys.readouterr().out.startswith("trained pca on digits in ")

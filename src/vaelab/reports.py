@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ METRIC_NAMES = {
     "sse_per_image": "squared error per test image", "mse_per_pixel": "squared error per pixel",
     "nll_per_token": "NLL per token, nats", "perplexity": "perplexity exp(NLL per token)",
     "token_accuracy": "greedy reconstruction: share of tokens right",
+    "epoch": "epoch of the weights evaluated", "latent_dim": "latent size", "latent_top_dim": "top group's size",
+    "n_test": "test examples", "active_unit_threshold": "active unit threshold",
+    "probe_train_examples": "probe trained on this many codes",
 }
 
 DENSITY_NAMES = {  # a Gaussian likelihood's NLL (evaluation.json's "nll_density")
@@ -60,8 +64,9 @@ NONE_MEANS = {"mutual_information_upper": "none finite (one test code, and no an
 
 
 @torch.no_grad()
-def make_figures(run_dir: Path, model: torch.nn.Module, data: Dataset) -> dict[str, Path]:
-    """All report pictures of a trained model on its test split, as PNGs in RUN/figures."""
+def make_figures(run_dir: Path, model: torch.nn.Module, data: Dataset) -> tuple[dict[str, Path], dict[str, str]]:
+    """All report pictures of a trained model on its test split, as PNGs in RUN/figures, and what a caption must
+    add about this run's pictures (the traversals' dimensions)."""
     out = Path(run_dir) / "figures"
     x = data.test.x
     torch.manual_seed(EVAL_SEED)
@@ -86,7 +91,7 @@ def make_figures(run_dir: Path, model: torch.nn.Module, data: Dataset) -> dict[s
     made["traversals"] = figures.save_grid(grid, out / "traversals.png", nrow=grid.shape[0] // len(dims))
     made["latent_map"] = figures.latent_map(codes, data.test.y, out / "latent_map.png", classes=data.classes)
     made.update(_curves(run_dir))
-    return made
+    return made, {"traversals": f" Rows, top to bottom: dimensions {_listing([str(d) for d in dims])} (from 0)."}
 
 
 def _curves(run_dir: Path) -> dict[str, Path]:
@@ -112,6 +117,18 @@ CAPTIONS = {
 }
 
 
+ALTS = {  # short descriptions of the pictures for screen readers; the captions say more
+    "reconstructions": "Grid: test images above their reconstructions",
+    "samples": "Grid of 64 images sampled from the prior",
+    "interpolations": "Rows of images interpolating between two test images each",
+    "traversals": "Rows of images, each varying one latent dimension",
+    "latent_map": "Scatter plot of test codes coloured by label",
+    "training_curves": "Line plots of the losses per epoch",
+    "kl_per_dim": "Bar charts of KL and posterior-mean variance per latent dimension",
+    "kl_per_group": "Bar chart of KL per latent group",
+}
+
+
 def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool = False,
                  data: Dataset | None = None) -> Path:
     """Evaluate the run, draw its figures and write RUN/report.html; returns the report's path.
@@ -132,17 +149,18 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
     metrics = evaluate_run(run_dir, data=data, checkpoint=checkpoint, model=model)
     table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data, model=model)
     if data.is_text:  # sentences instead of pictures
-        made, text = _curves(run_dir), text_views.html_sections(model, data.test.x, data.vocab, seed=EVAL_SEED)
+        made, notes = _curves(run_dir), {}
+        text = text_views.html_sections(model, data.test.x, data.vocab, seed=EVAL_SEED)
     else:
-        made, text = make_figures(run_dir, model, data), ""
+        (made, notes), text = make_figures(run_dir, model, data), ""
     if metrics.get("kl_per_dim"):
         made["kl_per_dim"] = figures.kl_per_dimension(metrics["kl_per_dim"], metrics.get("posterior_mean_variance"),
                                                       run_dir / "figures" / "kl_per_dim.png")
     if metrics.get("kl_per_group"):
         made["kl_per_group"] = figures.kl_per_dimension(metrics["kl_per_group"], None,
                                                         run_dir / "figures" / "kl_per_group.png", unit="latent group")
-    page = _render(config_dict=config.to_dict(), metrics=metrics, table=table, made=made, run_dir=run_dir,
-                   text=text, status=_unfinished(run_dir, config, checkpoint))
+    page = _render(config_dict=config.to_dict(), metrics=metrics, table=table, made=made, notes=notes,
+                   run_dir=run_dir, text=text, status=_unfinished(run_dir, config, checkpoint))
     path = run_dir / "report.html"
     atomic_write_text(path, page)
     return path
@@ -154,21 +172,22 @@ def _unfinished(run_dir: Path, config: RunConfig, checkpoint: runs.Checkpoint) -
     if runs.finished(checkpoint, config) and config.train.epochs == 0 and config.model.model != "pca":
         return ("This model is untrained (--epochs 0): the report shows its initial weights (baselines for the "
                 "table are untrained too, PCA is fitted). To train it: vaelab train --resume --epochs N "
-                f"--out {run_dir}")
+                f"--out {shlex.quote(str(run_dir))}")
     if runs.finished(checkpoint, config):
         return ""
     return (f"Training stopped after epoch {checkpoint.epoch} of {config.train.epochs}: this report shows that "
             f"checkpoint (baselines for the table train for all {config.train.epochs}). To continue it: "
-            f"vaelab train --resume --out {run_dir}")
+            f"vaelab train --resume --out {shlex.quote(str(run_dir))}")
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], caption: str) -> str:
+    head = "".join(f'<th scope="col">{html.escape(label)}</th>' for _, label in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(key)))}</td>" for key, _ in columns) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<div class="wide"><table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def _listing(names: list[str]) -> str:
@@ -183,8 +202,8 @@ def _fmt(value: Any) -> str:
 
 
 def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[str, Path], run_dir: Path,
-            text: str = "", status: str = "") -> str:
-    settings = [{"setting": f"{section}.{k}", "value": json.dumps(v)}
+            notes: dict[str, str] | None = None, text: str = "", status: str = "") -> str:
+    settings = [{"setting": f"{section}.{k}", "value": json.dumps(v, ensure_ascii=False)}
                 for section in ("data", "model", "train") for k, v in config_dict[section].items()]
     names = {**METRIC_NAMES, **(DENSITY_NAMES if metrics.get("nll_density") else {}),
              **(DEQUANTIZED_NAMES if metrics.get("nll_dequantized") else {}),
@@ -195,8 +214,8 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
                    for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None and k in NONE_MEANS]
     pictures = "".join(
-        f'<figure><img src="{html.escape(str(path.relative_to(run_dir)))}" alt="{html.escape(name)}">'
-        f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>"
+        f'<figure><img src="{html.escape(str(path.relative_to(run_dir)))}" alt="{html.escape(ALTS[name])}">'
+        f"<figcaption>{html.escape(CAPTIONS[name] + (notes or {}).get(name, ''))}</figcaption></figure>"
         for name, path in made.items()
     )
     comparison = "" if not table else (
@@ -205,27 +224,30 @@ def _render(*, config_dict: dict, metrics: dict, table: list[dict], made: dict[s
         "reconstruction from the code or posterior mean).</p>"
         + _table(table, [("model", "model"), ("latent_dim", "latent size"), ("epochs", "epochs"),
                          ("sse_per_image", "squared error per test image"), ("mse_per_pixel", "MSE per pixel")]
-                 + [("note", "note")] * any("note" in row for row in table)))
+                 + [("note", "note")] * any("note" in row for row in table), "Reconstruction error by model"))
     title = f"vaelab report: {config_dict['model']['model']} on {config_dict['data']['name']}"
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1000px; color: #222; }}
+.wide {{ overflow-x: auto; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+caption {{ text-align: left; font-weight: bold; padding-bottom: 0.3em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; image-rendering: pixelated; }}
 figcaption {{ color: #555; font-size: 0.9em; }}
-</style></head><body>
+</style></head><body><main>
 <h1>{html.escape(title)}</h1>
 {f'<p><strong>{html.escape(status)}</strong></p>' if status else ""}
 <h2>Test metrics</h2>
-{_table(metric_rows, [("metric", "metric"), ("value", "value")])}
+{_table(metric_rows, [("metric", "metric"), ("value", "value")], "Metrics on the test set")}
 {comparison}
 {text}
 <h2>Figures</h2>
 {pictures}
 <h2>Settings</h2>
-{_table(settings, [("setting", "setting"), ("value", "value")])}
-</body></html>
+{_table(settings, [("setting", "setting"), ("value", "value")], "The run's config.json")}
+</main></body></html>
 """
 

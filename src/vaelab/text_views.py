@@ -50,23 +50,30 @@ def token_accuracy(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) 
     return right / max(total, 1)
 
 
+def _shown(sentence: str) -> str:
+    """A sentence as HTML; an empty decode says so (an empty list item read as a blank bullet)."""
+    return html.escape(sentence) if sentence else "<em>(empty)</em>"
+
+
 def html_sections(model: nn.Module, x: torch.Tensor, vocab: tuple[str, ...], *, seed: int = 0) -> str:
     """The report's text sections: samples, reconstructions and two interpolations."""
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(x.shape[0], generator=g)[:14]
     torch.manual_seed(seed)
-    items = "".join(f"<li>{html.escape(s)}</li>" for s in samples(model, vocab, 10))
-    rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>"
+    items = "".join(f"<li>{_shown(s)}</li>" for s in samples(model, vocab, 10))
+    rows = "".join(f"<tr><td>{_shown(a)}</td><td>{_shown(b)}</td></tr>"
                    for a, b in reconstructions(model, x[pick[:10]], vocab))
     lines = []
     for i in (10, 12):
         path = interpolation(model, x[pick[i]], x[pick[i + 1]], vocab)
-        ends = (html.escape(tokens_to_text(x[pick[j]], vocab)) for j in (i, i + 1))
+        ends = (_shown(tokens_to_text(x[pick[j]], vocab)) for j in (i, i + 1))
         lines.append("<p>From <q>{}</q> to <q>{}</q>:</p><ol>".format(*ends)
-                     + "".join(f"<li>{html.escape(s)}</li>" for s in path) + "</ol>")
+                     + "".join(f"<li>{_shown(s)}</li>" for s in path) + "</ol>")
     return (f"<h2>Samples from the prior</h2><p>z ~ p(z), decoded greedily.</p><ul>{items}</ul>"
             f"<h2>Reconstructions</h2><p>Test sentences and the greedy decode of their point code (the posterior "
             f"mean; for vMF latents its mean direction).</p>"
-            f"<table><thead><tr><th>sentence</th><th>reconstruction</th></tr></thead><tbody>{rows}</tbody></table>"
+            f'<div class="wide"><table><caption>Test sentences and their reconstructions</caption><thead><tr>'
+            f'<th scope="col">sentence</th><th scope="col">reconstruction</th></tr></thead><tbody>{rows}</tbody>'
+            "</table></div>"
             f"<h2>Interpolations</h2><p>Greedy decodes along the line between the point codes of two test "
             f"sentences (first and last lines decode their codes).</p>{''.join(lines)}")
