@@ -247,6 +247,8 @@ def test_page_and_static_files_are_served_with_a_strict_policy(client):
                     'id="interp-go"', 'id="interp-strip"', 'id="samples"', 'id="resample"', 'id="metrics"'):
         assert element in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+    # relative addresses: behind a proxy at /some/prefix/ the page lost its script, styles and API
+    assert '"/static' not in page.text and '"/api' not in client.get("/static/app.js").text
     assert "default-src 'self'" in page.headers["content-security-policy"]
     for name in ("app.js", "style.css"):
         r = client.get(f"/static/{name}")
@@ -531,7 +533,7 @@ def test_page_map_sliders_interpolation_and_samples_in_chromium(browser, live_ur
                           ("", "test image index must be 0..29")):  # empty read as 0, shown as image 0
         page.fill("#base-index", index)
         page.dispatch_event("#base-index", "change")
-        page.wait_for_function("s => document.querySelector('#status').textContent === s", arg=status,
+        page.wait_for_function("s => document.querySelector('#decoder-msg').textContent === s", arg=status,
                                timeout=10_000)
 
     seed = page.get_attribute("#samples", "data-seed")
@@ -540,6 +542,67 @@ def test_page_map_sliders_interpolation_and_samples_in_chromium(browser, live_ur
     assert page.evaluate("document.querySelector('#samples').naturalWidth") > 0
     assert errors == [], errors
     page.close()
+
+
+def test_the_page_works_from_the_keyboard_and_names_its_controls(browser, live_url):
+    """The map answered the mouse alone (not focusable), arrow keys on the run list loaded every run they passed,
+    Enter in a number box did nothing, sliders read out 15 digits, and the test image box had no name."""
+    page, errors = open_page(browser, live_url + "?run=vae")
+    assert page.get_attribute("#base-index", "aria-label") == "test image number"
+    for box in ("interp-msg", "samples-msg", "decoder-msg"):
+        assert page.get_attribute(f"#{box}", "role") == "status"
+    value = page.get_attribute("#sliders input[type=range]", "aria-valuetext")
+    assert re.fullmatch(r"-?\d+\.\d\d", value)
+
+    page.focus("#map")
+    before, after = decoded_after(page, lambda: page.keyboard.press("ArrowRight"))
+    assert after != before, "an arrow key on the map did not decode another point"
+    page.keyboard.press("Shift+ArrowUp")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('#base-text').textContent.startsWith('the map point (')",
+                           timeout=10_000)
+
+    page.fill("#interp-n", "4")
+    page.press("#interp-n", "Enter")
+    page.wait_for_selector("#interp-strip[data-frames='4']", timeout=10_000)
+
+    page.focus("#run")
+    page.keyboard.press("ArrowUp")  # to "pca"
+    page.wait_for_timeout(300)
+    assert page.url.endswith("?run=vae") and page.input_value("#run") == "pca"
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert page.url.endswith("?run=pca")
+    # labels past the palette's 20 colours have their own shapes (label 20 was label 0 again)
+    assert page.evaluate("[shapeOf(0), shapeOf(19), shapeOf(20), shapeOf(45)]") == [0, 0, 1, 2]
+    assert errors == [], errors
+    page.close()
+
+
+def test_the_page_says_when_the_server_cannot_be_reached(browser, live_url):
+    """It said "Failed to fetch" in the status line, out of view above the sliders, beside the last picture as if
+    it were current; a page whose first requests failed kept "loading…" and buttons that did nothing."""
+    page, errors = open_page(browser, live_url + "?run=vae")
+    page.route("**/api/decode*", lambda route: route.abort())
+    page.focus("#map")
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function("() => document.querySelector('#decoder-msg').textContent !== ''", timeout=10_000)
+    assert page.inner_text("#decoder-msg").startswith("decode: cannot reach the vaelab server at 127.0.0.1:")
+    assert "stale" in page.get_attribute("#decoded", "class")
+    page.unroute("**/api/decode*")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("() => document.querySelector('#decoder-msg').textContent === ''", timeout=10_000)
+    assert "stale" not in page.get_attribute("#decoded", "class")
+    page.close()
+
+    page = browser.new_page()
+    page.route("**/api/summary*", lambda route: route.abort())
+    page.goto(live_url + "?run=vae")
+    page.wait_for_function("() => document.querySelector('#summary').textContent === 'not loaded'", timeout=15_000)
+    assert page.inner_text("#status").startswith("cannot reach the vaelab server")
+    assert page.is_disabled("#interp-go") and page.is_disabled("#resample") and page.is_disabled("#base-index")
+    page.close()
+    assert [e for e in errors if "net::ERR_FAILED" not in e] == [], errors
 
 
 def test_page_for_a_model_without_prior_says_so_in_chromium(browser, live_url):
@@ -654,6 +717,12 @@ def test_page_shows_sentences_for_a_text_model_in_chromium(browser, text_root):
         page.wait_for_selector("#interp-strip-text[data-frames='5']", timeout=10_000)
         assert page.locator("#interp-strip-text li").count() == 5
         assert "greedy decodes" in page.inner_text("#interp-msg")
+
+        # an empty decode read as a blank bullet
+        page.route("**/api/samples*", lambda route: route.fulfill(json={"sentences": ["", "a b"]}))
+        page.click("#resample")
+        page.wait_for_function("() => document.querySelectorAll('#samples-text li').length === 2", timeout=10_000)
+        assert page.locator("#samples-text li").all_inner_texts() == ["(empty)", "a b"]
         assert errors == [], errors
         page.close()
 

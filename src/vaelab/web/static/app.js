@@ -20,6 +20,14 @@ const $ = (id) => document.getElementById(id);
 
 function setStatus(text) { $("status").textContent = text; }
 
+// The decoder panel's errors show beside it (the status line at the top is out of view below the map), and the
+// picture they leave standing is dimmed: it no longer shows what the sliders say
+function decoderMessage(text) {
+  $("decoder-msg").textContent = text;
+  $("decoded").classList.toggle("stale", text !== "");
+  $("decoded-text").classList.toggle("stale", text !== "");
+}
+
 // A number box's value: NaN when it is empty (the browser empties one holding "abc"), where +"" read as 0
 function numberIn(id) {
   const text = $(id).value.trim();
@@ -34,7 +42,13 @@ function apiUrl(path, params = {}) {
 }
 
 async function fetchOk(url) {
-  const response = await fetch(url);
+  let response;
+  try {
+    response = await fetch(url);
+  } catch (e) {  // the browser's TypeError, "Failed to fetch": no answer at all
+    throw new Error(`cannot reach the vaelab server at ${location.host} (stopped?): start \`vaelab serve\` ` +
+      "again and reload this page");
+  }
   if (!response.ok) {
     let detail = `${response.status} ${response.statusText}`;
     try { detail = (await response.json()).detail || detail; } catch (e) { /* not JSON: keep the status */ }
@@ -57,7 +71,13 @@ async function show(img, path, params, attrs = {}) {
     target = $(`${img.id}-text`);
     const items = (await response.json()).sentences.map((sentence) => {
       const li = document.createElement("li");
-      li.textContent = sentence;  // text, never markup
+      if (sentence) {
+        li.textContent = sentence;  // text, never markup
+      } else {  // an empty decode (an empty list item read as a blank bullet)
+        const empty = document.createElement("em");
+        empty.textContent = "(empty)";
+        li.append(empty);
+      }
       return li;
     });
     target.replaceChildren(...items);
@@ -86,12 +106,12 @@ async function pumpDecode() {
     pendingZ = null;
     const text = z.map((v) => +v.toPrecision(6)).join(",");
     try {
-      await show($("decoded"), "/api/decode", { z: text }, { z: text });
+      await show($("decoded"), "api/decode", { z: text }, { z: text });
       $("z-text").textContent = `z = (${z.map((v) => v.toFixed(2)).join(", ")})`;
       drawMap(z);
-      setStatus("");  // an earlier error no longer stands
+      decoderMessage("");  // an earlier error no longer stands
     } catch (e) {
-      setStatus(`decode: ${e.message}`);
+      decoderMessage(`decode: ${e.message}`);
     }
   }
   decoding = false;
@@ -125,6 +145,8 @@ function setUpMap() {
   const sy = strip ? canvas.height / (Math.max(y1 - y0, 1e-6) * 1.15) : sx;
   state.view = {
     strip,
+    step: span / 50,  // one arrow key press on the map, in the plane's units
+    
     toPx: (p) => [canvas.width / 2 + (p[0] - cx) * sx, canvas.height / 2 - (p[1] - cy) * sy],
     fromPx: (px, py) => [cx + (px - canvas.width / 2) / sx, cy - (py - canvas.height / 2) / sy],
   };
@@ -134,14 +156,27 @@ function setUpMap() {
   const r = Math.max(1.5, 2 * ratio);
   pts.forEach((p, i) => {
     const label = state.map.labels ? state.map.labels[i] : 0;
-    ctx.fillStyle = PALETTE[((label % PALETTE.length) + PALETTE.length) % PALETTE.length];
+    ctx.fillStyle = colourOf(label);
     ctx.globalAlpha = 0.75;
     const [px, py] = state.view.toPx(p);
-    ctx.beginPath(); ctx.arc(px, py, r, 0, 2 * Math.PI); ctx.fill();
+    ctx.beginPath();
+    const shape = shapeOf(label);
+    if (shape === 0) {
+      ctx.arc(px, py, r, 0, 2 * Math.PI);
+    } else if (shape === 1) {
+      ctx.rect(px - r, py - r, 2 * r, 2 * r);
+    } else {
+      ctx.moveTo(px, py - 1.3 * r); ctx.lineTo(px + 1.2 * r, py + r); ctx.lineTo(px - 1.2 * r, py + r);
+    }
+    ctx.fill();
   });
   state.dots = dots;
   drawLegend();
 }
+
+// a label's colour, and past the palette's 20 colours its shape (circle, square, triangle): label 20 was label 0
+const colourOf = (label) => PALETTE[((label % PALETTE.length) + PALETTE.length) % PALETTE.length];
+const shapeOf = (label) => Math.floor(Math.abs(label) / PALETTE.length) % 3;
 
 function drawLegend() {
   const legend = $("legend");
@@ -151,7 +186,8 @@ function drawLegend() {
   for (const label of [...new Set(labels)].sort((a, b) => a - b)) {
     const item = document.createElement("span");
     const swatch = document.createElement("i");
-    swatch.style.background = PALETTE[label % PALETTE.length];
+    swatch.style.background = colourOf(label);
+    swatch.className = `shape-${shapeOf(label)}`;
     item.append(swatch, classes && classes[label] !== undefined ? classes[label] : String(label));
     legend.append(item);
   }
@@ -210,11 +246,14 @@ function buildSliders() {
     input.max = state.base[d] + span[i];
     input.step = span[i] / 50;
     input.value = state.base[d];
-    const value = document.createElement("output");
-    value.textContent = (+input.value).toFixed(2);
+    const value = document.createElement("span");
+    value.className = "value";
+    value.setAttribute("aria-hidden", "true");  // the slider says it (aria-valuetext), not 15 digits of it
+    const say = (v) => { value.textContent = v.toFixed(2); input.setAttribute("aria-valuetext", v.toFixed(2)); };
+    say(+input.value);
     input.addEventListener("input", () => {
       state.z[d] = +input.value;
-      value.textContent = state.z[d].toFixed(2);
+      say(state.z[d]);
       requestDecode(state.z);
     });
     row.append(name, input, value);
@@ -225,17 +264,17 @@ function buildSliders() {
 async function chooseTestImage(index) {
   const n = state.summary.n_test;
   if (!(Number.isInteger(index) && index >= 0 && index < n)) {
-    setStatus(`test ${item()} index must be 0..${n - 1}`);
+    decoderMessage(`test ${item()} index must be 0..${n - 1}`);
     return;
   }
   try {
-    const enc = await getJson(`/api/encoding/${index}`);
+    const enc = await getJson(`api/encoding/${index}`);
     const label = enc.label === null ? "" : ` (${className(enc.label)})`;
     setBase(enc.z, `the encoding of test ${item()} ${index}${label}`);
-    await show($("recon"), `/api/reconstruct/${index}`, {}, { index: String(index) });
-    setStatus("");
+    await show($("recon"), `api/reconstruct/${index}`, {}, { index: String(index) });
+    decoderMessage("");
   } catch (e) {
-    setStatus(`test ${item()}: ${e.message}`);
+    decoderMessage(`test ${item()}: ${e.message}`);
   }
 }
 
@@ -255,7 +294,7 @@ async function interpolate() {
   }
   if (!(Number.isInteger(n) && n >= 2 && n <= 32)) { msg.textContent = "frames must be 2..32"; return; }
   try {
-    await show($("interp-strip"), "/api/interpolate", { a, b, n }, { frames: String(n) });
+    await show($("interp-strip"), "api/interpolate", { a, b, n }, { frames: String(n) });
     msg.textContent = `${n} ${isText() ? "greedy decodes" : "frames decoded"} on the line between the ` +
       `encodings of test ${item()}s ${a} and ${b}`;
   } catch (e) {
@@ -276,7 +315,7 @@ async function resample() {
   const params = { n: N_SAMPLES, seed };
   if (state.summary.temperature) params.t = $("temperature").value;
   try {
-    await show($("samples"), "/api/samples", params, { seed: String(seed) });
+    await show($("samples"), "api/samples", params, { seed: String(seed) });
     msg.textContent = isText() ? `seed ${seed}; z ~ p(z), decoded greedily` : `seed ${seed}`;
   } catch (e) {
     msg.textContent = e.message;
@@ -320,39 +359,70 @@ function showMetrics() {
 
 // ---- start
 async function chooseRun() {
-  const listing = await getJson("/api/runs");
+  const listing = await getJson("api/runs");
   const asked = new URLSearchParams(location.search).get("run");
   const names = listing.runs.map((r) => r.name);
   state.run = names.includes(asked) ? asked : listing.default;
   if (names.length > 1) {
     const select = $("run");
     for (const name of names) select.append(new Option(name, name, false, name === state.run));
-    select.addEventListener("change", () => { location.search = new URLSearchParams({ run: select.value }); });
+    // loaded on "show" or Enter, not on change: arrow keys on the list changed it, loading every run they passed
+    const go = () => { location.search = new URLSearchParams({ run: select.value }); };
+    $("run-go").addEventListener("click", go);
+    select.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
     $("run-choice").hidden = false;
   }
+}
+
+function pin(z) {
+  const p = toPlane(z).slice(0, state.view.strip ? 1 : 2).map((v) => v.toFixed(2)).join(", ");
+  setBase(z, `the map point (${p})`);
+}
+
+// the map from the keyboard: arrows move a cursor in the plane (Shift: ten times as far) and decode it, Enter or
+// Space pins it as the sliders' centre, Escape goes back to the vector of the sliders (as leaving it with the mouse)
+function mapKey(e) {
+  const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, 1], ArrowDown: [0, -1] };
+  if (moves[e.key]) {
+    const step = state.view.step * (e.shiftKey ? 10 : 1);
+    const [dx, dy] = moves[e.key];
+    state.cursor = state.cursor || toPlane(state.z);
+    state.cursor = [state.cursor[0] + dx * step, state.view.strip ? state.cursor[1] : state.cursor[1] + dy * step];
+    requestDecode(toLatent(state.cursor));
+  } else if ((e.key === "Enter" || e.key === " ") && state.cursor) {
+    pin(toLatent(state.cursor));
+  } else if (e.key === "Escape") {
+    state.cursor = null;
+    requestDecode(state.z);
+  } else {
+    return;
+  }
+  e.preventDefault();  // (arrows and Space would scroll the page)
 }
 
 function wire() {
   const canvas = $("map");
   canvas.addEventListener("mousemove", (e) => requestDecode(eventToLatent(e)));
   canvas.addEventListener("mouseleave", () => requestDecode(state.z));
-  canvas.addEventListener("click", (e) => {
-    const z = eventToLatent(e);
-    const p = toPlane(z).slice(0, state.view.strip ? 1 : 2).map((v) => v.toFixed(2)).join(", ");
-    setBase(z, `the map point (${p})`);
-  });
+  canvas.addEventListener("click", (e) => pin(eventToLatent(e)));
+  canvas.addEventListener("keydown", mapKey);
+  canvas.addEventListener("blur", () => { state.cursor = null; });
   $("base-index").addEventListener("change", () => chooseTestImage(numberIn("base-index")));
   $("base-reset").addEventListener("click", () => setBase(state.base, $("base-text").textContent));
-  $("interp-go").addEventListener("click", interpolate);
-  $("resample").addEventListener("click", resample);
+  // forms: Enter in a number box does what the button does
+  $("interp-form").addEventListener("submit", (e) => { e.preventDefault(); interpolate(); });
+  $("samples-form").addEventListener("submit", (e) => { e.preventDefault(); resample(); });
 }
 
 async function main() {
   try {
     await chooseRun();
-    [state.summary, state.map] = await Promise.all([getJson("/api/summary"), getJson("/api/map")]);
-  } catch (e) {
+    [state.summary, state.map] = await Promise.all([getJson("api/summary"), getJson("api/map")]);
+  } catch (e) {  // nothing works without them: say so, rather than leave controls that do nothing
     setStatus(e.message);
+    $("summary").textContent = "not loaded";
+    for (const control of document.querySelectorAll("main button, main input")) control.disabled = true;
+    $("map").tabIndex = -1;
     return;
   }
   const s = state.summary;
@@ -364,6 +434,7 @@ async function main() {
       $(`${id}-text`).hidden = false;
     }
     for (const span of document.querySelectorAll(".item")) span.textContent = "sentence";
+    $("base-index").setAttribute("aria-label", "test sentence number");
   }
   document.title = `vaelab explorer: ${s.run}`;
   const last = s.n_test - 1;
@@ -374,7 +445,8 @@ async function main() {
       "decodes as the mean code plus that offset in the plane. "
     : state.map.projection.dims === 1
       ? "The 1-d test encodings across, one row per label (the height is only the label). "
-      : "The test encodings as they are. ") + "Hover to decode any point; click to centre the sliders there.";
+      : "The test encodings as they are. ") + "Hover to decode any point; click to centre the sliders there " +
+    "(from the keyboard: the arrow keys move a cursor, Enter centres the sliders on it).";
   $("temperature-choice").hidden = !s.temperature;
   showMetrics();
   setUpMap();
