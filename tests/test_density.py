@@ -417,10 +417,22 @@ def test_active_units_and_mutual_information_on_known_encoders():
     assert model.training  # the mode is restored (it encodes in eval mode)
 
 
-def linear_gaussian_encoder() -> tuple[VAE, float]:
+def test_the_upper_bound_on_the_mutual_information_is_one_in_expectation_near_collapse():
+    """The smaller of the leave-one-out bound and the mean KL from one draw was reported: the minimum of a noisy
+    bound and an exact one is biased low (here 42% below I, 5 standard errors); an independent draw now chooses."""
+    model, exact = linear_gaussian_encoder(w=torch.tensor([[0.06, 0.0, 0.0, 0.0], [0.0, 0.04, 0.04, 0.0]]), s=1.0)
+    g = torch.Generator().manual_seed(0)
+    upper = np.array([mutual_information_bounds(model, torch.randn(200, 1, 1, 4, generator=g),
+                                                seed=seed)["mutual_information_upper"] for seed in range(60)])
+    se = upper.std(ddof=1) / math.sqrt(len(upper))
+    assert upper.mean() > exact - 2 * se, (upper.mean(), exact, se)
+
+
+def linear_gaussian_encoder(w: torch.Tensor | None = None, s: float = 0.5) -> tuple[VAE, float]:
     """q(z|x) = N(Wx, s^2 I) for x ~ N(0, I): z ~ N(0, W W^T + s^2 I), so I(x; z) = log det(I + W W^T / s^2) / 2."""
     model = VAE(input_shape=(1, 1, 4), latent_dim=2, hidden=()).eval()
-    w, s = torch.tensor([[1.5, 0.0, 0.0, 0.0], [0.0, 0.7, 0.7, 0.0]]), 0.5
+    if w is None:
+        w = torch.tensor([[1.5, 0.0, 0.0, 0.0], [0.0, 0.7, 0.7, 0.0]])
     with torch.no_grad():
         model.posterior.mean.weight.copy_(w)
         model.posterior.mean.bias.zero_()
@@ -520,8 +532,8 @@ def test_mutual_information_bounds_its_pairwise_temporaries_whatever_the_latent_
     monkeypatch.delattr(DiagonalNormal, "pairwise_log_prob")  # the path of other latents (vMF, ...)
     monkeypatch.setattr(DiagonalNormal, "log_prob", recording)
     whole = mutual_information_bounds(model, x)
-    pairs = sizes[1:]  # after log q(z_i | x_i)
-    assert max(pairs) <= latent_stats.PAIR_ELEMENTS < 256 * 300 * 3000 and sum(pairs) == 300 * 300 * 3000
+    assert max(sizes) <= latent_stats.PAIR_ELEMENTS < 256 * 300 * 3000
+    assert sum(sizes) == 2 * (300 * 3000 + 300 * 300 * 3000)  # two draws: log q(z_i | x_i), then all pairs
     monkeypatch.setattr(latent_stats, "PAIR_ELEMENTS", 1)  # one code a chunk
     assert mutual_information(model, x) == pytest.approx(whole["mutual_information"], rel=1e-5)
     assert fast == pytest.approx(whole, rel=1e-5)  # the diagonal Gaussian's matrix products: the same bounds
