@@ -50,6 +50,34 @@ def test_image_models_name_what_encode_and_decode_take(name):
             model.decode(bad)
 
 
+def test_pixel_values_a_model_cannot_score_are_refused_in_eval_mode():
+    """A Bernoulli VAE encoded x * 255 and decode(z).log_prob(x * 255) read +124 nats (a probability above 1);
+    NaN went through every model. Training batches (train mode) come checked from their data set."""
+    x = torch.rand(4, *SHAPE)
+    hvae = small_hvae().eval()
+    for name, model in {**image_models(), "hvae": hvae}.items():
+        model.eval()
+        nan = x.masked_fill(x > 0.5, float("nan"))
+        for method in ("encode", "embed", "reconstruct") if name != "hvae" else ("encode", "reconstruct"):
+            with pytest.raises(InputError, match=rf"^{method}: x has \d+ NaN or infinite value"):
+                getattr(model, method)(nan if name != "hvae" else torch.full((2, *hvae.input_shape), float("nan")))
+    for model in (image_models()["vae"].eval(), image_models()["ae"].eval()):
+        for method in ("encode", "embed", "reconstruct"):
+            with pytest.raises(InputError, match=rf"^{method}: x has values in \[.*\], outside \[0, 1\]; this model's "
+                                                 r"Bernoulli likelihood scores values in \[0, 1\]: rescale x"):
+                getattr(model, method)(x * 255)
+        with pytest.raises(InputError, match=r"^log_prob: x has values in .*, outside \[0, 1\]"):
+            model.decode(torch.zeros(4, 3)).log_prob(x * 255)
+        assert model.decode(torch.zeros(4, 3)).log_prob(x).max() < 0
+        model.train()(x * 255)  # not checked: the trainer's batches were
+    gaussian = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), likelihood="gaussian").eval()
+    gaussian.encode(x * 255)  # any finite values
+    gaussian.decode(torch.zeros(4, 3)).log_prob(x * 255)
+    hvae(torch.rand(2, *hvae.input_shape))
+    with pytest.raises(InputError, match=r"^forward: x has values in"):
+        hvae(torch.rand(2, *hvae.input_shape) + 1)
+
+
 @pytest.mark.parametrize("n", [-1, 2.5, "3", True, None])
 def test_sample_needs_a_whole_number(n):
     model = image_models()["vae"].eval()

@@ -81,7 +81,7 @@ class PCA(nn.Module):
 
     def _project(self, x: torch.Tensor, method: str) -> torch.Tensor:
         """encode(x), its input checked under the name of the method called (once)."""
-        check_images(x, self.input_shape, method, model_tensor(self))
+        check_images(x, self.input_shape, method, self)
         return (x.flatten(1) - self.mean) @ self.components.T
 
     def decode(self, z: torch.Tensor) -> Distribution:
@@ -99,7 +99,7 @@ class PCA(nn.Module):
         is sum log lambda_i + (P - L) log sigma^2 and (x - mean)^T C^-1 (x - mean) is
         |x - mean|^2 / sigma^2 - sum_i (u_i^T (x - mean))^2 (1 / sigma^2 - 1 / lambda_i): no P x P matrix.
         """
-        check_images(x, self.input_shape, "log_marginal", model_tensor(self))
+        check_images(x, self.input_shape, "log_marginal", self)
         centred = x.flatten(1).double() - self.mean.double()
         projections = centred @ self.components.double().T
         noise = self.noise_variance.double()
@@ -150,7 +150,7 @@ class AE(nn.Module):
 
     def _code(self, x: torch.Tensor, method: str) -> torch.Tensor:
         """encode(x), its input checked under the name of the method called (once)."""
-        check_images(x, self.input_shape, method, model_tensor(self))
+        check_images(x, self.input_shape, method, self)
         return self.code(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> Distribution:

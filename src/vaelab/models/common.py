@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, kl_divergence
 
+from ..data.dataset import check_finite, check_unit_interval
 from ..errors import InputError
 from ..likelihoods import build_likelihood
 from ..nets import DECODERS
@@ -35,9 +36,12 @@ def _check_like(t: torch.Tensor, name: str, like: torch.Tensor | None, method: s
                          f"{name}.to('{like.device}') (or move the model)")
 
 
-def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, like: torch.Tensor | None = None) -> None:
+def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, model: nn.Module | None = None) -> None:
     """Refuse anything but a float batch (B, *shape) of images, with a message that says what the model takes;
-    with like (model_tensor(model)), also one of another dtype or on another device than the model.
+    with the model, also one of another dtype or on another device than its weights, and (in eval mode: a
+    user's call, where training batches come checked from their data set) values its likelihood cannot score:
+    NaN or infinite ones, and for a Bernoulli likelihood values outside [0, 1] (x * 255 was encoded and scored
+    without a word, log p(x|z) above 0).
 
     Public model methods call it first, so a wrong tensor fails here, by name, not deep inside a layer.
     """
@@ -57,7 +61,24 @@ def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, like: tor
     if not x.is_floating_point():
         raise InputError(f"{method}: x has dtype {x.dtype}; pass floating-point pixels in [0, 1] "
                          "(e.g. x.float() / 255)")
-    _check_like(x, "x", like, method)
+    if model is not None:
+        _check_like(x, "x", model_tensor(model), method)
+        if not model.training:
+            check_pixel_values(x, method, unit_interval=needs_unit_interval(model))
+
+
+def needs_unit_interval(model: nn.Module) -> bool:
+    """Whether the model's likelihood is a Bernoulli one, which scores values in [0, 1] only."""
+    return any(getattr(m, "needs_unit_interval", False) for m in model.modules())
+
+
+def check_pixel_values(x: torch.Tensor, method: str, *, unit_interval: bool) -> None:
+    """Refuse NaN or infinite values, and with unit_interval values outside [0, 1], naming the method."""
+    if unit_interval:
+        check_unit_interval(x, f"{method}: x", error=InputError, finite_fix="replace them",
+                            fix="this model's Bernoulli likelihood scores values in [0, 1]: rescale x (e.g. x / 255)")
+    else:
+        check_finite(x, f"{method}: x", error=InputError, fix="replace them")
 
 
 def check_codes(z: torch.Tensor, latent_dim: int, method: str, like: torch.Tensor | None = None) -> None:

@@ -276,14 +276,14 @@ class HVAE(nn.Module):
 
         noise: where the standard normal draws come from (default: torch's global generator).
         """
-        check_images(x, self.input_shape, "forward", model_tensor(self))
+        check_images(x, self.input_shape, "forward", self)
         groups, params = self._top_down(x.shape[0], self.bottom_up(x), k=k, noise=noise)
         lead = x.shape[:1] if k is None else (k, x.shape[0])
         return HierarchicalOutput(groups, self.likelihood(params.view(*lead, *self.input_shape)), k, self.group_sizes)
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z_1 | x) of the top group, flattened: batch shape (B,), event shape (D_top,)."""
-        check_images(x, self.input_shape, "encode", model_tensor(self))
+        check_images(x, self.input_shape, "encode", self)
         mu_p, scale_p = self._top_prior_params(x.shape[0])
         qz = self._posterior(mu_p, scale_p, self.post_heads[0](self.bottom_up(x)[0])).base_dist
         return diagonal_normal(qz.loc.flatten(1), qz.scale.flatten(1))
@@ -317,14 +317,14 @@ class HVAE(nn.Module):
     @torch.no_grad()
     def group_means(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Posterior means of every group, each flattened to (B, s_l), with the groups above at their means."""
-        check_images(x, self.input_shape, "group_means", model_tensor(self))
+        check_images(x, self.input_shape, "group_means", self)
         groups, _ = self._top_down(x.shape[0], self.bottom_up(x), use_mean=True)
         return [g.z.flatten(1) for g in groups]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|z) with every group at its posterior mean, shape of x."""
-        check_images(x, self.input_shape, "reconstruct", model_tensor(self))
+        check_images(x, self.input_shape, "reconstruct", self)
         _, params = self._top_down(x.shape[0], self.bottom_up(x), use_mean=True)
         return self.likelihood(params).mean
 

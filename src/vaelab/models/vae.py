@@ -45,11 +45,11 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for images x (B, C, H, W): batch shape (B,), event shape (D,)."""
-        check_images(x, self.input_shape, "encode", model_tensor(self))
+        check_images(x, self.input_shape, "encode", self)
         return self.posterior(self.encoder(x))
 
     def _point_code(self, x: torch.Tensor, method: str) -> torch.Tensor:
-        check_images(x, self.input_shape, method, model_tensor(self))
+        check_images(x, self.input_shape, method, self)
         return self.posterior(self.encoder(x)).mode
 
     def decode(self, z: torch.Tensor) -> Distribution:
