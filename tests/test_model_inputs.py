@@ -201,6 +201,38 @@ def test_vmf_point_codes_are_mean_directions_on_the_sphere():
     torch.testing.assert_close(gaussian.embed(x), gaussian.encode(x).mean)  # a Gaussian's mode is its mean
 
 
+def test_vmf_interpolations_and_traversals_stay_on_the_sphere(monkeypatch):
+    """The figures interpolated on the straight line, whose midpoints lie inside the sphere (norm cos(theta/2)),
+    and traversals moved one coordinate off it: codes a vMF decoder never saw."""
+    from vaelab import figures, text_views
+    from vaelab.vmf import codes_between
+
+    model = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), latent="vmf").eval()
+    decoded = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda z: decoded.append(z) or decode(z))
+    x = torch.rand(4, *SHAPE)
+    figures.interpolations(model, x[:2], x[2:], steps=5)
+    figures.traversals(model, x[:1], [0, 2], scale=torch.ones(3))
+    for z in decoded:
+        torch.testing.assert_close(z.norm(dim=-1), torch.ones(z.shape[:-1]))
+    za, zb = model.embed(x[:2]), model.embed(x[2:])
+    path = decoded[0][:5]  # the first pair's row
+    torch.testing.assert_close(path[[0, -1]], torch.stack([za[0], zb[0]]))
+    steps = (path[1:] * path[:-1]).sum(-1).clamp(-1, 1).acos()  # equal angles: constant speed on the circle
+    torch.testing.assert_close(steps, steps[:1].expand(4), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(codes_between(model, za, za, torch.tensor([[0.5]])), za)  # the same point
+    gaussian = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,)).eval()  # others: the straight line
+    torch.testing.assert_close(codes_between(gaussian, za, zb, torch.tensor([[0.25]])), 0.75 * za + 0.25 * zb)
+    text = tiny_model(latent="vmf")
+    greedy = text.greedy
+    seen = []
+    monkeypatch.setattr(text, "greedy", lambda z: seen.append(z) or greedy(z))
+    tokens = torch.randint(3, len(VOCAB), (2, 8))
+    text_views.interpolation(text, tokens[0], tokens[1], VOCAB, steps=5)
+    torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(5))
+
+
 def test_importance_sampling_takes_any_finite_values_under_a_gaussian_likelihood():
     from vaelab.density import importance_sample
 

@@ -12,12 +12,14 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .fileio import atomic_write_bytes  # noqa: E402
 from .system import model_device  # noqa: E402
+from .vmf import codes_between, on_sphere  # noqa: E402
 
 MAX_BARS = 500  # per-dimension plots draw bars up to this many dimensions (a bar is ~2 pixels wide there)
 
@@ -62,18 +64,20 @@ def reconstructions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def interpolations(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor, *, steps: int) -> torch.Tensor:
-    """Decoded points on the line between the codes of xa[i] and xb[i]: (P * steps, C, H, W), row by row."""
+    """Decoded points on the line (for vMF latents the great circle) between the codes of xa[i] and xb[i]:
+    (P * steps, C, H, W), row by row."""
     device = model_device(model)
     za, zb = model.embed(xa.to(device)), model.embed(xb.to(device))  # (P, D)
     t = torch.linspace(0, 1, steps, device=device)[None, :, None]  # (1, S, 1)
-    z = (1 - t) * za[:, None] + t * zb[:, None]  # (P, S, D)
+    z = codes_between(model, za[:, None], zb[:, None], t)  # (P, S, D)
     return model.decode(z.flatten(0, 1)).mean
 
 
 @torch.no_grad()
 def traversals(model: nn.Module, x0: torch.Tensor, dims: list[int], *, scale: torch.Tensor,
                steps: int = 9, span: float = 3.0) -> torch.Tensor:
-    """Vary one latent dimension at a time around the code of x0 (1, C, H, W), by +-span * scale[d]."""
+    """Vary one latent dimension at a time around the code of x0 (1, C, H, W), by +-span * scale[d] (for vMF
+    latents then put back on the sphere, where the decoder's codes live)."""
     device = model_device(model)
     z0 = model.embed(x0.to(device))[0]  # (D,)
     offsets = torch.linspace(-span, span, steps, device=device)
@@ -81,7 +85,7 @@ def traversals(model: nn.Module, x0: torch.Tensor, dims: list[int], *, scale: to
     for d in dims:
         z = z0.repeat(steps, 1)
         z[:, d] = z0[d] + offsets * scale[d]
-        rows.append(z)
+        rows.append(F.normalize(z, dim=-1) if on_sphere(model) else z)
     return model.decode(torch.cat(rows)).mean
 
 

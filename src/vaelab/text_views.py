@@ -8,6 +8,7 @@ from torch import nn
 
 from .data.text import PAD, tokens_to_text
 from .system import model_device
+from .vmf import codes_between
 
 
 @torch.no_grad()
@@ -28,12 +29,13 @@ def reconstructions(model: nn.Module, x: torch.Tensor, vocab: tuple[str, ...]) -
 @torch.no_grad()
 def interpolation(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor, vocab: tuple[str, ...],
                   steps: int = 7) -> list[str]:
-    """Greedy decodes along the line between the posterior means of two sentences (T,) each."""
+    """Greedy decodes along the line (for vMF latents the great circle) between the point codes of two sentences
+    (T,) each."""
     model.eval()
     device = model_device(model)
     za, zb = model.embed(torch.stack([xa, xb]).to(device))
     t = torch.linspace(0, 1, steps, device=device)[:, None]
-    return [tokens_to_text(row, vocab) for row in model.greedy((1 - t) * za + t * zb)]
+    return [tokens_to_text(row, vocab) for row in model.greedy(codes_between(model, za, zb, t))]
 
 
 @torch.no_grad()

@@ -350,3 +350,22 @@ class VMFLatent(nn.Module):
         if k is None:
             return z[0], None if score is None else score[0]
         return z, score
+
+
+def on_sphere(model: nn.Module) -> bool:
+    """Whether the model's codes live on the sphere (a vMF latent), where its decoder was trained."""
+    return isinstance(getattr(model, "posterior", None), VMFLatent)
+
+
+def codes_between(model: nn.Module, za: torch.Tensor, zb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Codes a fraction t of the way from za to zb (broadcast together): on the line, or for codes on the sphere
+    along the great circle at constant speed (slerp, Shoemake 1985). The line's midpoints lie inside the sphere
+    (norm cos(theta / 2)), where a vMF model's decoder never saw a code."""
+    if not on_sphere(model):
+        return (1 - t) * za + t * zb
+    theta = torch.acos((za * zb).sum(-1, keepdim=True).clamp(-1, 1))
+    sin = torch.sin(theta)
+    apart = sin > 1e-6  # (nearly) the same point: the line, normalised
+    sin = torch.where(apart, sin, torch.ones_like(sin))
+    arc = (torch.sin((1 - t) * theta) * za + torch.sin(t * theta) * zb) / sin
+    return torch.where(apart, arc, F.normalize((1 - t) * za + t * zb, dim=-1))
