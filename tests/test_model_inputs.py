@@ -7,7 +7,7 @@ from test_hvae import small as small_hvae
 from test_text import VOCAB, tiny_model
 
 from vaelab.errors import InputError, VaelabError
-from vaelab.models import AE, PCA, VAE
+from vaelab.models import AE, PCA, VAE, TextVAE
 
 SHAPE = (1, 6, 6)
 
@@ -131,6 +131,36 @@ def test_text_model_checks_token_ids_and_codes():
         model.sample(-1)
     model.train()  # training batches come from the data set's vocabulary: no value check (a GPU sync)
     model.encode(x)
+
+
+def test_text_model_takes_integer_ids_of_any_width_and_scores_only_the_sentence_it_read():
+    """int32 ids failed in cross_entropy, int16 in the embedding, uint8 ids were checked in uint8 arithmetic;
+    decode(z, x).log_prob(y) scored y against x's history; a z per other batch size, a 1-D z, sentences of no
+    tokens and greedy(max_len=-1) failed deep in torch, and max_len=0 meant the model's length."""
+    model = tiny_model().eval()
+    x = torch.randint(3, len(VOCAB), (3, 8), generator=torch.Generator().manual_seed(0))
+    z = model.embed(x)
+    expected = model.decode(z, x).log_prob(x)
+    for dtype in (torch.int32, torch.int16, torch.uint8, torch.int8):
+        torch.testing.assert_close(model.decode(z, x.to(dtype)).log_prob(x.to(dtype)), expected)
+        torch.testing.assert_close(model.embed(x.to(dtype)), z)
+    wide = TextVAE(input_shape=(4,), latent_dim=2, hidden=(8,), vocab_size=300, embedding_dim=4).eval()
+    wide.encode(torch.tensor([[299, 3, 0, 0]], dtype=torch.int16))
+    with pytest.raises(InputError, match="outside this model's vocabulary"):
+        wide.encode(torch.tensor([[300 + 256, 3, 0, 0]], dtype=torch.int16))
+    with pytest.raises(InputError, match=r"^log_prob: these are not the tokens decode\(z, x\) read"):
+        model.decode(z, x).log_prob(x.flip(0))
+    torch.testing.assert_close(model.decode(z, x).log_prob(x.clone()), expected)  # an equal copy is the same
+    for bad_z in (torch.zeros(2, 4), torch.zeros(4)):
+        with pytest.raises(InputError, match=r"^decode: z has shape .* for x of 3 sentence\(s\)"):
+            model.decode(bad_z, x)
+    assert model.decode(torch.zeros(5, 3, 4), x).log_prob(x).shape == (5, 3)
+    with pytest.raises(InputError, match=r"^encode: x has shape \(3, 0\): sentences of no tokens"):
+        model.encode(x[:, :0])
+    for max_len in (-1, 0, 2.0):
+        with pytest.raises(InputError, match="^greedy: max_len must be a whole number"):
+            model.greedy(z, max_len=max_len)
+    assert model.greedy(z, max_len=3).shape == (3, 3)
 
 
 def test_input_errors_are_value_errors_and_vaelab_errors():

@@ -93,11 +93,12 @@ def check_codes(z: torch.Tensor, latent_dim: int, method: str, like: torch.Tenso
     _check_like(z, "z", like, method)
 
 
-def check_tokens(x: torch.Tensor, vocab_size: int, method: str, *, values: bool = True) -> None:
-    """Refuse anything but integer token ids (B, T), and (with values) ids outside the vocabulary.
+def check_tokens(x: torch.Tensor, vocab_size: int, method: str, *, values: bool = True) -> torch.Tensor:
+    """x as int64 token ids (B, T), T >= 1; anything else, and (with values) ids outside the vocabulary, refused.
 
-    The value check reads x (a device sync on a GPU); text models skip it for training batches, whose ids
-    come from the data set's own vocabulary.
+    Integer ids of other dtypes are taken (int32 from NumPy failed in cross_entropy, int16 in the embedding, and
+    uint8 ids were checked in uint8 arithmetic: 7981 wrapped to 45). The value check reads x (a device sync on a
+    GPU); text models skip it for training batches, whose ids come from the data set's own vocabulary.
     """
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{method}: x must be a torch.Tensor of token ids (B, T), got {type(x).__name__}")
@@ -106,18 +107,23 @@ def check_tokens(x: torch.Tensor, vocab_size: int, method: str, *, values: bool 
                          "(one sentence: x[None])")
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise InputError(f"{method}: x has dtype {x.dtype}; pass integer token ids (vaelab.data.text.text_to_tokens)")
+    if x.shape[1] == 0:
+        raise InputError(f"{method}: x has shape {tuple(x.shape)}: sentences of no tokens; each needs at least its "
+                         "<eos> (vaelab.data.text.text_to_tokens)")
+    x = x.long()
     if values and x.numel() and not bool(((x >= 0) & (x < vocab_size)).all()):
         raise InputError(f"{method}: x holds token ids outside this model's vocabulary (0..{vocab_size - 1})")
+    return x
 
 
-def check_count(n: int, method: str) -> int:
-    """n as a whole number >= 0, or an InputError."""
+def check_count(n: int, method: str, name: str = "n", *, of: str = "samples", least: int = 0) -> int:
+    """n as a whole number >= least, or an InputError naming the argument."""
     try:
         count = operator.index(n)  # ints and integer-like (numpy) scalars, not floats or bools' surprises
     except TypeError:
-        raise InputError(f"{method}: n must be a whole number of samples, got {n!r}") from None
-    if isinstance(n, bool) or count < 0:
-        raise InputError(f"{method}: n must be a whole number >= 0, got {n!r}")
+        raise InputError(f"{method}: {name} must be a whole number of {of}, got {n!r}") from None
+    if isinstance(n, bool) or count < least:
+        raise InputError(f"{method}: {name} must be a whole number >= {least}, got {n!r}")
     return count
 
 

@@ -31,13 +31,22 @@ class TokenSequence(Distribution):
     arg_constraints: dict = {}
     support = constraints.independent(constraints.nonnegative_integer, 1)
 
-    def __init__(self, logits: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, mask: torch.Tensor, data: torch.Tensor | None = None):
         self.logits = logits
         self.mask = mask
+        self.data = data  # the tokens the decoder read (B, T): the only sequence it scores
         super().__init__(batch_shape=logits.shape[:-2], event_shape=logits.shape[-2:-1], validate_args=False)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """sum_t log softmax(logits_t)[x_t] over the masked positions: (...,) = the batch shape."""
+        """sum_t log softmax(logits_t)[x_t] over the masked positions: (...,) = the batch shape. value must be the
+        sequence the decoder read (position t's distribution is conditioned on its tokens before t): another
+        sequence y was scored against x's history and padding, without a word; decode(z, y) scores y."""
+        if self.data is not None and value is not self.data:  # (what follows each <eos> does not count)
+            if not (isinstance(value, torch.Tensor) and value.shape == self.data.shape
+                    and not value.is_floating_point() and bool(((value == self.data) | (self.data == PAD)).all())):
+                raise InputError("log_prob: these are not the tokens decode(z, x) read (teacher forcing conditions "
+                                 "each position on x's tokens before it); score y with decode(z, y).log_prob(y)")
+            value = self.data
         value = value.expand(self.logits.shape[:-1])  # (B, T) data against (K, B, T, V) logits
         log_p = -F.cross_entropy(self.logits.reshape(-1, self.logits.shape[-1]), value.reshape(-1),
                                  reduction="none").view(value.shape)  # (..., T)
@@ -92,7 +101,7 @@ class TextVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for token ids x (B, T): batch shape (B,), event shape (D,)."""
-        check_tokens(x, self.vocab_size, "encode", values=not self.training)
+        x = check_tokens(x, self.vocab_size, "encode", values=not self.training)
         states, _ = self.encoder(self.embedding(x))  # (B, T, H)
         # The RNN is causal, so its state at the last real token (the <eos>) has not seen the padding.
         last = (x != PAD).sum(1).clamp(min=1) - 1  # (B,)
@@ -130,11 +139,15 @@ class TextVAE(nn.Module):
     def decode(self, z: torch.Tensor, x: torch.Tensor) -> TokenSequence:
         """p(x|z) by teacher forcing on the targets x (B, T), for codes z (..., B, D): batch shape z.shape[:-1]."""
         check_codes(z, self.latent_dim, "decode", model_tensor(self))
-        check_tokens(x, self.vocab_size, "decode", values=not self.training)
+        data = check_tokens(x, self.vocab_size, "decode", values=not self.training)
+        if z.dim() < 2 or z.shape[-2] != data.shape[0]:
+            raise InputError(f"decode: z has shape {tuple(z.shape)} for x of {data.shape[0]} sentence(s); pass one "
+                             f"code per sentence, (B, {self.latent_dim}) or (K, B, {self.latent_dim})")
+        x = data
         lead, t = z.shape[:-1], x.shape[-1]
         targets = x.expand(*lead, t)  # (K, B, T): the data repeated for each sample
         logits, _ = self._logits(z.reshape(-1, self.latent_dim), self.decoder_inputs(targets.reshape(-1, t)))
-        return TokenSequence(logits.view(*lead, t, self.vocab_size), targets != PAD)
+        return TokenSequence(logits.view(*lead, t, self.vocab_size), targets != PAD, data)
 
     def forward(self, x: torch.Tensor, k: int | None = None, noise: Noise | None = None) -> Output:
         """One pass with reparameterised samples: z (B, D), or (K, B, D) when k is given.
@@ -160,7 +173,9 @@ class TextVAE(nn.Module):
         check_codes(z, self.latent_dim, "greedy", model_tensor(self))
         if z.dim() != 2:
             raise InputError(f"greedy: z has shape {tuple(z.shape)}; pass a batch of codes (N, {self.latent_dim})")
-        t_max = max_len or self.input_shape[0]
+        # (0 meant the model's length, and -1 failed on a negative dimension); 1 leaves room for the <eos>
+        t_max = self.input_shape[0] if max_len is None else check_count(max_len, "greedy", "max_len", of="tokens",
+                                                                        least=1)
         n = z.shape[0]
         tokens = torch.full((n, t_max), PAD, dtype=torch.int64, device=z.device)
         inputs = torch.full((n, 1), BOS, dtype=torch.int64, device=z.device)
