@@ -231,6 +231,12 @@ def test_vmf_point_codes_are_mean_directions_on_the_sphere():
     torch.testing.assert_close(gaussian.embed(x), gaussian.encode(x).mean)  # a Gaussian's mode is its mean
 
 
+def test_an_empty_batch_is_scored_by_every_likelihood():
+    """A Gaussian's Independent.log_prob reshaped to (0, -1), which torch refuses; Bernoulli's gave an empty result."""
+    for model in (*image_models().values(), VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), likelihood="gaussian")):
+        assert model.eval().decode(torch.zeros(0, 3)).log_prob(torch.rand(0, *SHAPE)).shape == (0,)
+
+
 def test_vmf_interpolations_and_traversals_stay_on_the_sphere(monkeypatch):
     """The figures interpolated on the straight line, whose midpoints lie inside the sphere (norm cos(theta/2)),
     and traversals moved one coordinate off it: codes a vMF decoder never saw."""

@@ -161,6 +161,11 @@ def test_samples_match_mean_direction_and_resultant_length(m, kappa):
     # E[z] = A_m(kappa) loc, coordinate by coordinate within 5 standard errors; <loc, z> has mean A_m(kappa)
     stderr = z.std(0) / math.sqrt(n)
     assert ((z.mean(0) - q.mean).abs() <= 5 * stderr + 1e-12).all()
+    # Var[z_i] (stddev raised NotImplementedError), within 5 standard errors of the sample variance
+    centred = z - z.mean(0)
+    var_stderr = ((centred**4).mean(0) - centred.var(0) ** 2).clamp(min=0).sqrt() / math.sqrt(n)
+    assert ((centred.var(0) - q.variance).abs() <= 5 * var_stderr + 1e-12).all()
+    torch.testing.assert_close(float(q.variance.sum() + (q.mean**2).sum()), 1.0)
     w = z @ loc
     a_m = bessel_iv_ratio(m / 2 - 1, torch.tensor(kappa, dtype=torch.float64))
     assert abs(w.mean() - a_m) <= 5 * w.std() / math.sqrt(n) + 1e-12

@@ -16,9 +16,15 @@ from .errors import InputError
 SCALE_MIN = 1e-3
 
 
-def _image(base: Distribution) -> Distribution:
-    """Treat the last three dimensions (C, H, W) as one event: log_prob sums over pixels."""
-    return Independent(base, 3, validate_args=False)
+class GaussianImage(Independent):
+    """Independent(Normal(mean, sigma), 3): log_prob sums over the pixels (C, H, W), of an empty batch too
+    (Independent's sum reshapes to (0, -1), which torch refuses)."""
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor | float):
+        super().__init__(Normal(mean, scale, validate_args=False), 3, validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.base_dist.log_prob(value).flatten(-3).sum(-1)
 
 
 class BernoulliImage(Independent):
@@ -86,7 +92,7 @@ class GaussianLikelihood(nn.Module):
         return self.fixed_scale
 
     def forward(self, mean: torch.Tensor) -> Distribution:
-        return _image(Normal(mean, self.scale(), validate_args=False))
+        return GaussianImage(mean, self.scale())
 
 
 def build_likelihood(name: str, *, sigma: float, channels: int) -> nn.Module:

@@ -146,6 +146,13 @@ class VonMisesFisher(Distribution):
         """E[z] = A_m(kappa) loc with A_m = I_{m/2} / I_{m/2-1} (Mardia & Jupp 2000, "Directional Statistics")."""
         return bessel_iv_ratio(self.order, self.scale) * self.loc
 
+    @property
+    def variance(self) -> torch.Tensor:
+        """Var[z_i], the diagonal of Cov z = (A / kappa) I + (1 - m A / kappa - A^2) loc loc^T, A = A_m(kappa)
+        (Mardia & Jupp 2000, Sec. 9.3.2): with the squared mean the variances sum to E|z|^2 = 1."""
+        a = bessel_iv_ratio(self.order, self.scale)
+        return (a / self.scale + (1 - self.m * a / self.scale - a**2) * self.loc**2).clamp(min=0)
+
     def _log_normalizer64(self) -> torch.Tensor:
         """log C_m(kappa) = (m/2 - 1) log kappa - (m/2) log(2 pi) - log I_{m/2-1}(kappa), in float64, batch shape."""
         kappa = self.scale.squeeze(-1).double()

@@ -5,9 +5,10 @@ import math
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution
 
 from ..errors import ConfigError
+from ..likelihoods import GaussianImage
 from ..linear import Linear
 from ..nets import ENCODERS
 from .common import ImageDecoder, Output, check_codes, check_images, model_tensor
@@ -88,7 +89,7 @@ class PCA(nn.Module):
         """p(x|z) = N(W z + mean, sigma^2 I) with W the components, over images (C, H, W)."""
         check_codes(z, self.latent_dim, "decode", model_tensor(self))
         loc = (z @ self.components + self.mean).unflatten(-1, self.input_shape)
-        return Independent(Normal(loc, self.noise_variance.sqrt(), validate_args=False), 3, validate_args=False)
+        return GaussianImage(loc, self.noise_variance.sqrt())
 
     @torch.no_grad()
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
