@@ -105,9 +105,14 @@ def test_hierarchical_model_checks_its_inputs_and_temperature():
             method(x.double())
     with pytest.raises(InputError, match="decode: z has dtype torch.float64"):
         model.decode(torch.zeros(2, model.latent_dim, dtype=torch.float64))
-    for t in (-0.5, float("nan"), float("inf"), 1e6, "hot"):  # 1e6 decoded to NaN images
+    for t in (-0.5, float("nan"), float("inf"), 1e6, "hot", True, torch.tensor([0.5, 1.0])):  # 1e6: NaN images
         with pytest.raises(InputError, match=r"temperature must be a number in \[0, 10\]"):
             model.sample(2, temperature=t)
+    torch.manual_seed(0)
+    expected = model.sample(2, temperature=0.5)
+    for t in (np.float32(0.5), torch.tensor(0.5)):  # were refused as not numbers
+        torch.manual_seed(0)
+        torch.testing.assert_close(model.sample(2, temperature=t), expected)
     with pytest.raises(InputError, match="whole number"):
         model.sample(-2)
 
@@ -229,6 +234,32 @@ def test_vmf_point_codes_are_mean_directions_on_the_sphere():
     assert prior.expand((4,)).rsample((2,)).shape == (2, 4, 3) and prior.expand((4,)).entropy().shape == (4,)
     gaussian = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,)).eval()
     torch.testing.assert_close(gaussian.embed(x), gaussian.encode(x).mean)  # a Gaussian's mode is its mean
+
+
+def test_helpers_give_a_model_back_in_the_mode_it_had():
+    """Text views, latent statistics and the reconstruction error left a model in training in eval mode (no
+    dropout, frozen batch-norm statistics from then on)."""
+    from vaelab import latent_stats, text_views
+    from vaelab.density import importance_sample
+    from vaelab.evaluate import reconstruction_error
+
+    text = tiny_model(word_dropout=0.3).train()
+    tokens = torch.randint(3, len(VOCAB), (4, 8))
+    for call in (lambda: text_views.samples(text, VOCAB, 2), lambda: text_views.reconstructions(text, tokens, VOCAB),
+                 lambda: text_views.interpolation(text, tokens[0], tokens[1], VOCAB, steps=3),
+                 lambda: text_views.token_accuracy(text, tokens)):
+        call()
+        assert text.training
+    vae = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), bn_mu=0.5).train()
+    x = torch.rand(6, *SHAPE)
+    for call in (latent_stats.codes, latent_stats.posterior_means, latent_stats.kl_per_unit, latent_stats.active_units,
+                 latent_stats.mutual_information_bounds, reconstruction_error,
+                 lambda model, x: importance_sample(model, x, k=2)):
+        call(vae, x)
+        assert vae.training, call
+    with pytest.raises(InputError):  # and when the model refuses the input
+        latent_stats.codes(vae, x * 255)
+    assert vae.training
 
 
 def test_an_empty_batch_is_scored_by_every_likelihood():

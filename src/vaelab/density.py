@@ -24,7 +24,7 @@ from torch import nn
 from .data import check_finite, check_unit_interval
 from .errors import InputError
 from .objectives import log_weights
-from .system import keep_freed_memory, model_device
+from .system import in_eval_mode, keep_freed_memory, model_device
 
 MAX_ELEMENTS = 1 << 23  # parameters of p(x|z) materialised per pass (32 MiB of float32 logits)
 DEFAULT_CHUNK = 200  # samples per pass: large enough for efficient matmuls, small enough to stay in cache
@@ -178,12 +178,7 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
     device = model_device(model)
     if device.type == "cpu":
         keep_freed_memory()  # ~25% faster passes over large (K_chunk, B, pixels) tensors
-    was_training = model.training
-    model.eval()
-    try:
-        return _importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed, device=device)
-    finally:  # also when the model refuses x
-        model.train(was_training)
+    return _importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed, device=device)
 
 
 def _whole(name: str, value: object, lowest: int) -> int:
@@ -212,6 +207,7 @@ def _check_data(model: nn.Module, x: torch.Tensor, where: str) -> None:
             check_finite(x, source, error=InputError, fix=finite_fix)
 
 
+@in_eval_mode
 def _importance_sample(model: nn.Module, x: torch.Tensor, *, k: int, chunk: int | None, batch_size: int | None,
                        seed: int, device: torch.device) -> Estimate:
     # parameters of p(x|z) per sample: one per pixel, or one per token and vocabulary entry for text

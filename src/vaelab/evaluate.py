@@ -32,7 +32,7 @@ from .models import PCA
 from .objectives import elbo
 from .prepare import EVAL_SEED, prepare_data
 from .steps import mean_terms, objective_for
-from .system import model_device
+from .system import in_eval_mode, model_device
 from .text_views import token_accuracy
 from .train import train
 
@@ -49,9 +49,9 @@ __all__ = ["evaluate_run", "log_likelihood", "importance_sample", "compare_runs"
 
 
 @torch.no_grad()
+@in_eval_mode
 def reconstruction_error(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> dict[str, float]:
     """Squared error between x and the model's mean reconstruction: per image (summed over pixels) and per pixel."""
-    model.eval()
     device = model_device(model)
     total = 0.0
     for start in range(0, x.shape[0], batch_size):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
-from .system import model_device
+from .system import in_eval_mode, model_device
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, Sec. 5.2
 # mutual_information_bounds scores every code against every posterior in chunks of at most this many (code, posterior,
@@ -24,27 +24,27 @@ def _batches(model: nn.Module, x: torch.Tensor, batch_size: int = 1000):
 
 
 @torch.no_grad()
+@in_eval_mode
 def codes(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Point codes (N, D) on the CPU, model.embed's: posterior modes for a VAE (means of a Gaussian, mean
     directions of a vMF), the code for AE and PCA."""
-    model.eval()
     return torch.cat([model.embed(xb).cpu() for xb in _batches(model, x)])
 
 
 @torch.no_grad()
+@in_eval_mode
 def posterior_means(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """E_q[z|x] (N, D) on the CPU for a model with a posterior (a vMF's lies inside the ball), else its codes."""
     if not hasattr(model, "prior"):
         return codes(model, x)
-    model.eval()
     return torch.cat([model.encode(xb).mean.cpu() for xb in _batches(model, x)])
 
 
 @torch.no_grad()
+@in_eval_mode
 def kl_per_unit(model: nn.Module, x: torch.Tensor) -> list[float]:
     """Mean over x of the analytic KL per latent unit (Output.kl_units): per dimension of a factorised
     posterior, per group of a hierarchy, one value otherwise."""
-    model.eval()
     total = sum(model(xb).kl_units().sum(0) for xb in _batches(model, x))
     return (total / x.shape[0]).tolist()
 
@@ -66,12 +66,12 @@ def active_units(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_UN
 
 
 @torch.no_grad()
+@in_eval_mode
 def active_units_per_group(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> list[int]:
     """Active units of each latent group of a hierarchy (model.group_means): Cov_x(E_q[z_u]) > threshold.
 
     Lower groups have conditional priors, so Burda et al.'s unscaled threshold is used throughout.
     """
-    model.eval()
     means = [model.group_means(xb) for xb in _batches(model, x)]  # per batch: L tensors (B, s_l)
     return [int((torch.cat([m[g].cpu() for m in means]).double().var(0) > threshold).sum())
             for g in range(len(means[0]))]
@@ -85,6 +85,7 @@ def mutual_information(model: nn.Module, x: torch.Tensor, *, max_examples: int =
 
 
 @torch.no_grad()
+@in_eval_mode
 def mutual_information_bounds(model: nn.Module, x: torch.Tensor, *, max_examples: int = 2000,
                               seed: int = 0) -> dict[str, float | int | None]:
     """Lower and upper bounds on I(x; z) under q(z|x) p_data(x) from N = min(len(x), max_examples) examples.
@@ -110,23 +111,18 @@ def mutual_information_bounds(model: nn.Module, x: torch.Tensor, *, max_examples
         KL where the leave-one-out bound is not finite; None if neither is: N = 1 and no analytic KL);
         "mutual_information_examples": N.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        g = torch.Generator().manual_seed(seed)
-        x = x[torch.randperm(x.shape[0], generator=g)[:max_examples]]
-        device = model_device(model)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            qz = model.encode(x.to(device))  # batch (N,)
-            lower, leave_one_out = _sampled_bounds(qz, qz.sample())  # one sample z_i ~ q(z|x_i) per example
-            _, chooser = _sampled_bounds(qz, qz.sample())
-            try:
-                mean_kl = float(kl_divergence(qz, model.prior()).mean())
-            except (AttributeError, NotImplementedError):  # no prior, or no analytic KL to it
-                mean_kl = math.inf
-    finally:
-        model.train(was_training)
+    g = torch.Generator().manual_seed(seed)
+    x = x[torch.randperm(x.shape[0], generator=g)[:max_examples]]
+    device = model_device(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        qz = model.encode(x.to(device))  # batch (N,)
+        lower, leave_one_out = _sampled_bounds(qz, qz.sample())  # one sample z_i ~ q(z|x_i) per example
+        _, chooser = _sampled_bounds(qz, qz.sample())
+        try:
+            mean_kl = float(kl_divergence(qz, model.prior()).mean())
+        except (AttributeError, NotImplementedError):  # no prior, or no analytic KL to it
+            mean_kl = math.inf
     n = x.shape[0]
     upper = leave_one_out if chooser < mean_kl else mean_kl
     return {"mutual_information": lower, "mutual_information_upper": upper if math.isfinite(upper) else None,

@@ -14,22 +14,20 @@ from torch.optim.adam import adam
 
 from .config import RunConfig
 from .objectives import OBJECTIVES, reconstruction
-from .system import model_device
+from .system import in_eval_mode, model_device
 
 
 @torch.no_grad()
+@in_eval_mode
 def mean_terms(model: nn.Module, loss_terms: Callable, x: torch.Tensor, *, batch_size: int = 1000,
                beta: float = 1.0) -> dict[str, float]:
     """Loss terms (from objective_for) averaged over x, in eval mode and batches (no gradients)."""
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     sums: dict[str, float] = {}
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
         for k, v in loss_terms(model, xb, beta=beta).items():
             sums[k] = sums.get(k, 0.0) + v.sum().item()
-    model.train(was_training)
     return {k: v / x.shape[0] for k, v in sums.items()}
 
 

@@ -5,12 +5,15 @@ import contextlib
 import ctypes
 import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str | torch.device, what: str = "--device") -> torch.device:
@@ -86,6 +89,21 @@ def _on_every_thread(function) -> bool:
     gomp_parallel.restype = None
     gomp_parallel(callback, None, torch.get_num_threads(), 0)  # ctypes releases the GIL for the call
     return True
+
+
+def in_eval_mode(function: Callable[..., T]) -> Callable[..., T]:
+    """function(model, ...) run with the model in eval mode, which it is given back in the mode it had: helpers
+    called on a model in training (text samples, latent statistics) left it in eval mode, with no dropout and
+    frozen batch-norm statistics from then on."""
+    @functools.wraps(function)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> T:
+        was_training = model.training
+        model.eval()
+        try:
+            return function(model, *args, **kwargs)
+        finally:  # also when the model refuses its input
+            model.train(was_training)
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -7,31 +7,31 @@ import torch
 from torch import nn
 
 from .data.text import PAD, tokens_to_text
-from .system import model_device
+from .system import in_eval_mode, model_device
 from .vmf import codes_between
 
 
 @torch.no_grad()
+@in_eval_mode
 def samples(model: nn.Module, vocab: tuple[str, ...], n: int) -> list[str]:
     """n sentences greedily decoded from z ~ p(z)."""
-    model.eval()
     return [tokens_to_text(row, vocab) for row in model.sample(n)]
 
 
 @torch.no_grad()
+@in_eval_mode
 def reconstructions(model: nn.Module, x: torch.Tensor, vocab: tuple[str, ...]) -> list[tuple[str, str]]:
     """(sentence, greedy decode of its posterior mean) pairs for token rows x (N, T)."""
-    model.eval()
     decoded = model.reconstruct(x.to(model_device(model)))
     return [(tokens_to_text(a, vocab), tokens_to_text(b, vocab)) for a, b in zip(x, decoded)]
 
 
 @torch.no_grad()
+@in_eval_mode
 def interpolation(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor, vocab: tuple[str, ...],
                   steps: int = 7) -> list[str]:
     """Greedy decodes along the line (for vMF latents the great circle) between the point codes of two sentences
     (T,) each."""
-    model.eval()
     device = model_device(model)
     za, zb = model.embed(torch.stack([xa, xb]).to(device))
     t = torch.linspace(0, 1, steps, device=device)[:, None]
@@ -39,9 +39,9 @@ def interpolation(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor, vocab: t
 
 
 @torch.no_grad()
+@in_eval_mode
 def token_accuracy(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> float:
     """Share of real tokens (words and <eos>) that greedy reconstruction from the posterior mean gets right."""
-    model.eval()
     device = model_device(model)
     right = total = 0
     for start in range(0, x.shape[0], batch_size):

@@ -17,6 +17,7 @@ K samples is flattened to (K*B, c, h, w), and distributions over z_l have batch 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -335,8 +336,13 @@ class HVAE(nn.Module):
         Temperatures below 1 trade diversity for quality (NVAE Sec. 5); t = 0 is deterministic.
         """
         n = check_count(n, "sample")
-        if not (isinstance(temperature, (int, float)) and 0 <= temperature <= MAX_TEMPERATURE):
+        if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
+            temperature = temperature.item()
+        # real numbers (NumPy's too, which were refused), not True
+        if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real)
+                                                 and 0 <= temperature <= MAX_TEMPERATURE):
             raise InputError(f"sample: temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {temperature!r}")
+        temperature = float(temperature)
         _, params = self._top_down(n, temperature=temperature)
         px_z = self.likelihood(params)
         return px_z.mean if mean else px_z.sample()
