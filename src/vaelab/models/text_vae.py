@@ -200,7 +200,8 @@ class TextVAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Greedy decodes of the posterior means of x (B, T): (B, T) ids."""
+        """Greedy decodes of the point codes of x (B, T), embed's (posterior means; for vMF latents the mean
+        directions): (B, T) ids."""
         return self.greedy(self.embed(x))
 
 
