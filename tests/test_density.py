@@ -430,7 +430,7 @@ def test_the_upper_bound_on_the_mutual_information_is_one_in_expectation_near_co
 
 def linear_gaussian_encoder(w: torch.Tensor | None = None, s: float = 0.5) -> tuple[VAE, float]:
     """q(z|x) = N(Wx, s^2 I) for x ~ N(0, I): z ~ N(0, W W^T + s^2 I), so I(x; z) = log det(I + W W^T / s^2) / 2."""
-    model = VAE(input_shape=(1, 1, 4), latent_dim=2, hidden=()).eval()
+    model = VAE(input_shape=(1, 1, 4), latent_dim=2, hidden=(), likelihood="gaussian").eval()  # x ~ N(0, I)
     if w is None:
         w = torch.tensor([[1.5, 0.0, 0.0, 0.0], [0.0, 0.7, 0.7, 0.0]])
     with torch.no_grad():

@@ -110,7 +110,7 @@ def check_tokens(x: torch.Tensor, vocab_size: int, method: str, *, values: bool 
     if x.shape[1] == 0:
         raise InputError(f"{method}: x has shape {tuple(x.shape)}: sentences of no tokens; each needs at least its "
                          "<eos> (vaelab.data.text.text_to_tokens)")
-    x = x.long()
+    x = x if x.dtype == torch.int64 else x.long()  # (a no-op .long() split torch.compile's graph)
     if values and x.numel() and not bool(((x >= 0) & (x < vocab_size)).all()):
         raise InputError(f"{method}: x holds token ids outside this model's vocabulary (0..{vocab_size - 1})")
     return x

@@ -147,7 +147,8 @@ class TextVAE(nn.Module):
         lead, t = z.shape[:-1], x.shape[-1]
         targets = x.expand(*lead, t)  # (K, B, T): the data repeated for each sample
         logits, _ = self._logits(z.reshape(-1, self.latent_dim), self.decoder_inputs(targets.reshape(-1, t)))
-        return TokenSequence(logits.view(*lead, t, self.vocab_size), targets != PAD, data)
+        # in training the loss scores the batch decoded (and a check would break torch.compile's graph)
+        return TokenSequence(logits.view(*lead, t, self.vocab_size), targets != PAD, None if self.training else data)
 
     def forward(self, x: torch.Tensor, k: int | None = None, noise: Noise | None = None) -> Output:
         """One pass with reparameterised samples: z (B, D), or (K, B, D) when k is given.
