@@ -268,6 +268,23 @@ def test_kl_per_dimension_of_a_very_wide_latent_is_one_artist_per_panel_not_a_ba
     assert [t.get_text() for t in bars.axes[1].get_legend().get_texts()] == ["active", "inactive"]
 
 
+def test_a_vmf_run_reports_one_kl_bar_beside_a_variance_per_dimension(npz_data, tmp_path, monkeypatch):
+    """A vMF's KL is one value for the whole latent: its report drew the m variances at x = 0 over each other, and
+    then (with the hatched inactive units) failed with an IndexError at the end of every vMF training."""
+    from vaelab import figures
+
+    assert main(["train", "--data", npz_data, "--latent", "vmf", *TINY, "--no-baselines",
+                 "--out", str(tmp_path / "vmf")]) == 0
+    assert (tmp_path / "vmf" / "figures" / "kl_per_dim.png").exists()
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+    figures.kl_per_dimension([0.7], [0.003, 0.2, 0.5], tmp_path / "kl.png")
+    kl, variance = saved[0].axes
+    assert len(kl.patches) == 1 and kl.get_xlabel().startswith("the latent as a whole")
+    assert sorted(p.get_x() + p.get_width() / 2 for p in variance.patches) == [0, 1, 2]
+    assert [float(t) for t in variance.get_xticks()] == [0, 1, 2]
+
+
 def test_the_latent_map_tells_apart_classes_beyond_its_twenty_colours(tmp_path, monkeypatch):
     from vaelab import figures
 

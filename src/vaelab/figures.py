@@ -195,7 +195,8 @@ def training_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
 def kl_per_dimension(kl: list[float], variance: list[float] | None, path: Path, *,
                      threshold: float = 0.01, unit: str = "latent dimension") -> Path:
     """Bars of the test KL per latent dimension (or per unit named by `unit`, e.g. latent group),
-    with the posterior-mean variance (active units) beside."""
+    with the posterior-mean variance (active units) beside, per dimension (a vMF's KL is one value for the
+    whole latent: it has one bar, beside m variances)."""
     d = np.arange(len(kl))
     many = len(kl) > MAX_BARS  # thinner than a pixel, and a patch each (minutes for 100,000): one artist instead
     fig, axes = plt.subplots(1, 2 if variance is not None else 1, figsize=(10, 3.2), dpi=100, squeeze=False)
@@ -203,25 +204,29 @@ def kl_per_dimension(kl: list[float], variance: list[float] | None, path: Path, 
         axes[0, 0].stairs(kl, np.arange(len(kl) + 1) - 0.5, fill=True, color="C0")
     else:
         axes[0, 0].bar(d, kl, color="C0")
-    axes[0, 0].set_xlabel(unit)
-    axes[0, 0].set_ylabel("KL(q(z_d|x) || p(z_d)), nats" if variance is not None else "KL(q || p), nats")
+    whole = variance is not None and len(kl) == 1 < len(variance)  # a vMF's: no KL per dimension
+    axes[0, 0].set_xlabel("the latent as a whole (a vMF KL does not split by dimension)" if whole else unit)
+    axes[0, 0].set_ylabel("KL(q(z_d|x) || p(z_d)), nats" if variance is not None and not whole
+                          else "KL(q || p), nats")
+    _integer_ticks(axes[0, 0], d.tolist())  # dimensions, not -0.4 ... 0.4
     if variance is not None:
-        active = np.asarray(variance) > threshold  # told apart by colour and by hatching (or marker), not colour alone
+        variance = np.asarray(variance)
+        dims = np.arange(len(variance))
+        many = len(variance) > MAX_BARS
+        active = variance > threshold  # told apart by colour and by hatching (or marker), not colour alone
         for shown, colour, hatch, marker, label in ((active, "C2", None, "o", "active"),
                                                     (~active, "C7", "///", "x", "inactive")):
             if many:
-                axes[0, 1].scatter(d[shown], np.asarray(variance)[shown], s=4, color=colour, marker=marker,
+                axes[0, 1].scatter(dims[shown], variance[shown], s=4, color=colour, marker=marker,
                                    linewidths=0.5, label=label)
             else:
-                axes[0, 1].bar(d[shown], np.asarray(variance)[shown], color=colour, hatch=hatch, edgecolor="w",
-                               label=label)
+                axes[0, 1].bar(dims[shown], variance[shown], color=colour, hatch=hatch, edgecolor="w", label=label)
         axes[0, 1].legend(frameon=False, fontsize=8)
         axes[0, 1].axhline(threshold, color="k", lw=0.8, ls="--")
         axes[0, 1].set_yscale("log")
         axes[0, 1].set_xlabel("latent dimension")
         axes[0, 1].set_ylabel("Cov_x(E_q[z_d]) (active > 0.01)")
-    for ax in axes[0]:
-        _integer_ticks(ax, d.tolist())  # dimensions, not -0.4 ... 0.4
+        _integer_ticks(axes[0, 1], dims.tolist())
     fig.tight_layout()
     return _save(fig, path)
 
