@@ -3,6 +3,7 @@ import dataclasses
 import html
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -343,6 +344,42 @@ def test_divergent_learning_rate_stops_with_a_clear_message(tmp_path):
     with pytest.raises(TrainingError, match="NaN or infinite"):
         train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
     vaelab.load(tmp_path / "run")  # the initial checkpoint is intact and loads
+
+
+@pytest.mark.parametrize("where", ["buffer", "optimizer"])
+def test_weights_or_optimiser_state_gone_non_finite_under_a_finite_loss_are_not_saved(tmp_path, where):
+    """An HVAE's batch-norm running variance overflowed while its validation loss stayed finite: the checkpoint kept
+    as the last good one was refused as damaged by every later command. Adam's second moments at inf froze the
+    weights under a flat loss, exit 0."""
+    config = dataclasses.replace(tiny_config(epochs=3), model=ModelConfig(hidden=(16,), latent_dim=2, bn_mu=0.5))
+    trainer = Trainer(config, tmp_path / "run", dataset=tiny_data(), progress=False)
+    validate = trainer._validate
+    names = [k for k in trainer.model.state_dict() if k.endswith("running_var")]
+
+    def overflowing():
+        result = validate()  # finite: the overflow comes after it
+        if len(runs.read_metrics(tmp_path / "run")) == 1:  # in epoch 2
+            if where == "buffer":
+                trainer.model.get_buffer(names[0]).fill_(float("inf"))
+            else:
+                next(iter(trainer.optimizer.state.values()))["exp_avg_sq"].fill_(float("inf"))
+        return result
+    trainer._validate = overflowing
+    bad = f"model.{names[0]}" if where == "buffer" else "optimizer state exp_avg_sq of parameter 0"
+    with pytest.raises(TrainingError, match=rf"^the {re.escape(bad)} \(with a finite loss\) became NaN or infinite in "
+                                            r"epoch 2 .*last good checkpoint \(epoch 1\).* Lower --lr \(now 0.001; "):
+        trainer.fit()
+    assert runs.latest_checkpoint(tmp_path / "run").epoch == 1
+    vaelab.load(tmp_path / "run")
+
+
+def test_the_cures_offered_for_a_non_finite_loss_fit_the_run(tmp_path):
+    """gaussian-learned was offered to Bernoulli runs and to the runs that had it."""
+    for likelihood, sigma in (("bernoulli", False), ("gaussian-learned", False), ("gaussian", True)):
+        config = dataclasses.replace(tiny_config(), model=ModelConfig(hidden=(8,), latent_dim=2, likelihood=likelihood))
+        cures = Trainer(config, tmp_path / likelihood, dataset=tiny_data(), progress=False)._cures()
+        assert cures.startswith("Lower --lr (now 0.001; `--resume --lr X` continues from that checkpoint)")
+        assert ("a larger --sigma (now 0.1) or --likelihood gaussian-learned" in cures) == sigma
 
 
 def test_kl_warmup_is_linear_then_flat():

@@ -289,6 +289,7 @@ class Trainer:
         val = self._validate()
         if not all(math.isfinite(v) for v in val.values()):
             self._check_finite(torch.tensor([math.nan]), epoch, steps, where="validation loss")
+        self._check_finite_state(epoch, steps)
         loss, recon, kl = (sums[:3] / sums[3]).tolist()
         return _without_kl_unless(hasattr(self.model, "prior"), {
             "epoch": epoch, "step": epoch * steps, "beta": beta, "lr": lr,
@@ -351,9 +352,31 @@ class Trainer:
         last = self._last_good()
         raise TrainingError(
             f"the {where} became NaN or infinite in epoch {epoch} (by step {step}); training stopped. "
-            f"The last good checkpoint ({last}) in {self.run_dir / runs.CHECKPOINTS} is intact. "
-            "Lower --lr, check the data for NaN/inf, or use --likelihood gaussian-learned with care."
+            f"The last good checkpoint ({last}) in {self.run_dir / runs.CHECKPOINTS} is intact. {self._cures()}"
         )
+
+    def _cures(self) -> str:
+        """What may cure a non-finite loss in this run (gaussian-learned was offered to Bernoulli runs and to runs
+        that had it)."""
+        model, lr = self.config.model, self.config.train.lr
+        sigma = (f", or a larger --sigma (now {model.sigma:g}) or --likelihood gaussian-learned"
+                 if model.likelihood == "gaussian" and model.model not in ("pca", "text-vae") else "")
+        return (f"Lower --lr (now {lr:g}; `--resume --lr X` continues from that checkpoint), or check the data "
+                f"for NaN/inf or huge values{sigma}.")
+
+    def _check_finite_state(self, epoch: int, step: int) -> None:
+        """Weights, buffers and optimiser state must be finite before they are saved: an HVAE's batch-norm running
+        variance overflowed while its validation loss stayed finite, and the checkpoint kept as the last good one
+        was refused as damaged by every later command; Adam's second moments at inf froze the weights silently."""
+        tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                   **{f"optimizer state {k} of parameter {i}": v
+                      for i, state in enumerate(self.optimizer.state.values() if self.optimizer else [])
+                      for k, v in state.items() if isinstance(v, torch.Tensor)}}
+        tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
+        if not tensors or bool(torch.stack([torch.isfinite(v).all() for v in tensors.values()]).all()):
+            return
+        bad = next(k for k, v in tensors.items() if not bool(torch.isfinite(v).all()))
+        self._check_finite(torch.tensor([math.nan]), epoch, step, where=f"{bad} (with a finite loss)")
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
