@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Independent, Normal, kl_divergence
 
+from vaelab.config import ModelConfig
+from vaelab.errors import ConfigError
 from vaelab.latents import DiagonalGaussian, StandardNormal, diagonal_normal, standard_normal
 from vaelab.likelihoods import SCALE_MIN, BernoulliLikelihood, GaussianLikelihood
 from vaelab.models import AE, PCA, VAE
@@ -116,6 +118,18 @@ def test_gaussian_log_likelihood_by_hand(learned):
         with torch.no_grad():
             lik.raw_scale.fill_(-50.0)
         assert float(lik.scale().detach().min()) >= SCALE_MIN
+
+
+def test_a_learned_scale_starts_at_any_sigma_above_its_floor():
+    """log(expm1(sigma)) overflowed above 709.78 (an OverflowError from --sigma 1000); a sigma at or below the floor
+    started at the floor without a word."""
+    for sigma in (0.0011, 0.25, 1000.0, 1e30):
+        scale = float(GaussianLikelihood(sigma=sigma, channels=1, learned=True).scale().detach().flatten()[0])
+        assert scale == pytest.approx(sigma, rel=1e-5)
+    for sigma in (SCALE_MIN, 1e-6):
+        with pytest.raises(ConfigError, match=r"--sigma .* never drops below its floor 0.001"):
+            ModelConfig(likelihood="gaussian-learned", sigma=sigma)
+    ModelConfig(likelihood="gaussian", sigma=1e-6)  # a fixed sigma has no floor
 
 
 def test_elbo_terms_are_consistent_and_bound_log_likelihood_of_a_batch():

@@ -99,6 +99,9 @@ class DataConfig:
 
 
 KAPPA_RANGE = (1e-8, 1e5)  # a fixed vMF concentration (--kappa)
+# Numerics in one place: a learned Gaussian scale never drops below this floor, so that pixels that never vary
+# (MNIST's borders) cannot drive log p(x|z) to +infinity (likelihoods.py)
+SCALE_MIN = 1e-3
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,9 @@ class ModelConfig:
                               "distribution over its vocabulary (drop the flag)")
         _integer(self.latent_dim, "--latent-dim", minimum=1)
         _positive(self.sigma, "--sigma")
+        if self.likelihood == "gaussian-learned" and self.model != "pca" and self.sigma <= SCALE_MIN:
+            raise ConfigError(f"--sigma {self.sigma:g} is the learned scale's start, but it never drops below its "
+                              f"floor {SCALE_MIN:g} (it started there, silently); give --sigma above {SCALE_MIN:g}")
         if not isinstance(self.linear, bool):
             raise ConfigError(f"linear must be true or false, got {self.linear!r}")
         if self.hidden is not None and not isinstance(self.hidden, (tuple, list)):

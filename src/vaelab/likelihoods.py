@@ -8,12 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Bernoulli, Distribution, Independent, Normal
 
+from .config import SCALE_MIN  # a learned Gaussian scale never drops below this floor
 from .data.dataset import check_unit_interval
 from .errors import InputError
-
-# Numerics in one place: a learned Gaussian scale never drops below this floor, so that pixels
-# that never vary (MNIST's borders) cannot drive log p(x|z) to +infinity.
-SCALE_MIN = 1e-3
 
 
 class GaussianImage(Independent):
@@ -79,8 +76,10 @@ class GaussianLikelihood(nn.Module):
         super().__init__()
         self.learned = learned
         if learned:
-            # softplus(raw) + floor = sigma at initialisation
-            raw = math.log(math.expm1(max(sigma - SCALE_MIN, 1e-6)))
+            # softplus(raw) + floor = sigma at initialisation: raw = y + log(1 - e^-y), softplus's inverse at
+            # y = sigma - floor without overflow (log(expm1(y)) overflowed above y = 709.78)
+            y = max(sigma - SCALE_MIN, 1e-6)
+            raw = y + math.log(-math.expm1(-y))
             self.raw_scale = nn.Parameter(torch.full((channels, 1, 1), raw))
         else:
             self.register_buffer("fixed_scale", torch.tensor(float(sigma)), persistent=False)
