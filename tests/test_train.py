@@ -722,7 +722,8 @@ def test_the_report_of_a_run_that_stopped_early_says_so(tmp_path):
         trainer.fit()
     page = write_report(tmp_path / "run", baselines=False, data=tiny_data()).read_text()
     assert (f"Training stopped after epoch 1 of 3: this report shows that checkpoint (baselines for the table train "
-            f"for all 3). To continue it: vaelab train --resume --out {tmp_path / 'run'}") in page
+            f"for all 3). To continue it: vaelab train --resume --out {tmp_path / 'run'} (with a lower --lr X if it "
+            f"stopped on a NaN or infinite loss, which the same rate would meet again)") in page
     train(tiny_config(epochs=1), tmp_path / "done", dataset=tiny_data(), progress=False)
     assert "Training stopped" not in write_report(tmp_path / "done", baselines=False, data=tiny_data()).read_text()
 

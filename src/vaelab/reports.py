@@ -177,7 +177,8 @@ def _unfinished(run_dir: Path, config: RunConfig, checkpoint: runs.Checkpoint) -
         return ""
     return (f"Training stopped after epoch {checkpoint.epoch} of {config.train.epochs}: this report shows that "
             f"checkpoint (baselines for the table train for all {config.train.epochs}). To continue it: "
-            f"vaelab train --resume --out {shlex.quote(str(run_dir))}")
+            f"vaelab train --resume --out {shlex.quote(str(run_dir))} (with a lower --lr X if it stopped on a NaN "
+            "or infinite loss, which the same rate would meet again)")
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], caption: str) -> str:
