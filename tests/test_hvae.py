@@ -1,5 +1,6 @@
 """The hierarchical VAE (NVAE-style): shapes, KL per group, reductions to the VAE and the ELBO, sampling,
 spectral norms, KL balancing, and the model end to end through the CLI."""
+import dataclasses
 import json
 
 import pytest
@@ -191,6 +192,13 @@ def test_config_checks_name_the_flag():
     config = ModelConfig(model="hvae", input_shape=(1, 12, 12), hidden=(8, 12), latent_dim=2)
     assert config.net == "conv" and config.groups == (2, 2)
     assert isinstance(build_model(config), HVAE)
+    # batch norm over a 1x1 coarsest scale has one value per channel in a batch of one: a ValueError in the first
+    # step, after the run folder was made
+    deep = ModelConfig(model="hvae", input_shape=(1, 8, 8), hidden=(8, 16, 32), groups=(1, 1, 1), latent_dim=2)
+    with pytest.raises(ConfigError, match="--batch-size 1: the hierarchy's coarsest scale is 1x1"):
+        RunConfig(model=deep, train=TrainConfig(batch_size=1))
+    RunConfig(model=dataclasses.replace(deep, hidden=(8, 16), groups=(1, 1)), train=TrainConfig(batch_size=1))  # 2x2
+    RunConfig(model=deep, train=TrainConfig(batch_size=2))
 
 
 def test_group_counts_on_the_command_line_give_one_line_errors(tmp_path, capsys):

@@ -301,6 +301,13 @@ class RunConfig:
         if self.model.bn_mu is not None and self.train.batch_size < 2:  # BatchNorm1d's statistics need 2 examples
             raise ConfigError(f"--bn-mu batch-normalises posterior means over each batch, which needs --batch-size "
                               f">= 2, got {self.train.batch_size}")
+        if self.model.model in HIERARCHICAL_MODELS and self.train.batch_size < 2 and self.model.input_shape:
+            h, w = self.model.input_shape[1:]
+            for _ in self.model.hidden:  # each scale halves the last, rounding up (hvae_cells.scale_sizes)
+                h, w = (h + 1) // 2, (w + 1) // 2
+            if (h, w) == (1, 1):  # it failed in the first step, a ValueError from inside torch
+                raise ConfigError("--batch-size 1: the hierarchy's coarsest scale is 1x1, where batch norm's "
+                                  "statistics need 2 examples; use --batch-size >= 2, or fewer --hidden scales")
         if self.data.dequantize:
             if self.model.model in TEXT_MODELS:
                 raise ConfigError(f"--dequantize applies to 8-bit images, not to --model {self.model.model}")

@@ -93,7 +93,8 @@ class Trainer:
         self.parameters = list(self.model.parameters())
         # batch norm in training mode needs two examples for its statistics (BatchNorm1d raises, as a 1x1 feature
         # map's BatchNorm2d would): with batches of 2 or more, a one-example tail batch is skipped (the permutation
-        # changes every epoch); --batch-size 1 is the user's choice (the HVAE's 2-D maps take it; BN-VAE refuses it)
+        # changes every epoch); --batch-size 1 is the user's choice (an HVAE's maps of 2x2 and more take it; config
+        # refuses it for BN-VAE and for an HVAE whose coarsest scale is 1x1)
         self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self.min_batch = 2 if self.has_bn and config.train.batch_size >= 2 else 1
         self.compiled = None  # compile_step(...) with --compile, made at the first step
