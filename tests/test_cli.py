@@ -634,6 +634,25 @@ def test_run_and_output_paths_of_the_wrong_kind_are_refused_by_name(tmp_path, ca
     assert f"--out {tmp_path} is a folder; give a file name such as {tmp_path / 'compare.md'}" in err
 
 
+def test_a_run_on_the_user_s_files_without_a_hash_of_them_says_they_cannot_be_checked(tmp_path, capsys):
+    """Runs trained before data.fingerprint existed were read under today's rules (uint16 scaling, hidden files,
+    EXIF rotation, uint8 masks) without a word: numbers of other data, or other splits."""
+    np.save(tmp_path / "d.npy", np.random.default_rng(1).integers(0, 256, (100, 8, 8), dtype=np.uint8))
+    run = tmp_path / "old"
+    assert main(["train", "--data", f"npy:{tmp_path / 'd.npy'}", *TINY, "--no-report", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    del config["data"]["fingerprint"]  # as written before 2026-12-01
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--no-probe"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"vaelab: note: {run} records no hash of its data (runs trained before 2026-12-01)") == 1, err
+    assert "how files are read has changed since" in err
+    main(["train", "--data", "digits", *TINY, "--no-report", "--out", str(tmp_path / "new")])
+    runs.load_config(tmp_path / "new")
+    assert "records no hash" not in capsys.readouterr().err  # built-in data sets, and runs that have one
+
+
 def test_a_run_on_the_user_s_files_notices_when_they_change(tmp_path, capsys):
     """The splits are a fixed shuffle of the rows, so rows reordered or added after training move images between
     them: evaluate reported a test set holding training images, with exit status 0."""
@@ -654,7 +673,8 @@ def test_a_run_on_the_user_s_files_notices_when_they_change(tmp_path, capsys):
                         ["train", "--resume", "--out", str(run), "--epochs", "3", "--no-report"]):
             assert main(command) == 2
             err = capsys.readouterr().err
-            assert f"{data} has changed since the run trained on it ({said}); put back" in err, err
+            assert (f"{data} has changed since the run trained on it ({said}): the files, or how this version of "
+                    "vaelab reads them (README, Data); put back") in err, err
     with pytest.raises(DataError, match="has changed since"):  # a config built in Python, without the fingerprint
         vaelab.train(dataclasses.replace(config, data=dataclasses.replace(config.data, fingerprint=None)), run,
                      resume=True, progress=False)

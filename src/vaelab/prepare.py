@@ -77,8 +77,9 @@ def check_unchanged(name: str, now: str, recorded: str) -> None:
     if now != recorded:
         sizes = ("the same sizes, other contents" if now.split(":")[0] == recorded.split(":")[0] else
                  f"{recorded.split(':')[0]} train/val/test examples then, {now.split(':')[0]} now")
-        raise DataError(f"{name} has changed since the run trained on it ({sizes}); put back the data it trained "
-                        "on, or train a new run on this data")
+        raise DataError(f"{name} has changed since the run trained on it ({sizes}): the files, or how this version "
+                        "of vaelab reads them (README, Data); put back the data it trained on, or train a new run on "
+                        "this data")
 
 
 def _check_values(ds: Dataset, config: RunConfig, needs_unit: bool) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -317,14 +318,25 @@ def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
 
 
 def load_config(run_dir: Path) -> RunConfig:
-    """The RunConfig of a run directory."""
+    """The RunConfig of a run directory (with a note on stderr, once, for a run on the user's files that records no
+    hash of them: nothing can tell whether they still read as they did)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is not a directory; give the --out folder of a `vaelab train` run")
     try:
-        return RunConfig.load(run_dir / "config.json")
+        config = RunConfig.load(run_dir / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    if config.data.from_files and config.data.fingerprint is None and run_dir.resolve() not in _NOTED:
+        _NOTED.add(run_dir.resolve())
+        print(f"vaelab: note: {run_dir} records no hash of its data (runs trained before 2026-12-01), so nothing "
+              f"checks that {config.data.name} still reads as it did; how files are read has changed since (README, "
+              "Data: uint16 and uint8 0/1 arrays, hidden files, EXIF rotation, RGBA): if its numbers look wrong, "
+              "train it again", file=sys.stderr)
+    return config
+
+
+_NOTED: set[Path] = set()  # runs load_config has noted as unhashed, in this process
 
 
 def load(run_dir: str | Path, *, device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None) -> nn.Module:
