@@ -151,6 +151,14 @@ def test_resume_refuses_other_settings_and_fresh_start_refuses_an_existing_run(t
               progress=False)
     with pytest.raises(CheckpointError, match="not a directory"):
         train(tiny_config(), tmp_path / "nothing", resume=True, dataset=tiny_data(), progress=False)
+    # data that now reads in another shape of as many pixels (RGBA arrays read channels-first before 2026-11-30):
+    # an MLP's weights fit, and the resume trained on transposed pixels, rewriting input_shape
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["model"]["input_shape"] = [6, 1, 6]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TrainingError, match=r"--resume: tiny now reads as examples of shape \(1, 6, 6\), the run "
+                                            r"trained on \(6, 1, 6\): the data changed, or how vaelab reads it"):
+        train(tiny_config(epochs=2), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
 
 
 def test_save_then_load_gives_identical_outputs(tmp_path):

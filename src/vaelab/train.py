@@ -185,6 +185,11 @@ class Trainer:
         stored = runs.load_config(self.run_dir)
         if None not in (stored.data.fingerprint, self.config.data.fingerprint):  # (a config built in Python)
             check_unchanged(stored.data.name, self.config.data.fingerprint, stored.data.fingerprint)
+        shape = self.config.model.input_shape
+        if stored.model.input_shape not in (None, shape):  # an MLP's weights fit any shape of as many pixels
+            raise TrainingError(f"--resume: {stored.data.name} now reads as examples of shape {shape}, the run trained "
+                                f"on {stored.model.input_shape}: the data changed, or how vaelab reads it (README, "
+                                "Data); resume on the data it trained on, or start a new --out")
         in_run, asked = _identity(stored), _identity(self.config)
         if in_run != asked:
             before, now = in_run.to_dict(), asked.to_dict()
