@@ -120,16 +120,21 @@ def test_gaussian_log_likelihood_by_hand(learned):
         assert float(lik.scale().detach().min()) >= SCALE_MIN
 
 
-def test_a_learned_scale_starts_at_any_sigma_above_its_floor():
+def test_a_learned_scale_starts_at_any_sigma_above_its_floor(tmp_path):
     """log(expm1(sigma)) overflowed above 709.78 (an OverflowError from --sigma 1000); a sigma at or below the floor
     started at the floor without a word."""
     for sigma in (0.0011, 0.25, 1000.0, 1e30):
         scale = float(GaussianLikelihood(sigma=sigma, channels=1, learned=True).scale().detach().flatten()[0])
         assert scale == pytest.approx(sigma, rel=1e-5)
-    for sigma in (SCALE_MIN, 1e-6):
+    from vaelab.config import DataConfig, RunConfig, TrainConfig
+    from vaelab.train import train
+
+    for sigma in (SCALE_MIN, 1e-6):  # refused for a new run; a stored one (its scale is in its weights) loads
+        config = RunConfig(data=DataConfig(name="digits"), train=TrainConfig(epochs=1),
+                           model=ModelConfig(likelihood="gaussian-learned", sigma=sigma, hidden=(8,), latent_dim=2))
         with pytest.raises(ConfigError, match=r"--sigma .* never drops below its floor 0.001"):
-            ModelConfig(likelihood="gaussian-learned", sigma=sigma)
-    ModelConfig(likelihood="gaussian", sigma=1e-6)  # a fixed sigma has no floor
+            train(config, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
 
 
 def test_elbo_terms_are_consistent_and_bound_log_likelihood_of_a_batch():

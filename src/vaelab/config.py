@@ -153,9 +153,6 @@ class ModelConfig:
                               "distribution over its vocabulary (drop the flag)")
         _integer(self.latent_dim, "--latent-dim", minimum=1)
         _positive(self.sigma, "--sigma")
-        if self.likelihood == "gaussian-learned" and self.model != "pca" and self.sigma <= SCALE_MIN:
-            raise ConfigError(f"--sigma {self.sigma:g} is the learned scale's start, but it never drops below its "
-                              f"floor {SCALE_MIN:g} (it started there, silently); give --sigma above {SCALE_MIN:g}")
         if not isinstance(self.linear, bool):
             raise ConfigError(f"linear must be true or false, got {self.linear!r}")
         if self.hidden is not None and not isinstance(self.hidden, (tuple, list)):

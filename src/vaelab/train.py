@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, runs
-from .config import RunConfig
+from .config import SCALE_MIN, RunConfig
 from .data import (
     Dataset,
     binarize,
@@ -131,6 +131,11 @@ class Trainer:
         """Train from scratch (the run directory must not hold a run yet) or resume from its last checkpoint."""
         if isinstance(self.model, PCA):  # refusals that depend on the data come before anything is written
             self.model.check_data(self.train_x)
+        model = self.config.model
+        if not resume and model.likelihood == "gaussian-learned" and model.model != "pca" and model.sigma <= SCALE_MIN:
+            # (a new run's: the scale of a stored run is in its weights, and older runs loaded with it)
+            raise ConfigError(f"--sigma {model.sigma:g} is the learned scale's start, but it never drops below its "
+                              f"floor {SCALE_MIN:g} (it started there, silently); give --sigma above {SCALE_MIN:g}")
         with contextlib.ExitStack() as held:
             # one trainer per run: a --resume started beside a live run pruned its half-written checkpoint, and both
             # appended metrics
