@@ -296,9 +296,8 @@ _CHANNELS = (1, 2, 3, 4)  # grey, grey + alpha, RGB, RGBA
 
 def to_images(array: np.ndarray, source: str) -> torch.Tensor:
     """Turn a numeric array of any accepted layout into float32 (N, C, H, W). uint8 pixels are divided by 255 and
-    uint16 by 65535; floats, booleans and integers that are all 0 or 1 (uint8 and uint16 too: binary masks, which
-    were divided into {0, 1/255} and binarised to nothing) are kept as given (Gaussian likelihoods take any
-    range). Other integers are refused: int64 0..255 and int64 counts read alike.
+    uint16 by 65535; floats, booleans and integers that are all 0 or 1 are kept as given (Gaussian likelihoods
+    take any range). Other integers are refused: int64 0..255 and int64 counts read alike.
 
     Args:
         array: (N, H, W), (N, C, H, W), (N, H, W, C) (see _channels_last), or flat (N, D) -> (N, 1, 1, D).
@@ -326,7 +325,7 @@ def to_images(array: np.ndarray, source: str) -> torch.Tensor:
     elif _channels_last(array.shape):
         array = array.transpose(0, 3, 1, 2)
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if array.dtype in _SCALES and array.max() > 1:
+    if array.dtype in _SCALES:
         x.div_(np.iinfo(array.dtype).max)
     check_finite(x, source)  # float arrays are kept as given, so NaN/inf must be caught here
     return x
