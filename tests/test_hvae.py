@@ -9,7 +9,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 from vaelab import runs
 from vaelab.cli import main
-from vaelab.config import ModelConfig, RunConfig, TrainConfig
+from vaelab.config import ModelConfig, RunConfig, TrainConfig, check_trainable
 from vaelab.density import importance_sample
 from vaelab.errors import ConfigError
 from vaelab.evaluate import compare_runs
@@ -196,9 +196,13 @@ def test_config_checks_name_the_flag():
     # step, after the run folder was made
     deep = ModelConfig(model="hvae", input_shape=(1, 8, 8), hidden=(8, 16, 32), groups=(1, 1, 1), latent_dim=2)
     with pytest.raises(ConfigError, match="--batch-size 1: the hierarchy's coarsest scale is 1x1"):
-        RunConfig(model=deep, train=TrainConfig(batch_size=1))
-    RunConfig(model=dataclasses.replace(deep, hidden=(8, 16), groups=(1, 1)), train=TrainConfig(batch_size=1))  # 2x2
-    RunConfig(model=deep, train=TrainConfig(batch_size=2))
+        check_trainable(RunConfig(model=deep, train=TrainConfig(batch_size=1)))
+    check_trainable(RunConfig(model=dataclasses.replace(deep, hidden=(8, 16), groups=(1, 1)),
+                              train=TrainConfig(batch_size=1)))  # 2x2
+    check_trainable(RunConfig(model=deep, train=TrainConfig(batch_size=2)))
+    check_trainable(RunConfig(model=deep, train=TrainConfig(batch_size=1)), processes=2)  # synced: 2 per statistic
+    with pytest.raises(ConfigError, match="--batch-size 1"):
+        check_trainable(RunConfig(model=deep, train=TrainConfig(batch_size=1, sync_bn=False)), processes=2)
 
 
 def test_group_counts_on_the_command_line_give_one_line_errors(tmp_path, capsys):

@@ -373,8 +373,9 @@ def test_weights_or_optimiser_state_gone_non_finite_under_a_finite_loss_are_not_
                 next(iter(trainer.optimizer.state.values()))["exp_avg_sq"].fill_(float("inf"))
         return result
     trainer._validate = overflowing
-    bad = f"model.{names[0]}" if where == "buffer" else "optimizer state exp_avg_sq of parameter 0"
-    with pytest.raises(TrainingError, match=rf"^the {re.escape(bad)} \(with a finite loss\) became NaN or infinite in "
+    parameters = "|".join(re.escape(n) for n, _ in trainer.model.named_parameters())  # named, not "parameter 0"
+    bad = re.escape(f"model.{names[0]}") if where == "buffer" else f"optimizer state exp_avg_sq of ({parameters})"
+    with pytest.raises(TrainingError, match=rf"^the {bad} \(with a finite loss\) became NaN or infinite in "
                                             r"epoch 2 .*last good checkpoint \(epoch 1\).* Lower --lr \(now 0.001; "):
         trainer.fit()
     assert runs.latest_checkpoint(tmp_path / "run").epoch == 1

@@ -98,7 +98,7 @@ class DataConfig:
         return bool(colon) and prefix in FILE_DATA
 
 
-KAPPA_RANGE = (1e-8, 1e5)  # a fixed vMF concentration (--kappa)
+KAPPA_RANGE = (1e-8, 1e5)  # a fixed vMF concentration (--kappa) a new run takes: float32 codes, tested over it
 # Numerics in one place: a learned Gaussian scale never drops below this floor, so that pixels that never vary
 # (MNIST's borders) cannot drive log p(x|z) to +infinity (likelihoods.py)
 SCALE_MIN = 1e-3
@@ -175,11 +175,6 @@ class ModelConfig:
             raise ConfigError(f"--linear drops every nonlinearity, --activation {self.activation} is one; choose one")
         if self.kappa is not None:
             _positive(self.kappa, "--kappa")
-            if not KAPPA_RANGE[0] <= self.kappa <= KAPPA_RANGE[1]:  # float32 codes: tested over this range
-                raise ConfigError(
-                    f"--kappa {self.kappa:g} is outside [1e-8, 1e5]: above it a float32 "
-                    "code cannot resolve the posterior's width (log q(z|x) loses its digits: at 1e10 a test NLL read "
-                    "+1154 nats) and the KL loses its own; below it the posterior is the uniform prior")
             if self.latent != "vmf":
                 raise ConfigError("--kappa sets the concentration of --latent vmf; drop it or add --latent vmf")
         if self.bn_mu is not None:
@@ -298,13 +293,6 @@ class RunConfig:
         if self.model.bn_mu is not None and self.train.batch_size < 2:  # BatchNorm1d's statistics need 2 examples
             raise ConfigError(f"--bn-mu batch-normalises posterior means over each batch, which needs --batch-size "
                               f">= 2, got {self.train.batch_size}")
-        if self.model.model in HIERARCHICAL_MODELS and self.train.batch_size < 2 and self.model.input_shape:
-            h, w = self.model.input_shape[1:]
-            for _ in self.model.hidden:  # each scale halves the last, rounding up (hvae_cells.scale_sizes)
-                h, w = (h + 1) // 2, (w + 1) // 2
-            if (h, w) == (1, 1):  # it failed in the first step, a ValueError from inside torch
-                raise ConfigError("--batch-size 1: the hierarchy's coarsest scale is 1x1, where batch norm's "
-                                  "statistics need 2 examples; use --batch-size >= 2, or fewer --hidden scales")
         if self.data.dequantize:
             if self.model.model in TEXT_MODELS:
                 raise ConfigError(f"--dequantize applies to 8-bit images, not to --model {self.model.model}")
@@ -376,3 +364,31 @@ def _section_from_dict(kind: type, raw: Any, source: str) -> Any:
         return kind(**values)
     except (TypeError, ConfigError) as e:  # a list where a number belongs; a value its flag would refuse
         raise ConfigError(f"{source}: {e}") from None
+
+
+def scale_sizes(size: tuple[int, int], n_scales: int) -> list[tuple[int, int]]:
+    """Spatial sizes of scales 0 .. n_scales - 1: each halves the last, rounding up (stride-2, padding-1 convs)."""
+    sizes, (h, w) = [], size
+    for _ in range(n_scales):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        sizes.append((h, w))
+    return sizes
+
+
+def check_trainable(config: RunConfig, processes: int = 1) -> None:
+    """Settings a new run refuses that a stored run, trained with them, still loads with (its weights hold what they
+    set, or its numbers are what they are): a learned scale started below its floor, a fixed vMF kappa beyond what
+    float32 codes resolve, batch norm over a 1x1 scale in batches of one."""
+    model, train = config.model, config.train
+    if model.likelihood == "gaussian-learned" and model.model != "pca" and model.sigma <= SCALE_MIN:
+        raise ConfigError(f"--sigma {model.sigma:g} is the learned scale's start, but it never drops below its "
+                          f"floor {SCALE_MIN:g} (it started there, silently); give --sigma above {SCALE_MIN:g}")
+    if model.kappa is not None and not KAPPA_RANGE[0] <= model.kappa <= KAPPA_RANGE[1]:
+        raise ConfigError(f"--kappa {model.kappa:g} is outside [1e-8, 1e5]: above it a float32 code cannot resolve "
+                          "the posterior's width (log q(z|x) loses its digits: at 1e10 a test NLL read +1154 nats) "
+                          "and the KL loses its own; below it the posterior is the uniform prior")
+    statistics_over = train.batch_size * (processes if train.sync_bn else 1)  # examples per batch-norm statistic
+    if (model.model in HIERARCHICAL_MODELS and statistics_over < 2 and model.input_shape
+            and scale_sizes(model.input_shape[1:], len(model.hidden))[-1] == (1, 1)):  # failed inside torch
+        raise ConfigError("--batch-size 1: the hierarchy's coarsest scale is 1x1, where batch norm's statistics "
+                          "need 2 examples; use --batch-size >= 2, or fewer --hidden scales")

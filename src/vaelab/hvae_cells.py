@@ -16,15 +16,6 @@ RESIDUAL_SCALE = 0.1  # NVAE's cells add 0.1 * branch to the skip: early trainin
 POWER_EPS = 1e-12  # guards the normalisation in power iteration against an all-zero weight
 
 
-def scale_sizes(size: tuple[int, int], n_scales: int) -> list[tuple[int, int]]:
-    """Spatial sizes of scales 0 .. n_scales - 1: each halves the last, rounding up (stride-2, padding-1 convs)."""
-    sizes, (h, w) = [], size
-    for _ in range(n_scales):
-        h, w = (h + 1) // 2, (w + 1) // 2
-        sizes.append((h, w))
-    return sizes
-
-
 class SqueezeExcite(nn.Module):
     """x * sigmoid(W2 relu(W1 mean_hw(x))): channel gates from global context (Hu et al. 2018; NVAE Fig. 3)."""
 

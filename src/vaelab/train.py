@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, runs
-from .config import SCALE_MIN, RunConfig
+from .config import RunConfig, check_trainable
 from .data import (
     Dataset,
     binarize,
@@ -115,6 +115,9 @@ class Trainer:
             yield
         except VaelabError as e:
             failure = e
+        except OSError as e:  # (a metrics line or config.json on a full disk)
+            where = f": {e.filename}" if e.filename else ""
+            failure = CheckpointError(f"could not {what}: {e.strerror or e}{where}")
         if not self.job.all_true(failure is None, self.device):
             raise failure or TrainingError(f"rank 0 of this torchrun job could not {what} (its error says why)")
 
@@ -131,11 +134,8 @@ class Trainer:
         """Train from scratch (the run directory must not hold a run yet) or resume from its last checkpoint."""
         if isinstance(self.model, PCA):  # refusals that depend on the data come before anything is written
             self.model.check_data(self.train_x)
-        model = self.config.model
-        if not resume and model.likelihood == "gaussian-learned" and model.model != "pca" and model.sigma <= SCALE_MIN:
-            # (a new run's: the scale of a stored run is in its weights, and older runs loaded with it)
-            raise ConfigError(f"--sigma {model.sigma:g} is the learned scale's start, but it never drops below its "
-                              f"floor {SCALE_MIN:g} (it started there, silently); give --sigma above {SCALE_MIN:g}")
+        if not resume:
+            check_trainable(self.config, self.job.world)
         with contextlib.ExitStack() as held:
             # one trainer per run: a --resume started beside a live run pruned its half-written checkpoint, and both
             # appended metrics
@@ -378,16 +378,16 @@ class Trainer:
     def _check_finite_state(self, epoch: int, step: int) -> None:
         """Weights, buffers and optimiser state must be finite before they are saved: an HVAE's batch-norm running
         variance overflowed while its validation loss stayed finite, and the checkpoint kept as the last good one
-        was refused as damaged by every later command; Adam's second moments at inf froze the weights silently."""
+        was refused as damaged by every later command; Adam's second moments at inf froze the weights silently.
+        (One check per tensor, on its own device: the optimiser's step counts may live on the CPU.)"""
+        names = {id(p): name for name, p in self.model.named_parameters()}
         tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
-                   **{f"optimizer state {k} of parameter {i}": v
-                      for i, state in enumerate(self.optimizer.state.values() if self.optimizer else [])
+                   **{f"optimizer state {k} of {names.get(id(p), 'a parameter')}": v
+                      for p, state in (self.optimizer.state.items() if self.optimizer else [])
                       for k, v in state.items() if isinstance(v, torch.Tensor)}}
-        tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
-        if not tensors or bool(torch.stack([torch.isfinite(v).all() for v in tensors.values()]).all()):
-            return
-        bad = next(k for k, v in tensors.items() if not bool(torch.isfinite(v).all()))
-        self._check_finite(torch.tensor([math.nan]), epoch, step, where=f"{bad} (with a finite loss)")
+        bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            self._check_finite(torch.tensor([math.nan]), epoch, step, where=f"{bad} (with a finite loss)")
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from ..config import zeros_last
+from ..config import scale_sizes, zeros_last
 from ..errors import ConfigError, InputError
-from ..hvae_cells import ResidualCell, SpectralNorms, scale_sizes
+from ..hvae_cells import ResidualCell, SpectralNorms
 from ..latents import Noise, diagonal_normal, standard_normal
 from ..likelihoods import build_likelihood
 from .common import check_codes, check_count, check_images, model_tensor
