@@ -283,6 +283,9 @@ def test_a_vmf_run_reports_one_kl_bar_beside_a_variance_per_dimension(npz_data, 
     assert len(kl.patches) == 1 and kl.get_xlabel().startswith("the latent as a whole")
     assert sorted(p.get_x() + p.get_width() / 2 for p in variance.patches) == [0, 1, 2]
     assert [float(t) for t in variance.get_xticks()] == [0, 1, 2]
+    saved.clear()
+    figures.kl_per_dimension([0.2, 0.3], [0.2, 0.5], tmp_path / "kl.png")  # all active: no "inactive" entry
+    assert [t.get_text() for t in saved[0].axes[1].get_legend().get_texts()] == ["active"]
 
 
 def test_the_latent_map_tells_apart_classes_beyond_its_twenty_colours(tmp_path, monkeypatch):

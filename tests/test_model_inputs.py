@@ -289,6 +289,9 @@ def test_vmf_interpolations_and_traversals_stay_on_the_sphere(monkeypatch):
     steps = (path[1:] * path[:-1]).sum(-1).clamp(-1, 1).acos()  # equal angles: constant speed on the circle
     torch.testing.assert_close(steps, steps[:1].expand(4), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(codes_between(model, za, za, torch.tensor([[0.5]])), za)  # the same point
+    half = codes_between(model, za, -za, torch.tensor([[0.5]]))  # opposite points: the line passed through 0
+    torch.testing.assert_close(half.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close((half * za).sum(-1), torch.zeros(2), atol=1e-6, rtol=0)
     gaussian = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,)).eval()  # others: the straight line
     torch.testing.assert_close(codes_between(gaussian, za, zb, torch.tensor([[0.25]])), 0.75 * za + 0.25 * zb)
     text = tiny_model(latent="vmf")

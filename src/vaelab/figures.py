@@ -216,6 +216,8 @@ def kl_per_dimension(kl: list[float], variance: list[float] | None, path: Path, 
         active = variance > threshold  # told apart by colour and by hatching (or marker), not colour alone
         for shown, colour, hatch, marker, label in ((active, "C2", None, "o", "active"),
                                                     (~active, "C7", "///", "x", "inactive")):
+            if not shown.any():  # (an empty group drew a legend entry in a colour found nowhere in the plot)
+                continue
             if many:
                 axes[0, 1].scatter(dims[shown], variance[shown], s=4, color=colour, marker=marker,
                                    linewidths=0.5, label=label)

@@ -103,14 +103,16 @@ CAPTIONS = {
     "reconstructions": "Test images (top) and their reconstructions (bottom), decoded from their point codes "
                        "(a VAE's posterior mean, or mean direction for vMF latents; an AE's or PCA's code).",
     "samples": "Samples from the prior: z ~ p(z), shown as the mean of p(x|z).",
-    "interpolations": "Linear interpolations between the encodings of pairs of test images (one pair per row).",
+    "interpolations": "Interpolations between the encodings of pairs of test images (one pair per row): on the "
+                      "line between them, or the great circle for vMF latents.",
     "traversals": "Traversals: one latent dimension per row (the most used first), varied by +-3 standard "
                   "deviations of the test codes around one test image's encoding.",
     "latent_map": "Test point codes (as decoded above) coloured by label; a PCA projection when the latent has "
                   "more than two dimensions, one row per label when it has one.",
     "training_curves": "Loss per epoch on the training and validation sets (left); validation reconstruction "
                        "and KL terms (right).",
-    "kl_per_dim": "KL per latent dimension on the test set (left) and the variance of the posterior means over "
+    "kl_per_dim": "KL per latent dimension (one value for a vMF latent) on the test set (left) and the variance of "
+                  "the posterior means over "
                   "the test set (right): dimensions above 0.01 are active units (Burda et al. 2016).",
     "kl_per_group": "KL(q(z_l | x, z_<l) || p(z_l | z_<l)) per latent group of the hierarchy on the test set, "
                     "top group first.",

@@ -327,12 +327,13 @@ def load_config(run_dir: Path) -> RunConfig:
         config = RunConfig.load(run_dir / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    if config.data.from_files and config.data.fingerprint is None and run_dir.resolve() not in _NOTED:
+    if (config.data.from_files and config.data.fingerprint is None and run_dir.resolve() not in _NOTED
+            and os.environ.get("RANK", "0") == "0"):  # (once, and under torchrun by rank 0 alone)
         _NOTED.add(run_dir.resolve())
-        print(f"vaelab: note: {run_dir} records no hash of its data (runs trained before 2026-12-01), so nothing "
-              f"checks that {config.data.name} still reads as it did; how files are read has changed since (README, "
-              "Data: uint16 and uint8 0/1 arrays, hidden files, EXIF rotation, RGBA): if its numbers look wrong, "
-              "train it again", file=sys.stderr)
+        print(f"vaelab: note: {run_dir} records no hash of its data (runs trained before 2026-12-01, or in Python on "
+              f"a data set passed in prepared), so nothing checks that {config.data.name} still reads as it did; how "
+              "files are read has changed (README, Data: uint16 arrays, hidden files, EXIF rotation, RGBA): if its "
+              "numbers look wrong, train it again", file=sys.stderr)
     return config
 
 

@@ -77,5 +77,5 @@ def html_sections(model: nn.Module, x: torch.Tensor, vocab: tuple[str, ...], *, 
             f'<div class="wide"><table><caption>Test sentences and their reconstructions</caption><thead><tr>'
             f'<th scope="col">sentence</th><th scope="col">reconstruction</th></tr></thead><tbody>{rows}</tbody>'
             "</table></div>"
-            f"<h2>Interpolations</h2><p>Greedy decodes along the line between the point codes of two test "
-            f"sentences (first and last lines decode their codes).</p>{''.join(lines)}")
+            "<h2>Interpolations</h2><p>Greedy decodes along the line (for vMF latents the great circle) between the "
+            f"point codes of two test sentences (first and last lines decode their codes).</p>{''.join(lines)}")

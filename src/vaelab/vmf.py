@@ -370,9 +370,15 @@ def codes_between(model: nn.Module, za: torch.Tensor, zb: torch.Tensor, t: torch
     (norm cos(theta / 2)), where a vMF model's decoder never saw a code."""
     if not on_sphere(model):
         return (1 - t) * za + t * zb
-    theta = torch.acos((za * zb).sum(-1, keepdim=True).clamp(-1, 1))
+    cos = (za * zb).sum(-1, keepdim=True).clamp(-1, 1)
+    theta = torch.acos(cos)
     sin = torch.sin(theta)
-    apart = sin > 1e-6  # (nearly) the same point: the line, normalised
-    sin = torch.where(apart, sin, torch.ones_like(sin))
-    arc = (torch.sin((1 - t) * theta) * za + torch.sin(t * theta) * zb) / sin
-    return torch.where(apart, arc, F.normalize((1 - t) * za + t * zb, dim=-1))
+    apart = sin > 1e-3  # (below it float32's division by sin loses the sphere: |z| off by 1e-3 at sin 1e-4)
+    arc = (torch.sin((1 - t) * theta) * za + torch.sin(t * theta) * zb) / torch.where(apart, sin, torch.ones_like(sin))
+    # (nearly) the same point: the line, normalised; (nearly) opposite points: any great circle through them (the
+    # line passed through 0), here the one towards the axis za has least of
+    axis = F.one_hot(za.abs().argmin(-1), za.shape[-1]).to(za)
+    turn = F.normalize(axis - (axis * za).sum(-1, keepdim=True) * za, dim=-1)
+    half_turn = torch.cos(t * math.pi) * za + torch.sin(t * math.pi) * turn
+    near = torch.where(cos > 0, F.normalize((1 - t) * za + t * zb, dim=-1), half_turn)
+    return torch.where(apart, arc, near)

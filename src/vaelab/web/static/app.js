@@ -146,7 +146,7 @@ function setUpMap() {
   state.view = {
     strip,
     step: span / 50,  // one arrow key press on the map, in the plane's units
-    
+
     toPx: (p) => [canvas.width / 2 + (p[0] - cx) * sx, canvas.height / 2 - (p[1] - cy) * sy],
     fromPx: (px, py) => [cx + (px - canvas.width / 2) / sx, cy - (py - canvas.height / 2) / sy],
   };
@@ -295,7 +295,7 @@ async function interpolate() {
   if (!(Number.isInteger(n) && n >= 2 && n <= 32)) { msg.textContent = "frames must be 2..32"; return; }
   try {
     await show($("interp-strip"), "api/interpolate", { a, b, n }, { frames: String(n) });
-    msg.textContent = `${n} ${isText() ? "greedy decodes" : "frames decoded"} on the line between the ` +
+    msg.textContent = `${n} ${isText() ? "greedy decodes" : "frames decoded"} between the ` +
       `encodings of test ${item()}s ${a} and ${b}`;
   } catch (e) {
     msg.textContent = e.message;
