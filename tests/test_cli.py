@@ -649,8 +649,9 @@ def test_a_run_on_the_user_s_files_without_a_hash_of_them_says_they_cannot_be_ch
     capsys.readouterr()
     assert main(["evaluate", str(run), "--no-probe"]) == 0
     err = capsys.readouterr().err
-    assert err.count(f"vaelab: note: {run} records no hash of its data (runs trained before 2026-12-01)") == 1, err
-    assert "how files are read has changed since" in err
+    assert err.count(f"vaelab: note: {run} records no hash of its data (runs trained before 2026-12-01, or in "
+                     "Python on a data set passed in prepared)") == 1, err
+    assert "how files are read has changed (README, Data" in err
     main(["train", "--data", "digits", *TINY, "--no-report", "--out", str(tmp_path / "new")])
     runs.load_config(tmp_path / "new")
     assert "records no hash" not in capsys.readouterr().err  # built-in data sets, and runs that have one
