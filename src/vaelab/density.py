@@ -23,6 +23,7 @@ from torch import nn
 
 from .data import check_finite, check_unit_interval
 from .errors import InputError
+from .models.common import needs_unit_interval
 from .objectives import log_weights
 from .system import in_eval_mode, keep_freed_memory, model_device
 
@@ -199,7 +200,7 @@ def _check_data(model: nn.Module, x: torch.Tensor, where: str) -> None:
                          "or the model's device")
     if x.is_floating_point():  # a NaN or a grey value of 3 gives no density, only a number
         source, finite_fix = f"{where}: x", "log p(x) needs finite data"
-        if any(getattr(m, "needs_unit_interval", False) for m in model.modules()):
+        if needs_unit_interval(model):
             check_unit_interval(x, source, error=InputError, finite_fix=finite_fix,
                                 fix="this model's Bernoulli likelihood is a density on [0, 1] (binary) data; "
                                     "rescale x to [0, 1]")
