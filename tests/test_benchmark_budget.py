@@ -70,7 +70,7 @@ def test_training_record_is_read_from_the_run_directory_whatever_the_results_nam
     assert training_record(run, "b") == training_record(run, "a") == {"epochs": 5, "cpu_s": 50.0}
 
 
-def test_fashion_mnist_nll_with_a_cosine_schedule_end_to_end(tmp_path, monkeypatch):
+def test_fashion_mnist_nll_with_a_cosine_schedule_end_to_end(tmp_path, monkeypatch, one_thread):
     """The script's --lr-schedule cosine path on 28x28 stand-in data and a few CPU seconds: epochs at falling
     rates from --lr towards --lr-min, no fine-tuning, the estimates and the results file under --name."""
     import fashion_mnist_nll
@@ -88,12 +88,7 @@ def test_fashion_mnist_nll_with_a_cosine_schedule_end_to_end(tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", ["fashion_mnist_nll.py", "--cpu-minutes", "0.1", "--eval-cpu-minutes", "0.05",
                                       "--k", "20", "--lr-schedule", "cosine", "--lr", "1e-3", "--lr-min", "1e-5",
                                       "--name", "cosine_test", "--out", str(out)])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads' CPU time, on a loaded machine, counts their spin-waits: 1-2 epochs fit
-    try:
-        fashion_mnist_nll.main()
-    finally:
-        torch.set_num_threads(threads)
+    fashion_mnist_nll.main()  # (one_thread: two threads' CPU time, under load, counts spin-waits; 1-2 epochs fit)
     result = json.loads((tmp_path / "results" / "cosine_test.json").read_text())
     rates = [r["lr"] for r in runs.read_metrics(out)]
     assert result["lr_schedule"] == "cosine" and result["finetune_lr"] is None and result["lr_min"] == 1e-5

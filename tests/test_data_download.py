@@ -178,6 +178,16 @@ def test_download_function(server, idx_files, tmp_path):
     assert dest.read_bytes() == (folder / name).read_bytes()
 
 
+def test_the_loopback_server_is_reached_past_a_users_proxy(server, idx_files, tmp_path, monkeypatch):
+    """conftest exempts loopback addresses from http_proxy: with a proxy set (here a dead one), urllib sent the
+    fixture server's requests to the proxy, and every download test failed on that machine."""
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    base, requests = server
+    name = "train-labels-idx1-ubyte.gz"
+    download(base + name, tmp_path / "labels.gz", idx_files[1][name])
+    assert requests == [f"/{name}"]
+
+
 def test_files_placed_by_hand_are_used_uncompressed_too(
     write_idx, monkeypatch, small_idx_sets, idx_files, offline_data
 ):

@@ -36,14 +36,7 @@ needs_fortunes = pytest.mark.skipif(not (FORTUNES_DIR / "fortunes").is_file(),
                                            "`apt-get install fortunes` to run this test")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny RNN steps are latency-bound: extra intra-op threads only add synchronisation (10-80x slower on a
-    busy 2-core machine), so these tests run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny RNN steps are latency-bound (conftest.one_thread)
 
 
 # ---------------------------------------------------------------- tokeniser and corpus
