@@ -209,6 +209,16 @@ def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path,
     vaelab.load(tmp_path / "run")
 
 
+def test_a_config_json_that_cannot_be_written_is_one_error_for_every_process(tmp_path, monkeypatch):
+    """Rank 0 wrote config.json outside the work every process waits on: under torchrun a full disk there left
+    the other processes waiting for a peer that had gone (here, one process: the same one-line error)."""
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr("vaelab.config.atomic_write_text", full_disk)
+    with pytest.raises(CheckpointError, match=r"^could not write config\.json: No space left on device: .*config"):
+        train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+
+
 def test_truncated_or_tampered_checkpoints_give_clear_errors(tmp_path):
     train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
     path = runs.latest_checkpoint(tmp_path / "run").path

@@ -95,7 +95,7 @@ def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.O
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if _write_failure(e):  # a full disk (or a folder made read-only): tracebacks from safetensors and torch.save
-            raise CheckpointError(f"cannot write checkpoint {name} into {root} ({_reason(e)}); the last good "
+            raise CheckpointError(f"cannot write checkpoint {name} into {root} ({write_refusal(e)}); the last good "
                                   "checkpoint is intact: free space there and --resume") from None
         raise
     if replaced is not None:
@@ -111,7 +111,7 @@ def _write_failure(e: BaseException) -> bool:
             isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text))
 
 
-def _reason(e: BaseException) -> str:
+def write_refusal(e: BaseException) -> str:
     """The system's words for a refused write: "No space left on device", or the first line of the message."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror

@@ -117,7 +117,7 @@ class Trainer:
             failure = e
         except OSError as e:  # (a metrics line or config.json on a full disk)
             where = f": {e.filename}" if e.filename else ""
-            failure = CheckpointError(f"could not {what}: {e.strerror or e}{where}")
+            failure = CheckpointError(f"could not {what}: {runs.write_refusal(e)}{where}")
         if not self.job.all_true(failure is None, self.device):
             raise failure or TrainingError(f"rank 0 of this torchrun job could not {what} (its error says why)")
 
@@ -179,10 +179,11 @@ class Trainer:
                       notice=True)
 
     def _start(self) -> int:
-        if self.job.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.config.save(self.run_dir / "config.json")
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        with self._by_rank_0("write config.json"):  # (a full disk left the other processes waiting)
+            if self.job.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.config.save(self.run_dir / "config.json")
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         self._save({"epoch": 0, "complete": self.config.train.epochs == 0})
         return 1
 
