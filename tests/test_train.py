@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import vaelab
-from vaelab import runs
+from vaelab import runs, stops
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split
 from vaelab.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -396,7 +396,7 @@ def test_the_cures_offered_for_a_non_finite_loss_fit_the_run(tmp_path):
     """gaussian-learned was offered to Bernoulli runs and to the runs that had it."""
     for likelihood, sigma in (("bernoulli", False), ("gaussian-learned", False), ("gaussian", True)):
         config = dataclasses.replace(tiny_config(), model=ModelConfig(hidden=(8,), latent_dim=2, likelihood=likelihood))
-        cures = Trainer(config, tmp_path / likelihood, dataset=tiny_data(), progress=False)._cures()
+        cures = stops.cures(config)
         assert cures.startswith("Lower --lr (now 0.001; `--resume --lr X` continues from that checkpoint)")
         assert ("a larger --sigma (now 0.1) or --likelihood gaussian-learned" in cures) == sigma
 

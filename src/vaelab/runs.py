@@ -270,7 +270,7 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it is truncated or tampered with"
                               + _other_checkpoint(checkpoint.path.parent, checkpoint.path)) from None
-    # training stops before it saves a non-finite value (Trainer._check_finite), so one here is damage: a flipped
+    # training stops before it saves a non-finite value (vaelab.stops), so one here is damage: a flipped
     # exponent bit reads as inf or NaN, and every later command would fail deep inside torch
     damaged = _non_finite(weights)
     if damaged is not None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed, runs
+from . import distributed, runs, stops
 from .config import RunConfig, check_trainable
 from .data import (
     Dataset,
@@ -155,7 +155,7 @@ class Trainer:
                         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
                             if not is_out_of_memory(e):
                                 raise
-                            raise TrainingError(self._oom_message(epoch)) from None
+                            raise stops.out_of_memory(self.config, self.run_dir, self.device, epoch) from None
                         self._save({"epoch": epoch, "complete": epoch == self.config.train.epochs,
                                     "metrics": record}, record)
                         self._log(_format_record(record, self.config.train.epochs))
@@ -299,8 +299,7 @@ class Trainer:
         sums = job.sum(torch.cat([totals, totals.new_tensor([float(examples)])]))
         seconds = time.perf_counter() - t0
         val = self._validate()
-        if not all(math.isfinite(v) for v in val.values()):
-            self._check_finite(torch.tensor([math.nan]), epoch, steps, where="validation loss")
+        self._check_finite(torch.tensor(list(val.values()), dtype=torch.float64), epoch, steps, where="validation loss")
         self._check_finite_state(epoch, steps)
         loss, recon, kl = (sums[:3] / sums[3]).tolist()
         return _without_kl_unless(hasattr(self.model, "prior"), {
@@ -341,54 +340,13 @@ class Trainer:
         sums = self.job.sum(sums)
         return {k: float(sums[j] / sums[3]) for j, k in enumerate(keys)}
 
-    def _last_good(self) -> str:
-        """The epoch of the run's last checkpoint, for error messages."""
-        try:
-            return f"epoch {runs.latest_checkpoint(self.run_dir).epoch}"
-        except CheckpointError:
-            return "none"
-
-    def _oom_message(self, epoch: int) -> str:
-        cfg = self.config.train
-        samples = f", --k {cfg.k}" if cfg.k > 1 else ""  # K samples per example multiply the activations
-        settings = "--batch-size, --hidden" + (" or --k" if samples else "")
-        compiled = " (or train without --compile, which --resume may change)" if cfg.compile else ""
-        return (f"out of memory on {self.device} in epoch {epoch} (--batch-size {cfg.batch_size}, "
-                f"--hidden {','.join(map(str, self.config.model.hidden))}{samples}); training stopped. The last good "
-                f"checkpoint ({self._last_good()}) is intact: free memory{compiled} and --resume, or start a new run "
-                f"with a lower {settings} (--resume keeps the run's own)")
-
     def _check_finite(self, sums: torch.Tensor, epoch: int, step: int, where: str = "training loss") -> None:
-        if bool(torch.isfinite(sums).all()):
-            return
-        last = self._last_good()
-        raise TrainingError(
-            f"the {where} became NaN or infinite in epoch {epoch} (by step {step}); training stopped. "
-            f"The last good checkpoint ({last}) in {self.run_dir / runs.CHECKPOINTS} is intact. {self._cures()}"
-        )
-
-    def _cures(self) -> str:
-        """What may cure a non-finite loss in this run (gaussian-learned was offered to Bernoulli runs and to runs
-        that had it)."""
-        model, lr = self.config.model, self.config.train.lr
-        sigma = (f", or a larger --sigma (now {model.sigma:g}) or --likelihood gaussian-learned"
-                 if model.likelihood == "gaussian" and model.model not in ("pca", "text-vae") else "")
-        return (f"Lower --lr (now {lr:g}; `--resume --lr X` continues from that checkpoint), or check the data "
-                f"for NaN/inf or huge values{sigma}.")
+        if not bool(torch.isfinite(sums).all()):
+            raise stops.non_finite(self.config, self.run_dir, epoch, step, where)
 
     def _check_finite_state(self, epoch: int, step: int) -> None:
-        """Weights, buffers and optimiser state must be finite before they are saved: an HVAE's batch-norm running
-        variance overflowed while its validation loss stayed finite, and the checkpoint kept as the last good one
-        was refused as damaged by every later command; Adam's second moments at inf froze the weights silently.
-        (One check per tensor, on its own device: the optimiser's step counts may live on the CPU.)"""
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
-                   **{f"optimizer state {k} of {names.get(id(p), 'a parameter')}": v
-                      for p, state in (self.optimizer.state.items() if self.optimizer else [])
-                      for k, v in state.items() if isinstance(v, torch.Tensor)}}
-        bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-        if bad is not None:
-            self._check_finite(torch.tensor([math.nan]), epoch, step, where=f"{bad} (with a finite loss)")
+        if (bad := stops.non_finite_state(self.model, self.optimizer)) is not None:
+            raise stops.non_finite(self.config, self.run_dir, epoch, step, f"{bad} (with a finite loss)")
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
