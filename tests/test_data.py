@@ -312,3 +312,13 @@ def test_check_eight_bit_takes_k_over_255_and_names_anything_else():
     with pytest.raises(DataError, match=r"outside \[0, 1\]; --dequantize needs 8-bit pixels"):
         check_eight_bit(torch.tensor([1.5]), "src")
 
+
+def test_check_eight_bit_tolerates_float32_rounding_but_not_16_bit_levels():
+    """Only exact k/255 and half a level off were checked: a tolerance 10x looser or tighter passed."""
+    k_over_255 = torch.arange(256, dtype=torch.float32) / 255
+    # a few float32 operations below k/255 (16 roundings' worth of relative error, ~2.4e-4 of a level at 1)
+    check_eight_bit(k_over_255 * (1 - 16 * 2**-24), "src")
+    # a 16-bit image one 16-bit step above each 8-bit level: (257k + 1)/65535 is k/255 + 1/257 of a level
+    sixteen_bit = (257 * torch.arange(255, dtype=torch.float64) + 1) / 65535
+    with pytest.raises(DataError, match=r"src has values that are not 8-bit levels k/255 \(off by up to 0.0039 "):
+        check_eight_bit(sixteen_bit.float(), "src")

@@ -61,6 +61,21 @@ def test_folder_colour_makes_all_rgb_and_jpeg_accepted(tmp_path):
     assert ds.shape == (3, 4, 6)
 
 
+def test_folder_colour_channels_are_red_green_blue_in_that_order(tmp_path):
+    """Only the number of channels was checked: images read as BGR (OpenCV's order) passed every test."""
+    primaries = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    for name, colour in primaries.items():
+        for i in range(2):
+            tmp_path.joinpath(name).mkdir(exist_ok=True)
+            Image.new("RGB", (6, 4), colour).save(tmp_path / name / f"{i}.png")
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.shape == (3, 4, 6)
+    for split in all_splits(ds):
+        for x, y in zip(split.x, split.y):
+            expected = torch.tensor(primaries[ds.classes[y]], dtype=x.dtype) / 255  # channels 0, 1, 2 = R, G, B
+            assert torch.equal(x.mean((1, 2)), expected), (ds.classes[y], x.mean((1, 2)))
+
+
 def test_folder_16_bit_greys_are_rescaled_not_clipped(tmp_path):
     levels = [0, 257 * 64, 257 * 128, 65535]  # 16-bit PNGs of 0, 1/4, 1/2 and full scale
     for i, level in enumerate(levels):

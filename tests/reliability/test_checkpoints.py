@@ -76,6 +76,23 @@ def test_damaged_checkpoint_files_give_one_line_on_the_command_line(good_run, tm
     assert name in err or "checkpoint" in err
 
 
+@pytest.mark.parametrize("damage", ["delete", "truncate", "not an object"])
+def test_a_damaged_trainer_json_is_named_in_the_error(good_run, tmp_path, capsys, damage):
+    """The test above passes on any line with "checkpoint" in it: an error naming model.safetensors, or no file,
+    for a damaged trainer.json sent the user to the wrong file."""
+    run, path = copy_of(good_run, tmp_path)
+    state = path / "trainer.json"
+    if damage == "delete":
+        state.unlink()
+    else:
+        state.write_text(state.read_text()[:10] if damage == "truncate" else "[]")
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-report", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"vaelab: error: {state} is "), err
+    assert "model.safetensors" not in err and "optimizer.pt" not in err, err
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(FILES + ["latest.json"]), where=st.floats(0, 1), byte=st.integers(0, 255))
 def test_any_flipped_byte_loads_or_is_refused_clearly(good_run, tmp_path_factory, name, where, byte):
