@@ -375,9 +375,9 @@ def test_compare_prints_a_markdown_row_per_run(tmp_path):
     (tmp_path / "b").rename(tmp_path / "renamed")  # a row showed the path its evaluation.json was written by
     rows, markdown = compare_runs([tmp_path / "renamed"])
     assert rows[0]["run"] == str(tmp_path / "renamed") and f"| {tmp_path / 'b'} |" not in markdown
-    (tmp_path / "renamed").rename(tmp_path / "a|b <i>c")  # a cell more than the header, and HTML
-    head, _, row = compare_runs([tmp_path / "a|b <i>c"])[1].splitlines()[:3]
-    assert row.startswith(f"| {tmp_path}/a\\|b &lt;i>c | ")
+    (tmp_path / "renamed").rename(tmp_path / "a|b <i>c&lt;")  # a cell more than the header, and HTML
+    head, _, row = compare_runs([tmp_path / "a|b <i>c&lt;"])[1].splitlines()[:3]
+    assert row.startswith(f"| {tmp_path}/a\\|b &lt;i>c&amp;lt; | ")
     assert head.count("|") == row.count("|") - row.count("\\|")
 
 

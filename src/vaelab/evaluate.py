@@ -254,13 +254,13 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
 
 def _cell(value: Any) -> str:
     """A Markdown table cell: a "|" in a run's name split its row into one cell more than the header, and "<i>"
-    went through as HTML (other Markdown, `*`, `_`, is left: paths have underscores, and rendering them plain
+    went through as HTML, as "&lt;" did as "<" (other Markdown, `*`, `_`, is left: paths have underscores, and rendering them plain
     would put backslashes in every path on the terminal)."""
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
-    return str(value).replace("|", "\\|").replace("<", "&lt;")
+    return str(value).replace("|", "\\|").replace("&", "&amp;").replace("<", "&lt;")
 
 
 def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None) -> RunConfig:
