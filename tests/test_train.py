@@ -392,6 +392,16 @@ def test_weights_or_optimiser_state_gone_non_finite_under_a_finite_loss_are_not_
     vaelab.load(tmp_path / "run")
 
 
+def test_a_warm_up_longer_than_the_run_is_noted(tmp_path, capsys):
+    """The KL weight of --warmup-epochs 8 --epochs 2 ended at a quarter of --beta, without a word."""
+    train(tiny_config(epochs=2, warmup_epochs=8, beta=2.0), tmp_path / "long", dataset=tiny_data(), progress=False)
+    err = capsys.readouterr().err
+    assert "note: --warmup-epochs 8 outlasts --epochs 2: the KL weight ends at 0.5, not --beta 2," in err
+    train(tiny_config(epochs=2, warmup_epochs=2), tmp_path / "fits", dataset=tiny_data(), progress=False)
+    train(tiny_config(epochs=4, warmup_epochs=2), tmp_path / "fits", resume=True, dataset=tiny_data(), progress=False)
+    assert "--warmup-epochs" not in capsys.readouterr().err
+
+
 def test_the_cures_offered_for_a_non_finite_loss_fit_the_run(tmp_path):
     """gaussian-learned was offered to Bernoulli runs and to the runs that had it."""
     for likelihood, sigma in (("bernoulli", False), ("gaussian-learned", False), ("gaussian", True)):

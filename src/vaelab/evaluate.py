@@ -253,9 +253,9 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
 
 
 def _cell(value: Any) -> str:
-    """A Markdown table cell: a "|" in a run's name split its row into one cell more than the header, and "<i>"
-    went through as HTML, as "&lt;" did as "<" (other Markdown, `*`, `_`, is left: paths have underscores, and rendering them plain
-    would put backslashes in every path on the terminal)."""
+    """A Markdown table cell: a "|" in a run's name split its row into one cell more than the header, "<i>" went
+    through as HTML, and "&lt;" as "<" (other Markdown, `*`, `_`, is left: paths have underscores, and rendering
+    them plain would put backslashes in every path on the terminal)."""
     if value is None:
         return ""
     if isinstance(value, float):

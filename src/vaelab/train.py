@@ -35,7 +35,7 @@ from .errors import CheckpointError, ConfigError, TrainingError, VaelabError, is
 from .flags import without_ignored_settings
 from .models import PCA, build_model
 from .prepare import EVAL_SEED, check_unchanged, prepare_data
-from .schedules import check_cycles, kl_weight, learning_rate, resume_note
+from .schedules import check_cycles, kl_weight, learning_rate, resume_note, warmup_note
 from .steps import compile_step, make_optimizer, mean_terms, objective_for, optimizer_step, step_loss
 from .system import flush_denormals, keep_freed_memory
 
@@ -148,6 +148,9 @@ class Trainer:
             if isinstance(self.model, PCA):
                 model = self._fit_pca()
             else:
+                # a new run's (a budgeted benchmark resumes to one more epoch at a time)
+                if not resume and self.config.train.epochs and (note := warmup_note(self.config.train)):
+                    self._log(note, notice=True)
                 with flush_denormals():  # converging models make denormals, which Intel CPUs compute slowly
                     for epoch in range(start_epoch, self.config.train.epochs + 1):
                         try:
