@@ -282,6 +282,7 @@ REFUSED = [
     ("/api/decode?z=a,b,c&run=vae", 422, "numbers"),
     ("/api/decode?z=&run=vae", 422, "z has 0 values but"),  # it said "1 values"
     ("/api/decode?z=1,,2&run=vae", 422, "numbers"),
+    ("/api/decode?z=1_0,0,0&run=vae", 422, "numbers"),  # Python's float() read it as 10
     ("/api/decode?z=1e9,0,0&run=vae", 422, "within"),
     ("/api/decode?z=" + "1" * 200 + ",0,0&run=vae", 422, "too long"),
     ("/api/decode?z=" + "1," * 20_000 + "&run=vae", 422, "z"),
@@ -289,6 +290,7 @@ REFUSED = [
     (f"/api/reconstruct/{N_TEST}?run=vae", 422, "out of range"),
     ("/api/reconstruct/-1?run=vae", 422, "out of range"),
     ("/api/reconstruct/abc?run=vae", 422, "index"),
+    ("/api/reconstruct/1_0?run=vae", 422, "path parameter index: Value error, '1_0' is not a plain number"),
     ("/api/reconstruct/99999999999999999999999?run=vae", 422, "index"),
     (f"/api/encoding/{N_TEST}?run=vae", 422, "out of range"),
     ("/api/interpolate?a=0&b=30&run=vae", 422, "b 30 is out of range"),
@@ -297,6 +299,8 @@ REFUSED = [
     ("/api/interpolate?a=0&b=1&n=1&run=vae", 422, "between 2 and 32"),
     ("/api/interpolate?a=0&run=vae", 422, "b"),
     ("/api/samples?n=0&run=vae", 422, "between 1 and 64"),
+    ("/api/samples?n=1_6&run=vae", 422, "query parameter n: Value error, '1_6' is not a plain number"),
+    ("/api/samples?t=0_5&run=vae", 422, "query parameter t: Value error, '0_5' is not a plain number"),
     ("/api/samples?n=65&run=vae", 422, "between 1 and 64"),
     ("/api/samples?n=100000000&run=vae", 422, "between 1 and 64"),
     ("/api/samples?t=-1&run=vae", 422, "temperature"),

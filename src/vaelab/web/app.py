@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BeforeValidator
 
 from ..errors import VaelabError
 from .catalog import MAX_NAME, Catalog
@@ -33,8 +34,19 @@ LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
 log = logging.getLogger("vaelab.web")
 
+
+
+def _plain(value: Any) -> Any:
+    """A number as people write it: Python's and pydantic's parsers read "1_0" as 10."""
+    if isinstance(value, str) and "_" in value:
+        raise ValueError(f"{value!r} is not a plain number (no underscores)")
+    return value
+
+
+Plain = BeforeValidator(_plain)  # (inside Annotated with the Query: beside a Query default FastAPI drops it)
 RunName = Query(None, max_length=MAX_NAME, description="a run name from GET /api/runs (default: the first)")
-Index = PathParam(ge=-MAX_INDEX, le=MAX_INDEX, description="index of a test image")
+Index = Annotated[int, Plain, PathParam(ge=-MAX_INDEX, le=MAX_INDEX, description="index of a test image")]
+Count = Annotated[int, Plain, Query(ge=-MAX_INDEX, le=MAX_INDEX)]  # (ranges checked with their own message)
 
 
 def _png(data: bytes) -> Response:
@@ -125,7 +137,7 @@ def create_app(root: Path | str | Catalog, *, device: str = "cpu", allowed_hosts
         return catalog.get(run).map
 
     @app.get("/api/encoding/{index}")
-    def encoding(index: int = Index, run: str | None = RunName) -> dict[str, Any]:
+    def encoding(index: Index, run: str | None = RunName) -> dict[str, Any]:
         explorer = catalog.get(run)
         return explorer.encoding(explorer.check_index(index))
 
@@ -137,14 +149,13 @@ def create_app(root: Path | str | Catalog, *, device: str = "cpu", allowed_hosts
         return _reply(decode_view(explorer.parse_z(z)))
 
     @app.get("/api/reconstruct/{index}", response_class=Response)
-    def reconstruct(index: int = Index, run: str | None = RunName) -> Response:
+    def reconstruct(index: Index, run: str | None = RunName) -> Response:
         explorer = catalog.get(run)
         reconstruct_view = explorer.reconstruct_text if explorer.is_text else explorer.reconstruct_png
         return _reply(reconstruct_view(explorer.check_index(index)))
 
     @app.get("/api/interpolate", response_class=Response)
-    def interpolate(a: int = Query(..., ge=-MAX_INDEX, le=MAX_INDEX), b: int = Query(..., ge=-MAX_INDEX, le=MAX_INDEX),
-                    n: int = Query(10, ge=-MAX_INDEX, le=MAX_INDEX, description=f"frames, 2..{MAX_FRAMES}"),
+    def interpolate(a: Count, b: Count, n: Annotated[Count, Query(description=f"frames, 2..{MAX_FRAMES}")] = 10,
                     run: str | None = RunName) -> Response:
         explorer = catalog.get(run)
         interpolate_view = explorer.interpolate_text if explorer.is_text else explorer.interpolate_png
@@ -153,9 +164,10 @@ def create_app(root: Path | str | Catalog, *, device: str = "cpu", allowed_hosts
         return response
 
     @app.get("/api/samples", response_class=Response)
-    def samples(n: int = Query(16, ge=-MAX_INDEX, le=MAX_INDEX, description=f"samples, 1..{MAX_SAMPLES}"),
-                t: float = Query(1.0, description="temperature (hierarchical models)"),
-                seed: int | None = Query(None, ge=0, le=2**32 - 1), run: str | None = RunName) -> Response:
+    def samples(n: Annotated[Count, Query(description=f"samples, 1..{MAX_SAMPLES}")] = 16,
+                t: Annotated[float, Plain, Query(description="temperature (hierarchical models)")] = 1.0,
+                seed: Annotated[int | None, Plain, Query(ge=0, le=2**32 - 1)] = None,
+                run: str | None = RunName) -> Response:
         explorer = catalog.get(run)
         seed = secrets.randbelow(2**31) if seed is None else seed
         samples_view = explorer.samples_text if explorer.is_text else explorer.samples_png

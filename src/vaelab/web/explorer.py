@@ -132,6 +132,8 @@ class Explorer:
         if len(parts) != d:
             raise RequestError(f"z has {len(parts)} values but this model's latent has {d} dimensions")
         try:
+            if any("_" in p for p in parts):  # float() reads "1_0" as 10
+                raise ValueError
             values = [float(p) for p in parts]
         except ValueError:
             raise RequestError("z must be comma-separated numbers, e.g. z=0.1,-2") from None
