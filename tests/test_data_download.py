@@ -4,6 +4,7 @@ import functools
 import hashlib
 import http.server
 import os
+import shutil
 import socket
 import threading
 import time
@@ -306,6 +307,28 @@ def test_fashion_mnist_downloads_without_debian_package(server, small_idx_sets, 
     ds = load_dataset("fashion-mnist")
     check_small_set(ds, sources.FASHION_CLASSES)
     assert len(requests) == 4 and (offline_data / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").is_file()
+
+
+def test_a_damaged_debian_file_gives_way_to_a_checked_download(server, idx_files, small_idx_sets, monkeypatch,
+                                                                tmp_path, capsys):
+    """A damaged file in Debian's folder stopped every Fashion-MNIST run with "reinstall", though the cache held
+    a checked download of all four files."""
+    folder, _ = idx_files
+    debian = tmp_path / "debian"
+    shutil.copytree(folder, debian)
+    monkeypatch.setenv("VAELAB_FASHION_MNIST_DEBIAN_DIR", str(debian))
+    (debian / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b damaged")
+    with pytest.raises(DataError, match=r"t10k-labels.*reinstall Debian's package"):
+        load_dataset("fashion-mnist")  # nothing in the cache: the package's fix
+    monkeypatch.setenv("VAELAB_FASHION_MNIST_URL", server[0])
+    monkeypatch.setenv("VAELAB_FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "none"))
+    load_dataset("fashion-mnist")  # (downloaded into the cache)
+    monkeypatch.setenv("VAELAB_FASHION_MNIST_DEBIAN_DIR", str(debian))
+    capsys.readouterr()
+    check_small_set(load_dataset("fashion-mnist"), sources.FASHION_CLASSES)
+    err = capsys.readouterr().err
+    assert err.startswith("vaelab: note: ") and "t10k-labels-idx1-ubyte.gz" in err
+    assert "reading the checked copy in" in err and str(data_dir() / "fashion-mnist") in err
 
 
 def test_idx_sets_refuse_inconsistent_files(idx_files, write_idx, monkeypatch):

@@ -7,6 +7,7 @@ import gzip
 import importlib.resources
 import io
 import os
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -151,13 +152,21 @@ def load_fashion_mnist() -> Dataset:
 
     $VAELAB_FASHION_MNIST_DEBIAN_DIR replaces /usr/share/datasets/fashion-mnist (Debian's files are not
     checksummed: Debian recompressed them); $VAELAB_FASHION_MNIST_URL replaces the download base URL.
-    Downloads go to data_dir()/fashion-mnist/ with SHA-256 checks.
+    Downloads go to data_dir()/fashion-mnist/ with SHA-256 checks; a checked download there stands in for a
+    damaged package file (with a note).
     """
     debian = Path(os.environ.get("VAELAB_FASHION_MNIST_DEBIAN_DIR", FASHION_MNIST_DEBIAN_DIR))
     paths = [_present(debian, name) for name in IDX_FILES]
     reinstall = "reinstall Debian's package (apt-get install --reinstall dataset-fashion-mnist)"
     if all(p is not None for p in paths):
-        return _idx_dataset("fashion-mnist", paths, FASHION_CLASSES, fix=reinstall)
+        try:
+            return _idx_dataset("fashion-mnist", paths, FASHION_CLASSES, fix=reinstall)
+        except DataError as e:  # a damaged package file: a checked download in the cache serves instead
+            cached = _checked_cache("fashion-mnist", FASHION_MNIST_SHA256)
+            if cached is None:
+                raise
+            print(f"vaelab: note: {e}; reading the checked copy in {cached[0].parent} meanwhile", file=sys.stderr)
+            return _idx_dataset("fashion-mnist", cached, FASHION_CLASSES)
     mirrors = _mirrors("VAELAB_FASHION_MNIST_URL", FASHION_MNIST_MIRRORS)
     try:
         paths = _cached_or_downloaded("fashion-mnist", mirrors, FASHION_MNIST_SHA256)
@@ -180,6 +189,14 @@ def _present(folder: Path, name: str) -> Path | None:
     for candidate in (folder / name, folder / name.removesuffix(".gz")):
         if candidate.is_file():
             return candidate
+    return None
+
+
+def _checked_cache(name: str, digests: dict[str, str]) -> list[Path] | None:
+    """The four compressed IDX files of `name` in data_dir()/name/ if each has the data set's SHA-256, else None."""
+    paths = [data_dir() / name / f for f in IDX_FILES]
+    if all(p.is_file() and sha256_of(p) == digests[p.name].lower() for p in paths):
+        return paths
     return None
 
 
