@@ -245,6 +245,14 @@ def test_kl_positive_and_independent_of_loc():
         assert (kl32 > 0).all() and torch.allclose(kl32.double(), kls[0], rtol=1e-6)
 
 
+def test_kl_is_never_negative_at_the_smallest_kappa():
+    """At --kappa 1e-8 (the smallest config allows) the KL read -4e-16 .. -2e-13: rounding, printed as a sign."""
+    for m in (2, 3, 16, 64, 128):
+        kappa = torch.tensor([1e-8, 1e-6, 1e-4])[:, None]
+        kl = kl_divergence(VonMisesFisher(random_loc(m, 0, (3,)).float(), kappa), HypersphericalUniform(m))
+        assert (kl >= 0).all() and (kl < 1e-8).all(), (m, kl)
+
+
 def test_log_prob_broadcasts_over_samples():
     q = VonMisesFisher(random_loc(4, seed=0, batch=(5,)), torch.rand(5, 1, dtype=torch.float64) + 0.5)
     p = HypersphericalUniform(4, dtype=torch.float64)

@@ -295,7 +295,9 @@ def _kl_vmf_uniform(q: VonMisesFisher, p: HypersphericalUniform) -> torch.Tensor
     """KL(vMF || U(S^(m-1))) = kappa A_m(kappa) + log C_m(kappa) + log area(S^(m-1)) (Davidson et al. 2018, Sec. 3)."""
     if q.m != p.dim:
         raise ValueError(f"vMF on S^{q.m - 1} against a uniform on S^{p.dim - 1}")
-    kl = (q._neg_entropy64() + log_sphere_area(q.m)).to(q.scale.dtype)
+    # (clamped: at kappa ~1e-8 the true KL, ~kappa^2 / 2m, is below float64's rounding of the two terms'
+    # difference, which read -2e-13 and printed as a negative KL)
+    kl = (q._neg_entropy64() + log_sphere_area(q.m)).clamp_min(0).to(q.scale.dtype)
     return kl.expand(torch.broadcast_shapes(kl.shape, p.batch_shape))
 
 
