@@ -327,6 +327,19 @@ def test_channels_last_with_alpha(tmp_path, shape, expected):
     assert load_dataset(f"npy:{tmp_path / 'a.npy'}").shape == expected
 
 
+def test_uint8_masks_of_0_and_1_are_read_as_pixels_with_a_note(tmp_path, capsys):
+    """uint8 0/1 masks read as 0 and 1/255 (as documented), and binarising them emptied them without a word."""
+    np.save(tmp_path / "mask.npy", (np.arange(40).reshape(10, 2, 2) % 2).astype(np.uint8))
+    x = load_dataset(f"npy:{tmp_path / 'mask.npy'}").train.x
+    assert torch.equal(x.unique(), torch.tensor([0.0, 1 / 255]))
+    err = capsys.readouterr().err
+    assert "mask.npy holds uint8 values 0 and 1 only, read as 8-bit pixels 0 and 1/255" in err
+    assert "save it as bool or float" in err
+    np.save(tmp_path / "pixels.npy", (np.arange(40).reshape(10, 2, 2) * 6).astype(np.uint8))
+    load_dataset(f"npy:{tmp_path / 'pixels.npy'}")
+    assert "note" not in capsys.readouterr().err
+
+
 def test_integer_dtypes(tmp_path):
     np.save(tmp_path / "u16.npy", np.full((10, 2, 2), 65535, np.uint16))
     assert torch.equal(load_dataset(f"npy:{tmp_path / 'u16.npy'}").train.x, torch.ones(8, 1, 2, 2))

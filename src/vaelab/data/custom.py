@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -313,6 +314,10 @@ def to_images(array: np.ndarray, source: str) -> torch.Tensor:
             raise DataError(f"{source} has {array.dtype} values from {lo} to {hi}; vaelab divides uint8 pixels by "
                             "255 and uint16 by 65535, and keeps floats as given: save 8-bit pixels as uint8 "
                             "(x.astype(numpy.uint8)), or as floats in the range you mean")
+    if array.dtype == np.uint8 and array.max() == 1:  # (read as documented, but a mask emptied without a word)
+        print(f"vaelab: note: {source} holds uint8 values 0 and 1 only, read as 8-bit pixels 0 and 1/255 (near "
+              "black; binarised, almost all 0); if it is a 0/1 mask, save it as bool or float "
+              "(x.astype(numpy.float32))", file=sys.stderr)
     if array.dtype.kind == "f" and array.dtype.itemsize > 4:
         finite = array[np.isfinite(array)]
         if finite.size and np.abs(finite).max() > np.finfo(np.float32).max:
