@@ -404,7 +404,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
     err = run_error(["evaluate", str(vae_run / "baselines" / "ae"), "--nll"], capsys)
     assert "--nll needs a model of p(x): a VAE (importance-sampled) or PCA (exact), not --model ae" in err
     err = run_error(["sample", str(vae_run / "baselines" / "ae")], capsys)
-    assert "holds a --model ae run, which vaelab does not sample from" in err
+    assert "holds a --model ae run, which vaelab does not sample from: it has no prior p(z); train a VAE " \
+           "(--model vae) to sample" in err
     # --out: a folder, or a picture's name PIL cannot map to a format, were tracebacks; -n counts from the end
     err = run_error(["sample", str(vae_run), "--out", str(tmp_path)], capsys)
     assert f"--out {tmp_path} is a folder; give a file name such as {tmp_path / 'samples.png'}" in err

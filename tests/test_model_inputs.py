@@ -58,7 +58,7 @@ def test_pixel_values_a_model_cannot_score_are_refused_in_eval_mode():
     for name, model in {**image_models(), "hvae": hvae}.items():
         model.eval()
         nan = x.masked_fill(x > 0.5, float("nan"))
-        for method in ("encode", "embed", "reconstruct") if name != "hvae" else ("encode", "reconstruct"):
+        for method in ("encode", "embed", "reconstruct"):
             with pytest.raises(InputError, match=rf"^{method}: x has \d+ NaN or infinite value"):
                 getattr(model, method)(nan if name != "hvae" else torch.full((2, *hvae.input_shape), float("nan")))
     for model in (image_models()["vae"].eval(), image_models()["ae"].eval()):
@@ -76,6 +76,44 @@ def test_pixel_values_a_model_cannot_score_are_refused_in_eval_mode():
     hvae(torch.rand(2, *hvae.input_shape))
     with pytest.raises(InputError, match=r"^forward: x has values in"):
         hvae(torch.rand(2, *hvae.input_shape) + 1)
+
+
+def every_family():
+    """A small model of each family with encode, embed, reconstruct and forward, in eval mode, and two inputs it
+    refuses: one of the wrong shape, and one the eval-mode check refuses (NaN pixels; ids outside the vocabulary)."""
+    hvae, x = small_hvae(), torch.rand(2, 1, 12, 12)
+    images = {**image_models(), "vmf": VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), latent="vmf"),
+              "bn-vae": VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), bn_mu=0.5)}
+    nan = torch.full((2, *SHAPE), float("nan"))
+    return {**{name: (m.eval(), torch.rand(2, 36), nan) for name, m in images.items()},
+            "hvae": (hvae.eval(), x.flatten(1), x.masked_fill(x > 0.5, float("nan"))),
+            "text-vae": (tiny_model().eval(), torch.tensor([4, 5, 2]), torch.tensor([[4, len(VOCAB), 2]]))}
+
+
+@pytest.mark.parametrize("name", ["vae", "conv vae", "vmf", "bn-vae", "ae", "pca", "hvae", "text-vae"])
+def test_input_errors_name_the_method_called(name):
+    """model(x) said "encode: ..." for every family but the hierarchical one; so did embed on a hierarchical VAE,
+    and embed and reconstruct on a text VAE."""
+    model, wrong_shape, unscorable = every_family()[name]
+    for method, call in [("forward", model), ("encode", model.encode), ("embed", model.embed),
+                         ("reconstruct", model.reconstruct)]:
+        for bad, message in [(wrong_shape, "x has shape"), (unscorable, "x (has .*NaN|holds token ids outside)")]:
+            with pytest.raises(InputError, match=f"^{method}: {message}"):
+                call(bad)
+
+
+def test_pca_and_ae_refuse_to_sample_without_a_prior():
+    """model.sample(8) on a PCA or AE gave a bare AttributeError; prior() too (the VAE's is p(z))."""
+    baselines = [image_models()[name].eval() for name in ("pca", "ae")]
+    for model in baselines:
+        for method, args in [("sample", (8,)), ("prior", ())]:
+            with pytest.raises(InputError, match=rf"^{method}: {type(model).__name__} has no prior p\(z\); train a "
+                                                 r"VAE \(--model vae\) to sample$"):
+                getattr(model, method)(*args)
+    from vaelab.models.common import has_prior  # what the CLI, the explorer and the report ask before sampling
+
+    assert not any(has_prior(m) for m in baselines)
+    assert all(has_prior(m) for m in (image_models()["vae"], small_hvae(), tiny_model()))
 
 
 @pytest.mark.parametrize("n", [-1, 2.5, "3", True, None])

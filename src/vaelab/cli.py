@@ -139,13 +139,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from . import figures, runs
+    from .models.common import has_prior, no_prior
     from .models.hvae import MAX_TEMPERATURE
 
     model = runs.load(args.run, device=args.device)
-    if not hasattr(model, "sample"):
+    if not has_prior(model):
         kind = runs.load_config(args.run).model.model
-        raise ConfigError(f"{args.run} holds a --model {kind} run, which vaelab does not sample from; sample from a "
-                          "--model vae, hvae or text-vae run")
+        raise ConfigError(f"{args.run} holds a --model {kind} run, which vaelab does not sample from: {no_prior('it')}")
     if args.n < 1 or args.n > 10_000:
         raise ConfigError(f"--n must be between 1 and 10000, got {args.n}")
     if args.nrow is not None and args.nrow < 1:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .data import check_finite, check_unit_interval
 from .errors import InputError
-from .models.common import needs_unit_interval
+from .models.common import has_prior, needs_unit_interval
 from .objectives import log_weights
 from .system import in_eval_mode, keep_freed_memory, model_device
 
@@ -168,7 +168,7 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         seed: the noise is keyed by (seed, example, sample), so a result depends on the seed alone;
             the global RNG is not touched.
     """
-    if not hasattr(model, "prior"):  # PCA, autoencoders: no q(z|x) to sample from
+    if not has_prior(model):  # PCA, autoencoders: no q(z|x) to sample from
         exact = "; PCA's log p(x) is exact: log_likelihood(model, x)" if hasattr(model, "log_marginal") else ""
         raise InputError(f"importance_sample: {type(model).__name__} models have no latent posterior and prior to "
                          f"sample from; log p(x) needs a VAE{exact}")

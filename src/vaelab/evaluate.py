@@ -29,6 +29,7 @@ from .fileio import atomic_write_text
 from .flags import without_ignored_settings
 from .latent_stats import active_units, active_units_per_group, kl_per_unit, linear_probes, mutual_information_bounds
 from .models import PCA
+from .models.common import has_prior
 from .objectives import elbo
 from .prepare import EVAL_SEED, prepare_data
 from .steps import mean_terms, objective_for
@@ -63,7 +64,7 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor, *, batch_size: int =
 
 def has_posterior(model: nn.Module) -> bool:
     """Whether the model has a latent posterior and prior (a VAE), as the density estimates need."""
-    return hasattr(model, "prior")
+    return has_prior(model)
 
 
 def has_nll(model: nn.Module) -> bool:

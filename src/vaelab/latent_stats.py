@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
+from .models.common import has_prior
 from .system import in_eval_mode, model_device
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, Sec. 5.2
@@ -35,7 +36,7 @@ def codes(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @in_eval_mode
 def posterior_means(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """E_q[z|x] (N, D) on the CPU for a model with a posterior (a vMF's lies inside the ball), else its codes."""
-    if not hasattr(model, "prior"):
+    if not has_prior(model):
         return codes(model, x)
     return torch.cat([model.encode(xb).mean.cpu() for xb in _batches(model, x)])
 
@@ -59,7 +60,7 @@ def active_units(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_UN
     (length A(kappa) < 1) would rarely pass an unscaled 0.01 at D = 32.
     """
     variance = posterior_means(model, x).double().var(0, correction=int(x.shape[0] > 1))  # one code: not NaN
-    prior_variance = getattr(model.prior(), "variance", None) if hasattr(model, "prior") else None
+    prior_variance = getattr(model.prior(), "variance", None) if has_prior(model) else None
     scale = prior_variance.detach().double().cpu().flatten() if prior_variance is not None else 1.0
     return {"active_units": int((variance > threshold * scale).sum()), "active_unit_threshold": threshold,
             "posterior_mean_variance": variance.tolist()}

@@ -14,6 +14,7 @@ from .config import RunConfig
 from .data import Dataset
 from .evaluate import compare_baselines, evaluate_run
 from .fileio import atomic_write_text
+from .models.common import has_prior
 from .prepare import EVAL_SEED, prepare_data
 from .system import model_device
 
@@ -77,7 +78,7 @@ def make_figures(run_dir: Path, model: torch.nn.Module, data: Dataset) -> tuple[
     shown = min(N_RECON, n)  # small test splits (a folder of a few dozen images) show what they have
     recon = figures.reconstructions(model, x[pick[:shown]])
     made["reconstructions"] = figures.save_grid(recon, out / "reconstructions.png", nrow=shown)
-    if hasattr(model, "sample"):
+    if has_prior(model):
         made["samples"] = figures.save_grid(model.sample(N_SAMPLES), out / "samples.png", nrow=8)
     n_pairs = min(INTERP_PAIRS, n // 2)  # distinct images, after those reconstructed where there are enough
     if n_pairs:

@@ -34,6 +34,7 @@ from .data import (
 from .errors import CheckpointError, ConfigError, TrainingError, VaelabError, is_out_of_memory
 from .flags import without_ignored_settings
 from .models import PCA, build_model
+from .models.common import has_prior
 from .prepare import EVAL_SEED, check_unchanged, prepare_data
 from .schedules import check_cycles, kl_weight, learning_rate, resume_note, warmup_note
 from .steps import compile_step, make_optimizer, mean_terms, objective_for, optimizer_step, step_loss
@@ -305,7 +306,7 @@ class Trainer:
         self._check_finite(torch.tensor(list(val.values()), dtype=torch.float64), epoch, steps, where="validation loss")
         self._check_finite_state(epoch, steps)
         loss, recon, kl = (sums[:3] / sums[3]).tolist()
-        return _without_kl_unless(hasattr(self.model, "prior"), {
+        return _without_kl_unless(has_prior(self.model), {
             "epoch": epoch, "step": epoch * steps, "beta": beta, "lr": lr,
             "train_loss": loss, "train_recon": recon, "train_kl": kl, **{f"val_{k}": v for k, v in val.items()},
             "seconds": seconds, "samples_per_s": float(sums[3]) / seconds})

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..likelihoods import GaussianImage
 from ..linear import Linear
 from ..nets import ENCODERS
-from .common import ImageDecoder, Output, check_codes, check_images, model_tensor
+from .common import ImageDecoder, Output, check_codes, check_images, model_tensor, no_prior
 
 
 class PCA(nn.Module):
@@ -24,6 +24,8 @@ class PCA(nn.Module):
     code rescaled, U z = W z_ppca with W = U (Lambda - sigma^2 I)^(1/2), whose prior is N(0, I); reconstruct is the
     projection, not PPCA's posterior mean (which shrinks each coordinate by (lambda_i - sigma^2) / lambda_i).
     """
+
+    has_prior = False  # prior() and sample() refuse (models.common.has_prior)
 
     def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int):
         super().__init__()
@@ -111,7 +113,7 @@ class PCA(nn.Module):
         return -0.5 * (n_features * math.log(2 * math.pi) + log_det + mahalanobis)
 
     def forward(self, x: torch.Tensor) -> Output:
-        z = self.encode(x)
+        z = self._project(x, "forward")
         return Output(qz=None, pz=None, z=z, px_z=self.decode(z))
 
     @torch.no_grad()
@@ -124,6 +126,14 @@ class PCA(nn.Module):
         """Projection onto the principal subspace, shape of x."""
         return self.decode(self._project(x, "reconstruct")).mean
 
+    def prior(self) -> Distribution:
+        """Refused with an InputError: there is no prior p(z) (the VAE's prior() is one)."""
+        raise InputError(f"prior: {no_prior(type(self).__name__)}")
+
+    def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
+        """Refused with an InputError: with no prior p(z) there is nothing to sample z from; a VAE samples."""
+        raise InputError(f"sample: {no_prior(type(self).__name__)}")
+
 
 class AE(nn.Module):
     """Deterministic autoencoder trained on -log p(x|z) with z = f(x); linear=True drops all nonlinearities.
@@ -131,6 +141,8 @@ class AE(nn.Module):
     A linear AE with a Gaussian likelihood spans PCA's principal subspace at its optimum
     (Baldi & Hornik 1989, "Neural networks and principal component analysis").
     """
+
+    has_prior = False  # prior() and sample() refuse (models.common.has_prior)
 
     def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int, net: str = "mlp",
                  hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli", sigma: float = 0.1,
@@ -160,7 +172,7 @@ class AE(nn.Module):
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> Output:
-        z = self.encode(x)
+        z = self._code(x, "forward")
         return Output(qz=None, pz=None, z=z, px_z=self.decode(z))
 
     @torch.no_grad()
@@ -172,3 +184,11 @@ class AE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|f(x)), shape of x."""
         return self.decode(self._code(x, "reconstruct")).mean
+
+    def prior(self) -> Distribution:
+        """Refused with an InputError: there is no prior p(z) (the VAE's prior() is one)."""
+        raise InputError(f"prior: {no_prior(type(self).__name__)}")
+
+    def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
+        """Refused with an InputError: with no prior p(z) there is nothing to sample z from; a VAE samples."""
+        raise InputError(f"sample: {no_prior(type(self).__name__)}")

@@ -81,6 +81,18 @@ def check_pixel_values(x: torch.Tensor, method: str, *, unit_interval: bool) -> 
         check_finite(x, f"{method}: x", error=InputError, fix="replace them")
 
 
+def no_prior(what: str) -> str:
+    """Why `what` (PCA, an autoencoder) gives no samples, and the fix: the Python API's, `vaelab sample`'s and the
+    explorer's one wording."""
+    return f"{what} has no prior p(z); train a VAE (--model vae) to sample"
+
+
+def has_prior(model: nn.Module) -> bool:
+    """Whether the model has a prior p(z), and so prior() and sample(): PCA and autoencoders have the methods only to
+    refuse them, with no_prior (their class sets has_prior = False)."""
+    return getattr(model, "has_prior", hasattr(model, "prior"))
+
+
 def check_codes(z: torch.Tensor, latent_dim: int, method: str, like: torch.Tensor | None = None) -> None:
     """Refuse anything but float codes (..., latent_dim) (with like: of the model's dtype, on its device)."""
     if not isinstance(z, torch.Tensor):

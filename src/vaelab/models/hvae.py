@@ -284,7 +284,11 @@ class HVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z_1 | x) of the top group, flattened: batch shape (B,), event shape (D_top,)."""
-        check_images(x, self.input_shape, "encode", self)
+        return self._encode(x, "encode")
+
+    def _encode(self, x: torch.Tensor, method: str) -> Distribution:
+        """encode(x), its input checked under the name of the method called (once)."""
+        check_images(x, self.input_shape, method, self)
         mu_p, scale_p = self._top_prior_params(x.shape[0])
         qz = self._posterior(mu_p, scale_p, self.post_heads[0](self.bottom_up(x)[0])).base_dist
         return diagonal_normal(qz.loc.flatten(1), qz.scale.flatten(1))
@@ -313,7 +317,7 @@ class HVAE(nn.Module):
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Point codes (B, D_top): the top group's posterior means, flattened."""
-        return self.encode(x).mean
+        return self._encode(x, "embed").mean
 
     @torch.no_grad()
     def group_means(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -101,7 +101,11 @@ class TextVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for token ids x (B, T): batch shape (B,), event shape (D,)."""
-        x = check_tokens(x, self.vocab_size, "encode", values=not self.training)
+        return self._encode(x, "encode")
+
+    def _encode(self, x: torch.Tensor, method: str) -> Distribution:
+        """encode(x), its input checked under the name of the method called (once)."""
+        x = check_tokens(x, self.vocab_size, method, values=not self.training)
         states, _ = self.encoder(self.embedding(x))  # (B, T, H)
         # The RNN is causal, so its state at the last real token (the <eos>) has not seen the padding.
         last = (x != PAD).sum(1).clamp(min=1) - 1  # (B,)
@@ -155,7 +159,7 @@ class TextVAE(nn.Module):
 
         noise: where the standard normal draws come from (default: torch's global generator).
         """
-        qz = self.encode(x)
+        qz = self._encode(x, "forward")
         z, score = self.posterior.rsample_and_score(qz, k, noise)
         return Output(qz=qz, pz=self.prior(), z=z, px_z=self.decode(z, x), k=k, score=score)
 
@@ -163,7 +167,7 @@ class TextVAE(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Point codes (B, D): the posterior modes (means of a Gaussian; for vMF latents the mean direction on the
         sphere, where the decoder's codes live)."""
-        return self.encode(x).mode
+        return self._encode(x, "embed").mode
 
     @torch.no_grad()
     def greedy(self, z: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
@@ -203,7 +207,7 @@ class TextVAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Greedy decodes of the point codes of x (B, T), embed's (posterior means; for vMF latents the mean
         directions): (B, T) ids."""
-        return self.greedy(self.embed(x))
+        return self.greedy(self._encode(x, "reconstruct").mode)
 
 
 __all__ = ["TextVAE", "TokenSequence", "token_counts"]

@@ -45,12 +45,12 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for images x (B, C, H, W): batch shape (B,), event shape (D,)."""
-        check_images(x, self.input_shape, "encode", self)
-        return self.posterior(self.encoder(x))
+        return self._encode(x, "encode")
 
-    def _point_code(self, x: torch.Tensor, method: str) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, method: str) -> Distribution:
+        """encode(x), its input checked under the name of the method called (once)."""
         check_images(x, self.input_shape, method, self)
-        return self.posterior(self.encoder(x)).mode
+        return self.posterior(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for codes z (..., D): batch shape z.shape[:-1], event shape (C, H, W)."""
@@ -66,7 +66,7 @@ class VAE(nn.Module):
 
         noise: where the standard normal draws come from (default: torch's global generator).
         """
-        qz = self.encode(x)
+        qz = self._encode(x, "forward")
         z, score = self.posterior.rsample_and_score(qz, k, noise)
         return Output(qz=qz, pz=self.prior(), z=z, px_z=self.decode(z), k=k, score=score)
 
@@ -74,12 +74,12 @@ class VAE(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Point codes (B, D): the posterior modes, i.e. the means of a Gaussian posterior, and for vMF latents the
         mean direction on the sphere, where the decoder's codes live (the vMF mean lies inside the ball)."""
-        return self._point_code(x, "embed")
+        return self._encode(x, "embed").mode
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|z) at z = embed(x), shape of x."""
-        return self.decoder(self._point_code(x, "reconstruct")).mean
+        return self.decoder(self._encode(x, "reconstruct").mode).mean
 
     @torch.no_grad()
     def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:

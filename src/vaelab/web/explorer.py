@@ -26,6 +26,7 @@ from ..errors import VaelabError
 from ..evaluate import has_nll, read_evaluation
 from ..latent_stats import codes as test_codes
 from ..latent_stats import kl_per_unit
+from ..models.common import has_prior, no_prior
 from ..models.hvae import MAX_TEMPERATURE
 from ..prepare import prepare_data
 from ..system import model_device
@@ -197,9 +198,9 @@ class Explorer:
     @torch.no_grad()
     def _samples(self, n: int, temperature: float, seed: int) -> torch.Tensor:
         """model.sample(n) (with the temperature where the model takes one), after checking the request."""
-        if not hasattr(self.model, "sample"):
-            raise RequestError(f"this run's model ({self.summary['model']}) is not sampled from; samples need a "
-                               "VAE, HVAE or text VAE", status=400)
+        if not has_prior(self.model):
+            raise RequestError(f"this run's model ({self.summary['model']}) is not sampled from: {no_prior('it')}",
+                               status=400)
         if not 1 <= n <= MAX_SAMPLES:
             raise RequestError(f"n must be between 1 and {MAX_SAMPLES} samples, got {n}")
         if not 0 <= temperature <= MAX_TEMPERATURE:  # (NaN fails it too)
@@ -228,7 +229,7 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
     evaluation = _evaluation_of(run_dir, epoch)
     d = codes.shape[1]
     kl = evaluation.get("kl_per_dim")
-    if (not isinstance(kl, list) or len(kl) != d) and hasattr(model, "prior") and not hasattr(model, "group_means"):
+    if (not isinstance(kl, list) or len(kl) != d) and has_prior(model) and not hasattr(model, "group_means"):
         try:
             kl = kl_per_unit(model, data.test.x.to(model_device(model)))
         except (NotImplementedError, RuntimeError):  # a latent family without an analytic per-unit KL
@@ -250,9 +251,9 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
         "kind": "text" if data.is_text else "image",
         "input_shape": list(model.input_shape), "n_test": int(codes.shape[0]),
         "classes": list(data.classes) if data.classes is not None else None,
-        "has_prior": hasattr(model, "sample"), "has_nll": has_nll(model),
+        "has_prior": has_prior(model), "has_nll": has_nll(model),
         "temperature": supports_temperature(model) if
-        hasattr(model, "sample") else False,
+        has_prior(model) else False,
         "epoch": epoch,
         "last_epoch": {k: v for k, v in record.items() if isinstance(v, (int, float))} if record else {},
         "kl_per_dim": kl,
