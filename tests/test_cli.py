@@ -741,7 +741,8 @@ def test_text_runs_keep_perplexity_and_refuse_a_picture_name(tmp_path, capsys, m
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "evaluation.json").write_text(json.dumps({"epoch": 2, "nll": 40.0, "perplexity": 300.0}))
+    (run / "evaluation.json").write_text(json.dumps({"epoch": 2, "nll": 40.0, "perplexity": 300.0,
+                                                     "format": evaluate.EVALUATION_FORMAT}))
     monkeypatch.setattr(evaluate, "test_metrics", lambda *a, **k: {"elbo": 1.0})
     monkeypatch.setattr(evaluate.runs, "latest_checkpoint", lambda r: SimpleNamespace(epoch=2))
     config = SimpleNamespace(train=SimpleNamespace(objective="elbo"))

@@ -15,7 +15,7 @@ from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split, dequantize
 from vaelab.density import importance_sample, log_likelihood, mean_and_stderr, nll_summary
 from vaelab.errors import InputError
-from vaelab.evaluate import compare_runs, evaluate_run
+from vaelab.evaluate import EVALUATION_FORMAT, compare_runs, evaluate_run
 from vaelab.latent_stats import active_units, mutual_information, mutual_information_bounds
 from vaelab.latents import DiagonalNormal
 from vaelab.models import AE, PCA, VAE
@@ -395,6 +395,25 @@ def test_compare_evaluates_again_a_run_trained_on_after_its_evaluation(tmp_path,
             f"NLL: vaelab evaluate {tmp_path / 'run'} --nll)") in capsys.readouterr().err
     compare_runs([tmp_path / "run"])  # now current: read, not evaluated again
     assert capsys.readouterr().err == ""
+
+
+def test_an_older_vaelab_s_evaluation_is_evaluated_again_not_shown(tmp_path, capsys):
+    """An evaluation.json of the same epoch was trusted whatever vaelab wrote it, though the definitions of its
+    numbers had changed since (an HVAE's latent statistics, the autoencoders' KL, the binarised test ELBO)."""
+    config = RunConfig(data=DataConfig(name="digits"), model=ModelConfig(hidden=(8,), latent_dim=2),
+                       train=TrainConfig(epochs=1))
+    train(config, tmp_path / "run", progress=False)
+    evaluation = tmp_path / "run" / "evaluation.json"
+    old = {"run": str(tmp_path / "run"), "epoch": 1, "test_elbo": 123.0, "nll": 45.0, "nll_k": 5}  # no format
+    evaluation.write_text(json.dumps(old))
+    rows, _ = compare_runs([tmp_path / "run"])
+    assert rows[0]["test_elbo"] != 123.0 and rows[0]["format"] == EVALUATION_FORMAT and "nll" not in rows[0]
+    assert (f"{tmp_path / 'run'}: evaluation.json was written by an older vaelab (format 1, now "
+            f"{EVALUATION_FORMAT}), whose test metrics are defined otherwise: evaluating it again (for its NLL: "
+            f"vaelab evaluate {tmp_path / 'run'} --nll)") in capsys.readouterr().err
+    evaluation.write_text(json.dumps(old))
+    assert "nll" not in evaluate_run(tmp_path / "run", probe=False)  # not carried into today's numbers
+    assert json.loads(evaluation.read_text())["format"] == EVALUATION_FORMAT
 
 
 def test_active_units_and_mutual_information_on_known_encoders():

@@ -23,6 +23,7 @@ from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import registry
 from vaelab.data.text import tokens_to_text
 from vaelab.errors import VaelabError
+from vaelab.evaluate import EVALUATION_FORMAT
 from vaelab.figures import projection
 from vaelab.train import train
 from vaelab.web import add_serve_command, bind, is_loopback, url
@@ -192,7 +193,8 @@ def test_runs_summary_and_map(client):
 
 
 def test_metrics_come_from_evaluation_json(runs_root):
-    (runs_root / "pca" / "evaluation.json").write_text(json.dumps({"nll": 12.5, "test_kl": float("nan")}))
+    (runs_root / "pca" / "evaluation.json").write_text(json.dumps({"nll": 12.5, "test_kl": float("nan"),
+                                                                                "format": EVALUATION_FORMAT}))
     try:
         s = TestClient(create_app(runs_root / "pca")).get("/api/summary").json()
     finally:
@@ -207,14 +209,15 @@ def test_metrics_written_after_loading_show_on_reload_and_only_for_the_loaded_ch
     evaluation = runs_root / "vae" / "evaluation.json"
     assert not client.get("/api/summary", params={"run": "vae"}).json()["evaluated"]  # loads the run
     try:
-        evaluation.write_text(json.dumps({"epoch": 8, "nll": 12.5}))
+        evaluation.write_text(json.dumps({"epoch": 8, "nll": 12.5, "format": EVALUATION_FORMAT}))
         s = client.get("/api/summary", params={"run": "vae"}).json()
         assert s["metrics"] == {"nll": 12.5} and s["evaluated"] and not s["nll_density"]
-        evaluation.write_text(json.dumps({"epoch": 8, "nll": -12.5, "nll_density": True}))
+        evaluation.write_text(json.dumps({"epoch": 8, "nll": -12.5, "nll_density": True, "format": EVALUATION_FORMAT}))
         assert client.get("/api/summary", params={"run": "vae"}).json()["nll_density"]  # a Gaussian's density
-        evaluation.write_text(json.dumps({"epoch": 3, "nll": 99.0}))
-        s = client.get("/api/summary", params={"run": "vae"}).json()
-        assert s["metrics"] == {} and not s["evaluated"]
+        for other in ({"epoch": 3, "nll": 99.0, "format": EVALUATION_FORMAT}, {"epoch": 8, "nll": 99.0}):
+            evaluation.write_text(json.dumps(other))  # another checkpoint's, or an older vaelab's numbers
+            s = client.get("/api/summary", params={"run": "vae"}).json()
+            assert s["metrics"] == {} and not s["evaluated"]
     finally:
         evaluation.unlink()
 
@@ -731,7 +734,8 @@ def test_page_shows_sentences_for_a_text_model_in_chromium(browser, text_root):
 
 def test_the_page_labels_a_gaussian_s_nll_a_density(browser, live_url, runs_root):
     evaluation = runs_root / "vae" / "evaluation.json"
-    evaluation.write_text(json.dumps({"nll": -812.25, "nll_stderr": 3.5, "nll_density": True}))
+    evaluation.write_text(json.dumps({"nll": -812.25, "nll_stderr": 3.5, "nll_density": True,
+                                           "format": EVALUATION_FORMAT}))
     try:
         page, errors = open_page(browser, live_url + "?run=vae")
         shown = dict(zip(page.locator("#metrics dt").all_inner_texts(), page.locator("#metrics dd").all_inner_texts()))
@@ -747,7 +751,7 @@ def test_the_page_shows_the_mutual_information_as_its_bounds(browser, live_url, 
     """I(x; z) is known only between an InfoNCE lower bound and a leave-one-out upper one (or, where that is not
     finite, from below): one number read as the value."""
     evaluation = runs_root / "vae" / "evaluation.json"
-    evaluation.write_text(json.dumps({"test_kl": 3.5, **bounds}))
+    evaluation.write_text(json.dumps({"test_kl": 3.5, **bounds, "format": EVALUATION_FORMAT}))
     try:
         page, errors = open_page(browser, live_url + "?run=vae")
         terms = page.locator("#metrics dt").all_inner_texts()

@@ -38,6 +38,10 @@ from .text_views import token_accuracy
 from .train import train
 
 BASELINES = ("pca", "ae", "vae")
+# Raised whenever a number in evaluation.json is defined anew; a file of another format is evaluated again, not
+# shown. Files before 2 have no "format": until 2026-12-01 an HVAE's latent statistics counted other sizes,
+# autoencoders and PCA had a KL of 0, and the test ELBO of binarised runs was of the images as given.
+EVALUATION_FORMAT = 2
 COMPARE_COLUMNS = [  # (key in evaluation.json, column title)
     ("model", "model"), ("data", "data"), ("latent_dim", "z"), ("epoch", "epochs"),
     ("nll", "NLL (nats)"), ("nll_k", "K"), ("perplexity", "PPL"), ("test_elbo", "ELBO"), ("test_recon", "recon"),
@@ -186,10 +190,10 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
     model = model if model is not None else runs.load(run_dir, device=device, checkpoint=checkpoint)
     epoch = checkpoint.epoch
     objective = config.train.objective if has_posterior(model) else None  # AE/PCA: no bound was trained
-    result = {"run": str(run_dir), "epoch": epoch, "objective": objective,
+    result = {"run": str(run_dir), "epoch": epoch, "format": EVALUATION_FORMAT, "objective": objective,
               **test_metrics(model, config, prepare_data(config, data), nll_k=nll_k, probe=probe, chunk=chunk)}
     previous = read_evaluation(run_dir)
-    if nll_k is None and previous.get("epoch") == epoch and "nll" in previous:
+    if nll_k is None and not stale(previous, epoch) and "nll" in previous:
         kept = ("nll", "ess_", "test_binarize", "perplexity")  # what --nll estimated (perplexity: text's)
         result.update({k: v for k, v in previous.items() if k.startswith(kept)})
     if write:
@@ -214,6 +218,17 @@ def read_evaluation(run_dir: Path) -> dict[str, Any]:
     return result if isinstance(result, dict) else {}
 
 
+def stale(evaluation: dict[str, Any], epoch: int | None) -> str | None:
+    """Why an evaluation.json's numbers are not those of the checkpoint of `epoch` (None: of any) as vaelab defines
+    them now, or None: of another epoch (trained on without a report), or of another format (an older vaelab's)."""
+    if epoch is not None and evaluation.get("epoch", epoch) != epoch:
+        return f"evaluation.json is of epoch {evaluation.get('epoch')}, the run is at epoch {epoch}"
+    if evaluation.get("format", 1) != EVALUATION_FORMAT:
+        return f"evaluation.json was written by an older vaelab (format {evaluation.get('format', 1)}, now " \
+               f"{EVALUATION_FORMAT}), whose test metrics are defined otherwise"
+    return None
+
+
 def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
     """One row per run from its evaluation.json (evaluated now if missing, or if it is of an earlier checkpoint
     than the run's latest: a run trained on after its evaluation showed the old numbers), and the table as
@@ -222,10 +237,9 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
     for run_dir in run_dirs:
         result = read_evaluation(run_dir)
         epoch = runs.latest_checkpoint(Path(run_dir)).epoch
-        if result and result.get("epoch") != epoch:
+        if result and (why := stale({"epoch": None, **result}, epoch)):  # (no epoch: an older vaelab's too)
             nll = f" (for its NLL: vaelab evaluate {run_dir} --nll)" if "nll" in result else ""
-            print(f"{run_dir}: evaluation.json is of epoch {result.get('epoch')}, the run is at epoch {epoch}: "
-                  f"evaluating it again{nll}", file=sys.stderr)
+            print(f"{run_dir}: {why}: evaluating it again{nll}", file=sys.stderr)
             result = {}
         if not result:
             result = evaluate_run(run_dir, probe=False)

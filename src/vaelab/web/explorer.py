@@ -23,7 +23,7 @@ from torch import nn
 from .. import figures, runs, text_views
 from ..data.text import tokens_to_text
 from ..errors import VaelabError
-from ..evaluate import has_nll, read_evaluation
+from ..evaluate import has_nll, read_evaluation, stale
 from ..latent_stats import codes as test_codes
 from ..latent_stats import kl_per_unit
 from ..models.common import has_prior, no_prior
@@ -262,10 +262,10 @@ def _summary(name: str, run_dir: Path, config: Any, model: nn.Module, data: Any,
 
 
 def _evaluation_of(run_dir: Path, epoch: int | None) -> dict[str, Any]:
-    """RUN/evaluation.json if it describes the checkpoint of `epoch`, else {}: after more training without a
-    report it describes an earlier one, and its numbers are not the shown model's."""
+    """RUN/evaluation.json if it describes the checkpoint of `epoch` as vaelab defines its numbers now, else {}:
+    after more training without a report it describes an earlier one, and its numbers are not the shown model's."""
     evaluation = read_evaluation(run_dir)
-    return evaluation if evaluation.get("epoch", epoch) == epoch else {}
+    return {} if stale(evaluation, epoch) else evaluation
 
 
 def _evaluated(run_dir: Path, epoch: int | None) -> dict[str, Any]:
