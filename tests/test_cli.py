@@ -72,6 +72,21 @@ def test_report_says_which_baselines_it_trains_and_where(npz_data, tmp_path, cap
     assert main(["report", str(out)]) == 0 and "<td>ae</td><td>3</td><td>3</td>" in (out / "report.html").read_text()
 
 
+def test_a_gpu_run_reports_on_a_machine_without_one(npz_data, tmp_path, capsys, monkeypatch):
+    """The baselines took the run's --device cuda from its config.json: on a CPU-only machine the report failed
+    ("--device cuda was asked for but torch sees no CUDA device"), and `report --device` was ignored."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", npz_data, *TINY, "--no-report", "--out", str(out)]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    stored["train"]["device"] = "cuda"  # as trained on a GPU
+    (out / "config.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["report", str(out), "--quiet"]) == 0
+    assert json.loads((out / "baselines" / "ae" / "config.json").read_text())["train"]["device"] == "cpu"
+    assert main(["report", str(out), "--device", "cuda"]) == 2  # asked for, and not there: refused, not ignored
+    assert "device cuda was asked for but torch sees no CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("n", [3, 8, 130])
 def test_small_data_sets_train_and_report(tmp_path, capsys, n):
     """After training, the report failed on small test splits: 13 test images (of 130) made an odd number of

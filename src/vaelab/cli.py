@@ -72,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .distributed import single_process
 
         with single_process():  # the job's other processes have left: baselines train in this one alone
-            report = write_report(out, baselines=not args.no_baselines, progress=not args.quiet)
+            report = write_report(out, baselines=not args.no_baselines, progress=not args.quiet,
+                                  device=config.train.device)
         print(f"report: {report}")
     return 0
 
@@ -256,7 +257,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .reports import write_report
 
-    print(f"report: {write_report(args.run, baselines=not args.no_baselines, progress=not args.quiet)}")
+    report = write_report(args.run, baselines=not args.no_baselines, progress=not args.quiet, device=args.device)
+    print(f"report: {report}")
     return 0
 
 

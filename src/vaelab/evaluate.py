@@ -278,10 +278,12 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("&", "&amp;").replace("<", "&lt;")
 
 
-def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None) -> RunConfig:
+def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None, device: str = "auto") -> RunConfig:
     """The run's configuration with another --model: same data, net and budget, and the latent size given
-    (default the run's --latent-dim); settings of a hierarchy (groups, KL balancing, spectral norms) dropped."""
-    train_config = dataclasses.replace(config.train, objective="elbo", k=1, kl_balance=False, spectral_reg=0.0)
+    (default the run's --latent-dim); settings of a hierarchy (groups, KL balancing, spectral norms) dropped.
+    device: where the report runs, not where the run trained (a GPU run's report on a CPU-only machine failed)."""
+    train_config = dataclasses.replace(config.train, objective="elbo", k=1, kl_balance=False, spectral_reg=0.0,
+                                       device=device)
     # PCA's p(x|z) is Gaussian, whatever its config's --likelihood: its baselines' is too (fixed --sigma), so
     # they train on the data PCA does, which need not lie in [0, 1]
     likelihood = "gaussian" if config.model.model == "pca" else config.model.likelihood
@@ -291,7 +293,8 @@ def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None
 
 
 def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progress: bool = False,
-                      data: Dataset | None = None, model: nn.Module | None = None) -> list[dict[str, Any]]:
+                      data: Dataset | None = None, model: nn.Module | None = None,
+                      device: str = "cpu") -> list[dict[str, Any]]:
     """PCA, AE and VAE at the run's latent size on the same test data: one row of errors per model.
 
     The run's own model fills its row; the others are trained (once, and on to the run's epochs when it has
@@ -306,7 +309,8 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
     rows = []
     if data.is_text:  # PCA and autoencoders of token ids are not a thing
         return rows
-    own = model if model is not None else runs.load(run_dir)  # (model: the run's, as the report shows it)
+    own = model if model is not None else runs.load(run_dir, device=device)  # (model: the run's, as the report
+    # shows it)
     size = latent_size(own, config)
     pixels, examples = math.prod(data.shape), data.train.x.shape[0]
     for name in (*BASELINES, *((config.model.model,) if config.model.model not in BASELINES else ())):
@@ -321,7 +325,7 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
             source = run_dir / "baselines" / name
             cached = source.exists()
             try:
-                model = _baseline(config, name, size, source, train_missing, progress, data)
+                model = _baseline(config, name, size, source, train_missing, progress, data, device)
             except VaelabError as e:  # a cached baseline damaged or edited since: the run's own report still stands
                 if not cached:
                     raise
@@ -338,7 +342,7 @@ def compare_baselines(run_dir: str | Path, *, train_missing: bool = True, progre
 
 
 def _baseline(config: RunConfig, name: str, size: int, source: Path, train_missing: bool, progress: bool,
-              data: Dataset) -> nn.Module | None:
+              data: Dataset, device: str) -> nn.Module | None:
     """The baseline `name` of a run, from RUN/baselines/NAME: trained (or on to the run's epochs) when
     train_missing, else as it is, or None when there is none."""
     resume = runs.has_checkpoint(source)  # a baseline cut off earlier continues (one cut off before its first
@@ -353,9 +357,9 @@ def _baseline(config: RunConfig, name: str, size: int, source: Path, train_missi
         if progress:  # else its epoch lines read as the run's own, trained a second time
             print(f"{'continuing' if resume else 'training'} the {name} baseline for the report's table "
                   f"(latent {size}) in {source} (--no-baselines skips it)", file=sys.stderr)
-        wanted = baseline_config(config, name, size)
+        wanted = baseline_config(config, name, size, device)
         stored = runs.load_config(source) if resume else None
         if stored is not None and stored.data != wanted.data:  # the run's data moved (its config.json pointed at
             dataclasses.replace(stored, data=wanted.data).save(source / "config.json")  # it): its baselines follow
         train(wanted, source, resume=resume, dataset=data, progress=progress)
-    return runs.load(source)
+    return runs.load(source, device=device)

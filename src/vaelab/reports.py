@@ -133,7 +133,7 @@ ALTS = {  # short descriptions of the pictures for screen readers; the captions 
 
 
 def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool = False,
-                 data: Dataset | None = None) -> Path:
+                 data: Dataset | None = None, device: str = "cpu") -> Path:
     """Evaluate the run, draw its figures and write RUN/report.html; returns the report's path.
 
     Args:
@@ -141,6 +141,7 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
         baselines: train the PCA/AE/VAE runs missing from the comparison table (else leave them out).
         progress: show progress while training baselines.
         data: the run's data set already in memory, to skip loading it again.
+        device: where the model runs and the baselines train (auto, cpu, cuda or cuda:N).
     """
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
@@ -148,9 +149,10 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
     # one checkpoint, read and loaded once: a run still training moves on (and prunes that folder) meanwhile, and
     # the page mixed figures, metrics and a status of three epochs
     checkpoint = runs.latest_checkpoint(run_dir)
-    model = runs.load(run_dir, checkpoint=checkpoint)
+    model = runs.load(run_dir, checkpoint=checkpoint, device=device)
     metrics = evaluate_run(run_dir, data=data, checkpoint=checkpoint, model=model)
-    table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data, model=model)
+    table = compare_baselines(run_dir, train_missing=baselines, progress=progress, data=data, model=model,
+                              device=device)
     if data.is_text:  # sentences instead of pictures
         made, notes = _curves(run_dir), {}
         text = text_views.html_sections(model, data.test.x, data.vocab, seed=EVAL_SEED)
