@@ -230,6 +230,18 @@ def test_dataset_refuses_splits_that_disagree():
     assert Dataset("t", Split(x), Split(x), Split(x)).shape == (1, 3, 3)
 
 
+def test_dataset_refuses_splits_off_the_cpu():
+    """A data set on a GPU trained, then failed deep in torch: binarised with a CPU generator, probed through
+    NumPy. (The meta device stands in for a GPU here.)"""
+    x, away = torch.zeros(2, 1, 3, 3), torch.zeros(2, 1, 3, 3, device="meta")
+    with pytest.raises(DataError, match=r"^data set t: the test split is on meta; vaelab keeps data sets on the CPU "
+                                        r"and moves batches to the run's device itself: give CPU tensors \(x\.cpu"):
+        Dataset("t", Split(x), Split(x), Split(away))
+    y = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(DataError, match="the val split is on meta"):
+        Dataset("t", Split(x, y), Split(x, y.to("meta")), Split(x, y))
+
+
 # --- binarisation and checks -------------------------------------------------------------------------------
 
 

@@ -56,6 +56,12 @@ class Dataset:
                     f"data set {self.name}: the {split_name} and train splits disagree on having labels; "
                     "give labels for every split or for none"
                 )
+            away = next((t.device for t in (split.x, split.y) if t is not None and t.device.type != "cpu"), None)
+            if away is not None:  # (binarising with a CPU generator, probes through NumPy: deep torch errors)
+                raise DataError(
+                    f"data set {self.name}: the {split_name} split is on {away}; vaelab keeps data sets on the CPU "
+                    "and moves batches to the run's device itself: give CPU tensors (x.cpu())"
+                )
             if split.y is not None and len(split.y) != len(split.x):
                 raise DataError(
                     f"data set {self.name}: the {split_name} split has {len(split.x)} images but "
