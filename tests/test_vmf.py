@@ -106,6 +106,23 @@ def test_log_bessel_iv_finite_with_finite_gradients_everywhere(dtype):
         assert (grad > 0).all() and (ratio > 0).all() and (ratio < 1).all()
 
 
+def test_expansion_coefficients_are_made_once_per_order_and_dtype():
+    """They were copied from the host on every call (on a GPU, a copy that waits for the device: eight a vMF
+    step); values as before, and the same when first made under inference mode. (Evaluated in float64 whatever
+    the input's dtype: one set per order and device.)"""
+    from vaelab import bessel
+
+    bessel._as_tensor.cache_clear()
+    k = torch.tensor(KAPPAS)
+    with torch.inference_mode():
+        first = log_bessel_iv(30.0, k)
+    misses = bessel._as_tensor.cache_info().misses
+    for _ in range(3):
+        assert torch.equal(log_bessel_iv(30.0, k), first) and torch.equal(log_bessel_iv(30.0, k.double()),
+                                                                          log_bessel_iv(30.0, k.double()))
+    assert misses > 0 and bessel._as_tensor.cache_info().misses == misses
+
+
 def test_gradient_is_ratio_plus_v_over_kappa(reference):
     # d/dk log I_v(k) = I_{v+1}(k) / I_v(k) + v / k (DLMF 10.29.2)
     k = torch.tensor(KAPPAS, dtype=torch.float64, requires_grad=True)

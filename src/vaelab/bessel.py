@@ -75,7 +75,16 @@ def _hankel_coefficients(v: float) -> tuple[float, ...]:
 def _polyval(coeffs: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
     """sum_p coeffs[p] x^p, as one matrix product with the powers of x."""
     powers = torch.vander(x.reshape(-1), N=len(coeffs), increasing=True)
-    return (powers @ x.new_tensor(coeffs)).reshape(x.shape)
+    if torch.compiler.is_compiling():  # (a traced tensor kept in the cache would break later calls)
+        return (powers @ x.new_tensor(coeffs)).reshape(x.shape)
+    return (powers @ _as_tensor(coeffs, x.dtype, x.device)).reshape(x.shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _as_tensor(coeffs: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The coefficients on x's device, made once: x.new_tensor copied them from the host (on a GPU, a copy that
+    waits for the device) eight times a vMF step."""
+    return torch.tensor(coeffs, dtype=dtype, device=device)
 
 
 def _log_ive_series(v: float, kappa: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,8 @@ class Trainer:
         self.min_batch = 2 if self.has_bn and config.train.batch_size >= 2 else 1
         self.compiled = None  # compile_step(...) with --compile, made at the first step
         self.compiled_batch = 0  # the batch size it compiled for
+        # its beta: one 0-d tensor filled at every step (torch.tensor(beta) copied it from the host: on a GPU, a wait)
+        self.compiled_beta = torch.zeros((), device=self.device)
 
     def _log(self, message: str, *, notice: bool = False) -> None:
         """Progress lines; a notice (what the run does differently from what was asked) shows under --quiet too."""
@@ -152,7 +154,8 @@ class Trainer:
                 # a new run's (a budgeted benchmark resumes to one more epoch at a time)
                 if not resume and self.config.train.epochs and (note := warmup_note(self.config.train)):
                     self._log(note, notice=True)
-                with flush_denormals():  # converging models make denormals, which Intel CPUs compute slowly
+                cpu = self.device.type == "cpu"  # converging models make denormals, which Intel CPUs compute slowly
+                with flush_denormals() if cpu else contextlib.nullcontext():
                     for epoch in range(start_epoch, self.config.train.epochs + 1):
                         try:
                             record = self._epoch(epoch)
@@ -324,7 +327,7 @@ class Trainer:
             # and ~75 s for the text VAE's traced RNNs (README), to save a fraction of one step per epoch
             return step_loss(self.loss_terms, self.net, xb, beta=beta, **options)
         try:
-            return self.compiled(self.net, xb, beta=torch.tensor(beta, device=self.device), **options)
+            return self.compiled(self.net, xb, beta=self.compiled_beta.fill_(beta), **options)
         except Exception as e:  # inductor's failures come as many types; the eager pass below tells them apart
             if not first or isinstance(e, (TrainingError, ConfigError)) or is_out_of_memory(e):
                 raise

@@ -296,7 +296,7 @@ class HVAE(nn.Module):
     def _top_prior_params(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """p(z_1) = N(0, I) (as in NVAE's code): its mean (B, C_z, h, w) and its scale without the floor."""
         mu_p = self.h0.new_zeros(batch, *self.group_shapes[0])
-        return mu_p, mu_p.new_tensor(1.0 - self.scale_floor)
+        return mu_p, mu_p.new_full((), 1.0 - self.scale_floor)  # (new_tensor: a host-to-GPU copy every call)
 
     def prior(self) -> Distribution:
         """p(z_1) = N(0, I) over the flattened top group: event shape (D_top,)."""
