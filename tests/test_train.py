@@ -392,6 +392,22 @@ def test_weights_or_optimiser_state_gone_non_finite_under_a_finite_loss_are_not_
     vaelab.load(tmp_path / "run")
 
 
+def test_a_run_that_does_not_record_its_process_count_resumes_with_a_note(tmp_path, capsys):
+    """Checkpoints before 2026-12-01 did not record their torchrun job's size: such a run went on with another
+    global batch without a word."""
+    train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    state = runs.latest_checkpoint(tmp_path / "run").path / "trainer.json"
+    stored = json.loads(state.read_text())
+    del stored["processes"]
+    state.write_text(json.dumps(stored))
+    capsys.readouterr()
+    train(tiny_config(epochs=2), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
+    assert (f"note: {tmp_path / 'run'} does not record how many processes trained it (vaelab before 2026-12-01): "
+            "it goes on as a job of 1;") in capsys.readouterr().err
+    train(tiny_config(epochs=3), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
+    assert "record how many processes" not in capsys.readouterr().err  # epoch 2's checkpoint records it
+
+
 def test_a_warm_up_longer_than_the_run_is_noted(tmp_path, capsys):
     """The KL weight of --warmup-epochs 8 --epochs 2 ended at a quarter of --beta, without a word."""
     train(tiny_config(epochs=2, warmup_epochs=8, beta=2.0), tmp_path / "long", dataset=tiny_data(), progress=False)

@@ -213,8 +213,12 @@ class Trainer:
                                 f"--epochs/--lr/--device/--compile/--no-sync-bn ({differ}); resume with the run's own "
                                 "settings, or start a new --out")
         checkpoint = runs.latest_checkpoint(self.run_dir)
-        processes = checkpoint.state.get("processes", self.job.world)  # (not recorded before 2026-12-01)
-        if processes != self.job.world and checkpoint.epoch < self.config.train.epochs:
+        processes = checkpoint.state.get("processes", self.job.world)
+        if "processes" not in checkpoint.state and checkpoint.epoch < self.config.train.epochs:
+            self._log(f"note: {self.run_dir} does not record how many processes trained it (vaelab before "
+                      f"2026-12-01): it goes on as a job of {self.job.world}; if it was a torchrun job of another "
+                      "size, stop and resume it on that size, or its global batch changes", notice=True)
+        elif processes != self.job.world and checkpoint.epoch < self.config.train.epochs:
             raise TrainingError(
                 f"--resume: {self.run_dir} was trained on {processes} process(es), this job has {self.job.world}: each "
                 f"step's batch is --batch-size per process, so the run would go on with another global batch and "
