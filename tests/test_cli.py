@@ -74,14 +74,18 @@ def test_report_says_which_baselines_it_trains_and_where(npz_data, tmp_path, cap
 
 def test_a_gpu_run_reports_on_a_machine_without_one(npz_data, tmp_path, capsys, monkeypatch):
     """The baselines took the run's --device cuda from its config.json: on a CPU-only machine the report failed
-    ("--device cuda was asked for but torch sees no CUDA device"), and `report --device` was ignored."""
+    ("--device cuda was asked for but torch sees no CUDA device"), and `report --device` was ignored. The report
+    runs where the run trained when the machine has that device, else on the CPU, with a note."""
     out = tmp_path / "run"
     assert main(["train", "--data", npz_data, *TINY, "--no-report", "--out", str(out)]) == 0
     stored = json.loads((out / "config.json").read_text())
     stored["train"]["device"] = "cuda"  # as trained on a GPU
     (out / "config.json").write_text(json.dumps(stored))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
     assert main(["report", str(out), "--quiet"]) == 0
+    assert f"vaelab: note: {out} trained on cuda, which this machine lacks: the report runs on the CPU" in \
+        capsys.readouterr().err
     assert json.loads((out / "baselines" / "ae" / "config.json").read_text())["train"]["device"] == "cpu"
     assert main(["report", str(out), "--device", "cuda"]) == 2  # asked for, and not there: refused, not ignored
     assert "device cuda was asked for but torch sees no CUDA device" in capsys.readouterr().err

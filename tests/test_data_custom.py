@@ -327,14 +327,23 @@ def test_channels_last_with_alpha(tmp_path, shape, expected):
     assert load_dataset(f"npy:{tmp_path / 'a.npy'}").shape == expected
 
 
-def test_uint8_masks_of_0_and_1_are_read_as_pixels_with_a_note(tmp_path, capsys):
+def test_uint8_masks_of_0_and_1_are_read_as_pixels_with_one_note(tmp_path, capsys):
     """uint8 0/1 masks read as 0 and 1/255 (as documented), and binarising them emptied them without a word."""
-    np.save(tmp_path / "mask.npy", (np.arange(40).reshape(10, 2, 2) % 2).astype(np.uint8))
+    mask = (np.arange(40).reshape(10, 2, 2) % 2).astype(np.uint8)
+    np.save(tmp_path / "mask.npy", mask)
     x = load_dataset(f"npy:{tmp_path / 'mask.npy'}").train.x
     assert torch.equal(x.unique(), torch.tensor([0.0, 1 / 255]))
     err = capsys.readouterr().err
-    assert "mask.npy holds uint8 values 0 and 1 only, read as 8-bit pixels 0 and 1/255" in err
+    assert "mask.npy holds a uint8 array of only 0 and 1, read as 8-bit pixels 0 and 1/255" in err
     assert "save it as bool or float" in err
+    np.savez(tmp_path / "split.npz", x_train=mask, x_test=mask[:4])
+    for _ in range(2):  # once per file, not per split or per load
+        load_dataset(f"npz:{tmp_path / 'split.npz'}")
+    assert capsys.readouterr().err.count("split.npz holds") == 1
+    for i, image in enumerate(mask):  # a folder of 0/1 PNG masks, as image tools save them
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    load_dataset(f"folder:{tmp_path}")
+    assert f"{tmp_path} holds 8-bit images of only 0 and 1" in capsys.readouterr().err
     np.save(tmp_path / "pixels.npy", (np.arange(40).reshape(10, 2, 2) * 6).astype(np.uint8))
     load_dataset(f"npy:{tmp_path / 'pixels.npy'}")
     assert "note" not in capsys.readouterr().err

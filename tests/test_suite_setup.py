@@ -41,7 +41,7 @@ def test_caches_are_written_to_the_sessions_private_folder():
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     root = Path(os.environ["VAELAB_DATA"]).parent
-    assert root.name.startswith("vaelab-tests-") and not root.is_relative_to(Path.home())
+    assert root.name.startswith("vaelab-tests-")  # (under TMPDIR, which may lie under HOME on a cluster)
     assert Path(matplotlib.get_configdir()).is_relative_to(root) and Path(cache_dir()).is_relative_to(root)
     child = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
                            capture_output=True, text=True, check=True)

@@ -209,14 +209,20 @@ def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path,
     vaelab.load(tmp_path / "run")
 
 
-def test_a_config_json_that_cannot_be_written_is_one_error_for_every_process(tmp_path, monkeypatch):
-    """Rank 0 wrote config.json outside the work every process waits on: under torchrun a full disk there left
-    the other processes waiting for a peer that had gone (here, one process: the same one-line error)."""
+def test_run_files_that_cannot_be_written_at_start_or_resume_are_one_line(tmp_path, monkeypatch):
+    """Rank 0 wrote config.json (new runs) and metrics.jsonl (resumes) outside the work every process waits on:
+    under torchrun a full disk there left the other processes waiting for a peer that had gone. Here one process
+    checks the one-line error that _by_rank_0 gives every process (the torchrun tests check its spreading)."""
     def full_disk(path, text):
         raise OSError(28, "No space left on device", str(path))
-    monkeypatch.setattr("vaelab.config.atomic_write_text", full_disk)
-    with pytest.raises(CheckpointError, match=r"^could not write config\.json: No space left on device: .*config"):
-        train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr("vaelab.config.atomic_write_text", full_disk)
+        with pytest.raises(CheckpointError, match=r"^could not write config\.json: No space left on device: .*conf"):
+            train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    train(tiny_config(epochs=1), tmp_path / "ok", dataset=tiny_data(), progress=False)
+    monkeypatch.setattr(runs, "atomic_write_text", full_disk)
+    with pytest.raises(CheckpointError, match=r"^could not resume the run: No space left on device: .*metrics"):
+        train(tiny_config(epochs=2), tmp_path / "ok", resume=True, dataset=tiny_data(), progress=False)
 
 
 def test_truncated_or_tampered_checkpoints_give_clear_errors(tmp_path):
@@ -412,10 +418,10 @@ def test_a_warm_up_longer_than_the_run_is_noted(tmp_path, capsys):
     """The KL weight of --warmup-epochs 8 --epochs 2 ended at a quarter of --beta, without a word."""
     train(tiny_config(epochs=2, warmup_epochs=8, beta=2.0), tmp_path / "long", dataset=tiny_data(), progress=False)
     err = capsys.readouterr().err
-    assert "note: --warmup-epochs 8 outlasts --epochs 2: the KL weight ends at 0.5, not --beta 2," in err
+    assert "note: the KL warm-up (8 epochs) outlasts the run (2 epochs): the KL weight ends at 0.5, not beta 2," in err
     train(tiny_config(epochs=2, warmup_epochs=2), tmp_path / "fits", dataset=tiny_data(), progress=False)
     train(tiny_config(epochs=4, warmup_epochs=2), tmp_path / "fits", resume=True, dataset=tiny_data(), progress=False)
-    assert "--warmup-epochs" not in capsys.readouterr().err
+    assert "warm-up" not in capsys.readouterr().err
 
 
 def test_the_cures_offered_for_a_non_finite_loss_fit_the_run(tmp_path):

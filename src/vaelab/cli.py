@@ -306,10 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines (notices about the run still print)")
     p.set_defaults(func=cmd_train)
 
-    def run_command(name: str, help: str, func) -> argparse.ArgumentParser:
+    def run_command(name: str, help: str, func, device: str = "where to run the model (default cpu)",
+                    default: str | None = "cpu") -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help, description=help)
         q.add_argument("run", type=user_path, metavar="RUN", help="a run directory written by `vaelab train`")
-        q.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model (default cpu)")
+        q.add_argument("--device", default=default, choices=DEVICES, help=device)
         q.set_defaults(func=func)
         return q
 
@@ -344,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--b", type=int, default=1, help="index of the second test image (default 1)")
     q.add_argument("--steps", type=int, default=10, help="images along the line (default 10)")
     q.add_argument("--out", type=user_path, help="PNG path (default RUN/interpolate-A-B.png; text models: .txt)")
-    q = run_command("report", "write RUN/report.html with figures, metrics and the PCA/AE/VAE table", cmd_report)
+    q = run_command("report", "write RUN/report.html with figures, metrics and the PCA/AE/VAE table", cmd_report,
+                    "where the model runs and missing baselines train (default: the run's own device if this "
+                    "machine has it, else cpu)", default=None)
     q.add_argument("--no-baselines", action="store_true", help="do not train missing baselines for the table")
     q.add_argument("--quiet", action="store_true", help="no progress output")
 

@@ -66,14 +66,9 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor, *, batch_size: int =
     return {"sse_per_image": per_image, "mse_per_pixel": per_image / math.prod(x.shape[1:])}
 
 
-def has_posterior(model: nn.Module) -> bool:
-    """Whether the model has a latent posterior and prior (a VAE), as the density estimates need."""
-    return has_prior(model)
-
-
 def has_nll(model: nn.Module) -> bool:
     """Whether the model has a log p(x): importance-sampled through its posterior, or PCA's exact one."""
-    return has_posterior(model) or isinstance(model, PCA)
+    return has_prior(model) or isinstance(model, PCA)
 
 
 def nll_test_set(config: RunConfig, data: Dataset) -> tuple[torch.Tensor, int | None]:
@@ -102,7 +97,7 @@ def latent_size(model: nn.Module, config: RunConfig) -> int:
 def elbo_terms(model: nn.Module, config: RunConfig, x: torch.Tensor) -> dict[str, float]:
     """Test loss terms: for a VAE the single-sample ELBO with analytic KL (whatever the training objective)."""
     torch.manual_seed(EVAL_SEED)
-    if not has_posterior(model):  # -log p(x|z) at the code; no KL term (its 0 read as a collapsed posterior)
+    if not has_prior(model):  # -log p(x|z) at the code; no KL term (its 0 read as a collapsed posterior)
         return {f"test_{k}": v for k, v in mean_terms(model, objective_for(config), x).items() if k != "kl"}
     terms = mean_terms(model, lambda m, xb, beta: elbo(m(xb), xb, beta=beta), x)
     return {"test_loss": terms["loss"], "test_recon": terms["recon"], "test_kl": terms["kl"],
@@ -121,7 +116,7 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
     # once where a Bernoulli model was trained on grey values (the ELBO of grey images beside the NLL of binary
     # ones read as a gap from importance sampling twice its size)
     # (an autoencoder's test split is binarised by prepare_data when the run binarises, and used as it is)
-    scored, seed = nll_test_set(config, data) if has_posterior(model) else (
+    scored, seed = nll_test_set(config, data) if has_prior(model) else (
         x, EVAL_SEED if config.data.binarize != "none" else None)
     result["test_binarize_seed"] = seed  # the test set the loss terms are of (compare marks a mix)
     result.update(elbo_terms(model, config, scored))
@@ -129,7 +124,7 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
         result["token_accuracy"] = token_accuracy(model, x)
     else:
         result.update(reconstruction_error(model, x))
-    if has_posterior(model):
+    if has_prior(model):
         hierarchy = hasattr(model, "group_means")  # KL and active units per latent group
         torch.manual_seed(EVAL_SEED)  # the ELBO's draws (a lower group's KL depends on the z above it): these
         result["kl_per_group" if hierarchy else "kl_per_dim"] = kl_per_unit(model, scored)  # add up to test_kl
@@ -189,7 +184,7 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
     checkpoint = checkpoint or runs.latest_checkpoint(run_dir)
     model = model if model is not None else runs.load(run_dir, device=device, checkpoint=checkpoint)
     epoch = checkpoint.epoch
-    objective = config.train.objective if has_posterior(model) else None  # AE/PCA: no bound was trained
+    objective = config.train.objective if has_prior(model) else None  # AE/PCA: no bound was trained
     result = {"run": str(run_dir), "epoch": epoch, "format": EVALUATION_FORMAT, "objective": objective,
               **test_metrics(model, config, prepare_data(config, data), nll_k=nll_k, probe=probe, chunk=chunk)}
     previous = read_evaluation(run_dir)
@@ -223,26 +218,29 @@ def stale(evaluation: dict[str, Any], epoch: int | None) -> str | None:
     them now, or None: of another epoch (trained on without a report), or of another format (an older vaelab's)."""
     if epoch is not None and evaluation.get("epoch", epoch) != epoch:
         return f"evaluation.json is of epoch {evaluation.get('epoch')}, the run is at epoch {epoch}"
-    if evaluation.get("format", 1) != EVALUATION_FORMAT:
-        return f"evaluation.json was written by an older vaelab (format {evaluation.get('format', 1)}, now " \
-               f"{EVALUATION_FORMAT}), whose test metrics are defined otherwise"
+    found = evaluation.get("format", 1)
+    if found != EVALUATION_FORMAT:
+        which = "an older" if isinstance(found, int) and found < EVALUATION_FORMAT else "another"
+        return (f"evaluation.json was written by {which} vaelab (format {found}; this one writes "
+                f"{EVALUATION_FORMAT}), which defines its test metrics otherwise")
     return None
 
 
 def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
-    """One row per run from its evaluation.json (evaluated now if missing, or if it is of an earlier checkpoint
-    than the run's latest: a run trained on after its evaluation showed the old numbers), and the table as
-    Markdown."""
+    """One row per run from its evaluation.json (evaluated now if missing, or if it is stale: of an earlier
+    checkpoint than the run's latest, or of another vaelab's definitions), and the table as Markdown. A stale
+    file with an NLL estimate is left as it is (compare estimates no NLL; it overwrote hours of one)."""
     rows = []
     for run_dir in run_dirs:
         result = read_evaluation(run_dir)
         epoch = runs.latest_checkpoint(Path(run_dir)).epoch
-        if result and (why := stale({"epoch": None, **result}, epoch)):  # (no epoch: an older vaelab's too)
-            nll = f" (for its NLL: vaelab evaluate {run_dir} --nll)" if "nll" in result else ""
+        why = stale(result, epoch) if result else None
+        if why:
+            nll = (f" (the file, with its NLL, is kept until `vaelab evaluate {run_dir} --nll` replaces it)"
+                   if "nll" in result else "")
             print(f"{run_dir}: {why}: evaluating it again{nll}", file=sys.stderr)
-            result = {}
-        if not result:
-            result = evaluate_run(run_dir, probe=False)
+        if not result or why:
+            result = evaluate_run(run_dir, probe=False, write="nll" not in result)
         rows.append({**result, "run": str(run_dir)})  # as given: evaluation.json has the path it was evaluated by
     columns = [("run", "run"), *COMPARE_COLUMNS]
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
@@ -278,7 +276,7 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("&", "&amp;").replace("<", "&lt;")
 
 
-def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None, device: str = "auto") -> RunConfig:
+def baseline_config(config: RunConfig, model: str, latent_dim: int | None = None, device: str = "cpu") -> RunConfig:
     """The run's configuration with another --model: same data, net and budget, and the latent size given
     (default the run's --latent-dim); settings of a hierarchy (groups, KL balancing, spectral norms) dropped.
     device: where the report runs, not where the run trained (a GPU run's report on a CPU-only machine failed)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ import torch
 from . import figures, runs, text_views
 from .config import RunConfig
 from .data import Dataset
+from .errors import ConfigError
 from .evaluate import compare_baselines, evaluate_run
 from .fileio import atomic_write_text
 from .models.common import has_prior
 from .prepare import EVAL_SEED, prepare_data
-from .system import model_device
+from .system import model_device, resolve_device
 
 N_RECON = 10
 N_SAMPLES = 64
@@ -132,8 +134,19 @@ ALTS = {  # short descriptions of the pictures for screen readers; the captions 
 }
 
 
+def _report_device(run_dir: Path, trained_on: str) -> str:
+    """The run's own device if this machine has it, else the CPU: a GPU run's report on a laptop."""
+    try:
+        resolve_device(trained_on)
+    except ConfigError:
+        print(f"vaelab: note: {run_dir} trained on {trained_on}, which this machine lacks: the report runs on the CPU",
+              file=sys.stderr)
+        return "cpu"
+    return trained_on
+
+
 def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool = False,
-                 data: Dataset | None = None, device: str = "cpu") -> Path:
+                 data: Dataset | None = None, device: str | None = None) -> Path:
     """Evaluate the run, draw its figures and write RUN/report.html; returns the report's path.
 
     Args:
@@ -141,10 +154,12 @@ def write_report(run_dir: str | Path, *, baselines: bool = True, progress: bool 
         baselines: train the PCA/AE/VAE runs missing from the comparison table (else leave them out).
         progress: show progress while training baselines.
         data: the run's data set already in memory, to skip loading it again.
-        device: where the model runs and the baselines train (auto, cpu, cuda or cuda:N).
+        device: where the model runs and the baselines train (auto, cpu, cuda or cuda:N); default the run's own
+            device where this machine has it, else the CPU (with a note).
     """
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
+    device = device or _report_device(run_dir, config.train.device)
     data = prepare_data(config, data)
     # one checkpoint, read and loaded once: a run still training moves on (and prunes that folder) meanwhile, and
     # the page mixed figures, metrics and a status of three epochs

@@ -68,9 +68,10 @@ def warmup_note(config: TrainConfig) -> str | None:
     """A warm-up longer than the run, or None: the KL weight never reached --beta, silently."""
     if config.kl_cycles or config.warmup_epochs <= config.epochs:
         return None
-    return (f"note: --warmup-epochs {config.warmup_epochs:g} outlasts --epochs {config.epochs}: the KL weight ends at "
-            f"{kl_weight(config, config.epochs):.3g}, not --beta {config.beta:g}, so the model is trained on a "
-            "down-weighted KL throughout (validation losses are the true bound); give --epochs >= --warmup-epochs")
+    return (f"note: the KL warm-up ({config.warmup_epochs:g} epochs) outlasts the run ({config.epochs} epochs): the KL "
+            f"weight ends at {kl_weight(config, config.epochs):.3g}, not beta {config.beta:g}, so the model is trained "
+            "on a down-weighted KL throughout (validation losses are the true bound); train for at least as many "
+            "epochs as the warm-up")
 
 
 def resume_note(before: TrainConfig, after: TrainConfig, epoch: int, last: dict | None) -> str | None:

@@ -23,6 +23,7 @@ def last_good(run_dir: Path) -> str:
 
 
 def out_of_memory(config: RunConfig, run_dir: Path, device: torch.device, epoch: int) -> TrainingError:
+    """The error for a step that ran out of memory: the run's sizes, the last good checkpoint, and what to lower."""
     cfg = config.train
     samples = f", --k {cfg.k}" if cfg.k > 1 else ""  # K samples per example multiply the activations
     settings = "--batch-size, --hidden" + (" or --k" if samples else "")
@@ -35,6 +36,7 @@ def out_of_memory(config: RunConfig, run_dir: Path, device: torch.device, epoch:
 
 
 def non_finite(config: RunConfig, run_dir: Path, epoch: int, step: int, where: str) -> TrainingError:
+    """The error for a loss (or state, `where`) that became NaN or infinite, with the last good checkpoint and cures."""
     return TrainingError(
         f"the {where} became NaN or infinite in epoch {epoch} (by step {step}); training stopped. "
         f"The last good checkpoint ({last_good(run_dir)}) in {run_dir / runs.CHECKPOINTS} is intact. "

@@ -230,11 +230,13 @@ class Trainer:
         # at or past --epochs nothing is trained, and the run keeps the settings it was trained with (it took
         # on the --lr or smaller --epochs of a resume that changed nothing)
         idle = checkpoint.epoch >= self.config.train.epochs
+        with self._by_rank_0("resume the run"):  # (a full disk left the other processes waiting)
+            if self.job.is_main:
+                if self.config.train != stored.train and not idle:
+                    self.config.save(self.run_dir / "config.json")  # training extended (or shortened) by --epochs
+                kept = [r for r in runs.read_metrics(self.run_dir) if r.get("epoch", 0) <= checkpoint.epoch]
+                runs.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         if self.job.is_main:
-            if self.config.train != stored.train and not idle:
-                self.config.save(self.run_dir / "config.json")  # training extended (or shortened) by --epochs
-            kept = [r for r in runs.read_metrics(self.run_dir) if r.get("epoch", 0) <= checkpoint.epoch]
-            runs.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
             self._log(f"resuming {self.run_dir} after epoch {checkpoint.epoch}")
             last = next((r for r in kept if r.get("epoch") == checkpoint.epoch), None)
             if not idle and (note := resume_note(stored.train, self.config.train, checkpoint.epoch, last)):

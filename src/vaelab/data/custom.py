@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import zipfile
 import zlib
@@ -65,8 +66,22 @@ def load_folder(spec: str) -> Dataset:
         classes = tuple(labelled)
         files = [f for found in labelled.values() for f in found]
         y = torch.tensor([i for i, found in enumerate(labelled.values()) for _ in found], dtype=torch.int64)
-    x = torch.from_numpy(_read_images(files)).float().div_(255)
-    return split_shuffled(f"folder:{spec}", x, y, classes)
+    pixels = _read_images(files)
+    if pixels.max() == 1:
+        _note_mask(str(root), "8-bit images", "save them with 0 and 255")
+    return split_shuffled(f"folder:{spec}", torch.from_numpy(pixels).float().div_(255), y, classes)
+
+
+_NOTED_MASKS: set[str] = set()  # files noted in this process
+
+
+def _note_mask(source: str, what: str, fix: str) -> None:
+    """Note, once per file and process (rank 0's under torchrun), that 8-bit data of only 0 and 1 reads as 0 and
+    1/255, as documented: a mask saved so was emptied by binarisation without a word."""
+    if source not in _NOTED_MASKS and os.environ.get("RANK", "0") == "0":
+        _NOTED_MASKS.add(source)
+        print(f"vaelab: note: {source} holds {what} of only 0 and 1, read as 8-bit pixels 0 and 1/255 (near black; "
+              f"binarised, almost all 0); if they are 0/1 masks, {fix}", file=sys.stderr)
 
 
 def _hidden(path: Path) -> bool:
@@ -314,10 +329,8 @@ def to_images(array: np.ndarray, source: str) -> torch.Tensor:
             raise DataError(f"{source} has {array.dtype} values from {lo} to {hi}; vaelab divides uint8 pixels by "
                             "255 and uint16 by 65535, and keeps floats as given: save 8-bit pixels as uint8 "
                             "(x.astype(numpy.uint8)), or as floats in the range you mean")
-    if array.dtype == np.uint8 and array.max() == 1:  # (read as documented, but a mask emptied without a word)
-        print(f"vaelab: note: {source} holds uint8 values 0 and 1 only, read as 8-bit pixels 0 and 1/255 (near "
-              "black; binarised, almost all 0); if it is a 0/1 mask, save it as bool or float "
-              "(x.astype(numpy.float32))", file=sys.stderr)
+    if array.dtype == np.uint8 and array.max() == 1:
+        _note_mask(source.split(" [")[0], "a uint8 array", "save it as bool or float (x.astype(numpy.float32))")
     if array.dtype.kind == "f" and array.dtype.itemsize > 4:
         finite = array[np.isfinite(array)]
         if finite.size and np.abs(finite).max() > np.finfo(np.float32).max:

@@ -7,14 +7,14 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..likelihoods import GaussianImage
 from ..linear import Linear
 from ..nets import ENCODERS
-from .common import ImageDecoder, Output, check_codes, check_images, model_tensor, no_prior
+from .common import ImageDecoder, NoPrior, Output, check_codes, check_images, model_tensor
 
 
-class PCA(nn.Module):
+class PCA(NoPrior, nn.Module):
     """Principal component analysis, fitted in closed form, with probabilistic PCA's maximum-likelihood noise.
 
     Tipping & Bishop 1999, "Probabilistic Principal Component Analysis": the eigenvalues are those of the
@@ -25,7 +25,6 @@ class PCA(nn.Module):
     projection, not PPCA's posterior mean (which shrinks each coordinate by (lambda_i - sigma^2) / lambda_i).
     """
 
-    has_prior = False  # prior() and sample() refuse (models.common.has_prior)
 
     def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int):
         super().__init__()
@@ -126,23 +125,15 @@ class PCA(nn.Module):
         """Projection onto the principal subspace, shape of x."""
         return self.decode(self._project(x, "reconstruct")).mean
 
-    def prior(self) -> Distribution:
-        """Refused with an InputError: there is no prior p(z) (the VAE's prior() is one)."""
-        raise InputError(f"prior: {no_prior(type(self).__name__)}")
-
-    def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
-        """Refused with an InputError: with no prior p(z) there is nothing to sample z from; a VAE samples."""
-        raise InputError(f"sample: {no_prior(type(self).__name__)}")
 
 
-class AE(nn.Module):
+class AE(NoPrior, nn.Module):
     """Deterministic autoencoder trained on -log p(x|z) with z = f(x); linear=True drops all nonlinearities.
 
     A linear AE with a Gaussian likelihood spans PCA's principal subspace at its optimum
     (Baldi & Hornik 1989, "Neural networks and principal component analysis").
     """
 
-    has_prior = False  # prior() and sample() refuse (models.common.has_prior)
 
     def __init__(self, *, input_shape: tuple[int, int, int], latent_dim: int, net: str = "mlp",
                  hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli", sigma: float = 0.1,
@@ -185,10 +176,3 @@ class AE(nn.Module):
         """Mean of p(x|f(x)), shape of x."""
         return self.decode(self._code(x, "reconstruct")).mean
 
-    def prior(self) -> Distribution:
-        """Refused with an InputError: there is no prior p(z) (the VAE's prior() is one)."""
-        raise InputError(f"prior: {no_prior(type(self).__name__)}")
-
-    def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
-        """Refused with an InputError: with no prior p(z) there is nothing to sample z from; a VAE samples."""
-        raise InputError(f"sample: {no_prior(type(self).__name__)}")

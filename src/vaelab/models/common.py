@@ -87,6 +87,19 @@ def no_prior(what: str) -> str:
     return f"{what} has no prior p(z); train a VAE (--model vae) to sample"
 
 
+class NoPrior:
+    """prior() and sample() of the models with a deterministic code (PCA, autoencoders): one line that says there is
+    no prior p(z) to sample from (they raised AttributeError)."""
+
+    has_prior = False  # (has_prior(model) asks this)
+
+    def prior(self) -> Distribution:
+        raise InputError(f"prior: {no_prior(type(self).__name__)}")
+
+    def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
+        raise InputError(f"sample: {no_prior(type(self).__name__)}")
+
+
 def has_prior(model: nn.Module) -> bool:
     """Whether the model has a prior p(z), and so prior() and sample(): PCA and autoencoders have the methods only to
     refuse them, with no_prior (their class sets has_prior = False)."""

@@ -35,7 +35,6 @@ LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 log = logging.getLogger("vaelab.web")
 
 
-
 def _plain(value: Any) -> Any:
     """A number as people write it: Python's and pydantic's parsers read "1_0" as 10."""
     if isinstance(value, str) and "_" in value:
