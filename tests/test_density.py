@@ -140,6 +140,36 @@ def test_every_sample_is_used_when_k_is_not_a_multiple_of_the_chunk():
     assert (estimate.ess >= 1).all() and (estimate.ess <= 23 + 1e-4).all()
 
 
+def test_a_long_estimate_shows_its_progress_over_every_sample(monkeypatch):
+    """`vaelab evaluate --nll` (K = 5000 over 10,000 images: minutes to hours on a CPU) said nothing until done."""
+    from vaelab import density
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *, total, disable, **kwargs):
+            self.total, self.disable, self.n = total, disable, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(density, "tqdm", Bar)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)).eval()
+    x = torch.rand(7, 1, 4, 4)
+    quiet = importance_sample(model, x, k=23, chunk=5, batch_size=3)
+    shown = importance_sample(model, x, k=23, chunk=5, batch_size=3, progress=True)
+    assert torch.equal(quiet.log_px, shown.log_px)
+    assert [(b.total, b.n, b.disable) for b in bars] == [(7 * 23, 7 * 23, True), (7 * 23, 7 * 23, None)]  # (None:
+    # on a terminal only)
+
+
 def test_importance_sampling_runs_under_no_grad_and_leaves_global_rng_alone():
     model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,))
     x = torch.rand(4, 1, 4, 4)

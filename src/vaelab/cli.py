@@ -100,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                if not args.nll else f"PCA's log p(x) is exact, with no importance sampling; drop {them}")
         raise ConfigError(f"{' and '.join(given)} would be ignored: {why}")
     result = evaluate_run(args.run, nll_k=(args.k or 5000) if args.nll else None, probe=not args.no_probe,
-                          chunk=args.chunk, device=args.device, write=False)
+                          chunk=args.chunk, device=args.device, write=False, progress=True)
     for key, value in result.items():  # printed before the file is written: a run that cannot take it (read-only,
         if isinstance(value, list):  # a full disk) lost a long --nll estimate with the error
             value = "[" + ", ".join(f"{v:.3g}" for v in value) + "]"

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import check_finite, check_unit_interval
 from .errors import InputError
@@ -155,7 +157,7 @@ def _sizes(n: int, outputs: int, k: int, chunk: int | None, batch_size: int | No
 
 @torch.no_grad()
 def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk: int | None = None,
-                      batch_size: int | None = None, seed: int = 0) -> Estimate:
+                      batch_size: int | None = None, seed: int = 0, progress: bool = False) -> Estimate:
     """Importance-sampled log p(x) and effective sample sizes for images x (N, C, H, W).
 
     Args:
@@ -167,6 +169,8 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         batch_size: data points per pass (default: as many as fit MAX_ELEMENTS pixels of p(x|z)).
         seed: the noise is keyed by (seed, example, sample), so a result depends on the seed alone;
             the global RNG is not touched.
+        progress: a progress bar of the N x K samples on stderr, when it is a terminal (K = 5000 over 10,000
+            images runs for minutes to hours).
     """
     if not has_prior(model):  # PCA, autoencoders: no q(z|x) to sample from
         exact = "; PCA's log p(x) is exact: log_likelihood(model, x)" if hasattr(model, "log_marginal") else ""
@@ -179,7 +183,10 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
     device = model_device(model)
     if device.type == "cpu":
         keep_freed_memory()  # ~25% faster passes over large (K_chunk, B, pixels) tensors
-    return _importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed, device=device)
+    with tqdm(total=x.shape[0] * k, desc=f"log p(x), K={k}", unit="samples", unit_scale=True, leave=False,
+              disable=None if progress else True, file=sys.stderr, dynamic_ncols=True) as bar:  # (None: a terminal's)
+        return _importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed, device=device,
+                                  bar=bar)
 
 
 def _whole(name: str, value: object, lowest: int) -> int:
@@ -210,7 +217,7 @@ def _check_data(model: nn.Module, x: torch.Tensor, where: str) -> None:
 
 @in_eval_mode
 def _importance_sample(model: nn.Module, x: torch.Tensor, *, k: int, chunk: int | None, batch_size: int | None,
-                       seed: int, device: torch.device) -> Estimate:
+                       seed: int, device: torch.device, bar: tqdm) -> Estimate:
     # parameters of p(x|z) per sample: one per pixel, or one per token and vocabulary entry for text
     outputs = math.prod(x.shape[1:]) * (getattr(model, "vocab_size", None) or 1)
     chunk, batch_size = _sizes(x.shape[0], outputs, k, chunk, batch_size)
@@ -225,6 +232,7 @@ def _importance_sample(model: nn.Module, x: torch.Tensor, *, k: int, chunk: int 
             log_w = log_weights(out, xb).double()  # (K_chunk, B)
             lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
             lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
+            bar.update(log_w.numel())
         log_px.append((lse - math.log(k)).float().cpu())
         ess.append(torch.exp(2 * lse - lse2).float().cpu())
     return Estimate(log_px=torch.cat(log_px), ess=torch.cat(ess), k=k)

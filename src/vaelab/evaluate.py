@@ -105,8 +105,9 @@ def elbo_terms(model: nn.Module, config: RunConfig, x: torch.Tensor) -> dict[str
 
 
 def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: int | None = None,
-                 probe: bool = True, chunk: int | None = None) -> dict[str, Any]:
-    """Every metric of the suite on the test split (NLL only when nll_k is given)."""
+                 probe: bool = True, chunk: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Every metric of the suite on the test split (NLL only when nll_k is given; progress: its bar, on a
+    terminal)."""
     x = data.test.x
     result: dict[str, Any] = {"model": config.model.model, "data": data.name,
                               "latent_dim": latent_size(model, config), "n_test": int(x.shape[0])}
@@ -146,7 +147,7 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
         if isinstance(model, PCA):  # probabilistic PCA's Gaussian marginal, in closed form
             result.update(nll_summary(model.log_marginal(x_nll.to(model_device(model))), per_dim), nll_exact=True)
         else:
-            estimate = importance_sample(model, x_nll, k=nll_k, chunk=chunk, seed=EVAL_SEED)
+            estimate = importance_sample(model, x_nll, k=nll_k, chunk=chunk, seed=EVAL_SEED, progress=progress)
             result.update(estimate.summary(per_dim, tokens=token_counts(x_nll) if data.is_text else None))
         if density:
             result["nll_density"] = True
@@ -163,7 +164,7 @@ def test_metrics(model: nn.Module, config: RunConfig, data: Dataset, *, nll_k: i
 def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool = True, chunk: int | None = None,
                  device: str = "cpu", data: Dataset | None = None,
                  checkpoint: runs.Checkpoint | None = None, model: nn.Module | None = None,
-                 write: bool = True) -> dict[str, Any]:
+                 write: bool = True, progress: bool = False) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint on its test split and write RUN/evaluation.json.
 
     Args:
@@ -178,6 +179,7 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
             separate read of latest.json labelled the weights of one epoch with the next).
         model: the checkpoint's model, already loaded (a run still training may prune its folder meanwhile).
         write: write RUN/evaluation.json (else the caller does, with write_evaluation).
+        progress: show the NLL estimate's progress on stderr, when it is a terminal.
     """
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
@@ -186,7 +188,8 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
     epoch = checkpoint.epoch
     objective = config.train.objective if has_prior(model) else None  # AE/PCA: no bound was trained
     result = {"run": str(run_dir), "epoch": epoch, "format": EVALUATION_FORMAT, "objective": objective,
-              **test_metrics(model, config, prepare_data(config, data), nll_k=nll_k, probe=probe, chunk=chunk)}
+              **test_metrics(model, config, prepare_data(config, data), nll_k=nll_k, probe=probe, chunk=chunk,
+                             progress=progress)}
     previous = read_evaluation(run_dir)
     if nll_k is None and not stale(previous, epoch) and "nll" in previous:
         kept = ("nll", "ess_", "test_binarize", "perplexity")  # what --nll estimated (perplexity: text's)
