@@ -195,9 +195,12 @@ def _present(folder: Path, name: str) -> Path | None:
 def _checked_cache(name: str, digests: dict[str, str]) -> list[Path] | None:
     """The four compressed IDX files of `name` in data_dir()/name/ if each has the data set's SHA-256, else None."""
     paths = [data_dir() / name / f for f in IDX_FILES]
-    if all(p.is_file() and sha256_of(p) == digests[p.name].lower() for p in paths):
-        return paths
-    return None
+    return paths if all(p.is_file() and _checked(p, digests) for p in paths) else None
+
+
+def _checked(path: Path, digests: dict[str, str]) -> bool:
+    """Whether a compressed IDX file has the SHA-256 its data set's file of that name has."""
+    return sha256_of(path) == digests[path.name].lower()
 
 
 def _cached_or_downloaded(name: str, mirrors: list[str], digests: dict[str, str]) -> list[Path]:
@@ -206,8 +209,7 @@ def _cached_or_downloaded(name: str, mirrors: list[str], digests: dict[str, str]
     copies were never fetched again). Uncompressed files placed by hand are used as they are."""
     folder = data_dir() / name
     present = {f: _present(folder, f) for f in IDX_FILES}
-    damaged = {f for f, path in present.items()
-               if path is not None and path.name == f and sha256_of(path) != digests[f].lower()}
+    damaged = {f for f, path in present.items() if path is not None and path.name == f and not _checked(path, digests)}
     missing = [f for f, path in present.items() if path is None or f in damaged]
     for i, f in enumerate(missing):
         try:
