@@ -825,3 +825,22 @@ def test_an_autoencoder_has_no_nll_to_ask_for(runs_root, tmp_path):
     client = TestClient(create_app(tmp_path), raise_server_exceptions=False)
     assert client.get("/api/summary", params={"run": "ae"}).json()["has_nll"] is False  # the page shows no note
     assert client.get("/api/summary", params={"run": "ae"}).json()["has_prior"] is False
+
+
+def test_a_vmf_model_decodes_the_direction_of_the_code_asked_for(tmp_path):
+    """The sliders and the map point off the sphere, and a vMF model's decoder, trained on codes on it, decoded
+    them there (the README said so)."""
+    from vaelab.models import VAE
+    from vaelab.web.explorer import Explorer, RequestError
+
+    def explorer(model):
+        return Explorer(name="m", model=model.eval(), test_x=torch.zeros(1, 1, 4, 4), codes=torch.zeros(1, 3),
+                        labels=None, summary={}, map={}, run_dir=tmp_path, checkpoint_epoch=1)
+
+    sphere = explorer(VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,), latent="vmf"))
+    torch.testing.assert_close(sphere.parse_z("0,3,-4"), torch.tensor([0.0, 0.6, -0.8]))
+    with pytest.raises(RequestError, match=r"z = 0 has no direction: this model decodes codes on the sphere"):
+        sphere.parse_z("0,0,0")
+    plain = explorer(VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)))
+    assert torch.equal(plain.parse_z("0,3,-4"), torch.tensor([0.0, 3.0, -4.0]))
+    assert torch.equal(plain.parse_z("0,0,0"), torch.zeros(3))

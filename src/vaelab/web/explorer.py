@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import figures, runs, text_views
@@ -30,6 +31,7 @@ from ..models.common import has_prior, no_prior
 from ..models.hvae import MAX_TEMPERATURE
 from ..prepare import prepare_data
 from ..system import model_device
+from ..vmf import on_sphere
 
 MAX_MAP_POINTS = 2000  # the page's canvas stays responsive; larger test sets show a fixed random subset
 MAX_SLIDERS = 16
@@ -124,7 +126,9 @@ class Explorer:
         return index
 
     def parse_z(self, text: str) -> torch.Tensor:
-        """A latent vector from comma-separated numbers: exactly D finite values of moderate size."""
+        """A latent vector from comma-separated numbers: exactly D finite values of moderate size; for a model whose
+        codes live on the sphere (vMF), its direction z / |z|, where the decoder was trained (the sliders and the
+        map point off the sphere, and were decoded there)."""
         d = self.model.latent_dim
         if len(text) > Z_CHARS_PER_DIM * d:
             raise RequestError(f"z is too long ({len(text)} characters) for {d} numbers; "
@@ -143,7 +147,12 @@ class Explorer:
             raise RequestError(f"z must hold finite numbers, got {bad}")
         if max(abs(v) for v in values) > MAX_ABS_Z:
             raise RequestError(f"z values must lie within +-{MAX_ABS_Z:g}")
-        return torch.tensor(values, dtype=torch.float32)
+        z = torch.tensor(values, dtype=torch.float32)
+        if on_sphere(self.model):
+            if not bool(z.any()):
+                raise RequestError("z = 0 has no direction: this model decodes codes on the sphere, z / |z|")
+            z = F.normalize(z, dim=0)
+        return z
 
     def encoding(self, index: int) -> dict[str, Any]:
         """The point code of test image `index`, with its label."""
