@@ -39,8 +39,8 @@ from .train import train
 
 BASELINES = ("pca", "ae", "vae")
 # Raised whenever a number in evaluation.json is defined anew; a file of another format is evaluated again, not
-# shown. Files before 2 have no "format": until 2026-12-01 an HVAE's latent statistics counted other sizes,
-# autoencoders and PCA had a KL of 0, and the test ELBO of binarised runs was of the images as given.
+# shown. Files of format 1 have no "format" key: they may predate changes in how an HVAE's latent statistics
+# count its sizes, whether autoencoders and PCA report a KL, and which test images a binarised run's ELBO is of.
 EVALUATION_FORMAT = 2
 COMPARE_COLUMNS = [  # (key in evaluation.json, column title)
     ("model", "model"), ("data", "data"), ("latent_dim", "z"), ("epoch", "epochs"),
@@ -218,7 +218,7 @@ def read_evaluation(run_dir: Path) -> dict[str, Any]:
 
 def stale(evaluation: dict[str, Any], epoch: int | None) -> str | None:
     """Why an evaluation.json's numbers are not those of the checkpoint of `epoch` (None: of any) as vaelab defines
-    them now, or None: of another epoch (trained on without a report), or of another format (an older vaelab's)."""
+    them now (another epoch's, left by training on without a report, or another format's), or None if they are."""
     if epoch is not None and evaluation.get("epoch", epoch) != epoch:
         return f"evaluation.json is of epoch {evaluation.get('epoch')}, the run is at epoch {epoch}"
     found = evaluation.get("format", 1)
