@@ -126,6 +126,39 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_process_in_one_line(data, 
     assert runs.latest_checkpoint(tmp_path / "run").epoch == 1
 
 
+def test_run_files_rank_0_cannot_write_at_start_or_resume_stop_every_process_in_one_line(data, tmp_path):
+    """Rank 0 wrote config.json (a new run) and metrics.jsonl (a resume) outside the work the other processes wait
+    on: a full disk there left them waiting for a peer that had gone, then printing a collective's traceback."""
+    script = tmp_path / "full_disk.py"
+    script.write_text("import os, sys\nfrom vaelab import cli, config, runs\n"
+                      "def full(write):\n"
+                      "    def refuse(path, text):\n"
+                      "        if path.name == os.environ['FULL']:\n"
+                      "            raise OSError(28, 'No space left on device', str(path))\n"
+                      "        return write(path, text)\n"
+                      "    return refuse\n"
+                      "config.atomic_write_text = full(config.atomic_write_text)\n"
+                      "runs.atomic_write_text = full(runs.atomic_write_text)\n"
+                      "sys.exit(cli.main(sys.argv[1:]))\n")
+    out = str(tmp_path / "run")
+    first = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", out)
+    assert first.returncode == 0, first.stderr
+    for full, args, what in (
+            ("config.json", ["--data", data, *COMMON, "--epochs", "1", "--out", str(tmp_path / "new")],
+             "write config.json"),
+            ("metrics.jsonl", ["--resume", "--out", out, "--epochs", "2", "--device", "cpu", "--no-report", "--quiet"],
+             "resume the run")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "train", *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "FULL": full})
+        assert done.returncode != 0
+        assert f"could not {what}: No space left on device" in done.stderr, done.stderr
+        assert f"rank 0 of this torchrun job could not {what}" in done.stderr
+        assert "[rank1]: Traceback" not in done.stderr and "Connection closed" not in done.stderr, done.stderr
+    assert runs.latest_checkpoint(tmp_path / "run").epoch == 1
+
+
 @pytest.mark.parametrize("compiled", [(), ("eager",)], ids=["eager", "traced by dynamo"])
 def test_batch_norm_statistics_cover_the_global_batch(tmp_path, compiled):
     """Two processes on uneven halves of each batch train BatchNorm1d/2d layers (affine or not, momentum or
