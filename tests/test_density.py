@@ -419,13 +419,15 @@ def test_compare_evaluates_again_a_run_trained_on_after_its_evaluation(tmp_path,
     train(config, tmp_path / "run", progress=False)
     evaluate_run(tmp_path / "run", nll_k=5, probe=False)
     train(dataclasses.replace(config, train=TrainConfig(epochs=2)), tmp_path / "run", resume=True, progress=False)
+    before = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     rows, markdown = compare_runs([tmp_path / "run"])
     assert rows[0]["epoch"] == 2 and "| 2 |" in markdown and "nll" not in rows[0]
-    assert (f"{tmp_path / 'run'}: evaluation.json is of epoch 1, the run is at epoch 2: evaluating it again (the "
-            f"file, with its NLL, is kept until `vaelab evaluate {tmp_path / 'run'} --nll` replaces it)"
-            ) in capsys.readouterr().err
-    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["epoch"] == 1  # (an NLL is hours of work)
-    evaluate_run(tmp_path / "run", probe=False)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run'}: evaluation.json is of epoch 1, the run is at epoch 2: evaluating it again" in err
+    assert (f"vaelab: note: {tmp_path / 'run' / 'evaluation.json'} held an NLL estimate (evaluation.json is of "
+            f"epoch 1, the run is at epoch 2); it is kept in evaluation.previous.json (vaelab evaluate "
+            f"{tmp_path / 'run'} --nll estimates it anew)") in err
+    assert json.loads((tmp_path / "run" / "evaluation.previous.json").read_text()) == before  # (hours of work)
     compare_runs([tmp_path / "run"])  # now current: read, not evaluated again
     assert capsys.readouterr().err == ""
 
@@ -442,11 +444,12 @@ def test_an_older_vaelab_s_evaluation_is_evaluated_again_not_shown(tmp_path, cap
     rows, _ = compare_runs([tmp_path / "run"])
     assert rows[0]["test_elbo"] != 123.0 and rows[0]["format"] == EVALUATION_FORMAT and "nll" not in rows[0]
     assert (f"{tmp_path / 'run'}: evaluation.json was written by an older vaelab (format 1; this one writes "
-            f"{EVALUATION_FORMAT}), which defines its test metrics otherwise: evaluating it again (the file, with "
-            "its NLL, is kept") in capsys.readouterr().err
-    assert json.loads(evaluation.read_text()) == old  # compare estimates no NLL: it must not drop one
-    assert "nll" not in evaluate_run(tmp_path / "run", probe=False)  # not carried into today's numbers
+            f"{EVALUATION_FORMAT}), which defines its test metrics otherwise: evaluating it again"
+            ) in capsys.readouterr().err
     assert json.loads(evaluation.read_text())["format"] == EVALUATION_FORMAT
+    assert json.loads((tmp_path / "run" / "evaluation.previous.json").read_text()) == old  # not dropped
+    evaluation.write_text(json.dumps(old))
+    assert "nll" not in evaluate_run(tmp_path / "run", probe=False)  # not carried into today's numbers
     evaluation.write_text(json.dumps({**old, "format": EVALUATION_FORMAT + 1}))
     compare_runs([tmp_path / "run"])
     assert f"was written by another vaelab (format {EVALUATION_FORMAT + 1};" in capsys.readouterr().err

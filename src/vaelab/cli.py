@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per pass (memory knob; default 200, fewer for large outputs)")
     q.add_argument("--no-probe", action="store_true", help="skip the logistic-regression probes")
     q = sub.add_parser("compare", help="a table of several evaluated runs, printed and written as Markdown",
-                       description="Compare runs by their evaluation.json (runs without one are evaluated).")
+                       description="Compare runs by their evaluation.json (runs without one, or whose one is of an "
+                                "earlier checkpoint or another vaelab's format, are evaluated again).")
     q.add_argument("runs", type=user_path, nargs="+", metavar="RUN")
     q.add_argument("--out", type=user_path, default=Path("compare.md"), help="Markdown file (default compare.md)")
     q.set_defaults(func=cmd_compare)

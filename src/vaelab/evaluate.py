@@ -170,7 +170,7 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
     Args:
         run_dir: a trained run directory.
         nll_k: estimate log p(x) with this many importance samples (None: skip, but keep an earlier
-            estimate of the same checkpoint found in evaluation.json).
+            estimate of the same checkpoint and format found in evaluation.json).
         probe: fit the linear probes (needs labels).
         chunk: importance samples per pass.
         device: where to run the model.
@@ -200,8 +200,17 @@ def evaluate_run(run_dir: str | Path, *, nll_k: int | None = None, probe: bool =
 
 
 def write_evaluation(run_dir: str | Path, result: dict[str, Any]) -> Path:
-    """Write an evaluate_run result as RUN/evaluation.json, atomically; returns its path."""
+    """Write an evaluate_run result as RUN/evaluation.json, atomically; returns its path. A file it replaces that
+    holds an NLL estimate the result lacks (of another checkpoint or format: hours of importance sampling, dropped
+    by a report or a compare) is kept as RUN/evaluation.previous.json, with a note."""
     path = Path(run_dir) / "evaluation.json"
+    previous = read_evaluation(run_dir)
+    if "nll" in previous and "nll" not in result:
+        kept = path.with_name("evaluation.previous.json")
+        atomic_write_text(kept, json.dumps(previous, indent=2) + "\n")
+        why = stale(previous, result.get("epoch")) or "not carried over"
+        print(f"vaelab: note: {path} held an NLL estimate ({why}); it is kept in {kept.name} (vaelab evaluate "
+              f"{run_dir} --nll estimates it anew)", file=sys.stderr)
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return path
 
@@ -231,19 +240,16 @@ def stale(evaluation: dict[str, Any], epoch: int | None) -> str | None:
 
 def compare_runs(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
     """One row per run from its evaluation.json (evaluated now if missing, or if it is stale: of an earlier
-    checkpoint than the run's latest, or of another vaelab's definitions), and the table as Markdown. A stale
-    file with an NLL estimate is left as it is (compare estimates no NLL; it overwrote hours of one)."""
+    checkpoint than the run's latest, or of another vaelab's definitions), and the table as Markdown."""
     rows = []
     for run_dir in run_dirs:
         result = read_evaluation(run_dir)
         epoch = runs.latest_checkpoint(Path(run_dir)).epoch
         why = stale(result, epoch) if result else None
         if why:
-            nll = (f" (the file, with its NLL, is kept until `vaelab evaluate {run_dir} --nll` replaces it)"
-                   if "nll" in result else "")
-            print(f"{run_dir}: {why}: evaluating it again{nll}", file=sys.stderr)
+            print(f"{run_dir}: {why}: evaluating it again", file=sys.stderr)
         if not result or why:
-            result = evaluate_run(run_dir, probe=False, write="nll" not in result)
+            result = evaluate_run(run_dir, probe=False)
         rows.append({**result, "run": str(run_dir)})  # as given: evaluation.json has the path it was evaluated by
     columns = [("run", "run"), *COMPARE_COLUMNS]
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
