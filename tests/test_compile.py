@@ -18,6 +18,18 @@ from vaelab.train import _identity, train
 dynamo_counters = pytest.importorskip("torch._dynamo.utils").counters
 
 
+def test_compile_step_gives_the_model_its_mode_back_even_when_its_eager_pass_fails():
+    """Its eager pass (which fills torch.distributions' KL lookup) set eval mode and restored training by hand,
+    after the pass: a pass that raised left the model in eval mode (batch norm frozen, no dropout)."""
+    model = VAE(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,)).train()
+
+    def refuses(model, x, **kwargs):
+        raise ValueError("a refused input")
+    with pytest.raises(ValueError, match="a refused input"):
+        compile_step(refuses, model, torch.rand(4, 1, 6, 6))
+    assert model.training
+
+
 def test_the_step_is_one_graph_and_kl_warmup_does_not_recompile():
     """One graph (no breaks: the KL lookup is filled eagerly first); new beta values reuse it."""
     torch.manual_seed(0)

@@ -75,10 +75,7 @@ def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.M
     as one graph. That pass takes the step's options (free bits and KL balancing ask for KLs per unit,
     another lookup) and a beta below 1, so that every KL the step can ask for has been looked up.
     """
-    was_training = model.training
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
-        loss_terms(model.eval(), x[:2], beta=0.5, **options)
-    model.train(was_training)
+    _look_up_kls(model, loss_terms, x, options)
     compiled = torch.compile(functools.partial(step_loss, loss_terms), dynamic=False)
     if x.device.type != "cpu" or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
         return compiled  # (on a GPU tracing would replace cuDNN's fused RNN kernels: not measured, not done)
@@ -91,6 +88,15 @@ def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.M
         with torch._dynamo.config.patch(allow_rnn=True):
             return compiled(*args, **kwargs)
     return traced_with_rnns
+
+
+@in_eval_mode
+def _look_up_kls(model: nn.Module, loss_terms: Callable[..., dict[str, torch.Tensor]], x: torch.Tensor,
+                 options: dict[str, Any]) -> None:
+    """compile_step's eager pass on two examples, in eval mode (the model's mode given back, also if it fails),
+    without gradients, the random state restored after."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        loss_terms(model, x[:2], beta=0.5, **options)
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
