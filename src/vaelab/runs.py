@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from .config import RunConfig
 from .errors import CheckpointError, ConfigError, VaelabError
 from .fileio import atomic_write_text, fsync_dir, usual_mode
 from .models import build_model
-from .system import resolve_device
+from .system import note, resolve_device
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -327,17 +326,12 @@ def load_config(run_dir: Path) -> RunConfig:
         config = RunConfig.load(run_dir / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    if (config.data.from_files and config.data.fingerprint is None and run_dir.resolve() not in _NOTED
-            and os.environ.get("RANK", "0") == "0"):  # (once, and under torchrun by rank 0 alone)
-        _NOTED.add(run_dir.resolve())
-        print(f"vaelab: note: {run_dir} records no hash of its data (runs trained before 2026-12-01, or in Python on "
-              f"a data set passed in prepared), so nothing checks that {config.data.name} still reads as it did; how "
-              "files are read has changed (README, Data: uint16 arrays, hidden files, EXIF rotation, RGBA): if its "
-              "numbers look wrong, train it again", file=sys.stderr)
+    if config.data.from_files and config.data.fingerprint is None:
+        note(f"{run_dir} records no hash of its data (runs trained before 2026-12-01, or in Python on a data set "
+             f"passed in prepared), so nothing checks that {config.data.name} still reads as it did; how files are "
+             "read has changed (README, Data: uint16 arrays, hidden files, EXIF rotation, RGBA): if its numbers look "
+             "wrong, train it again", once=("unhashed", run_dir.resolve()))
     return config
-
-
-_NOTED: set[Path] = set()  # runs load_config has noted as unhashed, in this process
 
 
 def load(run_dir: str | Path, *, device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None) -> nn.Module:

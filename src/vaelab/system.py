@@ -4,8 +4,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -14,6 +15,19 @@ from torch import nn
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+
+_NOTED: set[Hashable] = set()  # the keys of notes given once, in this process
+
+
+def note(text: str, *, once: Hashable | None = None) -> None:
+    """"vaelab: note: text" on stderr, from rank 0 alone under torchrun; with `once`, only the first time that key
+    is noted in this process (a note per split, per load or per process repeated itself)."""
+    if os.environ.get("RANK", "0") != "0" or (once is not None and once in _NOTED):
+        return
+    if once is not None:
+        _NOTED.add(once)
+    print(f"vaelab: note: {text}", file=sys.stderr)
 
 
 def resolve_device(name: str | torch.device, what: str = "--device") -> torch.device:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -16,6 +14,7 @@ from PIL import Image, ImageOps
 
 from vaelab.data.dataset import Dataset, Split, check_finite, fixed_permutation, split_shuffled
 from vaelab.errors import DataError
+from vaelab.system import note
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow reads
 _SKIPPED_FOLDERS = ("__MACOSX",)  # what zip tools add beside the images (macOS resource forks)
@@ -72,16 +71,11 @@ def load_folder(spec: str) -> Dataset:
     return split_shuffled(f"folder:{spec}", torch.from_numpy(pixels).float().div_(255), y, classes)
 
 
-_NOTED_MASKS: set[str] = set()  # files noted in this process
-
-
 def _note_mask(source: str, what: str, fix: str) -> None:
     """Note, once per file and process (rank 0's under torchrun), that 8-bit data of only 0 and 1 reads as 0 and
     1/255, as documented: a mask saved so was emptied by binarisation without a word."""
-    if source not in _NOTED_MASKS and os.environ.get("RANK", "0") == "0":
-        _NOTED_MASKS.add(source)
-        print(f"vaelab: note: {source} holds {what} of only 0 and 1, read as 8-bit pixels 0 and 1/255 (near black; "
-              f"binarised, almost all 0); if they are 0/1 masks, {fix}", file=sys.stderr)
+    note(f"{source} holds {what} of only 0 and 1, read as 8-bit pixels 0 and 1/255 (near black; binarised, almost "
+         f"all 0); if they are 0/1 masks, {fix}", once=("mask", source))
 
 
 def _hidden(path: Path) -> bool:
