@@ -91,8 +91,6 @@ class NoPrior:
     """prior() and sample() of the models with a deterministic code (PCA, autoencoders): one line that says there is
     no prior p(z) to sample from (they raised AttributeError)."""
 
-    has_prior = False  # (has_prior(model) asks this)
-
     def prior(self) -> Distribution:
         raise InputError(f"prior: {no_prior(type(self).__name__)}")
 
@@ -102,8 +100,8 @@ class NoPrior:
 
 def has_prior(model: nn.Module) -> bool:
     """Whether the model has a prior p(z), and so prior() and sample(): PCA and autoencoders have the methods only to
-    refuse them, with no_prior (their class sets has_prior = False)."""
-    return getattr(model, "has_prior", hasattr(model, "prior"))
+    refuse them (NoPrior's)."""
+    return hasattr(model, "prior") and not isinstance(model, NoPrior)
 
 
 def check_codes(z: torch.Tensor, latent_dim: int, method: str, like: torch.Tensor | None = None) -> None:
