@@ -157,6 +157,18 @@ def test_intel_cpus_keep_nn_linear(monkeypatch):
     assert Sequential(Linear(784, 512), nn.ReLU())(x).grad_fn.name() == "ReluBackward0"
 
 
-def test_cpu_vendor_decides_the_default():
-    vendor = vlinear._cpu_vendor()
-    assert DEFAULT_PREFER_ONEDNN == (vendor != "GenuineIntel")
+def test_cpu_vendor_and_avx512_decide_the_default():
+    assert DEFAULT_PREFER_ONEDNN == vlinear.prefers_onednn(vlinear._cpu_vendor(),
+                                                           torch.backends.cpu.get_cpu_capability())
+
+
+@pytest.mark.parametrize(("vendor", "capability", "expected"), [
+    ("AuthenticAMD", "AVX512", True),  # Zen 4/5: MKL would take its AVX2 path, oneDNN its AVX-512 one
+    ("AuthenticAMD", "AVX2", False),  # Zen 3: both run AVX2, MKL's kernels are the faster
+    ("GenuineIntel", "AVX512", False),  # MKL's own AVX-512 path
+    ("GenuineIntel", "AVX2", False),
+    ("", "DEFAULT", False),  # not x86 (or unreadable): torch's default, nothing measured
+    ("", "AVX512", False),
+])
+def test_onednn_only_where_mkl_would_skip_avx512(vendor, capability, expected):
+    assert vlinear.prefers_onednn(vendor, capability) is expected

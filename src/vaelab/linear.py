@@ -6,7 +6,9 @@ AVX-512. oneDNN (bundled with PyTorch as MKL-DNN, the library behind its CPU con
 instruction set instead. On an AMD EPYC (Zen 5) its float32 matmul runs at 1.0-2.4x MKL's rate on
 the MLP VAE's products and ~2.1x on large square ones (benchmarks/matmul_backends.py); on an Intel
 Xeon with AVX-512 and AMX (Sapphire Rapids class) MKL matches or beats it on every product (oneDNN at
-0.45-1.15x), so on Intel CPUs (PREFER_ONEDNN) layers stay nn.Linear's. The values are float32 products
+0.45-1.15x), and on an AMD EPYC without AVX-512 (Zen 3), where MKL's AVX2 path is the right one, too
+(oneDNN at 0.72-0.99x). So layers use oneDNN only on non-Intel CPUs with AVX-512 (PREFER_ONEDNN); elsewhere,
+other architectures included (not measured), they stay nn.Linear's. The values are float32 products
 either way (no reduced-precision arithmetic unless torch's mkldnn fp32_precision is set to bf16 or
 tf32); they differ from MKL's only in summation order.
 
@@ -52,10 +54,20 @@ def _cpu_vendor() -> str:
     return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in processor), "")
 
 
-# MKL picks its kernels by CPU vendor: its AVX-512 path on Intel, where it matches or beats oneDNN on
-# every product of the MLP VAE and a training step is ~20% faster than through oneDNN, and AVX2 elsewhere,
-# where oneDNN is up to 2.4x faster (benchmarks/matmul_backends.py). Layers use oneDNN only where this holds.
-PREFER_ONEDNN = _cpu_vendor() != "GenuineIntel"
+def prefers_onednn(vendor: str, capability: str) -> bool:
+    """Whether layers should use oneDNN on a CPU of this vendor (_cpu_vendor) and ATen capability
+    (torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", "DEFAULT", ...).
+
+    MKL picks its kernels by CPU vendor: its AVX-512 path on Intel, where it matches or beats oneDNN on
+    every product of the MLP VAE and a training step is ~20% faster than through oneDNN, and AVX2 elsewhere.
+    On an AMD CPU with AVX-512 (Zen 5) oneDNN's AVX-512 kernels are up to 2.4x faster; on one without
+    (Zen 3) both libraries run AVX2 and MKL's is the faster (oneDNN at 0.72-0.99x on every product, a
+    training step 1.26x slower: benchmarks/matmul_backends.py, step_anatomy.py, 2026-12-01).
+    """
+    return vendor not in ("", "GenuineIntel") and capability.startswith("AVX512")
+
+
+PREFER_ONEDNN = prefers_onednn(_cpu_vendor(), torch.backends.cpu.get_cpu_capability())
 
 
 def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
