@@ -1,7 +1,8 @@
 """float32 matmul rates of PyTorch's two CPU libraries on the MLP VAE's shapes: MKL (F.linear) and oneDNN.
 
-vaelab.linear sends large fully connected products to oneDNN on non-Intel CPUs, because MKL takes its
-AVX2 path on AMD CPUs (on Intel ones MKL is the faster, and layers stay on it); this prints, for each
+vaelab.linear sends large fully connected products to oneDNN on non-Intel CPUs with AVX-512, because MKL
+takes its AVX2 path on AMD CPUs (on Intel ones, and on AMD ones without AVX-512, MKL is the faster, and
+layers stay on it); this prints, for each
 product of a 784-512-256-16 VAE's training step at batch 128 (forward,
 input gradient, weight gradient) and of the NLL estimator's decoder (a chunk of 10,000 rows), GFLOP/s
 through each library, timed alternately in one process, and the ratio. Also square 2048 x 2048.

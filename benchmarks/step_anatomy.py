@@ -5,8 +5,8 @@ The MLP VAE of benchmarks/train_speed.py (784-512-256 -> 16 -> 256-512-784, Bern
 flushed as the trainer runs, in alternating rounds of --steps steps; medians after two warm-up rounds.
 
 - vaelab: the trainer's step (vaelab's model and ELBO through steps.step_loss, gradients dropped, backward,
-  steps.optimizer_step), as it runs by default on this machine (on non-Intel CPUs its large matmuls go
-  through oneDNN, vaelab.linear; the other rows use torch's default, MKL);
+  steps.optimizer_step), as it runs by default on this machine (on non-Intel CPUs with AVX-512 its large
+  matmuls go through oneDNN, vaelab.linear; the other rows use torch's default, MKL);
 - plain autograd: the same network in plain tensors (pytorch/examples' loss, one BCE-with-logits sum), the
   same optimiser step;
 - hand-written: the same step with no autograd at all: the backward pass written out (one mm per product,

@@ -14,7 +14,7 @@ onednn = pytest.mark.skipif(vlinear._LINEAR is None or not torch.backends.mkldnn
 
 @pytest.fixture(autouse=True)
 def prefer_onednn(monkeypatch):
-    """The oneDNN path on every CPU, as on AMD: on Intel CPUs layers take it only when asked."""
+    """The oneDNN path on every CPU, as on AMD CPUs with AVX-512: elsewhere layers take it only when asked."""
     monkeypatch.setattr(vlinear, "PREFER_ONEDNN", True)
 
 
