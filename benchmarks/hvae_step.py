@@ -1,10 +1,11 @@
-"""One HVAE training step in fp32 eager (the reference) against bf16 autocast and torch.compile, same process.
+"""One HVAE training step in fp32 eager (the reference) against bf16 autocast, torch.compile and NCHW weights.
 
 The model is --preset hvae-s (or --hidden/--groups) on random binary 28x28 images, batch 100, the
 trainer's loss (ELBO with KL balancing at beta 0.5) and fused Adam, on --threads threads. Rounds of
 --steps steps alternate between the variants, each with its own copy of the model and optimiser; the
 median time per step and its ratio to fp32 eager are printed. This is where the README's reasons for
-training the hierarchy without mixed precision or torch.compile on a CPU come from.
+training the hierarchy without mixed precision or torch.compile on a CPU come from. The model keeps its
+weights channels-last (models/hvae.py); "NCHW weights" is the same step with them in torch's default layout.
 
     OMP_NUM_THREADS=1 python benchmarks/hvae_step.py [--threads 1] [--rounds 5] [--steps 10] [--no-compile]
 """
@@ -52,8 +53,8 @@ def main() -> None:
     base = build_model(config.model)
     x = (torch.rand(100, 1, 28, 28) < 0.3).float()
 
-    def variant(bf16: bool = False, compiled: bool = False):
-        model = copy.deepcopy(base)
+    def variant(bf16: bool = False, compiled: bool = False, layout: torch.memory_format = torch.channels_last):
+        model = copy.deepcopy(base).to(memory_format=layout)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
         def loss(xb):
@@ -69,7 +70,8 @@ def main() -> None:
             optimizer.step()
         return step
 
-    variants = {"fp32 eager (reference)": variant(), "bf16 autocast": variant(bf16=True)}
+    variants = {"fp32 eager (reference)": variant(), "bf16 autocast": variant(bf16=True),
+                "NCHW weights": variant(layout=torch.contiguous_format)}
     if not args.no_compile:
         variants["torch.compile"] = variant(compiled=True)
     for step in variants.values():  # warm-up (and compilation)
