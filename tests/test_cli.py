@@ -15,8 +15,9 @@ from PIL import Image
 
 import vaelab
 from vaelab import runs
-from vaelab.cli import main
-from vaelab.errors import DataError
+from vaelab.cli import build_parser, main
+from vaelab.config import TrainConfig
+from vaelab.errors import ConfigError, DataError
 
 TINY = ["--hidden", "16", "--latent-dim", "3", "--epochs", "2", "--batch-size", "32", "--quiet"]
 
@@ -437,6 +438,27 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
     with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2
         main(["train", "--hidden", "a,b"])
     assert "comma-separated" in capsys.readouterr().err
+
+
+def test_device_may_name_one_gpu_of_several(npz_data, vae_run, tmp_path, capsys):
+    """--device took auto, cpu or cuda: a user with two GPUs could not pick the second but through
+    CUDA_VISIBLE_DEVICES. cuda:N is taken by every command with --device, a missing GPU refused when the run starts."""
+    parser = build_parser()
+    for argv in (["train"], ["evaluate", "RUN"], ["report", "RUN"], ["sample", "RUN"], ["serve", "RUN"]):
+        assert parser.parse_args([*argv, "--device", "cuda:1"]).device == "cuda:1"
+        for bad in ("cuda:01", "cuda:-1", "cuda:", "gpu", "cuda1"):
+            with pytest.raises(SystemExit):
+                parser.parse_args([*argv, "--device", bad])
+            assert f"argument --device: {bad!r} is not one of auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert TrainConfig(device="cuda:12").device == "cuda:12"
+    with pytest.raises(ConfigError, match=r"--device 'cuda:x' is not one of auto, cpu, cuda or cuda:N \(cuda:0"):
+        TrainConfig(device="cuda:x")
+    if torch.cuda.device_count() < 8:  # the machine lacks it: refused when the run starts, before anything is written
+        argv = ["train", "--data", npz_data, *TINY, "--device", "cuda:7", "--out", str(tmp_path / "r")]
+        err = run_error(argv, capsys)
+        assert re.search(r"--device cuda:7 (was asked for but torch sees no CUDA device|: torch sees \d)", err)
+        assert not (tmp_path / "r").exists()
+        assert "device cuda:7" in run_error(["evaluate", str(vae_run), "--device", "cuda:7"], capsys)
 
 
 @pytest.mark.parametrize("argv", [["train", "--epochs", "abc"], ["train", "--model", "foo"], ["train", "--hidden", "0"],

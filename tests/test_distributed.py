@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from vaelab import distributed, runs
 from vaelab.cli import build_parser
 from vaelab.config import ModelConfig
+from vaelab.errors import ConfigError
 from vaelab.flags import PRESETS, config_from_args
 from vaelab.models import VAE, build_model
 
@@ -265,6 +266,16 @@ def test_a_job_with_its_report_trains_the_baselines_in_rank_0_alone(data, tmp_pa
     assert "report:" in two.stdout and (out / "report.html").exists()
     for name in ("pca", "ae"):
         assert runs.is_complete(out / "baselines" / name)
+
+
+def test_one_named_gpu_is_refused_under_torchrun(monkeypatch):
+    """--device cuda:1 in a job would put every process on one GPU; each takes cuda:LOCAL_RANK with --device cuda."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match=r"--device cuda:1 names one GPU, but under torchrun each process takes its "
+                                          r"own \(cuda:LOCAL_RANK\); pass --device cuda"):
+        distributed.join("cuda:1")
+    assert not torch.distributed.is_initialized()
 
 
 def test_single_process_makes_a_job_of_one_whatever_the_environment(monkeypatch):

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .config import DEVICES, RunConfig
+from .config import RunConfig
 from .errors import ConfigError, VaelabError, out_of_memory_message
-from .flags import FLAGS, PRESETS, config_from_args, dest
+from .flags import FLAGS, PRESETS, config_from_args, dest, device_arg
 
 
 def _default_out(config: RunConfig) -> Path:
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                     default: str | None = "cpu") -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help, description=help)
         q.add_argument("run", type=user_path, metavar="RUN", help="a run directory written by `vaelab train`")
-        q.add_argument("--device", default=default, choices=DEVICES, help=device)
+        q.add_argument("--device", default=default, type=device_arg, metavar="{auto,cpu,cuda,cuda:N}", help=device)
         q.set_defaults(func=func)
         return q
 

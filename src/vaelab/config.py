@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ IMAGE_NETS, TEXT_NETS = ("mlp", "conv"), ("lstm", "gru")
 NETS = IMAGE_NETS + TEXT_NETS
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
 BINARIZE = ("none", "dynamic", "static")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several (device_name)
 OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_HIDDEN = {"mlp": (512, 256), "conv": (32, 64), "lstm": (256,), "gru": (256,)}
@@ -32,6 +33,15 @@ CONFIG_VERSION = 1
 def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
     if value not in choices:
         raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+
+
+def device_name(value: Any) -> str:
+    """value if it names a device vaelab trains on (auto, cpu, cuda, or cuda:N for one GPU of several), else a
+    ConfigError. Only the spelling: whether this machine has the device is asked when a run starts
+    (system.resolve_device), so a GPU run's config.json still loads on a laptop."""
+    if isinstance(value, str) and (value in DEVICES or re.fullmatch(r"cuda:(0|[1-9][0-9]*)", value)):
+        return value
+    raise ConfigError(f"--device {value!r} is not one of {', '.join(DEVICES)} or cuda:N (cuda:0, cuda:1, ...)")
 
 
 def _finite(value: float) -> bool:
@@ -264,7 +274,7 @@ class TrainConfig:
         _integer(self.seed, "--seed", minimum=0)
         if self.seed >= 2**63:  # torch.manual_seed takes a signed 64-bit integer
             raise ConfigError(f"--seed must be below 2**63, got {self.seed}")
-        _choice(self.device, DEVICES, "--device")
+        device_name(self.device)
         if self.grad_clip is not None:
             _positive(self.grad_clip, "--grad-clip")
         if not isinstance(self.kl_balance, bool):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 from .system import resolve_device
 
 
@@ -201,6 +201,9 @@ def join(device_name: str) -> tuple[Job, torch.device]:
     if world == 1 or _alone:
         return Job(), resolve_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name.startswith("cuda:"):  # one GPU for every process: they would all train on it
+        raise ConfigError(f"--device {device_name} names one GPU, but under torchrun each process takes its own "
+                          f"(cuda:LOCAL_RANK); pass --device cuda, and CUDA_VISIBLE_DEVICES to choose the GPUs")
     device = resolve_device(device_name)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():

@@ -10,7 +10,6 @@ from typing import Any
 from .config import (
     ACTIVATIONS,
     BINARIZE,
-    DEVICES,
     LATENT_FAMILIES,
     LIKELIHOODS,
     LR_SCHEDULES,
@@ -19,6 +18,7 @@ from .config import (
     OBJECTIVES,
     ModelConfig,
     RunConfig,
+    device_name,
 )
 from .errors import ConfigError
 
@@ -34,6 +34,14 @@ def positive_ints(text: str, minimum: int = 1) -> tuple[int, ...]:
         kind = "positive integers like 512,256" if minimum == 1 else f"integers >= {minimum} like 4,4,0"
         raise argparse.ArgumentTypeError(f"expects comma-separated {kind}, got {text!r}")
     return sizes
+
+
+def device_arg(text: str) -> str:
+    """argparse type for --device: auto, cpu, cuda or cuda:N (config.device_name)."""
+    try:
+        return device_name(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
 
 
 def group_counts(text: str) -> tuple[int, ...]:
@@ -121,7 +129,9 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                    "batch statistics instead of the global batch's (fewer "
                                                    "exchanges; the run then depends on the process count)")),
     ("train", "seed", "--seed", dict(type=int, metavar="N", help="random seed (default 0)")),
-    ("train", "device", "--device", dict(choices=DEVICES, help="auto (cuda if available), cpu or cuda")),
+    ("train", "device", "--device", dict(type=device_arg, metavar="{auto,cpu,cuda,cuda:N}",
+                                         help="auto (cuda if available), cpu, cuda, or cuda:N for one GPU of "
+                                              "several (under torchrun each process takes its own: use cuda)")),
 ]
 
 

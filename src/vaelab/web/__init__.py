@@ -12,8 +12,7 @@ import socket
 from pathlib import Path
 
 from ..errors import VaelabError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from ..flags import device_arg
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,7 +24,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; the server has no login)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES, help="where the models run (default cpu)")
+    p.add_argument("--device", default="cpu", type=device_arg, metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the models run (default cpu)")
     p.set_defaults(func=cmd_serve)
     return p
 
