@@ -61,8 +61,9 @@ def prefers_onednn(vendor: str, capability: str) -> bool:
     MKL picks its kernels by CPU vendor: its AVX-512 path on Intel, where it matches or beats oneDNN on
     every product of the MLP VAE and a training step is ~20% faster than through oneDNN, and AVX2 elsewhere.
     On an AMD CPU with AVX-512 (Zen 5) oneDNN's AVX-512 kernels are up to 2.4x faster; on one without
-    (Zen 3) both libraries run AVX2 and MKL's is the faster (oneDNN at 0.72-0.99x on every product, a
-    training step 1.26x slower: benchmarks/matmul_backends.py, step_anatomy.py, 2026-12-01).
+    (Zen 3) both libraries run AVX2 and MKL's is the faster (oneDNN at 0.72-0.99x on every product; a
+    training step at 1.26x plain autograd's time through oneDNN, 1.07x on MKL: benchmarks/matmul_backends.py,
+    step_anatomy.py, 2026-12-01).
     """
     return vendor not in ("", "GenuineIntel") and capability.startswith("AVX512")
 
