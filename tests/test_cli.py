@@ -18,6 +18,7 @@ from vaelab import runs
 from vaelab.cli import build_parser, main
 from vaelab.config import TrainConfig
 from vaelab.errors import ConfigError, DataError
+from vaelab.reports import _report_device
 
 TINY = ["--hidden", "16", "--latent-dim", "3", "--epochs", "2", "--batch-size", "32", "--quiet"]
 
@@ -90,6 +91,18 @@ def test_a_gpu_run_reports_on_a_machine_without_one(npz_data, tmp_path, capsys, 
     assert json.loads((out / "baselines" / "ae" / "config.json").read_text())["train"]["device"] == "cpu"
     assert main(["report", str(out), "--device", "cuda"]) == 2  # asked for, and not there: refused, not ignored
     assert "device cuda was asked for but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_a_run_on_a_second_gpu_reports_on_the_first_of_a_one_gpu_machine(tmp_path, capsys, monkeypatch):
+    """A run trained with --device cuda:1 fell back to the CPU on a machine with one GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _report_device(tmp_path, "cuda:0") == "cuda:0"
+    assert _report_device(tmp_path, "cuda:1") == "cuda:0"
+    assert (f"{tmp_path} trained on cuda:1, which this machine lacks: the report runs on cuda:0"
+            in capsys.readouterr().err)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _report_device(tmp_path, "cuda:1") == "cpu"
 
 
 @pytest.mark.parametrize("n", [3, 8, 130])
@@ -444,7 +457,8 @@ def test_device_may_name_one_gpu_of_several(npz_data, vae_run, tmp_path, capsys)
     """--device took auto, cpu or cuda: a user with two GPUs could not pick the second but through
     CUDA_VISIBLE_DEVICES. cuda:N is taken by every command with --device, a missing GPU refused when the run starts."""
     parser = build_parser()
-    for argv in (["train"], ["evaluate", "RUN"], ["report", "RUN"], ["sample", "RUN"], ["serve", "RUN"]):
+    for argv in (["train"], ["evaluate", "RUN"], ["report", "RUN"], ["sample", "RUN"], ["reconstruct", "RUN"],
+                 ["interpolate", "RUN"], ["serve", "RUN"]):
         assert parser.parse_args([*argv, "--device", "cuda:1"]).device == "cuda:1"
         for bad in ("cuda:01", "cuda:-1", "cuda:", "gpu", "cuda1"):
             with pytest.raises(SystemExit):
@@ -456,7 +470,7 @@ def test_device_may_name_one_gpu_of_several(npz_data, vae_run, tmp_path, capsys)
     if torch.cuda.device_count() < 8:  # the machine lacks it: refused when the run starts, before anything is written
         argv = ["train", "--data", npz_data, *TINY, "--device", "cuda:7", "--out", str(tmp_path / "r")]
         err = run_error(argv, capsys)
-        assert re.search(r"--device cuda:7 (was asked for but torch sees no CUDA device|: torch sees \d)", err)
+        assert re.search(r"--device cuda:7( was asked for but torch sees no CUDA device|: torch sees \d)", err)
         assert not (tmp_path / "r").exists()
         assert "device cuda:7" in run_error(["evaluate", str(vae_run), "--device", "cuda:7"], capsys)
 

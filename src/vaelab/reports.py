@@ -4,7 +4,6 @@ from __future__ import annotations
 import html
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from .evaluate import compare_baselines, evaluate_run
 from .fileio import atomic_write_text
 from .models.common import has_prior
 from .prepare import EVAL_SEED, prepare_data
-from .system import model_device, resolve_device
+from .system import model_device, note, resolve_device
 
 N_RECON = 10
 N_SAMPLES = 64
@@ -135,13 +134,15 @@ ALTS = {  # short descriptions of the pictures for screen readers; the captions 
 
 
 def _report_device(run_dir: Path, trained_on: str) -> str:
-    """The run's own device if this machine has it, else the CPU: a GPU run's report on a laptop."""
+    """The run's own device if this machine has it, else its first GPU for a run trained on one (cuda:1 on a
+    one-GPU machine), else the CPU: a GPU run's report on a laptop."""
     try:
         resolve_device(trained_on)
     except ConfigError:
-        print(f"vaelab: note: {run_dir} trained on {trained_on}, which this machine lacks: the report runs on the CPU",
-              file=sys.stderr)
-        return "cpu"
+        other = "cuda:0" if trained_on.startswith("cuda") and torch.cuda.is_available() else "cpu"
+        note(f"{run_dir} trained on {trained_on}, which this machine lacks: the report runs on "
+             f"{'cuda:0' if other != 'cpu' else 'the CPU'}")
+        return other
     return trained_on
 
 
