@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from vaelab import distributed, runs
-from vaelab.cli import build_parser
+from vaelab.cli import build_parser, main
 from vaelab.config import ModelConfig
 from vaelab.errors import ConfigError
 from vaelab.flags import PRESETS, config_from_args
@@ -276,6 +276,27 @@ def test_one_named_gpu_is_refused_under_torchrun(monkeypatch):
                                           r"own \(cuda:LOCAL_RANK\); pass --device cuda"):
         distributed.join("cuda:1")
     assert not torch.distributed.is_initialized()
+
+
+def test_a_torchrun_job_refuses_one_named_gpu_before_loading_data(tmp_path, capsys, monkeypatch):
+    """vaelab train refused --device cuda:1 under torchrun only once the data had loaded (the full Fashion-MNIST: a
+    wait, then the error); a resumed run whose config.json names cuda:1 was refused as if --device had said so."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    missing = f"npz:{tmp_path / 'missing.npz'}"  # loading it would fail: the device must be refused first
+    assert main(["train", "--data", missing, "--device", "cuda:1", "--out", str(tmp_path / "r")]) == 2
+    assert "--device cuda:1 names one GPU, but under torchrun" in capsys.readouterr().err
+    run = tmp_path / "gpu1"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    argv = ["train", "--data", "digits", "--hidden", "8", "--latent-dim", "2", "--epochs", "1", "--quiet",
+            "--no-report", "--out", str(run)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    stored = json.loads((run / "config.json").read_text())
+    stored["train"]["device"] = "cuda:1"  # as trained on a second GPU
+    (run / "config.json").write_text(json.dumps(stored))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*argv, "--resume", "--epochs", "2"]) == 2
+    assert f"{run}/config.json's device cuda:1 names one GPU" in capsys.readouterr().err
 
 
 def test_single_process_makes_a_job_of_one_whatever_the_environment(monkeypatch):

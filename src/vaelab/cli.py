@@ -32,6 +32,7 @@ def _default_out(config: RunConfig) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import runs
+    from .distributed import one_gpu_per_process
     from .reports import write_report
     from .train import train
 
@@ -49,6 +50,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and args.out is None:  # each process would otherwise pick its own default folder
         raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
+    if distributed:  # before the data loads: train() would refuse it only then
+        one_gpu_per_process(config.train.device,
+                            "--device" if args.device is not None else f"{args.out}/config.json's device")
     out = _run_folder(args.out or _default_out(config))
     checkpoint = runs.latest_checkpoint(out) if args.resume else None
     done = checkpoint.epoch if checkpoint else 0

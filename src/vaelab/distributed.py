@@ -195,15 +195,23 @@ def single_process():
         _alone = before
 
 
+def one_gpu_per_process(device_name: str, what: str = "--device") -> None:
+    """A ConfigError for a device naming one GPU (cuda:N) in a torchrun job: every process would train on it.
+
+    what: where the name came from (the flag, or a resumed run's config.json), for the error.
+    """
+    if device_name.startswith("cuda:"):
+        raise ConfigError(f"{what} {device_name} names one GPU, but under torchrun each process takes its own "
+                          f"(cuda:LOCAL_RANK); pass --device cuda, and CUDA_VISIBLE_DEVICES to choose the GPUs")
+
+
 def join(device_name: str) -> tuple[Job, torch.device]:
     """This process's Job and device; joins the process group when torchrun started several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or _alone:
         return Job(), resolve_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name.startswith("cuda:"):  # one GPU for every process: they would all train on it
-        raise ConfigError(f"--device {device_name} names one GPU, but under torchrun each process takes its own "
-                          f"(cuda:LOCAL_RANK); pass --device cuda, and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    one_gpu_per_process(device_name)
     device = resolve_device(device_name)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
