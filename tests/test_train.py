@@ -821,8 +821,10 @@ def test_python_api_refuses_mismatched_data_bad_devices_and_wrongly_typed_config
     with pytest.raises(ConfigError, match="run_dir .*file is a file; give a folder"):
         train(config, tmp_path / "file", dataset=tiny_data(), progress=False)
     train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
-    for device, message in [("gpu", "device 'gpu' is not a device vaelab runs on; use auto, cpu, cuda or cuda:N"),
-                            ("", "is not a device"), (0, "is not a device"), ("mps", "is not a device")]:
+    for device, message in [("gpu", r"device 'gpu' is not one of auto, cpu, cuda or cuda:N \(cuda:0"),
+                            ("", "is not one of"), (0, "is not one of"), ("mps", "is not one of"),
+                            ("cuda:01", "is not one of"),
+                            (torch.device("meta"), "device meta is not a device vaelab runs on")]:
         with pytest.raises(ConfigError, match=message):
             vaelab.load(tmp_path / "run", device=device)
     if not torch.cuda.is_available():

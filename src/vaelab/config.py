@@ -35,13 +35,16 @@ def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
         raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}")
 
 
-def device_name(value: Any) -> str:
+def device_name(value: Any, what: str = "--device") -> str:
     """value if it names a device vaelab trains on (auto, cpu, cuda, or cuda:N for one GPU of several), else a
     ConfigError. Only the spelling: whether this machine has the device is asked when a run starts
-    (system.resolve_device), so a GPU run's config.json still loads on a laptop."""
+    (system.resolve_device), so a GPU run's config.json still loads on a laptop.
+
+    what: how the caller's user gave the name (the flag, or the device argument of load), for errors.
+    """
     if isinstance(value, str) and (value in DEVICES or re.fullmatch(r"cuda:(0|[1-9][0-9]*)", value)):
         return value
-    raise ConfigError(f"--device {value!r} is not one of {', '.join(DEVICES)} or cuda:N (cuda:0, cuda:1, ...)")
+    raise ConfigError(f"{what} {value!r} is not one of {', '.join(DEVICES)} or cuda:N (cuda:0, cuda:1, ...)")
 
 
 def _finite(value: float) -> bool:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .config import device_name
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -35,14 +36,14 @@ def resolve_device(name: str | torch.device, what: str = "--device") -> torch.de
 
     what: how the caller's user gave the name (the flag, or the device argument of load), for errors.
     """
-    if name == "auto":
+    if isinstance(name, torch.device):
+        if name.type not in ("cpu", "cuda"):
+            raise ConfigError(f"{what} {name} is not a device vaelab runs on; use cpu or cuda")
+        device = name
+    elif device_name(name, what) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
+    else:
         device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"{what} {name!r} is not a device vaelab runs on; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
