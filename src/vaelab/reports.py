@@ -141,7 +141,7 @@ def _report_device(run_dir: Path, trained_on: str) -> str:
     except ConfigError:
         other = "cuda:0" if trained_on.startswith("cuda") and torch.cuda.is_available() else "cpu"
         note(f"{run_dir} trained on {trained_on}, which this machine lacks: the report runs on "
-             f"{'cuda:0' if other != 'cpu' else 'the CPU'}")
+             f"{'the CPU' if other == 'cpu' else other}")
         return other
     return trained_on
 
