@@ -824,7 +824,8 @@ def test_python_api_refuses_mismatched_data_bad_devices_and_wrongly_typed_config
     for device, message in [("gpu", r"device 'gpu' is not one of auto, cpu, cuda or cuda:N \(cuda:0"),
                             ("", "is not one of"), (0, "is not one of"), ("mps", "is not one of"),
                             ("cuda:01", "is not one of"),
-                            (torch.device("meta"), "device meta is not a device vaelab runs on")]:
+                            (torch.device("meta"), "device 'meta' is not a device vaelab runs on"),
+                            ("cuda:256", r"device 'cuda:256': torch numbers GPUs cuda:0 to cuda:127")]:
         with pytest.raises(ConfigError, match=message):
             vaelab.load(tmp_path / "run", device=device)
     if not torch.cuda.is_available():

@@ -24,6 +24,7 @@ NETS = IMAGE_NETS + TEXT_NETS
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
 BINARIZE = ("none", "dynamic", "static")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several (device_name)
+MAX_GPU_INDEX = 127  # torch keeps a device's index in 8 signed bits
 OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_HIDDEN = {"mlp": (512, 256), "conv": (32, 64), "lstm": (256,), "gru": (256,)}
@@ -42,7 +43,10 @@ def device_name(value: Any, what: str = "--device") -> str:
 
     what: how the caller's user gave the name (the flag, or the device argument of load), for errors.
     """
-    if isinstance(value, str) and (value in DEVICES or re.fullmatch(r"cuda:(0|[1-9][0-9]*)", value)):
+    gpu = re.fullmatch(r"cuda:(0|[1-9][0-9]*)", value) if isinstance(value, str) else None
+    if gpu and (len(gpu[1]) > 3 or int(gpu[1]) > MAX_GPU_INDEX):  # torch.device would wrap it: cuda:256 is cuda:0
+        raise ConfigError(f"{what} {value!r}: torch numbers GPUs cuda:0 to cuda:{MAX_GPU_INDEX}")
+    if isinstance(value, str) and (value in DEVICES or gpu):
         return value
     raise ConfigError(f"{what} {value!r} is not one of {', '.join(DEVICES)} or cuda:N (cuda:0, cuda:1, ...)")
 

@@ -38,7 +38,7 @@ def resolve_device(name: str | torch.device, what: str = "--device") -> torch.de
     """
     if isinstance(name, torch.device):
         if name.type not in ("cpu", "cuda"):
-            raise ConfigError(f"{what} {name} is not a device vaelab runs on; use cpu or cuda")
+            raise ConfigError(f"{what} {str(name)!r} is not a device vaelab runs on; use cpu or cuda")
         device = name
     elif device_name(name, what) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
