@@ -460,6 +460,9 @@ def test_device_may_name_one_gpu_of_several(npz_data, vae_run, tmp_path, capsys)
     for argv in (["train"], ["evaluate", "RUN"], ["report", "RUN"], ["sample", "RUN"], ["reconstruct", "RUN"],
                  ["interpolate", "RUN"], ["serve", "RUN"]):
         assert parser.parse_args([*argv, "--device", "cuda:1"]).device == "cuda:1"
+        with pytest.raises(SystemExit):  # torch.device would read it as cuda:0
+            parser.parse_args([*argv, "--device", "cuda:256"])
+        assert "argument --device: 'cuda:256': torch numbers GPUs cuda:0 to cuda:127" in capsys.readouterr().err
         for bad in ("cuda:01", "cuda:-1", "cuda:", "gpu", "cuda1"):
             with pytest.raises(SystemExit):
                 parser.parse_args([*argv, "--device", bad])
@@ -472,7 +475,8 @@ def test_device_may_name_one_gpu_of_several(npz_data, vae_run, tmp_path, capsys)
         err = run_error(argv, capsys)
         assert re.search(r"--device cuda:7( was asked for but torch sees no CUDA device|: torch sees \d)", err)
         assert not (tmp_path / "r").exists()
-        assert "device cuda:7" in run_error(["evaluate", str(vae_run), "--device", "cuda:7"], capsys)
+        for command in ("evaluate", "sample", "reconstruct", "interpolate", "report"):  # in the flag's words too
+            assert "--device cuda:7" in run_error([command, str(vae_run), "--device", "cuda:7"], capsys)
 
 
 @pytest.mark.parametrize("argv", [["train", "--epochs", "abc"], ["train", "--model", "foo"], ["train", "--hidden", "0"],

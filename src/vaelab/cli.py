@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=user_path, help="PNG path (default RUN/interpolate-A-B.png; text models: .txt)")
     q = run_command("report", "write RUN/report.html with figures, metrics and the PCA/AE/VAE table", cmd_report,
                     "where the model runs and missing baselines train (default: the run's own device if this "
-                    "machine has it, else cpu)", default=None)
+                    "machine has it, else cuda:0 for a GPU run on a machine with a GPU, else cpu)", default=None)
     q.add_argument("--no-baselines", action="store_true", help="do not train missing baselines for the table")
     q.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -375,6 +375,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit status 2."""
     args = build_parser().parse_args(argv)
     try:
+        # a GPU this machine lacks: refused before any work, in the flag's words (runs.load would say "device");
+        # train checks its device itself, after its torchrun checks
+        if args.func not in (cmd_train, cmd_demo) and isinstance(getattr(args, "device", None), str):
+            from .system import resolve_device
+
+            resolve_device(args.device)
         return args.func(args)
     except VaelabError as e:
         print(f"vaelab: error{_rank()}: {e}", file=sys.stderr)
