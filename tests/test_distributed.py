@@ -278,6 +278,18 @@ def test_one_named_gpu_is_refused_under_torchrun(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_world_size_without_torchrun_is_one_line(tmp_path, capsys, monkeypatch):
+    """WORLD_SIZE=2 set by hand, without torchrun's MASTER_ADDR and MASTER_PORT: torch's ValueError was a traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE is 2 but MASTER_ADDR and MASTER_PORT are not set: start a job "
+                                          r"of several processes with torchrun"):
+        distributed.join("cpu")
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_torchrun_job_refuses_one_named_gpu_before_loading_data(tmp_path, capsys, monkeypatch):
     """vaelab train refused --device cuda:1 under torchrun only once the data had loaded (the full Fashion-MNIST: a
     wait, then the error); a resumed run whose config.json names cuda:1 was refused as if --device had said so."""

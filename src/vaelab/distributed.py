@@ -220,6 +220,11 @@ def join(device_name: str) -> tuple[Job, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:  # torch's ValueError came as a traceback from deep inside its rendezvous
+            unset = f"{' and '.join(missing)} {'are' if len(missing) > 1 else 'is'} not set"
+            raise ConfigError(f"WORLD_SIZE is {world} but {unset}: start a job of several processes with torchrun "
+                              "(which sets them), or unset WORLD_SIZE for one process")
         tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Job(world=world, rank=rank, local_rank=local_rank), device
 
