@@ -278,7 +278,7 @@ def test_one_named_gpu_is_refused_under_torchrun(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-def test_world_size_without_torchrun_is_one_line(tmp_path, capsys, monkeypatch):
+def test_world_size_without_torchrun_is_one_line(monkeypatch):
     """WORLD_SIZE=2 set by hand, without torchrun's MASTER_ADDR and MASTER_PORT: torch's ValueError was a traceback."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

@@ -48,9 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and args.out is None:  # each process would otherwise pick its own default folder
-        raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
-    if distributed:  # before the data loads: train() would refuse it only then
+    if distributed:
+        if args.out is None:  # each process would otherwise pick its own default folder
+            raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
+        # before the data loads (train() would refuse it only then), naming where the device came from
         one_gpu_per_process(config.train.device,
                             "--device" if args.device is not None else f"{args.out}/config.json's device")
     out = _run_folder(args.out or _default_out(config))
@@ -376,8 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # a GPU this machine lacks: refused before any work, in the flag's words (runs.load would say "device");
-        # train checks its device itself, after its torchrun checks
-        if args.func not in (cmd_train, cmd_demo) and isinstance(getattr(args, "device", None), str):
+        # train checks its device itself, after its torchrun checks (demo has no --device)
+        if args.func is not cmd_train and isinstance(getattr(args, "device", None), str):
             from .system import resolve_device
 
             resolve_device(args.device)
