@@ -71,6 +71,26 @@ def test_vmf_compiles_around_its_rejection_sampler_without_warnings(tracing_only
     assert breaks and all("_accepted_beta" in reason for reason in breaks)
 
 
+def test_the_step_compiles_where_layers_take_onednn(monkeypatch):
+    """On AMD CPUs with AVX-512 vaelab's layers call oneDNN's linear op, which inductor lowers only for frozen
+    weights: --compile failed there with a bare AssertionError. Compiled steps take F.linear instead."""
+    from vaelab import linear as vlinear
+    if vlinear._LINEAR is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(vlinear, "PREFER_ONEDNN", True)  # as on an AMD EPYC with AVX-512
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 32, 32), latent_dim=2, hidden=(64,))
+    x = torch.rand(64, 1, 32, 32)  # 64 x 1024 x 64 multiply-adds: above vaelab.linear.MIN_MACS
+    assert model.encoder(x).grad_fn.name() == "_OneDNNChainBackward"  # eagerly, the oneDNN path
+    loss_terms = objective_for(tiny_config())
+    torch._dynamo.reset()
+    step = compile_step(loss_terms, model, x)
+    loss, (loss_sum, recon, kl) = step(model, x, beta=torch.tensor(1.0), free_bits=0.0, kl_balance=False)
+    loss.backward()
+    torch.testing.assert_close(kl, loss_terms(model, x, beta=1.0)["kl"].sum(), rtol=1e-4, atol=1e-3)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_compiled_training_lowers_the_loss_and_saves_plain_weights(tmp_path):
     model = train(tiny_config(epochs=4, compile=True), tmp_path / "run", dataset=tiny_data(), progress=False)
     records = runs.read_metrics(tmp_path / "run")
