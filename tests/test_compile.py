@@ -73,7 +73,7 @@ def test_vmf_compiles_around_its_rejection_sampler_without_warnings(tracing_only
 
 def test_the_step_compiles_where_layers_take_onednn(monkeypatch):
     """On AMD CPUs with AVX-512 vaelab's layers call oneDNN's linear op, which inductor lowers only for frozen
-    weights: --compile failed there with a bare AssertionError. Compiled steps take F.linear instead."""
+    weights: --compile failed there with a bare AssertionError. Compiled steps take F.linear instead, in one graph."""
     from vaelab import linear as vlinear
     if vlinear._LINEAR is None or not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
@@ -84,9 +84,12 @@ def test_the_step_compiles_where_layers_take_onednn(monkeypatch):
     assert model.encoder(x).grad_fn.name() == "_OneDNNChainBackward"  # eagerly, the oneDNN path
     loss_terms = objective_for(tiny_config())
     torch._dynamo.reset()
+    dynamo_counters.clear()
     step = compile_step(loss_terms, model, x)
     loss, (loss_sum, recon, kl) = step(model, x, beta=torch.tensor(1.0), free_bits=0.0, kl_balance=False)
     loss.backward()
+    # one graph: the check for oneDNN read torch's mkldnn switch, where dynamo broke the graph 10 times
+    assert dynamo_counters["stats"]["unique_graphs"] == 1 and not dynamo_counters["graph_break"]
     torch.testing.assert_close(kl, loss_terms(model, x, beta=1.0)["kl"].sum(), rtol=1e-4, atol=1e-3)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 

@@ -72,11 +72,12 @@ PREFER_ONEDNN = prefers_onednn(_cpu_vendor(), torch.backends.cpu.get_cpu_capabil
 
 
 def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # Not while torch.compile traces: inductor lowers mkldnn._linear_pointwise only for frozen (constant)
-    # weights and fails with a bare AssertionError on a parameter, so compiled steps take F.linear (aten.mm)
-    return (_AVAILABLE and a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
-            and torch._C._get_mkldnn_enabled()  # what torch.backends.mkldnn.enabled reads
-            and not torch.compiler.is_compiling())
+    # Never while torch.compile traces (checked first: dynamo breaks the graph at _get_mkldnn_enabled):
+    # inductor lowers mkldnn._linear_pointwise only for frozen (constant) weights and fails with a bare
+    # AssertionError on a parameter, so a compiled step takes F.linear (aten.mm/addmm)
+    return (not torch.compiler.is_compiling() and _AVAILABLE and a.dtype == b.dtype == torch.float32
+            and a.device.type == b.device.type == "cpu"
+            and torch._C._get_mkldnn_enabled())  # what torch.backends.mkldnn.enabled reads
 
 
 def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, attr: str = "none") -> torch.Tensor:
