@@ -7,10 +7,12 @@ instruction set instead. On an AMD EPYC (Zen 5) its float32 matmul runs at 1.0-2
 the MLP VAE's products and ~2.1x on large square ones (benchmarks/matmul_backends.py); on an Intel
 Xeon with AVX-512 and AMX (Sapphire Rapids class) MKL matches or beats it on every product (oneDNN at
 0.45-1.15x), and on an AMD EPYC without AVX-512 (Zen 3), where MKL's AVX2 path is the right one, too
-(oneDNN at 0.72-0.99x). So layers use oneDNN only on non-Intel CPUs with AVX-512 (PREFER_ONEDNN); elsewhere,
-other architectures included (not measured), they stay nn.Linear's. The values are float32 products
-either way (no reduced-precision arithmetic unless torch's mkldnn fp32_precision is set to bf16 or
-tf32); they differ from MKL's only in summation order.
+(oneDNN at 0.72-0.99x). On a Zen 4 EPYC (AVX-512) oneDNN ran at 0.52-1.56x MKL's rate per product and a
+training step took the same time either way (2026-12-02). So layers use oneDNN only on non-Intel CPUs with
+AVX-512 (PREFER_ONEDNN); elsewhere, other architectures included (not measured), they stay nn.Linear's.
+While torch.compile traces they take F.linear: inductor lowers oneDNN's linear op only for frozen weights.
+The values are float32 products either way (no reduced-precision arithmetic unless torch's mkldnn
+fp32_precision is set to bf16 or tf32); they differ from MKL's only in summation order.
 
 oneDNN has a fixed cost per call, so small layers (under MIN_MACS multiply-adds per product; a layer's
 three products, forward and both gradients, have the same count) stay on BLAS, as do other devices and
