@@ -23,7 +23,7 @@ Python, dispatch, autograd and the optimiser's bookkeeping.
 The FLOP limit is train_speed's: the machine's fp32 matmul peak (better of MKL and oneDNN on square
 products, measured before and after, the better kept) over the model's FLOPs per sample (3x forward).
 
-    python benchmarks/step_anatomy.py [--rounds 10] [--steps 50]
+    python benchmarks/step_anatomy.py [--rounds 10] [--steps 50] [--results FILE]
 """
 from __future__ import annotations
 
@@ -225,6 +225,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the JSON results go (default: benchmarks/results/step_anatomy.json)")
     args = parser.parse_args()
     keep_freed_memory()
     data = load(args.steps * BATCH)
@@ -271,8 +273,8 @@ def main() -> None:
     overhead = {name: 1e3 / statistics.median(r[2:]) for name, r in tiny_rates.items()}
     print(f"framework cost per step (784-8-8-16-8-8-784, batch 2): vaelab {overhead['vaelab']:.2f} ms, "
           f"plain autograd {overhead['plain autograd']:.2f} ms")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"data": data.name, "steps_per_round": args.steps, "steps_per_s": rates,
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"data": data.name, "steps_per_round": args.steps, "steps_per_s": rates,
                                    "matmul_peak_flops": peak, "model_flops_per_sample": flops,
                                    "ms_per_step": ms, "speed_vs_vaelab": ratio,
                                    "tiny_network_ms_per_step": overhead}, indent=2) + "\n")
