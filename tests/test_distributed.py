@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 from vaelab import distributed, runs
 from vaelab.cli import build_parser, main
-from vaelab.config import ModelConfig
+from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.errors import ConfigError
 from vaelab.flags import PRESETS, config_from_args
 from vaelab.models import VAE, build_model
+from vaelab.train import train
 
 COMMON = ["--model", "ae", "--likelihood", "gaussian", "--hidden", "16", "--latent-dim", "3", "--lr", "0.01",
           "--seed", "3", "--device", "cpu", "--no-report", "--quiet"]
@@ -288,6 +289,28 @@ def test_world_size_without_torchrun_is_one_line(monkeypatch):
                                           r"of several processes with torchrun"):
         distributed.join("cpu")
     assert not torch.distributed.is_initialized()
+
+
+def test_the_python_api_refuses_a_job_before_loading_data(tmp_path, monkeypatch):
+    """vaelab.train(config) under WORLD_SIZE=2 without MASTER_ADDR/PORT loaded the data first (a download, or the
+    full Fashion-MNIST) and refused after; the CLI checked early, the Trainer did not."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    config = RunConfig(data=DataConfig(name=f"npz:{tmp_path / 'missing.npz'}"),  # loading it would fail
+                       model=ModelConfig(model="vae", hidden=(16,), latent_dim=2), train=TrainConfig(device="cpu"))
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE is 2 but MASTER_ADDR and MASTER_PORT are not set"):
+        train(config, tmp_path / "run", progress=False)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_the_python_api_refuses_a_missing_gpu_before_loading_data(tmp_path):
+    config = RunConfig(data=DataConfig(name=f"npz:{tmp_path / 'missing.npz'}"),
+                       model=ModelConfig(model="vae", hidden=(16,), latent_dim=2), train=TrainConfig(device="cuda"))
+    with pytest.raises(ConfigError, match=r"--device cuda was asked for but torch sees no CUDA device"):
+        train(config, tmp_path / "run", progress=False)
 
 
 def test_a_torchrun_job_refuses_one_named_gpu_before_loading_data(tmp_path, capsys, monkeypatch):

@@ -205,8 +205,12 @@ def one_gpu_per_process(device_name: str, what: str = "--device") -> None:
                           f"(cuda:LOCAL_RANK); pass --device cuda, and CUDA_VISIBLE_DEVICES to choose the GPUs")
 
 
-def join(device_name: str) -> tuple[Job, torch.device]:
-    """This process's Job and device; joins the process group when torchrun started several processes."""
+def check(device_name: str) -> tuple[Job, torch.device]:
+    """This process's Job and device, with every refusal join makes, without joining the process group.
+
+    The Trainer calls it before it loads data, so a wrong --device or environment is refused at once, not
+    after a download or the full Fashion-MNIST (the CLI checks the flag earlier still; the Python API did not).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or _alone:
         return Job(), resolve_device(device_name)
@@ -218,15 +222,24 @@ def join(device_name: str) -> tuple[Job, torch.device]:
             raise TrainingError(f"rank {rank} wants cuda:{local_rank} but this machine has "
                                 f"{torch.cuda.device_count()} GPUs; lower --nproc_per_node")
         device = torch.device("cuda", local_rank)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing and not tdist.is_initialized():  # torch's ValueError came as a traceback from inside its rendezvous
+        unset = f"{' and '.join(missing)} {'are' if len(missing) > 1 else 'is'} not set"
+        raise ConfigError(f"WORLD_SIZE is {world} but {unset}: start a job of several processes with torchrun "
+                          "(which sets them), or unset WORLD_SIZE for one process")
+    return Job(world=world, rank=rank, local_rank=local_rank), device
+
+
+def join(device_name: str) -> tuple[Job, torch.device]:
+    """This process's Job and device; joins the process group when torchrun started several processes."""
+    job, device = check(device_name)
+    if job.world == 1:
+        return job, device
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
-        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-        if missing:  # torch's ValueError came as a traceback from deep inside its rendezvous
-            unset = f"{' and '.join(missing)} {'are' if len(missing) > 1 else 'is'} not set"
-            raise ConfigError(f"WORLD_SIZE is {world} but {unset}: start a job of several processes with torchrun "
-                              "(which sets them), or unset WORLD_SIZE for one process")
         tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Job(world=world, rank=rank, local_rank=local_rank), device
+    return job, device
 
 
 # How long a process of a job waits, without the GIL, after leaving its process group and before it exits.

@@ -66,6 +66,7 @@ class Trainer:
                  progress: bool = True):
         self.run_dir = Path(run_dir)
         self.progress = progress
+        distributed.check(config.train.device)  # before the data loads: join below refuses the same, later
         record = config.data.from_files and config.data.fingerprint is None and (dataset is None or
                                                                                 dataset.prepared_as is None)
         if record:
