@@ -275,9 +275,9 @@ def main() -> None:
           f"plain autograd {overhead['plain autograd']:.2f} ms")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"data": data.name, "steps_per_round": args.steps, "steps_per_s": rates,
-                                   "matmul_peak_flops": peak, "model_flops_per_sample": flops,
-                                   "ms_per_step": ms, "speed_vs_vaelab": ratio,
-                                   "tiny_network_ms_per_step": overhead}, indent=2) + "\n")
+                                        "matmul_peak_flops": peak, "model_flops_per_sample": flops,
+                                        "ms_per_step": ms, "speed_vs_vaelab": ratio,
+                                        "tiny_network_ms_per_step": overhead}, indent=2) + "\n")
     print(f"vaelab_vs_hand_written={1 / ratio['hand-written']:.3f} "
           f"hand_written_fraction_of_limit={BATCH / ms['hand-written'] * 1e3 / limit:.2f}")
 

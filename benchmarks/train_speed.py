@@ -319,11 +319,12 @@ def main() -> None:
           f"({peak / executed:,.0f} counting executed FLOPs only); medians of per-round ratios")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"data": data.name, "examples": len(data.train.x), "rounds": rows,
-                                   "stolen_cpu_share": steal,
-                                   "model_flops_per_sample": flops, "executed_flops_per_sample": executed,
-                                   "speedup_vs_dataloader_by_method": ratio, "fraction_of_limit_by_method": fraction,
-                                   "speedup_vs_dataloader": ratio["vaelab"],
-                                   "fraction_of_limit": fraction["vaelab"]}, indent=2) + "\n")
+                                        "stolen_cpu_share": steal,
+                                        "model_flops_per_sample": flops, "executed_flops_per_sample": executed,
+                                        "speedup_vs_dataloader_by_method": ratio,
+                                        "fraction_of_limit_by_method": fraction,
+                                        "speedup_vs_dataloader": ratio["vaelab"],
+                                        "fraction_of_limit": fraction["vaelab"]}, indent=2) + "\n")
     if "vaelab --compile" in ratio:
         print(f"with --compile: speedup_vs_dataloader={ratio['vaelab --compile']:.2f} "
               f"fraction_of_limit={fraction['vaelab --compile']:.2f}")
