@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from model_overhead import PlainVAE
-from train_speed import BATCH, flops_per_sample, load, matmul_rate
+from train_speed import BATCH, describe, flops_per_sample, load, machine, matmul_rate
 
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.models import VAE
@@ -256,9 +256,9 @@ def main() -> None:
     ms = {name: 1e3 / statistics.median(r[2:]) for name, r in rates.items()}
     ratio = {name: statistics.median(a / b for a, b in zip(r[2:], rates["vaelab"][2:])) for name, r in rates.items()}
     limit = peak / flops  # samples/s
-    print(f"data: {data.name}, batch {BATCH}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"hand-written gradients within {error:.0e} (relative) of autograd's; {args.rounds} rounds of "
-          f"{args.steps} steps")
+    about = machine()
+    print(f"data: {data.name}, batch {BATCH}; hand-written gradients within {error:.0e} (relative) of autograd's; "
+          f"{args.rounds} rounds of {args.steps} steps\nmachine: {describe(about)}")
     print(f"matmul peak {peak / 1e9:.0f} GFLOP/s, {flops / 1e6:.2f} MFLOP per sample: FLOP limit "
           f"{limit:,.0f} samples/s, {BATCH / limit * 1e3:.2f} ms per step\n")
     print(f"{'per step':<20}{'ms':>7}{'speed vs vaelab':>17}{'of FLOP limit':>15}")
@@ -274,7 +274,8 @@ def main() -> None:
     print(f"framework cost per step (784-8-8-16-8-8-784, batch 2): vaelab {overhead['vaelab']:.2f} ms, "
           f"plain autograd {overhead['plain autograd']:.2f} ms")
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"data": data.name, "steps_per_round": args.steps, "steps_per_s": rates,
+    args.results.write_text(json.dumps({"machine": about, "data": data.name, "steps_per_round": args.steps,
+                                        "steps_per_s": rates,
                                         "matmul_peak_flops": peak, "model_flops_per_sample": flops,
                                         "ms_per_step": ms, "speed_vs_vaelab": ratio,
                                         "tiny_network_ms_per_step": overhead}, indent=2) + "\n")

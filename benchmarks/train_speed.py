@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from vaelab import runs
+from vaelab import linear, runs
 from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split, load_dataset
 from vaelab.errors import DataError
@@ -201,6 +201,34 @@ def flops_per_sample(data: Dataset) -> tuple[float, float]:
     return 3 * fwd, fwd + backward.get_total_flops() / BATCH
 
 
+def machine() -> dict[str, object]:
+    """What the numbers were measured on, for the results file (runs from different machines sit side by side):
+    /proc/cpuinfo's vendor, family, model and name (Linux; empty elsewhere), torch's CPU capability, threads,
+    torch's version and which library vaelab.linear's layers use there."""
+    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "model name": "name"}
+    cpu: dict[str, object] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in fields and fields[key.strip()] not in cpu:
+                    cpu[fields[key.strip()]] = value.strip()
+                if not line.strip() and cpu:  # the first processor's block is enough
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "vaelab_linear": "oneDNN" if linear.PREFER_ONEDNN else "default BLAS (MKL)"}
+
+
+def describe(about: dict[str, object]) -> str:
+    """machine() in one line for a benchmark's header."""
+    cpu = about["cpu"]
+    family = f" (family {cpu['family']}, model {cpu['model']})" if "family" in cpu and "model" in cpu else ""
+    return (f"{cpu.get('name', 'unknown CPU')}{family}, {about['capability']}, {about['threads']} threads, "
+            f"torch {about['torch']}, vaelab.linear on {about['vaelab_linear']}")
+
+
 def matmul_rate(repeats: int = 10) -> float:
     """The machine's fp32 matmul peak: best timing of square matmuls (1024, 2048), in FLOP/s, over both
     of PyTorch's CPU matmul libraries (MKL behind `@`, oneDNN behind vaelab.linear): the faster one is
@@ -281,8 +309,9 @@ def main() -> None:
         return
     data = load(args.examples)
     flops, executed = flops_per_sample(data)
-    print(f"data: {data.name}, {len(data.train.x)} training examples per epoch, batch {BATCH}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; each measurement in a fresh process")
+    about = machine()
+    print(f"data: {data.name}, {len(data.train.x)} training examples per epoch, batch {BATCH}; each measurement "
+          f"in a fresh process\nmachine: {describe(about)}")
     names = [*METHODS, "matmul peak"]
     rows: list[dict[str, float]] = []
     steal: list[dict[str, float]] = []  # per measurement, the share of CPU time the hypervisor took
@@ -318,7 +347,8 @@ def main() -> None:
           f"matmul peak {peak / 1e9:.0f} GFLOP/s (median); FLOP limit {peak / flops:,.0f} samples/s "
           f"({peak / executed:,.0f} counting executed FLOPs only); medians of per-round ratios")
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"data": data.name, "examples": len(data.train.x), "rounds": rows,
+    args.results.write_text(json.dumps({"machine": about, "data": data.name, "examples": len(data.train.x),
+                                        "rounds": rows,
                                         "stolen_cpu_share": steal,
                                         "model_flops_per_sample": flops, "executed_flops_per_sample": executed,
                                         "speedup_vs_dataloader_by_method": ratio,

@@ -1,9 +1,13 @@
-"""benchmarks/train_speed.py: a failed measurement says why, and a failing --compile leaves the default's numbers."""
+"""benchmarks/train_speed.py: a failed measurement says why, a failing --compile leaves the default's numbers, and
+the results name the machine."""
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from vaelab import linear as vlinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_speed  # noqa: E402
@@ -44,6 +48,13 @@ def test_a_failing_compile_is_dropped_and_the_default_numbers_still_come_out(mon
     assert not any(line.startswith("with --compile") for line in out)
     saved = json.loads(results.read_text())
     assert all("vaelab --compile" not in row for row in saved["rounds"])
+    # the machine the numbers come from is in the file and the header (stored runs of several machines sit side
+    # by side, told apart only by their file names before)
+    about = saved["machine"]
+    assert about["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert about["threads"] == torch.get_num_threads()
+    assert about["vaelab_linear"] == ("oneDNN" if vlinear.PREFER_ONEDNN else "default BLAS (MKL)")
+    assert out[1].startswith("machine: ") and about["capability"] in out[1]
     assert set(saved["fraction_of_limit_by_method"]) == {"dataloader loop", "tight loop", "vaelab"}
 
 
