@@ -246,3 +246,41 @@ def test_the_text_vae_step_is_one_graph_with_its_rnns_traced(tracing_only, net):
     torch.testing.assert_close(loss_sum, loss_terms(model, x, beta=1.0)["loss"].sum())
     assert dynamo_counters["stats"]["unique_graphs"] == 1
     assert not dynamo_counters["graph_break"] and not torch._dynamo.config.allow_rnn
+
+
+def test_a_torchrun_job_compiles_without_dynamo_s_profiler_note(tmp_path):
+    """Under torchrun every process printed "[rankN]:W... Profiler record function <class ...record_function> will
+    be ignored": dynamo's note about DistributedDataParallel.forward's profiler range. Here a job of one process
+    (a gloo group of one) compiles a DDP-wrapped step: the note is dropped, and only within the step's calls."""
+    import logging
+
+    from torch._logging._internal import warning_once
+    from torch.nn.parallel import DistributedDataParallel
+
+    dynamo_contexts_log = logging.getLogger("torch._dynamo.variables.ctx_manager")  # where dynamo says it
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    dynamo_contexts_log.addHandler(handler)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = VAE(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))
+        net = DistributedDataParallel(model)
+        x = torch.rand(16, 1, 6, 6)
+        torch._dynamo.reset()
+        warning_once.cache_clear()  # dynamo says it once per process
+        step = compile_step(objective_for(tiny_config()), net, x)
+        loss, _ = step(net, x, beta=torch.tensor(1.0), free_bits=0.0, kl_balance=False)
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+        assert not [r.getMessage() for r in records], "dynamo's note came through"
+        assert not dynamo_contexts_log.filters  # left as it was
+        # outside the step, the note is dynamo's to give (the filter does not stay behind)
+        warning_once.cache_clear()
+        dynamo_contexts_log.warning("Profiler record function %s will be ignored", "f")
+        assert len(records) == 1
+    finally:
+        dynamo_contexts_log.removeHandler(handler)
+        torch.distributed.destroy_process_group()

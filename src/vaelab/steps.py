@@ -3,8 +3,10 @@ loss and metrics (eager or through torch.compile), the optimiser and its step, a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -77,17 +79,44 @@ def compile_step(loss_terms: Callable[..., dict[str, torch.Tensor]], model: nn.M
     """
     _look_up_kls(model, loss_terms, x, options)
     compiled = torch.compile(functools.partial(step_loss, loss_terms), dynamic=False)
-    if x.device.type != "cpu" or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
-        return compiled  # (on a GPU tracing would replace cuDNN's fused RNN kernels: not measured, not done)
+    # dynamo leaves nn.LSTM/GRU out of its graphs unless allow_rnn is set (read at trace time: the first call),
+    # and the text VAE's step was nine graphs around them. Traced, the step is one graph, 1.08x (LSTM) and
+    # 1.19x (GRU) faster on a CPU than in pieces, after ~70 s of compiling instead of ~20
+    # (benchmarks/text_step.py). The setting is patched for these calls only, never left on globally. (On a GPU
+    # tracing would replace cuDNN's fused RNN kernels: not measured, not done.)
+    rnns = x.device.type == "cpu" and any(isinstance(m, nn.RNNBase) for m in model.modules())
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # a torchrun job's model
+    if not (rnns or ddp):
+        return compiled
 
-    def traced_with_rnns(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        # dynamo leaves nn.LSTM/GRU out of its graphs unless allow_rnn is set (read at trace time: the first
-        # call), and the text VAE's step was nine graphs around them. Traced, the step is one graph, 1.08x
-        # (LSTM) and 1.19x (GRU) faster on a CPU than in pieces, after ~70 s of compiling instead of ~20
-        # (benchmarks/text_step.py). The setting is patched for this call only, never left on globally.
-        with torch._dynamo.config.patch(allow_rnn=True):
+    def step(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        with (torch._dynamo.config.patch(allow_rnn=True) if rnns else contextlib.nullcontext()), \
+                (_quiet_profiler_note() if ddp else contextlib.nullcontext()):
             return compiled(*args, **kwargs)
-    return traced_with_rnns
+    return step
+
+
+class _ProfilerNoteFilter(logging.Filter):
+    """Drops dynamo's "Profiler record function ... will be ignored": under torchrun each process printed it
+    once, about DistributedDataParallel.forward's profiler range, which the step does not need."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Profiler record function %s will be ignored"
+
+
+_DYNAMO_CONTEXTS_LOG = logging.getLogger("torch._dynamo.variables.ctx_manager")  # the logger that says it
+_PROFILER_NOTE_FILTER = _ProfilerNoteFilter()
+
+
+@contextlib.contextmanager
+def _quiet_profiler_note() -> Iterator[None]:
+    """Within it (a compiled step's calls: tracing happens in the first), that note is dropped; elsewhere,
+    e.g. a user's own torch.compile, dynamo's log is left as it is."""
+    _DYNAMO_CONTEXTS_LOG.addFilter(_PROFILER_NOTE_FILTER)
+    try:
+        yield
+    finally:
+        _DYNAMO_CONTEXTS_LOG.removeFilter(_PROFILER_NOTE_FILTER)
 
 
 @in_eval_mode
