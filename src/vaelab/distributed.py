@@ -206,10 +206,11 @@ def one_gpu_per_process(device_name: str, what: str = "--device") -> None:
 
 
 def check(device_name: str) -> tuple[Job, torch.device]:
-    """This process's Job and device, with every refusal join makes, without joining the process group.
+    """This process's Job and device, with every refusal, without joining the process group (connect does).
 
-    The Trainer calls it before it loads data, so a wrong --device or environment is refused at once, not
-    after a download or the full Fashion-MNIST (the CLI checks the flag earlier still; the Python API did not).
+    The Trainer calls it before it loads data and connect after, so a wrong --device or environment is refused
+    at once, not after a download or the full Fashion-MNIST (the CLI checks the flag earlier still; the Python
+    API did not).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or _alone:
@@ -230,15 +231,20 @@ def check(device_name: str) -> tuple[Job, torch.device]:
     return Job(world=world, rank=rank, local_rank=local_rank), device
 
 
-def join(device_name: str) -> tuple[Job, torch.device]:
-    """This process's Job and device; joins the process group when torchrun started several processes."""
-    job, device = check(device_name)
+def connect(job: Job, device: torch.device) -> None:
+    """Joins the process group of a job of several processes, as check() found them (nothing for one)."""
     if job.world == 1:
-        return job, device
+        return
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def join(device_name: str) -> tuple[Job, torch.device]:
+    """This process's Job and device; joins the process group when torchrun started several processes."""
+    job, device = check(device_name)
+    connect(job, device)
     return job, device
 
 

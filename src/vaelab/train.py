@@ -66,7 +66,7 @@ class Trainer:
                  progress: bool = True):
         self.run_dir = Path(run_dir)
         self.progress = progress
-        distributed.check(config.train.device)  # before the data loads: join below refuses the same, later
+        job, device = distributed.check(config.train.device)  # refused before the data loads, not after
         record = config.data.from_files and config.data.fingerprint is None and (dataset is None or
                                                                                 dataset.prepared_as is None)
         if record:
@@ -78,7 +78,8 @@ class Trainer:
         model_config = dataclasses.replace(config.model, input_shape=self.data.shape,
                                            vocab_size=len(self.data.vocab) if self.data.is_text else None)
         self.config = dataclasses.replace(config, model=model_config)
-        self.job, self.device = distributed.join(config.train.device)
+        distributed.connect(job, device)
+        self.job, self.device = job, device
         # steps per epoch: the job's global batches (the last may be short)
         self.steps = math.ceil(self.data.train.x.shape[0] / (config.train.batch_size * self.job.world))
         check_cycles(config.train, self.steps)
