@@ -5,9 +5,11 @@ import pytest
 import torch
 from test_hvae import small as small_hvae
 from test_text import VOCAB, tiny_model
+from torch import nn
 
 from vaelab.errors import InputError, VaelabError
 from vaelab.models import AE, PCA, VAE, TextVAE
+from vaelab.models.common import model_tensor
 
 SHAPE = (1, 6, 6)
 
@@ -216,6 +218,28 @@ def test_a_model_converted_to_double_takes_double_inputs_and_refuses_float():
     assert model.reconstruct(x).dtype == torch.float64
     with pytest.raises(InputError, match="dtype torch.float32, but this model's weights are torch.float64"):
         model.encode(x.float())
+
+
+def test_the_prior_is_made_once_and_follows_the_model_when_it_is_converted():
+    model = image_models()["vae"]
+    prior = model.prior()
+    assert model.prior() is prior and model(torch.rand(2, *SHAPE)).pz is prior  # not rebuilt every step
+    model.double()  # new buffers: a new prior, of their dtype
+    assert model.prior() is not prior and model.prior().base_dist.loc.dtype == torch.float64
+    x = torch.rand(2, *SHAPE, dtype=torch.float64)
+    assert model(x).kl().dtype == torch.float64
+    model.load_state_dict(model.state_dict(), assign=True)  # (zero and one are not in the state dict)
+    assert model.prior().base_dist.loc is model.posterior.zero
+
+
+def test_the_model_tensor_is_its_first_parameter_or_else_its_first_buffer():
+    for name, model in image_models().items():
+        first = next(model.parameters(), None) if name != "pca" else next(model.buffers())
+        assert model_tensor(model) is first, name
+    deep = nn.Sequential(nn.Sequential(nn.Identity()), nn.BatchNorm1d(2, affine=False), nn.Linear(2, 2))
+    assert model_tensor(deep) is deep[2].weight  # a parameter after a buffer: the parameter
+    deep[2] = nn.Identity()
+    assert model_tensor(deep) is deep[1].running_mean and model_tensor(nn.ReLU()) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -93,6 +93,7 @@ class DiagonalGaussian(nn.Module):
         self.logvar = Linear(in_features, latent_dim)
         self.register_buffer("zero", torch.zeros(latent_dim), persistent=False)
         self.register_buffer("one", torch.ones(latent_dim), persistent=False)
+        self._prior: StandardNormal | None = None
         self.mean_bn = None
         if bn_mu is not None:
             # BN-VAE (Zhu et al. 2020, Sec. 3.2): mu = gamma * BN(mu) + beta with gamma fixed and beta learned
@@ -108,7 +109,8 @@ class DiagonalGaussian(nn.Module):
     def forward(self, h: torch.Tensor) -> Distribution:
         """Posterior from encoder features h (B, F); batch shape (B,), event shape (D,)."""
         raw = self.logvar(h)
-        logvar = raw + (raw.clamp(LOGVAR_MIN, LOGVAR_MAX) - raw).detach()  # the clamped value, raw's gradient
+        held = raw.detach()  # (the correction computed off the graph: two ops fewer to record)
+        logvar = raw + (held.clamp(LOGVAR_MIN, LOGVAR_MAX) - held)  # the clamped value, raw's gradient
         mu = self.mean(h)
         if self.mean_bn is not None:
             if self.training and mu.shape[0] < 2:
@@ -118,8 +120,17 @@ class DiagonalGaussian(nn.Module):
         return diagonal_normal(mu, torch.exp(0.5 * logvar), logvar)
 
     def prior(self) -> Distribution:
-        """p(z) = N(0, I); batch shape (), event shape (D,)."""
-        return standard_normal(self.zero, self.one)
+        """p(z) = N(0, I); batch shape (), event shape (D,).
+
+        Every forward pass asks for it, so it is made once for the buffers it is built from (moving the model
+        replaces them, and with them the prior), not in traced code.
+        """
+        prior = self._prior
+        if prior is None or prior.base_dist.loc is not self.zero or prior.base_dist.scale is not self.one:
+            prior = standard_normal(self.zero, self.one)
+            if not torch.compiler.is_compiling():
+                self._prior = prior
+        return prior
 
     @staticmethod
     def rsample(qz: Distribution, k: int | None = None, noise: Noise | None = None) -> torch.Tensor:

@@ -47,7 +47,7 @@ class BernoulliImage(Independent):
         else:  # K samples against one image: -log p per pixel = softplus(l) - x * l, broadcasting x for free;
             # in place on softplus's output (its backward needs only l): ~20% faster than logaddexp + addcmul
             nll = F.softplus(logits).addcmul_(logits, value, value=-1)
-        return -nll.flatten(-3).sum(-1)
+        return -nll.sum((-3, -2, -1))
 
 
 class BernoulliLikelihood(nn.Module):

@@ -84,7 +84,7 @@ def elbo(out: Output, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 
         charged = torch.where(beta < 1, _balanced_kl(out), charged)  # break per step under torch.compile)
     elif kl_balance and beta < 1:
         charged = _balanced_kl(out)
-    loss = recon + beta * charged
+    loss = recon + (charged if isinstance(beta, (int, float)) and beta == 1 else beta * charged)  # (one op fewer)
     score = out.score
     if score is not None:  # z was rejection-sampled (vMF): add the sampler's gradient correction
         # what the loss takes the expectation of over z: log p(x|z), and the KL when it is estimated from z
