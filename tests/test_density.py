@@ -170,6 +170,24 @@ def test_a_long_estimate_shows_its_progress_over_every_sample(monkeypatch):
     # on a terminal only)
 
 
+def test_a_long_estimate_off_a_terminal_says_how_long_it_will_take(monkeypatch, capsys):
+    """evaluate --nll --k 1000000000000 ran on with no word when stderr was no terminal (no progress bar)."""
+    from vaelab import density
+
+    model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)).eval()
+    x = torch.rand(7, 1, 4, 4)
+    clock = iter(range(1000))  # each reading 1 s after the last: the estimate after two passes (ESTIMATE_AFTER)
+    monkeypatch.setattr(density.time, "perf_counter", lambda: next(clock))
+    importance_sample(model, x, k=230, chunk=5, batch_size=3, progress=True)  # 3 x 46 passes
+    assert capsys.readouterr().err.strip() == ("log p(x) with K=230 over 7 examples: about 2.3 min at this rate "
+                                               "(estimated after 2 s; no progress bar off a terminal); the time "
+                                               "grows with K")  # 138 passes at 1 s each
+    for progress, shorter in ((True, 50), (False, 1000)):  # a shorter run, or no progress asked for: no word
+        clock = iter(range(10000))
+        importance_sample(model, x, k=shorter, chunk=5, batch_size=3, progress=progress)
+        assert capsys.readouterr().err == ""
+
+
 def test_importance_sampling_runs_under_no_grad_and_leaves_global_rng_alone():
     model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,))
     x = torch.rand(4, 1, 4, 4)

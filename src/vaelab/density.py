@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ from .system import in_eval_mode, keep_freed_memory, model_device
 
 MAX_ELEMENTS = 1 << 23  # parameters of p(x|z) materialised per pass (32 MiB of float32 logits)
 DEFAULT_CHUNK = 200  # samples per pass: large enough for efficient matmuls, small enough to stay in cache
+ESTIMATE_AFTER = 2.0  # seconds of sampling after which a run off a terminal estimates its whole time ...
+LONG_RUN = 60.0  # ... and says it when it is longer than this
 NOISE_BLOCK = 200  # samples of an example's noise drawn at a time (all K at once took K x batch x latent memory)
 # (K below it is one block of K: 200 rows for K = 1 took 3.5x the memory and time)
 
@@ -170,7 +173,8 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         seed: the noise is keyed by (seed, example, sample), so a result depends on the seed alone;
             the global RNG is not touched.
         progress: a progress bar of the N x K samples on stderr, when it is a terminal (K = 5000 over 10,000
-            images runs for minutes to hours).
+            images runs for minutes to hours); elsewhere (a log file, a pipe) one line with the time the whole
+            estimate will take, when that is over a minute.
     """
     if not has_prior(model):  # PCA, autoencoders: no q(z|x) to sample from
         exact = "; PCA's log p(x) is exact: log_likelihood(model, x)" if hasattr(model, "log_marginal") else ""
@@ -186,7 +190,16 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
     with tqdm(total=x.shape[0] * k, desc=f"log p(x), K={k}", unit="samples", unit_scale=True, leave=False,
               disable=None if progress else True, file=sys.stderr, dynamic_ncols=True) as bar:  # (None: a terminal's)
         return _importance_sample(model, x, k=k, chunk=chunk, batch_size=batch_size, seed=seed, device=device,
-                                  bar=bar)
+                                  bar=bar, estimate_time=progress and bool(bar.disable))
+
+
+def _duration(seconds: float) -> str:
+    """A time span in words: "40 s", "12 min", "3.5 h", "20 days", "1.2e+05 years"."""
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            value = seconds / size
+            return f"{value:.2g} {unit}" if value >= 1e4 or value < 10 else f"{value:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _whole(name: str, value: object, lowest: int) -> int:
@@ -217,10 +230,11 @@ def _check_data(model: nn.Module, x: torch.Tensor, where: str) -> None:
 
 @in_eval_mode
 def _importance_sample(model: nn.Module, x: torch.Tensor, *, k: int, chunk: int | None, batch_size: int | None,
-                       seed: int, device: torch.device, bar: tqdm) -> Estimate:
+                       seed: int, device: torch.device, bar: tqdm, estimate_time: bool = False) -> Estimate:
     # parameters of p(x|z) per sample: one per pixel, or one per token and vocabulary entry for text
     outputs = math.prod(x.shape[1:]) * (getattr(model, "vocab_size", None) or 1)
     chunk, batch_size = _sizes(x.shape[0], outputs, k, chunk, batch_size)
+    passes, passes_done, start_time = -(-x.shape[0] // batch_size) * -(-k // chunk), 0, time.perf_counter()
     log_px, ess = [], []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
@@ -233,6 +247,14 @@ def _importance_sample(model: nn.Module, x: torch.Tensor, *, k: int, chunk: int 
             lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
             lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
             bar.update(log_w.numel())
+            passes_done += 1
+            if estimate_time and (elapsed := time.perf_counter() - start_time) >= ESTIMATE_AFTER:
+                estimate_time = False  # once: with no bar (off a terminal) a long run said nothing until done
+                whole = elapsed * passes / passes_done
+                if whole > LONG_RUN:
+                    print(f"log p(x) with K={k} over {x.shape[0]} examples: about {_duration(whole)} at this rate "
+                          f"(estimated after {_duration(elapsed)}; no progress bar off a terminal); the time "
+                          "grows with K", file=sys.stderr, flush=True)
         log_px.append((lse - math.log(k)).float().cpu())
         ess.append(torch.exp(2 * lse - lse2).float().cpu())
     return Estimate(log_px=torch.cat(log_px), ess=torch.cat(ess), k=k)
