@@ -48,6 +48,7 @@ from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import Dataset, Split, load_dataset
 from vaelab.errors import DataError
 from vaelab.linear import matmul_nt, onednn_off
+from vaelab.system import cpu_info
 from vaelab.train import train
 
 BATCH = 128
@@ -205,20 +206,9 @@ def machine() -> dict[str, object]:
     """What the numbers were measured on, for the results file (runs from different machines sit side by side):
     /proc/cpuinfo's vendor, family, model and name (Linux; empty elsewhere), torch's CPU capability, threads,
     torch's version and which library vaelab.linear's layers use there."""
-    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "model name": "name"}
-    cpu: dict[str, object] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in fields and fields[key.strip()] not in cpu:
-                    cpu[fields[key.strip()]] = value.strip()
-                if not line.strip() and cpu:  # the first processor's block is enough
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "vaelab_linear": "oneDNN" if linear.PREFER_ONEDNN else "default BLAS (MKL)"}
+    return {"cpu": cpu_info(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "vaelab_linear": "oneDNN" if linear.PREFER_ONEDNN else "default BLAS (MKL)"}
 
 
 def describe(about: dict[str, object]) -> str:

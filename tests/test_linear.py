@@ -162,7 +162,7 @@ def test_intel_cpus_keep_nn_linear(monkeypatch):
 
 
 def test_cpu_vendor_and_avx512_decide_the_default():
-    """Read off /proc/cpuinfo here, not through _cpu_vendor and torch's capability: oneDNN by default on an x86
+    """Read off /proc/cpuinfo here, not through system.cpu_info and torch's capability: oneDNN by default on an x86
     CPU not made by Intel whose flags have AVX-512 (the F, BW, VL and DQ parts torch's AVX512 kernels need)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()

@@ -1,7 +1,9 @@
 """vaelab.system: denormals flushed on every thread while training, and restored afterwards."""
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +106,20 @@ def test_a_context_left_open_does_not_hang_the_interpreter_at_exit():
         pytest.fail("the interpreter hung at exit restoring the pool's denormal flags")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+def test_cpu_info_reads_the_first_processor_and_falls_back_to_the_vendor_alone(monkeypatch):
+    """One reader of the CPU for vaelab.linear's default and the benchmarks' results (each read /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        vendor = re.search(r"^vendor_id\s*:\s*(.*)$", cpuinfo.read_text(), re.M)
+        assert system.cpu_info().get("vendor") == (vendor.group(1).strip() if vendor else None)
+
+    def unreadable(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr("builtins.open", unreadable)
+    monkeypatch.setattr(system.platform, "processor", lambda: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel")
+    assert system.cpu_info() == {"vendor": "GenuineIntel"}
+    monkeypatch.setattr(system.platform, "processor", lambda: "")
+    assert system.cpu_info() == {}

@@ -21,12 +21,13 @@ dtypes. `torch.backends.mkldnn.enabled = False` (or the `onednn_off()` context) 
 from __future__ import annotations
 
 import contextlib
-import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .system import cpu_info
 
 MIN_MACS = 2**21  # below ~2M multiply-adds per product, oneDNN's per-call cost outweighs its faster kernel
 
@@ -43,21 +44,8 @@ _LINEAR = _onednn_op()
 _AVAILABLE = _LINEAR is not None and torch.backends.mkldnn.is_available()
 
 
-def _cpu_vendor() -> str:
-    """The x86 CPU's vendor ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    processor = platform.processor()  # Windows: "Intel64 Family 6 ..., GenuineIntel"
-    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in processor), "")
-
-
 def prefers_onednn(vendor: str, capability: str) -> bool:
-    """Whether layers should use oneDNN on a CPU of this vendor (_cpu_vendor) and ATen capability
+    """Whether layers should use oneDNN on a CPU of this vendor (system.cpu_info's) and ATen capability
     (torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", "DEFAULT", ...).
 
     MKL picks its kernels by CPU vendor: its AVX-512 path on Intel, where it matches or beats oneDNN on
@@ -70,7 +58,7 @@ def prefers_onednn(vendor: str, capability: str) -> bool:
     return vendor not in ("", "GenuineIntel") and capability.startswith("AVX512")
 
 
-PREFER_ONEDNN = prefers_onednn(_cpu_vendor(), torch.backends.cpu.get_cpu_capability())
+PREFER_ONEDNN = prefers_onednn(cpu_info().get("vendor", ""), torch.backends.cpu.get_cpu_capability())
 
 
 def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:

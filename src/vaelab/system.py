@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import platform
 import sys
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, TypeVar
@@ -29,6 +30,28 @@ def note(text: str, *, once: Hashable | None = None) -> None:
     if once is not None:
         _NOTED.add(once)
     print(f"vaelab: note: {text}", file=sys.stderr)
+
+
+def cpu_info() -> dict[str, str]:
+    """The CPU's "vendor" ("GenuineIntel", "AuthenticAMD", ...), "family", "model" and "name", as the first
+    processor's block of /proc/cpuinfo gives them (Linux); elsewhere the vendor alone where
+    platform.processor() names it (Windows: "Intel64 Family 6 ..., GenuineIntel"), else nothing."""
+    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "model name": "name"}
+    cpu: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in fields and fields[key.strip()] not in cpu:
+                    cpu[fields[key.strip()]] = value.strip()
+                if not line.strip() and cpu:  # the first processor's block is enough
+                    break
+    except OSError:
+        pass
+    if "vendor" not in cpu:
+        processor = platform.processor()
+        cpu.update(("vendor", v) for v in ("GenuineIntel", "AuthenticAMD") if v in processor)
+    return cpu
 
 
 def resolve_device(name: str | torch.device, what: str = "--device") -> torch.device:
