@@ -122,8 +122,9 @@ class DiagonalGaussian(nn.Module):
     def prior(self) -> Distribution:
         """p(z) = N(0, I); batch shape (), event shape (D,).
 
-        Every forward pass asks for it, so it is made once for the buffers it is built from (moving the model
-        replaces them, and with them the prior), not in traced code.
+        Every forward pass asks for it, so it is made once and kept while the buffers it is built from stay
+        (moving or converting the model replaces them, and so the prior); one made while torch.compile traces
+        is not kept.
         """
         prior = self._prior
         if prior is None or prior.base_dist.loc is not self.zero or prior.base_dist.scale is not self.one:
