@@ -3,6 +3,7 @@ import copy
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,21 @@ def torchrun(nproc: int, *args: str, timeout: int = 180) -> subprocess.Completed
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
+@pytest.fixture(scope="module")
+def first_epoch(data, tmp_path_factory):
+    """A run of COMMON's AE trained for one epoch by two processes at batch 16: three tests start from it (each
+    from its own copy, made by copy_run), one torchrun job instead of three."""
+    out = tmp_path_factory.mktemp("first") / "run"
+    first = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    return out
+
+
+def copy_run(run, to):
+    shutil.copytree(run, to)
+    return to
+
+
 def weights(run):
     return load_file(runs.latest_checkpoint(run).path / "model.safetensors")
 
@@ -66,10 +82,8 @@ def test_two_processes_match_one_over_the_same_global_batches(data, tmp_path, n)
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], rel=1e-4)
 
 
-def test_a_distributed_run_resumes(data, tmp_path):
-    out = str(tmp_path / "run")
-    first = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", out)
-    assert first.returncode == 0, first.stderr
+def test_a_distributed_run_resumes(data, first_epoch, tmp_path):
+    out = str(copy_run(first_epoch, tmp_path / "run"))
     # on one process it went on with half the global batch, silently
     one = subprocess.run([sys.executable, "-m", "vaelab", "train", "--resume", "--out", out, "--epochs", "3",
                           "--no-report", "--quiet"], capture_output=True, text=True, check=False)
@@ -86,12 +100,10 @@ def test_a_distributed_run_resumes(data, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 3
 
 
-def test_a_run_rank_0_refuses_is_refused_by_every_process_in_one_line(data, tmp_path):
+def test_a_run_rank_0_refuses_is_refused_by_every_process_in_one_line(data, first_epoch, tmp_path):
     # rank 0 alone holds the run's lock and checks a new --out; the other process went on into the run and printed
     # the traceback of a collective whose peer had gone ("Connection closed by peer")
-    out = tmp_path / "run"
-    first = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", str(out))
-    assert first.returncode == 0, first.stderr
+    out = copy_run(first_epoch, tmp_path / "run")
     fd = os.open(out / runs.LOCK, os.O_RDWR)  # a live trainer
     fcntl.flock(fd, fcntl.LOCK_EX)
     os.ftruncate(fd, 0)
@@ -128,7 +140,7 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_process_in_one_line(data, 
     assert runs.latest_checkpoint(tmp_path / "run").epoch == 1
 
 
-def test_run_files_rank_0_cannot_write_at_start_or_resume_stop_every_process_in_one_line(data, tmp_path):
+def test_run_files_rank_0_cannot_write_at_start_or_resume_stop_every_process_in_one_line(data, first_epoch, tmp_path):
     """Rank 0 wrote config.json (a new run) and metrics.jsonl (a resume) outside the work the other processes wait
     on: a full disk there left them waiting for a peer that had gone, then printing a collective's traceback."""
     script = tmp_path / "full_disk.py"
@@ -142,9 +154,7 @@ def test_run_files_rank_0_cannot_write_at_start_or_resume_stop_every_process_in_
                       "config.atomic_write_text = full(config.atomic_write_text)\n"
                       "runs.atomic_write_text = full(runs.atomic_write_text)\n"
                       "sys.exit(cli.main(sys.argv[1:]))\n")
-    out = str(tmp_path / "run")
-    first = torchrun(2, "--data", data, *COMMON, "--batch-size", "16", "--epochs", "1", "--out", out)
-    assert first.returncode == 0, first.stderr
+    out = str(copy_run(first_epoch, tmp_path / "run"))
     for full, args, what in (
             ("config.json", ["--data", data, *COMMON, "--epochs", "1", "--out", str(tmp_path / "new")],
              "write config.json"),
