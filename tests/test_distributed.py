@@ -319,8 +319,36 @@ def test_the_python_api_refuses_a_job_before_loading_data(tmp_path, monkeypatch)
 def test_the_python_api_refuses_a_missing_gpu_before_loading_data(tmp_path):
     config = RunConfig(data=DataConfig(name=f"npz:{tmp_path / 'missing.npz'}"),
                        model=ModelConfig(model="vae", hidden=(16,), latent_dim=2), train=TrainConfig(device="cuda"))
-    with pytest.raises(ConfigError, match=r"--device cuda was asked for but torch sees no CUDA device"):
+    with pytest.raises(ConfigError, match=r"^TrainConfig.device cuda was asked for but torch sees no CUDA device"):
+        train(config, tmp_path / "run", progress=False)  # (in the --device flag's words before)
+
+
+def test_the_python_api_names_the_config_field_when_it_refuses_one_named_gpu_in_a_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    config = RunConfig(data=DataConfig(name=f"npz:{tmp_path / 'missing.npz'}"),
+                       model=ModelConfig(model="vae", hidden=(16,), latent_dim=2), train=TrainConfig(device="cuda:1"))
+    with pytest.raises(ConfigError, match=r"^TrainConfig.device cuda:1 names one GPU, but under torchrun each process "
+                                          r"takes its own \(cuda:LOCAL_RANK\); use TrainConfig\(device='cuda'\)"):
         train(config, tmp_path / "run", progress=False)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resuming_a_gpu_run_on_a_machine_without_one_names_its_config(tmp_path, capsys):
+    """The refusal said "--device cuda was asked for" to a user who had passed no --device: the run's config.json
+    asked for it."""
+    run = tmp_path / "gpu"
+    argv = ["train", "--data", "digits", "--hidden", "8", "--latent-dim", "2", "--epochs", "1", "--quiet",
+            "--no-report", "--out", str(run)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    stored = json.loads((run / "config.json").read_text())
+    stored["train"]["device"] = "cuda"  # as trained on a GPU
+    (run / "config.json").write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--epochs", "2"]) == 2
+    assert f"{run}/config.json's device cuda was asked for but torch sees no CUDA device" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--epochs", "2", "--device", "cpu"]) == 0  # the fix: another device
 
 
 def test_a_torchrun_job_refuses_one_named_gpu_before_loading_data(tmp_path, capsys, monkeypatch):

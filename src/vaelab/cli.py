@@ -34,6 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import runs
     from .distributed import one_gpu_per_process
     from .reports import write_report
+    from .system import resolve_device
     from .train import train
 
     stored = None
@@ -47,13 +48,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config_from_args(args, stored)
     else:
         config = config_from_args(args)
+    # where the device came from, for its errors: a resumed run's own unless --device is given
+    source = "--device" if args.device is not None or not args.resume else f"{args.out}/config.json's device"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         if args.out is None:  # each process would otherwise pick its own default folder
             raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
         # before the data loads (train() would refuse it only then), naming where the device came from
-        one_gpu_per_process(config.train.device,
-                            "--device" if args.device is not None else f"{args.out}/config.json's device")
+        one_gpu_per_process(config.train.device, source)
+    resolve_device(config.train.device, source)  # (train() checks it too, in the Python API's words)
     out = _run_folder(args.out or _default_out(config))
     checkpoint = runs.latest_checkpoint(out) if args.resume else None
     done = checkpoint.epoch if checkpoint else 0
@@ -377,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # a GPU this machine lacks: refused before any work, in the flag's words (runs.load would say "device");
-        # train checks its device itself, after its torchrun checks (demo has no --device)
+        # train checks its device itself, after its torchrun checks and naming where it came from (demo has none)
         if args.func is not cmd_train and isinstance(getattr(args, "device", None), str):
             from .system import resolve_device
 

@@ -195,29 +195,33 @@ def single_process():
         _alone = before
 
 
+API_DEVICE = "TrainConfig.device"  # how a Python user gives the device (vaelab.train(config)), for errors
+
+
 def one_gpu_per_process(device_name: str, what: str = "--device") -> None:
     """A ConfigError for a device naming one GPU (cuda:N) in a torchrun job: every process would train on it.
 
-    what: where the name came from (the flag, or a resumed run's config.json), for the error.
+    what: where the name came from (the flag, a resumed run's config.json, or API_DEVICE), for the error.
     """
     if device_name.startswith("cuda:"):
+        fix = "use TrainConfig(device='cuda')" if what == API_DEVICE else "pass --device cuda"
         raise ConfigError(f"{what} {device_name} names one GPU, but under torchrun each process takes its own "
-                          f"(cuda:LOCAL_RANK); pass --device cuda, and CUDA_VISIBLE_DEVICES to choose the GPUs")
+                          f"(cuda:LOCAL_RANK); {fix}, and CUDA_VISIBLE_DEVICES to choose the GPUs")
 
 
-def check(device_name: str) -> tuple[Job, torch.device]:
+def check(device_name: str, what: str = "--device") -> tuple[Job, torch.device]:
     """This process's Job and device, with every refusal, without joining the process group (connect does).
 
-    The Trainer calls it before it loads data and connect after, so a wrong --device or environment is refused
+    The Trainer calls it before it loads data and connect after, so a wrong device or environment is refused
     at once, not after a download or the full Fashion-MNIST (the CLI checks the flag earlier still; the Python
-    API did not).
+    API did not). what: where the device name came from, for the errors (one_gpu_per_process).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or _alone:
-        return Job(), resolve_device(device_name)
+        return Job(), resolve_device(device_name, what)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    one_gpu_per_process(device_name)
-    device = resolve_device(device_name)
+    one_gpu_per_process(device_name, what)
+    device = resolve_device(device_name, what)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise TrainingError(f"rank {rank} wants cuda:{local_rank} but this machine has "

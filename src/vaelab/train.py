@@ -66,7 +66,8 @@ class Trainer:
                  progress: bool = True):
         self.run_dir = Path(run_dir)
         self.progress = progress
-        job, device = distributed.check(config.train.device)  # refused before the data loads, not after
+        # refused before the data loads, not after; named as a Python user gives it (vaelab train checks first)
+        job, device = distributed.check(config.train.device, distributed.API_DEVICE)
         record = config.data.from_files and config.data.fingerprint is None and (dataset is None or
                                                                                 dataset.prepared_as is None)
         if record:
