@@ -56,14 +56,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("a torchrun job needs --out DIR, the one run directory all processes share")
         # before the data loads (train() would refuse it only then), naming where the device came from
         one_gpu_per_process(config.train.device, source)
-    resolve_device(config.train.device, source)  # (train() checks it too, in the Python API's words)
     out = _run_folder(args.out or _default_out(config))
     checkpoint = runs.latest_checkpoint(out) if args.resume else None
     done = checkpoint.epoch if checkpoint else 0
     # a fitted PCA has no epochs to continue; asked for another model or other settings, train() names them
     fitted = bool(checkpoint and checkpoint.complete and stored.model.model == "pca" and config.model == stored.model)
     t0 = time.perf_counter()
-    if not fitted:
+    if not fitted:  # (a fitted PCA is not trained again: its report falls back to the CPU, with a note)
+        resolve_device(config.train.device, source)  # train() checks it too, in the Python API's words
         train(config, out, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":  # only rank 0 speaks and writes the report
         return 0
