@@ -13,25 +13,7 @@ from ..data.dataset import check_finite, check_unit_interval
 from ..errors import InputError
 from ..likelihoods import build_likelihood
 from ..nets import DECODERS
-
-
-def model_tensor(module: nn.Module) -> torch.Tensor | None:
-    """A parameter (or, for PCA, a buffer) of the model: its dtype and device are the model's.
-
-    The first of parameters(), else of buffers(), found by walking the modules' own dictionaries in the same
-    order: the input checks call it twice a training step, and parameters()' generators took ~10 us a call.
-    """
-    buffer = None
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        for t in m._parameters.values():
-            if t is not None:
-                return t
-        if buffer is None:
-            buffer = next((t for t in m._buffers.values() if t is not None), None)
-        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
-    return buffer
+from ..system import model_tensor
 
 
 def _check_like(t: torch.Tensor, name: str, like: torch.Tensor | None, method: str) -> None:
