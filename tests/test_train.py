@@ -612,6 +612,86 @@ def test_optimizer_step_matches_adam_step_bit_for_bit(amsgrad):
     assert ours.bias not in opts[0].state
 
 
+def test_optimizer_step_stays_adam_step_through_a_checkpoint_and_new_gradients(tmp_path):
+    """Bit for bit Adam.step() over several parameters while the set with gradients changes (a parameter unfrozen
+    mid-run) and after the optimiser's state went through torch.save/load, as a checkpoint's does."""
+    from vaelab.steps import optimizer_step
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    ref.load_state_dict(ours.state_dict())
+    for m in (ours, ref):
+        m[2].bias.requires_grad_(False)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (ours, ref)]
+
+    def train(steps):
+        for _ in range(steps):
+            x = torch.randn(4, 5)
+            for model in (ours, ref):
+                model.zero_grad(set_to_none=True)
+                model(x).square().sum().backward()
+            optimizer_step(opts[0])
+            opts[1].step()
+
+    train(3)
+    for m in (ours, ref):  # the bias gets gradients from now on: its state (step 1) starts beside the others' 4
+        m[2].bias.requires_grad_(True)
+    train(3)
+    torch.save(opts[0].state_dict(), tmp_path / "optimizer.pt")
+    opts[0] = torch.optim.Adam(ours.parameters(), lr=1e-2, fused=True)
+    opts[0].load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    train(3)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opts[0].state[p][key], opts[1].state[q][key]), key
+    assert [int(opts[0].state[p]["step"]) for p in ours.parameters()] == [9, 9, 9, 6]
+
+
+def test_optimizer_step_advances_the_step_counts_in_one_op():
+    """torch's fused Adam adds 1 to each parameter's count (on a CPU an add and two copies per parameter);
+    optimizer_step does one add for all of them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vaelab.steps import optimizer_step
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(5)))  # 10 parameters
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(2, 4)).sum().backward()
+        with Ops() as ops:
+            optimizer_step(optimizer)
+    assert ops.names.count("add_") == 1 and "_to_copy" not in ops.names, ops.names
+    assert [int(s["step"]) for s in optimizer.state.values()] == [3] * 10
+
+
+def test_optimizer_step_with_parameters_of_two_dtypes_is_adam_step():
+    from vaelab.steps import optimizer_step
+
+    torch.manual_seed(0)
+    ours = [torch.randn(3, requires_grad=True), torch.randn(2, dtype=torch.float64, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [torch.optim.Adam(ps, lr=0.1, fused=True) for ps in (ours, ref)]
+    for _ in range(3):
+        for ps in (ours, ref):
+            for p in ps:
+                p.grad = p.detach().square() + 1
+        optimizer_step(opts[0])
+        opts[1].step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, ref))
+
+
 def test_optimizer_step_runs_hooks_and_other_optimizers_through_step():
     from vaelab.steps import optimizer_step
 
