@@ -588,7 +588,7 @@ def test_gradient_clipping_bounds_every_step(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_optimizer_step_matches_adam_step_bit_for_bit(amsgrad):
-    """The trainer's fused-Adam step (functional adam on the optimizer's own state) is Adam.step()."""
+    """The trainer's fused-Adam step (the fused kernel on the optimizer's own state) is Adam.step()."""
     from vaelab.steps import optimizer_step
 
     torch.manual_seed(0)
