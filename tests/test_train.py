@@ -586,6 +586,20 @@ def test_gradient_clipping_bounds_every_step(tmp_path, monkeypatch):
     assert norms and max(norms) <= 0.5 + 1e-5
 
 
+def test_a_grad_clip_under_which_adam_cannot_step_is_refused_before_anything_is_written(tmp_path):
+    """Clipped to a global norm c, the gradients' root mean square is at most c / sqrt(parameters); under Adam's
+    eps (1e-8) its steps shrink with them: at 1e-30 the loss did not move, without an error."""
+    data = tiny_data()
+    with pytest.raises(ConfigError, match=r"--grad-clip 1e-30 clips .* under Adam's eps 1e-08, .* give --grad-clip "
+                                          r"\S+ or more") as refused:
+        train(tiny_config(epochs=1, grad_clip=1e-30), tmp_path / "run", dataset=data, progress=False)
+    assert not (tmp_path / "run").exists()
+    floor = float(re.search(r"give --grad-clip (\S+) or more", str(refused.value)).group(1))
+    model = train(tiny_config(epochs=1, grad_clip=floor * 1.01), tmp_path / "ok", dataset=data, progress=False)
+    n = sum(p.numel() for p in model.parameters())
+    assert floor == pytest.approx(1e-8 * n**0.5, rel=0.01)
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_optimizer_step_matches_adam_step_bit_for_bit(amsgrad):
     """The trainer's fused-Adam step (the fused kernel on the optimizer's own state) is Adam.step()."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from torch.optim import optimizer as optimizer_module
 from torch.optim.adam import adam
 
 from .config import RunConfig
+from .errors import ConfigError
 from .objectives import OBJECTIVES, reconstruction
 from .system import in_eval_mode, model_device
 
@@ -135,6 +137,23 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def check_grad_clip(grad_clip: float | None, optimizer: torch.optim.Optimizer | None) -> None:
+    """Refuse a --grad-clip under which Adam cannot step: clipped to a global norm c, n gradients have a root mean
+    square of at most c / sqrt(n), and below Adam's eps its denominator sqrt(v) + eps is eps, so each step shrinks
+    with the gradient (at 1e-30 the loss did not move in three epochs, without an error)."""
+    if grad_clip is None or optimizer is None:
+        return
+    n = sum(p.numel() for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
+    eps = min(group.get("eps", 0.0) for group in optimizer.param_groups)
+    floor = eps * math.sqrt(n)
+    if grad_clip < floor:
+        raise ConfigError(f"--grad-clip {grad_clip:g} clips the gradients' global norm to at most {grad_clip:g}: "
+                          f"over this model's {n:,} parameters that is at most {grad_clip / math.sqrt(n):.1g} each "
+                          f"(root mean square), under Adam's eps {eps:g}, so its steps shrink with the gradients and "
+                          f"training stalls; give --grad-clip {floor:.2g} or more (clip norms are usually 1-100), or "
+                          "leave it out")
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:

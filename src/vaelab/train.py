@@ -37,7 +37,15 @@ from .models import PCA, build_model
 from .models.common import has_prior
 from .prepare import EVAL_SEED, check_unchanged, prepare_data
 from .schedules import check_cycles, kl_weight, learning_rate, resume_note, warmup_note
-from .steps import compile_step, make_optimizer, mean_terms, objective_for, optimizer_step, step_loss
+from .steps import (
+    check_grad_clip,
+    compile_step,
+    make_optimizer,
+    mean_terms,
+    objective_for,
+    optimizer_step,
+    step_loss,
+)
 from .system import flush_denormals, keep_freed_memory
 
 PROGRESS_EVERY = 20  # steps between progress-bar updates, which are also the NaN checks (one sync each)
@@ -142,6 +150,7 @@ class Trainer:
             self.model.check_data(self.train_x)
         if not resume:
             check_trainable(self.config, self.job.world)
+            check_grad_clip(self.config.train.grad_clip, self.optimizer)
         with contextlib.ExitStack() as held:
             # one trainer per run: a --resume started beside a live run pruned its half-written checkpoint, and both
             # appended metrics
