@@ -181,22 +181,18 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         beta1, beta2 = group["betas"]
         steps = [s["step"] for s in states]
         counts = _step_counts(params, states, steps)
+        tensors = (params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                   [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps)
+        options = dict(amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
         if counts is None or not all(isinstance(v, float) for v in (beta1, beta2, group["lr"])):
-            adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps,
-                 fused=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+            adam(*tensors, fused=True, **options)
             continue
         # what torch.optim.adam._fused_adam does for one device and dtype, except that the counts advance in one
         # add: its torch._foreach_add_(steps, 1) falls back to an add and two scalar copies per parameter on a CPU
         # (~70 us a step for the MLP VAE's 14 parameters, ~1.5% of it)
         counts.add_(1)
-        torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                           [s["exp_avg_sq"] for s in states],
-                           [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps,
-                           amsgrad=group["amsgrad"], lr=group["lr"], beta1=beta1, beta2=beta2,
-                           weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                           grad_scale=None, found_inf=None)
+        torch._fused_adam_(*tensors, grad_scale=None, found_inf=None, **options)
 
 
 # the tensors _step_counts made, by id (a WeakSet compares tensors with ==); a user's views are not among them
