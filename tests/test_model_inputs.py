@@ -92,6 +92,31 @@ def every_family():
             "text-vae": (tiny_model().eval(), torch.tensor([4, 5, 2]), torch.tensor([[4, len(VOCAB), 2]]))}
 
 
+def test_codes_a_model_cannot_decode_are_refused_in_eval_mode():
+    """decode(z) of NaN or infinite codes gave NaN images without a word, in every model; a model's own codes
+    (forward, reconstruct, sample) and codes decoded in train mode (no device sync) are not checked."""
+    hvae, text = small_hvae(), tiny_model()
+    for name, model in {**image_models(), "hvae": hvae, "text": text}.items():
+        model.eval()
+        z = torch.zeros(2, model.latent_dim)
+        args = (torch.tensor([[4, 5, 2], [6, 2, 0]]),) if name == "text" else ()
+        model.decode(z, *args)  # finite codes still decode
+        for value in (float("nan"), float("inf")):
+            bad = z.clone()
+            bad[1, 0] = value
+            with pytest.raises(InputError, match=r"^decode: z has 1 NaN or infinite value\(s\) out of \d+; pass fin"):
+                model.decode(bad, *args)
+        model.train()
+        model.decode(z.fill_(float("nan")), *args)
+    z = torch.zeros(1, text.latent_dim)
+    z[0, :2] = float("nan")
+    with pytest.raises(InputError, match=r"^greedy: z has 2 NaN"):
+        text.eval().greedy(z)
+    vae = image_models()["vae"].eval()
+    vae.load_state_dict({k: v.fill_(float("nan")) for k, v in vae.state_dict().items()})
+    assert vae.reconstruct(torch.rand(2, *SHAPE)).isnan().all()  # its own codes: as before, no "decode:" error
+
+
 @pytest.mark.parametrize("name", ["vae", "conv vae", "vmf", "bn-vae", "ae", "pca", "hvae", "text-vae"])
 def test_input_errors_name_the_method_called(name):
     """model(x) said "encode: ..." for every family but the hierarchical one; so did embed on a hierarchical VAE,

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..likelihoods import GaussianImage
 from ..linear import Linear
 from ..nets import ENCODERS
-from .common import ImageDecoder, NoPrior, Output, check_codes, check_images, model_tensor
+from .common import ImageDecoder, NoPrior, Output, check_codes, check_images
 
 
 class PCA(NoPrior, nn.Module):
@@ -88,7 +88,11 @@ class PCA(NoPrior, nn.Module):
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) = N(W z + mean, sigma^2 I) with W the components, over images (C, H, W)."""
-        check_codes(z, self.latent_dim, "decode", model_tensor(self))
+        check_codes(z, self.latent_dim, "decode", self)
+        return self._likelihood(z)
+
+    def _likelihood(self, z: torch.Tensor) -> Distribution:
+        """decode(z) without the checks of a caller's codes."""
         loc = (z @ self.components + self.mean).unflatten(-1, self.input_shape)
         return GaussianImage(loc, self.noise_variance.sqrt())
 
@@ -113,7 +117,7 @@ class PCA(NoPrior, nn.Module):
 
     def forward(self, x: torch.Tensor) -> Output:
         z = self._project(x, "forward")
-        return Output(qz=None, pz=None, z=z, px_z=self.decode(z))
+        return Output(qz=None, pz=None, z=z, px_z=self._likelihood(z))
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +127,7 @@ class PCA(NoPrior, nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Projection onto the principal subspace, shape of x."""
-        return self.decode(self._project(x, "reconstruct")).mean
+        return self._likelihood(self._project(x, "reconstruct")).mean
 
 
 
@@ -159,12 +163,12 @@ class AE(NoPrior, nn.Module):
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for codes z (..., L)."""
-        check_codes(z, self.latent_dim, "decode", model_tensor(self))
+        check_codes(z, self.latent_dim, "decode", self)
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> Output:
         z = self._code(x, "forward")
-        return Output(qz=None, pz=None, z=z, px_z=self.decode(z))
+        return Output(qz=None, pz=None, z=z, px_z=self.decoder(z))
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,5 +178,5 @@ class AE(NoPrior, nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|f(x)), shape of x."""
-        return self.decode(self._code(x, "reconstruct")).mean
+        return self.decoder(self._code(x, "reconstruct")).mean
 

@@ -96,8 +96,13 @@ def has_prior(model: nn.Module) -> bool:
     return hasattr(model, "prior") and not isinstance(model, NoPrior)
 
 
-def check_codes(z: torch.Tensor, latent_dim: int, method: str, like: torch.Tensor | None = None) -> None:
-    """Refuse anything but float codes (..., latent_dim) (with like: of the model's dtype, on its device)."""
+def check_codes(z: torch.Tensor, latent_dim: int, method: str, model: nn.Module | None = None) -> None:
+    """Refuse anything but float codes (..., latent_dim); with the model, also codes of another dtype or on another
+    device than its weights, and (in eval mode, as check_images) NaN or infinite ones: decode turned them into
+    NaN images without a word.
+
+    Models decode codes of their own making (forward, reconstruct) without it: an encoder's codes need no check.
+    """
     if not isinstance(z, torch.Tensor):
         raise InputError(f"{method}: z must be a torch.Tensor of shape (..., {latent_dim}), got {type(z).__name__}")
     if z.dim() == 0 or z.shape[-1] != latent_dim:
@@ -105,7 +110,10 @@ def check_codes(z: torch.Tensor, latent_dim: int, method: str, like: torch.Tenso
                          f"dimensions: (..., {latent_dim})")
     if not z.is_floating_point():
         raise InputError(f"{method}: z has dtype {z.dtype}; pass floating-point codes (e.g. z.float())")
-    _check_like(z, "z", like, method)
+    if model is not None:
+        _check_like(z, "z", model_tensor(model), method)
+        if not model.training:
+            check_finite(z, f"{method}: z", error=InputError, fix="pass finite codes")
 
 
 def check_tokens(x: torch.Tensor, vocab_size: int, method: str, *, values: bool = True) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ..errors import ConfigError, InputError
 from ..hvae_cells import ResidualCell, SpectralNorms
 from ..latents import Noise, diagonal_normal, standard_normal
 from ..likelihoods import build_likelihood
-from .common import check_codes, check_count, check_images, model_tensor
+from .common import check_codes, check_count, check_images
 
 SOFTPLUS_ONE = math.log(math.expm1(1.0))  # softplus(0 + SOFTPLUS_ONE) = 1
 MAX_TEMPERATURE = 10.0  # sample(temperature=t) takes 0 <= t <= this: far above, latents overflow the decoder (NaN)
@@ -308,7 +308,7 @@ class HVAE(nn.Module):
         The lower groups at temperature 0 make p(x|z) a function of the top group alone, so generic code
         (interpolations, traversals, the latent explorer) works on z_1 as on a VAE's z.
         """
-        check_codes(z, self.latent_dim, "decode", model_tensor(self))
+        check_codes(z, self.latent_dim, "decode", self)
         lead = z.shape[:-1]
         z_top = z.reshape(-1, *self.group_shapes[0])
         _, params = self._top_down(z_top.shape[0], z_top=z_top, temperature=0.0)

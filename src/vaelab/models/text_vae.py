@@ -14,7 +14,7 @@ from ..data.text import BOS, EOS, PAD, UNK, token_counts
 from ..errors import ConfigError, InputError
 from ..latents import Noise, build_latent
 from ..linear import Linear
-from .common import Output, check_codes, check_count, check_tokens, model_tensor
+from .common import Output, check_codes, check_count, check_tokens
 
 RNNS = {"lstm": nn.LSTM, "gru": nn.GRU}
 RNNState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a GRU's h, or an LSTM's (h, c)
@@ -142,17 +142,20 @@ class TextVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, x: torch.Tensor) -> TokenSequence:
         """p(x|z) by teacher forcing on the targets x (B, T), for codes z (..., B, D): batch shape z.shape[:-1]."""
-        check_codes(z, self.latent_dim, "decode", model_tensor(self))
+        check_codes(z, self.latent_dim, "decode", self)
         data = check_tokens(x, self.vocab_size, "decode", values=not self.training)
         if z.dim() < 2 or z.shape[-2] != data.shape[0]:
             raise InputError(f"decode: z has shape {tuple(z.shape)} for x of {data.shape[0]} sentence(s); pass one "
                              f"code per sentence, (B, {self.latent_dim}) or (K, B, {self.latent_dim})")
-        x = data
+        return self._teacher_forced(z, data)
+
+    def _teacher_forced(self, z: torch.Tensor, x: torch.Tensor) -> TokenSequence:
+        """decode(z, x) for checked int64 tokens x, without the checks of a caller's codes."""
         lead, t = z.shape[:-1], x.shape[-1]
         targets = x.expand(*lead, t)  # (K, B, T): the data repeated for each sample
         logits, _ = self._logits(z.reshape(-1, self.latent_dim), self.decoder_inputs(targets.reshape(-1, t)))
         # in training the loss scores the batch decoded (and a check would break torch.compile's graph)
-        return TokenSequence(logits.view(*lead, t, self.vocab_size), targets != PAD, None if self.training else data)
+        return TokenSequence(logits.view(*lead, t, self.vocab_size), targets != PAD, None if self.training else x)
 
     def forward(self, x: torch.Tensor, k: int | None = None, noise: Noise | None = None) -> Output:
         """One pass with reparameterised samples: z (B, D), or (K, B, D) when k is given.
@@ -161,7 +164,8 @@ class TextVAE(nn.Module):
         """
         qz = self._encode(x, "forward")
         z, score = self.posterior.rsample_and_score(qz, k, noise)
-        return Output(qz=qz, pz=self.prior(), z=z, px_z=self.decode(z, x), k=k, score=score)
+        x = check_tokens(x, self.vocab_size, "forward", values=False)  # _encode checked them: int64, no reads
+        return Output(qz=qz, pz=self.prior(), z=z, px_z=self._teacher_forced(z, x), k=k, score=score)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +179,7 @@ class TextVAE(nn.Module):
 
         A sentence still open at the last position is cut there with <eos>, so every row is valid data.
         """
-        check_codes(z, self.latent_dim, "greedy", model_tensor(self))
+        check_codes(z, self.latent_dim, "greedy", self)
         if z.dim() != 2:
             raise InputError(f"greedy: z has shape {tuple(z.shape)}; pass a batch of codes (N, {self.latent_dim})")
         # (0 meant the model's length, and -1 failed on a negative dimension); 1 leaves room for the <eos>

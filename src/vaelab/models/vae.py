@@ -7,7 +7,7 @@ from torch.distributions import Distribution
 
 from ..latents import Noise, build_latent
 from ..nets import ENCODERS
-from .common import ImageDecoder, Output, check_codes, check_count, check_images, model_tensor
+from .common import ImageDecoder, Output, check_codes, check_count, check_images
 
 
 class VAE(nn.Module):
@@ -54,7 +54,7 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for codes z (..., D): batch shape z.shape[:-1], event shape (C, H, W)."""
-        check_codes(z, self.latent_dim, "decode", model_tensor(self))
+        check_codes(z, self.latent_dim, "decode", self)
         return self.decoder(z)
 
     def prior(self) -> Distribution:
@@ -86,5 +86,5 @@ class VAE(nn.Module):
     def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
         """n images from the model: z ~ p(z), then the mean of p(x|z) (or a draw from it)."""
         z = self.prior().sample((check_count(n, "sample"),))
-        px_z = self.decode(z)
+        px_z = self.decoder(z)
         return px_z.mean if mean else px_z.sample()
