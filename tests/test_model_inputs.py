@@ -75,6 +75,13 @@ def test_pixel_values_a_model_cannot_score_are_refused_in_eval_mode():
     gaussian = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), likelihood="gaussian").eval()
     gaussian.encode(x * 255)  # any finite values
     gaussian.decode(torch.zeros(4, 3)).log_prob(x * 255)
+    learned = VAE(input_shape=SHAPE, latent_dim=3, hidden=(8,), likelihood="gaussian-learned").eval()
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    for model in (gaussian, learned, image_models()["pca"].eval()):  # a Gaussian log_prob of NaN data was NaN
+        with pytest.raises(InputError, match=r"^log_prob: x has 1 NaN or infinite value\(s\) out of 144; replace"):
+            model.decode(torch.zeros(4, 3)).log_prob(nan)
+        assert model.train().decode(torch.zeros(4, 3)).log_prob(nan).isnan().any()  # train mode: not checked
     hvae(torch.rand(2, *hvae.input_shape))
     with pytest.raises(InputError, match=r"^forward: x has values in"):
         hvae(torch.rand(2, *hvae.input_shape) + 1)

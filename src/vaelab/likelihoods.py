@@ -9,18 +9,24 @@ from torch import nn
 from torch.distributions import Bernoulli, Distribution, Independent, Normal
 
 from .config import SCALE_MIN  # a learned Gaussian scale never drops below this floor
-from .data.dataset import check_unit_interval
+from .data.dataset import check_finite, check_unit_interval
 from .errors import InputError
 
 
 class GaussianImage(Independent):
     """Independent(Normal(mean, sigma), 3): log_prob sums over the pixels (C, H, W), of an empty batch too
-    (Independent's sum reshapes to (0, -1), which torch refuses)."""
+    (Independent's sum reshapes to (0, -1), which torch refuses).
 
-    def __init__(self, mean: torch.Tensor, scale: torch.Tensor | float):
+    checked: refuse NaN or infinite values (a model in eval mode, as BernoulliImage; they scored NaN).
+    """
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor | float, *, checked: bool = False):
         super().__init__(Normal(mean, scale, validate_args=False), 3, validate_args=False)
+        self.checked = checked
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self.checked:
+            check_finite(value, "log_prob: x", error=InputError, fix="replace them")
         return self.base_dist.log_prob(value).flatten(-3).sum(-1)
 
 
@@ -91,7 +97,7 @@ class GaussianLikelihood(nn.Module):
         return self.fixed_scale
 
     def forward(self, mean: torch.Tensor) -> Distribution:
-        return GaussianImage(mean, self.scale())
+        return GaussianImage(mean, self.scale(), checked=not self.training)
 
 
 def build_likelihood(name: str, *, sigma: float, channels: int) -> nn.Module:

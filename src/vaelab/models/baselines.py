@@ -94,7 +94,7 @@ class PCA(NoPrior, nn.Module):
     def _likelihood(self, z: torch.Tensor) -> Distribution:
         """decode(z) without the checks of a caller's codes."""
         loc = (z @ self.components + self.mean).unflatten(-1, self.input_shape)
-        return GaussianImage(loc, self.noise_variance.sqrt())
+        return GaussianImage(loc, self.noise_variance.sqrt(), checked=not self.training)
 
     @torch.no_grad()
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
