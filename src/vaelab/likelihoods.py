@@ -13,6 +13,15 @@ from .data.dataset import check_finite, check_unit_interval
 from .errors import InputError
 
 
+def check_pixel_values(x: torch.Tensor, method: str, *, unit_interval: bool) -> None:
+    """Refuse NaN or infinite values, and with unit_interval values outside [0, 1], naming the method."""
+    if unit_interval:
+        check_unit_interval(x, f"{method}: x", error=InputError, finite_fix="replace them",
+                            fix="this model's Bernoulli likelihood scores values in [0, 1]: rescale x (e.g. x / 255)")
+    else:
+        check_finite(x, f"{method}: x", error=InputError, fix="replace them")
+
+
 class GaussianImage(Independent):
     """Independent(Normal(mean, sigma), 3): log_prob sums over the pixels (C, H, W), of an empty batch too
     (Independent's sum reshapes to (0, -1), which torch refuses).
@@ -26,7 +35,7 @@ class GaussianImage(Independent):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self.checked:
-            check_finite(value, "log_prob: x", error=InputError, fix="replace them")
+            check_pixel_values(value, "log_prob", unit_interval=False)
         return self.base_dist.log_prob(value).flatten(-3).sum(-1)
 
 
@@ -45,8 +54,7 @@ class BernoulliImage(Independent):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self.checked:
-            check_unit_interval(value, "log_prob: x", error=InputError, finite_fix="replace them",
-                                fix="a Bernoulli likelihood scores values in [0, 1]: rescale x (e.g. x / 255)")
+            check_pixel_values(value, "log_prob", unit_interval=True)
         logits = self.base_dist.logits
         if value.shape == logits.shape:  # training: one fused kernel each way, ~2x faster than the two below
             nll = F.binary_cross_entropy_with_logits(logits, value.to(logits.dtype), reduction="none")

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, kl_divergence
 
-from ..data.dataset import check_finite, check_unit_interval
+from ..data.dataset import check_finite
 from ..errors import InputError
-from ..likelihoods import build_likelihood
+from ..likelihoods import build_likelihood, check_pixel_values
 from ..nets import DECODERS
 from ..system import model_tensor
 
@@ -62,15 +62,6 @@ def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, model: nn
 def needs_unit_interval(model: nn.Module) -> bool:
     """Whether the model's likelihood is a Bernoulli one, which scores values in [0, 1] only."""
     return any(getattr(m, "needs_unit_interval", False) for m in model.modules())
-
-
-def check_pixel_values(x: torch.Tensor, method: str, *, unit_interval: bool) -> None:
-    """Refuse NaN or infinite values, and with unit_interval values outside [0, 1], naming the method."""
-    if unit_interval:
-        check_unit_interval(x, f"{method}: x", error=InputError, finite_fix="replace them",
-                            fix="this model's Bernoulli likelihood scores values in [0, 1]: rescale x (e.g. x / 255)")
-    else:
-        check_finite(x, f"{method}: x", error=InputError, fix="replace them")
 
 
 def no_prior(what: str) -> str:
