@@ -105,7 +105,10 @@ class TextVAE(nn.Module):
 
     def _encode(self, x: torch.Tensor, method: str) -> Distribution:
         """encode(x), its input checked under the name of the method called (once)."""
-        x = check_tokens(x, self.vocab_size, method, values=not self.training)
+        return self._encode_checked(check_tokens(x, self.vocab_size, method, values=not self.training))
+
+    def _encode_checked(self, x: torch.Tensor) -> Distribution:
+        """q(z|x) for checked int64 tokens x (B, T)."""
         states, _ = self.encoder(self.embedding(x))  # (B, T, H)
         # The RNN is causal, so its state at the last real token (the <eos>) has not seen the padding.
         last = (x != PAD).sum(1).clamp(min=1) - 1  # (B,)
@@ -162,9 +165,9 @@ class TextVAE(nn.Module):
 
         noise: where the standard normal draws come from (default: torch's global generator).
         """
-        qz = self._encode(x, "forward")
+        x = check_tokens(x, self.vocab_size, "forward", values=not self.training)
+        qz = self._encode_checked(x)
         z, score = self.posterior.rsample_and_score(qz, k, noise)
-        x = check_tokens(x, self.vocab_size, "forward", values=False)  # _encode checked them: int64, no reads
         return Output(qz=qz, pz=self.prior(), z=z, px_z=self._teacher_forced(z, x), k=k, score=score)
 
     @torch.no_grad()
