@@ -28,9 +28,9 @@ def _check_like(t: torch.Tensor, name: str, like: torch.Tensor | None, method: s
                          f"{name}.to('{like.device}') (or move the model)")
 
 
-def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, model: nn.Module | None = None) -> None:
+def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, model: nn.Module) -> None:
     """Refuse anything but a float batch (B, *shape) of images, with a message that says what the model takes;
-    with the model, also one of another dtype or on another device than its weights, and (in eval mode: a
+    also one of another dtype or on another device than its weights, and (in eval mode: a
     user's call, where training batches come checked from their data set) values its likelihood cannot score:
     NaN or infinite ones, and for a Bernoulli likelihood values outside [0, 1] (x * 255 was encoded and scored
     without a word, log p(x|z) above 0).
@@ -53,10 +53,9 @@ def check_images(x: torch.Tensor, shape: tuple[int, ...], method: str, model: nn
     if not x.is_floating_point():
         raise InputError(f"{method}: x has dtype {x.dtype}; pass floating-point pixels in [0, 1] "
                          "(e.g. x.float() / 255)")
-    if model is not None:
-        _check_like(x, "x", model_tensor(model), method)
-        if not model.training:
-            check_pixel_values(x, method, unit_interval=needs_unit_interval(model))
+    _check_like(x, "x", model_tensor(model), method)
+    if not model.training:
+        check_pixel_values(x, method, unit_interval=needs_unit_interval(model))
 
 
 def needs_unit_interval(model: nn.Module) -> bool:
@@ -87,8 +86,8 @@ def has_prior(model: nn.Module) -> bool:
     return hasattr(model, "prior") and not isinstance(model, NoPrior)
 
 
-def check_codes(z: torch.Tensor, latent_dim: int, method: str, model: nn.Module | None = None) -> None:
-    """Refuse anything but float codes (..., latent_dim); with the model, also codes of another dtype or on another
+def check_codes(z: torch.Tensor, latent_dim: int, method: str, model: nn.Module) -> None:
+    """Refuse anything but float codes (..., latent_dim); also codes of another dtype or on another
     device than its weights, and (in eval mode, as check_images) NaN or infinite ones: decode turned them into
     NaN images without a word.
 
@@ -101,10 +100,9 @@ def check_codes(z: torch.Tensor, latent_dim: int, method: str, model: nn.Module 
                          f"dimensions: (..., {latent_dim})")
     if not z.is_floating_point():
         raise InputError(f"{method}: z has dtype {z.dtype}; pass floating-point codes (e.g. z.float())")
-    if model is not None:
-        _check_like(z, "z", model_tensor(model), method)
-        if not model.training:
-            check_finite(z, f"{method}: z", error=InputError, fix="pass finite codes")
+    _check_like(z, "z", model_tensor(model), method)
+    if not model.training:
+        check_finite(z, f"{method}: z", error=InputError, fix="pass finite codes")
 
 
 def check_tokens(x: torch.Tensor, vocab_size: int, method: str, *, values: bool = True) -> torch.Tensor:
