@@ -439,6 +439,17 @@ def test_kl_warmup_is_linear_then_flat():
     assert [kl_weight(warm, t) for t in (0.0, 1.0, 10.0)] == [0.0, 0.5, 2.0]
 
 
+def test_a_free_bits_floor_above_log_n_is_refused(tmp_path):
+    """A unit tells at most log N nats about which of N examples it encodes: above that floor the KL never acts."""
+    config = tiny_config(epochs=1, free_bits=1e6)  # 67 training images: log N = 4.2 nats
+    with pytest.raises(ConfigError, match=r"--free-bits 1e\+06 is above log N = 4.2 nats for the N = 67 training "
+                                          r"examples: .* never act; use a floor below 4.2 .*--beta 0"):
+        train(config, tmp_path / "r", dataset=tiny_data(), progress=False)
+    assert not (tmp_path / "r").exists()
+    just_under = dataclasses.replace(config.train, free_bits=4.2)  # log 67 = 4.205
+    train(dataclasses.replace(config, train=just_under), tmp_path / "ok", dataset=tiny_data(), progress=False)
+
+
 def test_cyclical_kl_annealing_rises_and_holds_in_every_cycle():
     cyc = TrainConfig(beta=1.0, epochs=8, kl_cycles=2, kl_cycle_ratio=0.5)  # cycles of 4 epochs, rising over 2
     assert [kl_weight(cyc, t) for t in (0.0, 1.0, 2.0, 3.5, 4.0, 5.0, 7.9)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0]

@@ -107,7 +107,8 @@ FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                          help="share of each cycle spent rising (default 0.5)")),
     ("train", "free_bits", "--free-bits", dict(type=float, metavar="LAMBDA", help="free bits: each latent unit's "
                                                                                   "KL counts at least LAMBDA nats "
-                                                                                  "(Kingma et al. 2016)")),
+                                                                                  "(Kingma et al. 2016); at most "
+                                                                                  "log N for N training examples")),
     ("train", "objective", "--objective", dict(choices=OBJECTIVES, help="elbo (default) or iwae, the "
                                                                       "K-sample bound of Burda et al. 2016")),
     ("train", "k", "--k", dict(type=int, metavar="K", help="importance samples per example for --objective iwae "

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .errors import ConfigError
 from .models import Output
 from .models.hvae import kl_balance_coefficients
 
@@ -102,6 +103,19 @@ def _free_bits_kl(out: Output, free_bits: float) -> torch.Tensor:
     units = units.mean(0) if units.dim() > 2 else units
     floor = units.new_tensor(free_bits)
     return torch.where(units.mean(0) >= free_bits, units, floor).sum(-1)
+
+
+def check_free_bits(free_bits: float, examples: int) -> None:
+    """Refuse a free-bits floor above log N nats for N training examples: a latent unit carries at most log N nats
+    about which example it encodes (E_x KL(q(z_u|x) || p(z_u)) >= I(x; z_u) and I(x; z_u) <= H(x) = log N), so
+    under such a floor it would hold all of that without a KL charge, and the KL term would never limit the code
+    (--free-bits 1e6 trained an autoencoder with noisy codes without a word)."""
+    most = math.log(max(examples, 1))
+    if free_bits > most:
+        raise ConfigError(f"--free-bits {free_bits:g} is above log N = {most:.3g} nats for the N = {examples} training "
+                          f"examples: a latent unit tells at most log N nats about which example it encodes, so the "
+                          f"KL term would never act; use a floor below {most:.3g} (0.1-2 nats is usual), or "
+                          f"--beta 0 for no KL term")
 
 
 def _balanced_kl(out: Output) -> torch.Tensor:

@@ -35,6 +35,7 @@ from .errors import CheckpointError, ConfigError, TrainingError, VaelabError, is
 from .flags import without_ignored_settings
 from .models import PCA, build_model
 from .models.common import has_prior
+from .objectives import check_free_bits
 from .prepare import EVAL_SEED, check_unchanged, prepare_data
 from .schedules import check_cycles, kl_weight, learning_rate, resume_note, warmup_note
 from .steps import (
@@ -92,6 +93,7 @@ class Trainer:
         # steps per epoch: the job's global batches (the last may be short)
         self.steps = math.ceil(self.data.train.x.shape[0] / (config.train.batch_size * self.job.world))
         check_cycles(config.train, self.steps)
+        check_free_bits(config.train.free_bits, self.data.train.x.shape[0])
         if self.device.type == "cpu":
             keep_freed_memory()
         torch.manual_seed(config.train.seed)  # initial weights, the same in every process
