@@ -370,6 +370,14 @@ def test_divergent_learning_rate_stops_with_a_clear_message(tmp_path):
     vaelab.load(tmp_path / "run")  # the initial checkpoint is intact and loads
 
 
+def test_every_validation_pass_draws_the_same_noise(tmp_path):
+    """Epochs' validation losses differ by the model alone, not by the z drawn: each pass reseeds its noise."""
+    trainer = Trainer(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    first = trainer._validate()
+    torch.rand(7)  # the global generator moves on between passes, as training steps move it
+    assert trainer._validate() == first and first["kl"] > 0
+
+
 @pytest.mark.parametrize("where", ["buffer", "optimizer"])
 def test_weights_or_optimiser_state_gone_non_finite_under_a_finite_loss_are_not_saved(tmp_path, where):
     """An HVAE's batch-norm running variance overflowed while its validation loss stayed finite: the checkpoint kept
