@@ -15,7 +15,7 @@ from vaelab.errors import ConfigError
 from vaelab.evaluate import compare_runs
 from vaelab.hvae_cells import ResidualCell, SpectralNorms
 from vaelab.models import HVAE, build_model
-from vaelab.models.hvae import kl_balance_coefficients
+from vaelab.models.hvae import kl_balance_coefficients, soft_scale
 from vaelab.objectives import elbo, iwae
 
 
@@ -87,6 +87,15 @@ def test_posterior_is_relative_to_the_prior():
     q = model._posterior(mu_p, scale_p, torch.zeros(2, 6, 6, 6))  # a head output of 0: no change
     torch.testing.assert_close(q.base_dist.loc, mu_p)
     torch.testing.assert_close(q.base_dist.scale, scale_p + model.scale_floor)
+
+
+def test_a_lower_prior_head_output_of_zero_gives_a_unit_scale():
+    """soft_scale shifts softplus so that a prior head's 0 (plus the floor) is a scale of 1, whatever the floor."""
+    for floor in (0.0, 0.01, 0.5):
+        raw = torch.tensor([-30.0, 0.0, 30.0])
+        scale = soft_scale(raw, floor) + floor
+        torch.testing.assert_close(scale[1], torch.tensor(1.0))
+        assert floor <= scale[0] < scale[1] < scale[2] and scale[2] == pytest.approx(30.0, rel=0.05)
 
 
 def test_one_group_is_a_conv_vae_with_a_standard_normal_prior():
