@@ -335,6 +335,20 @@ def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
     assert (checkpoint.path / "model.safetensors").read_bytes() == good
 
 
+def test_a_non_finite_loss_stops_training_at_the_next_check_and_names_that_step(tmp_path):
+    """The loss is checked every PROGRESS_EVERY (20) steps (one sync each): a NaN from the first step stops the run
+    after 20 of its 34 steps, and the message says by which step."""
+    grey = DataConfig(name="tiny", binarize="none")
+    trainer = Trainer(dataclasses.replace(tiny_config(epochs=1, batch_size=2), data=grey), tmp_path / "run",
+                      dataset=tiny_data(), progress=False)
+    trainer.train_x.fill_(float("nan"))
+    step_loss, calls = trainer._step_loss, []
+    trainer._step_loss = lambda *a: calls.append(1) or step_loss(*a)
+    with pytest.raises(TrainingError, match=r"^the training loss became NaN or infinite in epoch 1 \(by step 20\)"):
+        trainer.fit()
+    assert len(calls) == 20 and trainer.steps == 34
+
+
 @pytest.mark.parametrize("fault", [
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
