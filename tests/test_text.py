@@ -1,5 +1,6 @@
 """Text: the fortunes corpus and its tokeniser, and the sentence VAE (likelihood, word dropout, bounds, runs)."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -246,6 +247,23 @@ def test_trains_saves_and_reloads(tmp_path):
     torch.testing.assert_close(loaded.decode(loaded.embed(x), x).log_prob(x),
                                model.decode(model.embed(x), x).log_prob(x), rtol=0, atol=0)
     torch.testing.assert_close(log_likelihood(loaded, x, k=5), log_likelihood(model, x, k=5), rtol=0, atol=0)
+
+
+def test_evaluate_gives_a_text_run_per_token_nll_and_perplexity_not_bits_per_dimension(tmp_path):
+    """A sentence's NLL is per token (its real tokens, not its padded length), and its perplexity exp of that."""
+    from vaelab.evaluate import evaluate_run
+
+    config = RunConfig(data=DataConfig(name="tiny-text"),
+                       model=ModelConfig(model="text-vae", hidden=(32,), latent_dim=4, embedding_dim=16),
+                       train=TrainConfig(epochs=1, batch_size=16))
+    data = tiny_text()
+    vaelab.train(config, tmp_path / "run", dataset=data, progress=False)
+    result = evaluate_run(tmp_path / "run", nll_k=5, probe=False, data=data, write=False)
+    tokens = float(token_counts(data.test.x).sum())
+    assert tokens < data.test.x.numel()  # (padding: per dimension would divide by more)
+    assert result["nll_per_token"] == pytest.approx(result["nll"] * len(data.test.x) / tokens, rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(result["nll_per_token"]), rel=1e-9)
+    assert "nll_bits_per_dim" not in result
 
 
 def test_report_interpolations_name_the_sentences_they_run_between():
