@@ -161,12 +161,13 @@ def test_mnist5k_shapes_range_labels(fresh_mnist5k):
     assert 0.05 < ds.train.x[ds.train.y == 1].mean() < ds.train.x[ds.train.y == 0].mean() < 0.4
 
 
-def test_mnist5k_deterministic_and_cached_on_disk(fresh_mnist5k, offline_data):
+def test_mnist5k_deterministic_and_cached_on_disk(fresh_mnist5k, offline_data, monkeypatch):
     first = load_dataset("mnist5k")
     assert (offline_data / "mnist5k.npz").is_file()
     from vaelab.fileio import usual_mode  # readable as the umask allows, not owner-only
     assert (offline_data / "mnist5k.npz").stat().st_mode & 0o777 == usual_mode()
-    sources._mnist5k_rows.cache_clear()  # the next load reads the .npz
+    sources._mnist5k_rows.cache_clear()  # the next load reads the .npz, not the csv
+    monkeypatch.setattr(sources, "_parse_mnist5k_csv", lambda: pytest.fail("the cached .npz was not used"))
     second = load_dataset("mnist5k")
     for a, b in zip((first.train, first.val, first.test), (second.train, second.val, second.test)):
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
@@ -178,6 +179,10 @@ def test_mnist5k_damaged_or_unwritable_cache(fresh_mnist5k, offline_data, monkey
     (offline_data / "mnist5k.npz").write_bytes(b"garbage")
     assert len(load_dataset("mnist5k").train.x) == 3500
     assert np.load(offline_data / "mnist5k.npz")["rows"].shape == (5000, 785)  # rewritten
+    sources._mnist5k_rows.cache_clear()
+    np.savez(offline_data / "mnist5k.npz", rows=np.zeros((10, 785), np.uint8))  # a readable cache of other rows
+    assert len(load_dataset("mnist5k").train.x) == 3500
+    assert np.load(offline_data / "mnist5k.npz")["rows"].shape == (5000, 785)
     sources._mnist5k_rows.cache_clear()
     not_a_dir = offline_data / "file"
     not_a_dir.write_text("")
