@@ -233,6 +233,36 @@ def test_bernoulli_elbo_matches_pytorch_examples_formula():
     torch.testing.assert_close(terms["loss"], bce + kld, rtol=1e-5, atol=1e-5)
 
 
+def test_mlp_puts_relu_after_hidden_layers_only_and_none_in_a_linear_net():
+    from torch.nn import Linear, ReLU
+
+    from vaelab.nets import mlp
+
+    def kinds(net):
+        return "".join("L" if isinstance(m, Linear) else "R" if isinstance(m, ReLU) else "?" for m in net)
+    assert kinds(mlp([5, 7, 6, 3])) == "LRLRL"
+    assert kinds(mlp([5, 7, 6, 3], last_activation=True)) == "LRLRLR"
+    assert kinds(mlp([5, 7, 6, 3], linear=True)) == kinds(mlp([5, 7, 6, 3], linear=True, last_activation=True)) == "LLL"
+    ae = AE(input_shape=(1, 4, 4), latent_dim=2, hidden=(6, 5), likelihood="gaussian", sigma=1.0, linear=True)
+    assert not any(isinstance(m, ReLU) for m in ae.modules())
+    torch.manual_seed(0)
+    logits = VAE(input_shape=(1, 4, 4), latent_dim=2, hidden=(6,)).decode(torch.randn(64, 2)).base_dist.logits
+    assert logits.min() < 0 < logits.max()  # no activation after the decoder's last layer
+
+
+def test_squeeze_excite_gates_channels_by_their_spatial_means():
+    """x * sigmoid(W2 relu(W1 mean_hw(x))) (Hu et al. 2018), computed by hand from the cell's weights."""
+    from vaelab.hvae_cells import SqueezeExcite
+
+    torch.manual_seed(0)
+    se = SqueezeExcite(8)
+    x = torch.randn(2, 8, 3, 5)
+    first, second = se.gate[0], se.gate[2]
+    context = x.mean((2, 3))
+    gate = torch.sigmoid(torch.relu(context @ first.weight.T + first.bias) @ second.weight.T + second.bias)
+    torch.testing.assert_close(se(x), x * gate[:, :, None, None])
+
+
 def test_gated_units_compute_a_times_sigmoid_b():
     from vaelab.nets import GatedLinear
 
