@@ -27,7 +27,7 @@ from vaelab.data.text import (
     tokens_to_text,
 )
 from vaelab.density import log_likelihood
-from vaelab.errors import DataError
+from vaelab.errors import ConfigError, DataError
 from vaelab.models import build_model
 from vaelab.models.text_vae import TextVAE, TokenSequence
 from vaelab.objectives import elbo, iwae
@@ -198,6 +198,14 @@ def test_elbo_training_lowers_the_reconstruction_cross_entropy():
     after = recon_per_token()
     assert before > 2.0  # about log(V) = 2.6 nats per token untrained
     assert after < 0.5 * before, (before, after)
+
+
+def test_word_dropout_of_one_or_more_is_refused_with_its_reason():
+    for p in (1.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"--word-dropout must be in \[0, 1\), got .* never read a word in "
+                                              r"training, yet evaluation"):
+            ModelConfig(model="text-vae", word_dropout=p)
+    assert ModelConfig(model="text-vae", word_dropout=0.99).word_dropout == 0.99
 
 
 def test_word_dropout_hides_history_in_training_only():

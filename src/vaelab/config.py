@@ -160,7 +160,8 @@ class ModelConfig:
                 f"--net (for --model {self.model})")
         _integer(self.embedding_dim, "--embedding-dim", minimum=1)
         if not isinstance(self.word_dropout, (int, float)) or not 0 <= self.word_dropout < 1:
-            raise ConfigError(f"--word-dropout must be in [0, 1), got {self.word_dropout!r}")
+            raise ConfigError(f"--word-dropout must be in [0, 1), got {self.word_dropout!r} (at 1 the decoder would "
+                              "never read a word in training, yet evaluation and sampling feed it words)")
         if self.vocab_size is not None:
             _integer(self.vocab_size, "vocab_size", minimum=2)
         _choice(self.likelihood, LIKELIHOODS, "--likelihood")
