@@ -93,7 +93,6 @@ class Trainer:
         # steps per epoch: the job's global batches (the last may be short)
         self.steps = math.ceil(self.data.train.x.shape[0] / (config.train.batch_size * self.job.world))
         check_cycles(config.train, self.steps)
-        check_free_bits(config.train.free_bits, self.data.train.x.shape[0])
         if self.device.type == "cpu":
             keep_freed_memory()
         torch.manual_seed(config.train.seed)  # initial weights, the same in every process
@@ -153,6 +152,7 @@ class Trainer:
         if not resume:
             check_trainable(self.config, self.job.world)
             check_grad_clip(self.config.train.grad_clip, self.optimizer)
+            check_free_bits(self.config.train.free_bits, self.train_x.shape[0])
         with contextlib.ExitStack() as held:
             # one trainer per run: a --resume started beside a live run pruned its half-written checkpoint, and both
             # appended metrics
