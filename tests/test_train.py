@@ -472,6 +472,22 @@ def test_a_free_bits_floor_above_log_n_is_refused(tmp_path):
     train(dataclasses.replace(config, train=just_under), tmp_path / "ok", dataset=tiny_data(), progress=False)
 
 
+def test_a_run_stopped_before_it_wrote_anything_removes_only_the_folder_it_made(tmp_path, monkeypatch):
+    """A new run that stops with its one-line error before writing a file (here a full disk at config.json) leaves
+    no trace: the folder it made goes, but an empty folder the user made beforehand (the --out they prepared)
+    stays where it was."""
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr("vaelab.config.atomic_write_text", full_disk)
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for out in (tmp_path / "new", prepared):
+        with pytest.raises(CheckpointError, match=r"^could not write config\.json: No space left on device"):
+            train(tiny_config(epochs=1), out, dataset=tiny_data(), progress=False)
+    assert not (tmp_path / "new").exists()
+    assert prepared.is_dir() and not any(prepared.iterdir())
+
+
 def test_cyclical_kl_annealing_rises_and_holds_in_every_cycle():
     cyc = TrainConfig(beta=1.0, epochs=8, kl_cycles=2, kl_cycle_ratio=0.5)  # cycles of 4 epochs, rising over 2
     assert [kl_weight(cyc, t) for t in (0.0, 1.0, 2.0, 3.5, 4.0, 5.0, 7.9)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0]
