@@ -18,6 +18,7 @@ from vaelab import runs
 from vaelab.cli import build_parser, main
 from vaelab.config import TrainConfig
 from vaelab.errors import ConfigError, DataError
+from vaelab.prepare import prepare_data
 from vaelab.reports import _report_device
 
 TINY = ["--hidden", "16", "--latent-dim", "3", "--epochs", "2", "--batch-size", "32", "--quiet"]
@@ -138,6 +139,34 @@ def test_evaluate_sample_reconstruct_interpolate_report(vae_run, tmp_path, capsy
     assert main(["report", str(vae_run), "--no-baselines", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "written" in out and "report:" in out
+
+
+def _tiles(path: Path, shape: tuple[int, int], scale: int) -> np.ndarray:
+    """The images of a picture that figures.save_grid wrote (1-pixel gaps, enlarged by scale): (rows, cols, h, w)."""
+    h, w = shape
+    picture = np.asarray(Image.open(path))[::scale, ::scale]  # back to one pixel per image pixel
+    rows, cols = (picture.shape[0] - 1) // (h + 1), (picture.shape[1] - 1) // (w + 1)
+    return np.stack([np.stack([picture[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w]
+                               for c in range(cols)]) for r in range(rows)])
+
+
+def test_reconstruct_and_interpolate_draw_the_test_images_asked_for(vae_run, tmp_path):
+    """Both commands were checked by their exit status alone: an interpolation between no images (an empty slice
+    for --a) wrote a blank picture and passed."""
+    model = vaelab.load(vae_run)
+    test_x = prepare_data(runs.load_config(vae_run)).test.x
+    as_pixels = lambda images: (images.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()  # noqa: E731
+    assert main(["reconstruct", str(vae_run), "--n", "4", "--out", str(tmp_path / "r.png")]) == 0
+    tiles = _tiles(tmp_path / "r.png", (8, 8), scale=7)  # 8x8 images are drawn 7 times larger
+    assert tiles.shape == (2, 4, 8, 8)  # originals on top, reconstructions below
+    assert (tiles[0] == as_pixels(test_x[:4])).all()
+    assert np.abs(tiles[1].astype(int) - as_pixels(model.reconstruct(test_x[:4]))).max() <= 1
+    assert main(["interpolate", str(vae_run), "--a", "2", "--b", "-1", "--steps", "5",
+                 "--out", str(tmp_path / "i.png")]) == 0
+    tiles = _tiles(tmp_path / "i.png", (8, 8), scale=7)
+    assert tiles.shape == (1, 5, 8, 8)  # the line from test image 2's code to the last one's, in 5 steps
+    ends = as_pixels(model.reconstruct(test_x[[2, -1]]))
+    assert np.abs(tiles[0, [0, -1]].astype(int) - ends).max() <= 1
 
 
 def test_sample_seed_decides_the_draws(vae_run, tmp_path):
