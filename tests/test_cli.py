@@ -3,6 +3,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,16 @@ def _tiles(path: Path, shape: tuple[int, int], scale: int) -> np.ndarray:
     rows, cols = (picture.shape[0] - 1) // (h + 1), (picture.shape[1] - 1) // (w + 1)
     return np.stack([np.stack([picture[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w]
                                for c in range(cols)]) for r in range(rows)])
+
+
+def test_evaluate_takes_one_importance_sample(vae_run, tmp_path):
+    """--k 1 is the smallest importance sample and the IWAE bound's K = 1 case, the ELBO: refusing it (a mutant
+    of the --k check, < 1 read as <= 1) passed test_cli.py."""
+    run = shutil.copytree(vae_run, tmp_path / "run")  # (evaluation.json of the shared run stays as it is)
+    assert main(["evaluate", str(run), "--nll", "--k", "1", "--no-probe"]) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["nll_k"] == 1
+    assert abs(result["nll"] - result["test_loss"]) < 3 * result["nll_stderr"]  # both one-sample ELBO estimates
 
 
 def test_reconstruct_and_interpolate_draw_the_test_images_asked_for(vae_run, tmp_path):
@@ -456,7 +467,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
     assert "already holds a run" in err
     for argv, flag in ((["reconstruct", "--n", "0"], "--n"), (["reconstruct", "--n", "-1"], "--n"),
                        (["reconstruct", "--n", "101"], "--n"), (["sample", "--nrow", "0"], "--nrow"),
-                       (["sample", "--nrow", "-2"], "--nrow"), (["evaluate", "--chunk", "-3"], "--chunk")):
+                       (["sample", "--nrow", "-2"], "--nrow"), (["evaluate", "--chunk", "-3"], "--chunk"),
+                       (["evaluate", "--nll", "--k", "0"], "--k")):
         err = run_error([argv[0], str(vae_run), *argv[1:]], capsys)  # were tracebacks, or -3 silently 1
         assert f"{flag} must be" in err and argv[-1] in err
     err = run_error(["evaluate", str(vae_run), "--k", "100", "--chunk", "10"], capsys)  # was evaluated without NLL
@@ -475,8 +487,10 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
         err = run_error([command, str(vae_run), "--out", str(tmp_path / name)], capsys)
         assert "written as PNG; give a name ending in .png" in err
     assert main(["interpolate", str(vae_run), "--a", "-1", "--out", str(tmp_path / "last.PNG")]) == 0
-    err = run_error(["interpolate", str(vae_run), "--b", "-13"], capsys)
-    assert "12 images (0..11, or -12..-1 counting from the end)" in err
+    for flag, index in (("--b", "-13"), ("--a", "12")):  # one past either end
+        err = run_error(["interpolate", str(vae_run), flag, index], capsys)
+        assert f"{flag} {index} is out of range: the test split has 12 images (0..11, or -12..-1 counting from " \
+               "the end)" in err
     with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2
         main(["train", "--hidden", "a,b"])
     assert "comma-separated" in capsys.readouterr().err
