@@ -491,6 +491,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, npz_data, vae_run):
         err = run_error(["interpolate", str(vae_run), flag, index], capsys)
         assert f"{flag} {index} is out of range: the test split has 12 images (0..11, or -12..-1 counting from " \
                "the end)" in err
+    assert main(["interpolate", str(vae_run), "--a", "11", "--b", "-12", "--out", str(tmp_path / "ends.png")]) == 0
     with pytest.raises(SystemExit):  # argparse: malformed flag values exit 2
         main(["train", "--hidden", "a,b"])
     assert "comma-separated" in capsys.readouterr().err

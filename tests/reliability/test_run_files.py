@@ -98,7 +98,8 @@ def test_sample_refuses_a_seed_torch_cannot_take(good_run, tmp_path, capsys):
     for seed in (str(-2**63 - 1), str(2**64)):
         assert main(["sample", str(good_run), "--seed", seed, "--out", str(tmp_path / "s.png")]) == 2
         assert "--seed must be between -2**63 and 2**64 - 1" in one_line(capsys)  # a traceback from manual_seed
-    assert main(["sample", str(good_run), "--seed", "-1", "--out", str(tmp_path / "s.png")]) == 0
+    for seed in (str(-2**63), "-1", str(2**64 - 1)):  # the ends of the range are taken
+        assert main(["sample", str(good_run), "--seed", seed, "--out", str(tmp_path / "s.png")]) == 0
 
 
 def test_files_written_atomically_have_the_usual_permissions(good_run, tmp_path):
