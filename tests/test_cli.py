@@ -161,6 +161,16 @@ def test_evaluate_takes_one_importance_sample(vae_run, tmp_path):
     assert abs(result["nll"] - result["test_loss"]) < 3 * result["nll_stderr"]  # both one-sample ELBO estimates
 
 
+def test_the_ends_of_the_commands_ranges_are_taken(vae_run, tmp_path):
+    """Each range was tested beyond its ends only: random mutants of cli.py that refused an end passed."""
+    run = shutil.copytree(vae_run, tmp_path / "run")  # (evaluation.json of the shared run stays as it is)
+    for argv in (["sample", "--n", "1", "--nrow", "1"], ["sample", "--n", "10000"], ["reconstruct", "--n", "1"],
+                 ["reconstruct", "--n", "100"], ["interpolate", "--steps", "2"], ["interpolate", "--steps", "100"],
+                 ["evaluate", "--nll", "--k", "2", "--chunk", "1", "--no-probe"]):
+        out = [] if argv[0] == "evaluate" else ["--out", str(tmp_path / "picture.png")]
+        assert main([argv[0], str(run), *argv[1:], *out]) == 0, argv
+
+
 def test_reconstruct_and_interpolate_draw_the_test_images_asked_for(vae_run, tmp_path):
     """Both commands were checked by their exit status alone: an interpolation between no images (an empty slice
     for --a) wrote a blank picture and passed."""

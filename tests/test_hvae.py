@@ -261,6 +261,8 @@ def test_hvae_end_to_end_through_the_cli(tmp_path, capsys):
     for t in ("-1", "1e6"):  # 1e6 wrote a picture of NaN pixels
         assert main(["sample", str(out), "--temperature", t]) == 2
         assert f"--temperature must be between 0 and 10, got {float(t)}" in capsys.readouterr().err
+    for t in ("0", "10"):  # the range's ends are taken
+        assert main(["sample", str(out), "--n", "2", "--temperature", t, "--out", str(out / f"t{t}.png")]) == 0
     _explorer_serves(out, model.latent_dim)
 
 
