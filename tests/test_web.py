@@ -192,6 +192,18 @@ def test_runs_summary_and_map(client):
     assert client.get("/api/map").json()["projection"]["kind"] == "identity"  # the default run: pca, 2-d
 
 
+def test_sliders_span_three_standard_deviations_of_the_test_codes_most_used_dimensions_first(client):
+    """Only the set of slider dimensions was tested: a span of 3 / std (a mutant) passed test_web.py."""
+    s = client.get("/api/summary", params={"run": "vae"}).json()
+    codes = torch.tensor([client.get(f"/api/encoding/{i}", params={"run": "vae"}).json()["z"]
+                          for i in range(N_TEST)], dtype=torch.float64)
+    std = codes.std(0)
+    assert std.min() > 0.1 * std.max()  # (no dimension at the floor that keeps an unused one's slider movable)
+    kl = s["kl_per_dim"]
+    assert s["sliders"]["dims"] == sorted(range(3), key=lambda i: -kl[i])  # by KL, the most used first
+    assert s["sliders"]["span"] == pytest.approx([3 * float(std[i]) for i in s["sliders"]["dims"]], rel=1e-5)
+
+
 def test_metrics_come_from_evaluation_json(runs_root):
     (runs_root / "pca" / "evaluation.json").write_text(json.dumps({"nll": 12.5, "test_kl": float("nan"),
                                                                                 "format": EVALUATION_FORMAT}))
@@ -322,6 +334,20 @@ REFUSED = [
     ("/api/summary?run=vae/../pca", 422, "unknown run"),
     ("/api/summary?run=" + "x" * 300, 422, "run"),
 ]
+
+
+# the ends of each range are answered (only values beyond them were tested): z at +-1000, and of 32 characters
+# per dimension; 2 and 32 frames; 1 and 64 samples; the first and last test images
+ENDS = ["/api/decode?z=1000,-1000,0&run=vae",
+        "/api/decode?z=" + ",".join(["0." + "0" * 30] * 3)[:96] + "&run=vae",  # 96 = 32 x 3 characters
+        f"/api/interpolate?a=0&b={N_TEST - 1}&n=2&run=vae", "/api/interpolate?a=0&b=1&n=32&run=vae",
+        "/api/samples?n=1&run=vae", "/api/samples?n=64&run=vae", "/api/reconstruct/0?run=vae",
+        f"/api/reconstruct/{N_TEST - 1}?run=vae"]
+
+
+@pytest.mark.parametrize("path", ENDS)
+def test_the_ends_of_each_range_are_answered(client, path):
+    assert client.get(path).status_code == 200
 
 
 @pytest.mark.parametrize(("path", "status", "message"), REFUSED)
