@@ -40,6 +40,17 @@ def test_an_npy_header_promising_400_gb_is_refused_before_anything_is_allocated(
         load_npz(str(npz))
 
 
+def test_an_npy_file_cut_short_names_the_bytes_its_header_promises(tmp_path):
+    """Only absurd promises were tested: a check that divided the element count by the item size (a mutant) passed,
+    and a float64 array cut in half then failed in numpy's words."""
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((100, 4, 4)))  # 12,800 bytes of float64
+    path.write_bytes(path.read_bytes()[:-6_400])
+    with pytest.raises(DataError, match=r"x\.npy is truncated or damaged: its header promises shape \(100, 4, 4\) "
+                                        r"of float64 \(12,800 bytes\), but there are only 6,528"):
+        load_npy(str(path))
+
+
 def test_an_npz_member_that_is_not_an_npy_array_is_refused(tmp_path):
     npz = zipped(tmp_path / "x.npz", {"x": b"not an array"})  # np.load hands back these bytes as they are
     with pytest.raises(DataError, match=r"x\.npz \[x\] is not an \.npy array"):
