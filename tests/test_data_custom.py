@@ -204,6 +204,12 @@ def test_npz_presplit_without_val_holds_out_part_of_train(tmp_path):
     )
     ds = load_dataset(f"npz:{tmp_path / 's.npz'}")
     assert [len(s.x) for s in all_splits(ds)] == [18, 2, 10] and ds.train.y is None
+    # the fewest training examples that leave one for validation: 2 is split 1 + 1, 1 is refused (untested before)
+    np.savez(tmp_path / "two.npz", x_train=x[:2], x_test=x[20:])
+    assert [len(s.x) for s in all_splits(load_dataset(f"npz:{tmp_path / 'two.npz'}"))] == [1, 1, 10]
+    np.savez(tmp_path / "one.npz", x_train=x[:1], x_test=x[20:])
+    with pytest.raises(DataError, match=r"one\.npz has 1 training example\(s\); give at least 2, or an x_val array"):
+        load_dataset(f"npz:{tmp_path / 'one.npz'}")
 
 
 def test_npz_string_labels(tmp_path):
