@@ -183,6 +183,11 @@ def test_checkpoint_files_hold_no_code_and_no_wrapper_prefixes(tmp_path):
     json.loads((checkpoint.path / "trainer.json").read_text())
 
 
+def full_disk(path, text):
+    """An atomic_write_text that finds the disk full."""
+    raise OSError(28, "No space left on device", str(path))
+
+
 def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path, monkeypatch):
     model = train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
     before = runs.latest_checkpoint(tmp_path / "run")
@@ -213,8 +218,6 @@ def test_run_files_that_cannot_be_written_at_start_or_resume_are_one_line(tmp_pa
     """Rank 0 wrote config.json (new runs) and metrics.jsonl (resumes) outside the work every process waits on:
     under torchrun a full disk there left the other processes waiting for a peer that had gone. Here one process
     checks the one-line error that _by_rank_0 gives every process (the torchrun tests check its spreading)."""
-    def full_disk(path, text):
-        raise OSError(28, "No space left on device", str(path))
     with monkeypatch.context() as patch:
         patch.setattr("vaelab.config.atomic_write_text", full_disk)
         with pytest.raises(CheckpointError, match=r"^could not write config\.json: No space left on device: .*conf"):
@@ -476,8 +479,6 @@ def test_a_run_stopped_before_it_wrote_anything_removes_only_the_folder_it_made(
     """A new run that stops with its one-line error before writing a file (here a full disk at config.json) leaves
     no trace: the folder it made goes, but an empty folder the user made beforehand (the --out they prepared)
     stays where it was."""
-    def full_disk(path, text):
-        raise OSError(28, "No space left on device", str(path))
     monkeypatch.setattr("vaelab.config.atomic_write_text", full_disk)
     prepared = tmp_path / "prepared"
     prepared.mkdir()
