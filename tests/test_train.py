@@ -192,17 +192,20 @@ def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path,
     model = train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
     before = runs.latest_checkpoint(tmp_path / "run")
 
-    # each writer's own way of saying the disk is full: tracebacks, the last with no file to name
+    # each writer's own way of saying the disk is full: tracebacks, the last with no file to name; and no room
+    # for the temporary folder itself (there is none to clean up then)
+    writers = {"save_file": (runs, "save_file"), "torch_save": (runs.torch, "save"),
+               "mkdtemp": (runs.tempfile, "mkdtemp")}
     for writer, error in (("save_file", SafetensorError("Error while serializing: No space left on device (os "
                                                         "error 28)")),
                           ("save_file", OSError(28, "No space left on device")),
                           ("torch_save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
-                                                      "4661376 vs 4661264"))):
+                                                      "4661376 vs 4661264")),
+                          ("mkdtemp", OSError(28, "No space left on device"))):
         def crash(*args, _error=error, **kwargs):
             raise _error
         with monkeypatch.context() as patch:
-            patch.setattr(runs, "save_file", crash) if writer == "save_file" else patch.setattr(runs.torch, "save",
-                                                                                                  crash)
+            patch.setattr(*writers[writer], crash)
             with pytest.raises(CheckpointError, match=r"cannot write checkpoint epoch-0002 into .*checkpoints \(.*\); "
                                                       r"the last good checkpoint is intact: free space there and "
                                                       r"--resume$"):
