@@ -270,6 +270,11 @@ def test_a_damaged_checkpoint_names_the_intact_earlier_one_and_following_that_re
         if damage == "weights":
             (root / "epoch-0003" / "model.safetensors").unlink()
             shutil.copy(root / "epoch-0002" / "model.safetensors", root / "epoch-0003")
+    for folder in ("../../elsewhere", "epoch-0009"):  # a pointer edited to a folder out of the run, or not there
+        (root / "latest.json").write_text(json.dumps({"epoch": 2, "dir": folder}))
+        with pytest.raises(CheckpointError, match=r"which is not a checkpoint folder in ") as caught:
+            vaelab.load(run)
+        assert str(caught.value).endswith(advice), folder
     (root / "latest.json").unlink()  # no pointer: the newest folder whose trainer.json reads is offered
     with pytest.raises(CheckpointError, match=r"latest.json is missing; the run holds epoch-0002: to use it"):
         vaelab.load(run)
