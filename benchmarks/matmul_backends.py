@@ -86,13 +86,14 @@ def call_us(module: nn.Module, x: torch.Tensor, calls: int = 200) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def dispatch(rounds: int = 7) -> None:
-    """Sequential call cost: the MLP encoder at batch 128, and a tiny one at batch 2 (the per-call overhead)."""
+def dispatch(rounds: int = 7, calls: tuple[int, int] = (200, 2000)) -> None:
+    """Sequential call cost: the MLP encoder at batch 128, and a tiny one at batch 2 (the per-call overhead);
+    calls: timed calls per round of each."""
     preferred = linear.PREFER_ONEDNN
     print(f"\n{'Sequential call, forward + backward (us)':<42}{'784-512-256, B=128':>20}{'784-8-8, B=2':>14}"
           f"  (PREFER_ONEDNN={preferred})")
     rows: dict[str, list[float]] = {}
-    for widths, batch in (((784, 512, 256), 128), ((784, 8, 8), 2)):
+    for (widths, batch), n_calls in zip((((784, 512, 256), 128), ((784, 8, 8), 2)), calls):
         torch.manual_seed(0)
         layers = [m for a, b in zip(widths, widths[1:]) for m in (linear.Linear(a, b), nn.ReLU())]
         ours, plain = linear.Sequential(*layers), nn.Sequential(*layers)
@@ -112,7 +113,7 @@ def dispatch(rounds: int = 7) -> None:
         times: dict[str, list[float]] = {name: [] for name in ways}
         for _ in range(rounds):
             for name, way in ways.items():
-                times[name].append(call_us(way, x, calls=200 if batch > 2 else 2000))
+                times[name].append(call_us(way, x, calls=n_calls))
         for name, t in times.items():
             rows.setdefault(name, []).append(statistics.median(t))
     for name, (big, tiny) in rows.items():
