@@ -140,6 +140,30 @@ def test_every_sample_is_used_when_k_is_not_a_multiple_of_the_chunk():
     assert (estimate.ess >= 1).all() and (estimate.ess <= 23 + 1e-4).all()
 
 
+def test_a_pass_holds_at_most_max_elements_parameters_of_p_x_given_z(monkeypatch):
+    """The default chunk and batch bound a pass's (sample, example, pixel) outputs by MAX_ELEMENTS, whatever N. A
+    batch of every example gives the same estimate, so only this sees it: for 10,000 MNIST images at K_chunk = 200
+    that is 6.3 GB of logits a pass."""
+    from vaelab import density
+
+    monkeypatch.setattr(density, "MAX_ELEMENTS", 16 * 40)  # 4x4 images: 40 (sample, example) pairs a pass
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)).eval()
+    seen = []
+    forward = model.forward
+
+    def spy(x, k=None, noise=None):
+        seen.append((k, x.shape[0]))
+        return forward(x, k=k, noise=noise)
+
+    model.forward = spy
+    importance_sample(model, torch.rand(5, 1, 4, 4), k=100)
+    assert seen == [(40, 1), (40, 1), (20, 1)] * 5  # 40 samples of one example: the budget
+    seen.clear()
+    importance_sample(model, torch.rand(9, 1, 4, 4), k=8)
+    assert seen == [(8, 5), (8, 4)]  # 8 samples of 5 examples fill it
+
+
 def test_a_long_estimate_shows_its_progress_over_every_sample(monkeypatch):
     """`vaelab evaluate --nll` (K = 5000 over 10,000 images: minutes to hours on a CPU) said nothing until done."""
     from vaelab import density
