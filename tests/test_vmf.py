@@ -488,6 +488,19 @@ def test_objectives_add_the_correction_to_kappa_alone_and_keep_their_values():
         torch.testing.assert_close(ga, gb)
 
 
+def test_a_lone_example_s_sampler_correction_has_no_baseline_and_stays_finite():
+    """One example with one sample (--batch-size 1, or an epoch's tail batch of one, which only batch-norm models
+    skip) has no other draw to take a baseline from: the correction is f's plain score term, where a baseline of
+    0 / 0 would make the loss and every gradient NaN."""
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 4, 4), latent_dim=5, hidden=(8,), latent="vmf")
+    x = torch.rand(1, 1, 4, 4)
+    for out, objective in ((model(x), elbo), (model(x, k=1), iwae)):
+        loss = objective(out, x)["loss"]
+        (grad,) = torch.autograd.grad(loss.sum(), [model.posterior.kappa_head.weight])
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and grad.abs().sum() > 0, objective.__name__
+
+
 def test_vmf_latent_moves_to_double():
     latent = VMFLatent(in_features=3, latent_dim=3, kappa=5.0).double()
     qz, pz = latent(torch.randn(2, 3, dtype=torch.float64)), latent.prior()
