@@ -176,6 +176,13 @@ def test_kl_balancing_coefficients_and_when_they_apply():
     assert not torch.allclose(plain["loss"], balanced["loss"])
     torch.testing.assert_close(plain["kl"], balanced["kl"])  # the KL reported stays the true one
     torch.testing.assert_close(elbo(out, x, beta=1.0)["loss"], elbo(out, x, beta=1.0, kl_balance=True)["loss"])
+    # the loss charges sum_l gamma_l KL_l per example, with K samples each the per-group KLs averaged over them
+    for k in (None, 3):
+        out = model(x, k=k)
+        units = out.kl_units() if k is None else out.kl_units().mean(0)  # (B, L)
+        charged = (units * kl_balance_coefficients(units, model.group_sizes)).sum(-1)
+        terms = elbo(out, x, beta=0.5, kl_balance=True)
+        torch.testing.assert_close(terms["loss"], terms["recon"] + 0.5 * charged)
 
 
 def test_residual_cell_resamples_and_starts_near_the_identity():
