@@ -163,6 +163,19 @@ def test_spectral_norm_estimate_matches_the_largest_singular_value():
     assert model.spectral_penalty(iterations=30) > 0
 
 
+def test_free_bits_of_a_hierarchy_floor_each_group_s_kl_averaged_over_its_samples():
+    """Free bits of an HVAE are per latent group; with K samples per example (a lower group's KL depends on the z
+    above it) each group's KL is averaged over them before the floor: sum_l max(lambda, mean_b,k KL_bkl)."""
+    model, x = small(), binary()
+    torch.manual_seed(0)
+    out = model(x, k=3)
+    per_group = out.kl_units().mean((0, 1))  # (L,)
+    assert out.kl_units().shape == (3, x.shape[0], len(model.group_sizes))
+    lam = float(per_group.detach().median())  # a group above the floor and one below
+    terms = elbo(out, x, free_bits=lam)
+    torch.testing.assert_close(terms["loss"].mean(), terms["recon"].mean() + per_group.clamp(min=lam).sum())
+
+
 def test_kl_balancing_coefficients_and_when_they_apply():
     kl = torch.tensor([[1.0, 4.0, 0.0], [3.0, 4.0, 0.0]])  # per-group KLs of two examples
     gamma = kl_balance_coefficients(kl, [2, 4, 8])
