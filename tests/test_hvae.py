@@ -169,8 +169,9 @@ def test_free_bits_of_a_hierarchy_floor_each_group_s_kl_averaged_over_its_sample
     model, x = small(), binary()
     torch.manual_seed(0)
     out = model(x, k=3)
-    per_group = out.kl_units().mean((0, 1))  # (L,)
-    assert out.kl_units().shape == (3, x.shape[0], len(model.group_sizes))
+    units = out.kl_units()
+    assert units.shape == (3, x.shape[0], len(model.group_sizes))
+    per_group = units.mean((0, 1))  # (L,)
     lam = float(per_group.detach().median())  # a group above the floor and one below
     terms = elbo(out, x, free_bits=lam)
     torch.testing.assert_close(terms["loss"].mean(), terms["recon"].mean() + per_group.clamp(min=lam).sum())
