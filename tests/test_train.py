@@ -518,6 +518,7 @@ def test_kl_cycles_whose_rise_is_shorter_than_a_step_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"each cycle has 3 and its rise .* 0.9; .*; use at most 2 cycles"):
         check_cycles(TrainConfig(epochs=1, kl_cycles=3, kl_cycle_ratio=0.3), 9)  # cycles long enough, a short rise
     check_cycles(TrainConfig(epochs=1, kl_cycles=2, kl_cycle_ratio=0.3), 9)
+    check_cycles(TrainConfig(epochs=1, kl_cycles=5, kl_cycle_ratio=0.5), 10)  # cycles of exactly 2 steps, a rise of 1
     one_step = dataclasses.replace(config.train, kl_cycles=9, kl_cycle_ratio=1.0)  # a rise of 1 step, at 0 each time
     with pytest.raises(ConfigError, match=r"each cycle has 1 and its rise .* 1; a cycle needs 2 steps"):
         train(dataclasses.replace(config, train=one_step), tmp_path / "r", dataset=tiny_data(), progress=False)
