@@ -203,6 +203,13 @@ def test_uniform_samples_and_density():
     assert p.batch_shape == () and p.event_shape == (5,)
     assert ((z.norm(dim=-1) - 1).abs() < 1e-12).all()
     assert (z.mean(0).abs() <= 5 * z.std(0) / math.sqrt(20_000)).all()
+    # E[z] = 0 and Var[z_i] = 1/m, the latter within 5 standard errors of the sample variance, for an expanded batch too
+    centred = z - z.mean(0)
+    var_stderr = ((centred**4).mean(0) - centred.var(0) ** 2).sqrt() / math.sqrt(20_000)
+    assert ((centred.var(0) - p.variance).abs() <= 5 * var_stderr).all()
+    wide = p.expand(torch.Size([3]))
+    assert torch.equal(wide.mean, torch.zeros(3, 5, dtype=torch.float64))
+    assert torch.equal(wide.variance, torch.full((3, 5), 0.2, dtype=torch.float64))
     area = 2 * math.pi ** 2.5 / math.gamma(2.5)
     assert torch.allclose(p.log_prob(z[:3]), torch.full((3,), -math.log(area), dtype=torch.float64))
     assert math.isclose(float(p.entropy()), math.log(area)) and math.isclose(log_sphere_area(5), math.log(area))
