@@ -2,6 +2,7 @@
 spectral norms, KL balancing, and the model end to end through the CLI."""
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from vaelab.errors import ConfigError
 from vaelab.evaluate import compare_runs
 from vaelab.hvae_cells import ResidualCell, SpectralNorms
 from vaelab.models import HVAE, build_model
-from vaelab.models.hvae import kl_balance_coefficients, soft_scale
+from vaelab.models.hvae import SOFTPLUS_ONE, kl_balance_coefficients, soft_scale
 from vaelab.objectives import elbo, iwae
 
 
@@ -87,6 +88,12 @@ def test_posterior_is_relative_to_the_prior():
     q = model._posterior(mu_p, scale_p, torch.zeros(2, 6, 6, 6))  # a head output of 0: no change
     torch.testing.assert_close(q.base_dist.loc, mu_p)
     torch.testing.assert_close(q.base_dist.scale, scale_p + model.scale_floor)
+    # NVAE eq. 2: mu_q = mu_p + dmu, sigma_q = sigma_p * dsigma (+ the floor), here with dsigma = 2
+    delta_mu = torch.randn(2, 3, 6, 6)
+    raw = torch.full((2, 3, 6, 6), math.log(math.expm1(2.0)) - SOFTPLUS_ONE)
+    q = model._posterior(mu_p, scale_p, torch.cat([delta_mu, raw], 1))
+    torch.testing.assert_close(q.base_dist.loc, mu_p + delta_mu)
+    torch.testing.assert_close(q.base_dist.scale, 2 * scale_p + model.scale_floor)
 
 
 def test_a_lower_prior_head_output_of_zero_gives_a_unit_scale():
@@ -146,6 +153,16 @@ def test_temperature_zero_sampling_is_deterministic_and_lower_temperature_narrow
     torch.manual_seed(2)
     cool = model.sample(64, temperature=0.3).std(0).mean()
     assert cool < hot
+    # every group's draw is its prior mean plus t sigma_p eps: the same eps (the same seed) at t = 0.5 lands half
+    # as many prior scales away as at t = 1 (group 1's prior has sigma 1, so only the lower groups tell t sigma
+    # from t / sigma)
+    def prior_scores(t):
+        torch.manual_seed(3)
+        groups, _ = model._top_down(8, temperature=t)
+        return [(g.z - g.pz.mean) / g.pz.stddev for g in groups]
+
+    for half, whole in zip(prior_scores(0.5), prior_scores(1.0), strict=True):
+        torch.testing.assert_close(half, 0.5 * whole)
 
 
 def test_spectral_norm_estimate_matches_the_largest_singular_value():
