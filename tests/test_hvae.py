@@ -176,8 +176,11 @@ def test_spectral_norm_estimate_matches_the_largest_singular_value():
     w = weights[0].clone().requires_grad_()
     norms([w, weights[1]], iterations=1)[0].backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+    # NVAE's L_SR sums sigma_max over every conv and linear weight of the model
     model = small()
-    assert model.spectral_penalty(iterations=30) > 0
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    exact = sum(float(torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)) for m in layers)
+    assert model.spectral_penalty(iterations=300).item() == pytest.approx(exact, rel=1e-3)
 
 
 def test_free_bits_of_a_hierarchy_floor_each_group_s_kl_averaged_over_its_samples():
@@ -234,6 +237,9 @@ def test_config_checks_name_the_flag():
         ModelConfig(model="hvae", net="mlp")
     with pytest.raises(ConfigError, match="--scale-floor"):
         ModelConfig(model="hvae", scale_floor=1.5)
+    for floor in (0.0, 1.0):  # the model itself, built in Python, refuses the ends of (0, 1) too
+        with pytest.raises(ConfigError, match="0 < scale_floor < 1"):
+            HVAE(input_shape=(1, 12, 12), scale_floor=floor)
     with pytest.raises(ConfigError, match="use them with --model hvae"):
         RunConfig(train=TrainConfig(spectral_reg=0.1))
     config = ModelConfig(model="hvae", input_shape=(1, 12, 12), hidden=(8, 12), latent_dim=2)
