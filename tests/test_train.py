@@ -749,6 +749,7 @@ def test_optimizer_step_advances_the_step_counts_in_one_op():
         with Ops() as ops:
             optimizer_step(optimizer)
     assert ops.names.count("add_") == 1 and "_to_copy" not in ops.names, ops.names
+    assert "stack" not in ops.names, ops.names  # the counts' tensor is made at the second step, then kept
     assert [int(s["step"]) for s in optimizer.state.values()] == [3] * 10
 
 
