@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 
 import pytest
@@ -526,9 +527,14 @@ def test_kl_cycles_whose_rise_is_shorter_than_a_step_are_refused(tmp_path):
 
 
 def test_warmup_is_logged_and_beta_weights_the_kl(tmp_path):
+    started = time.perf_counter()
     train(tiny_config(epochs=2, warmup_epochs=2, beta=3.0), tmp_path / "run", dataset=tiny_data(), progress=False)
+    wall = time.perf_counter() - started
     records = runs.read_metrics(tmp_path / "run")
     assert 0 < records[0]["beta"] < records[1]["beta"] <= 3.0
+    for r in records:  # each epoch's training time, and the throughput over it
+        assert 0 < r["seconds"] < wall
+        assert r["samples_per_s"] == pytest.approx(len(tiny_data().train.x) / r["seconds"])
 
 
 def test_binarisation_modes(tmp_path):
