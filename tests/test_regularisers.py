@@ -115,6 +115,9 @@ def test_bn_vae_skips_a_one_example_tail_batch_and_refuses_one_example_in_traini
                        train=TrainConfig(epochs=2, batch_size=33))
     model = train(config, tmp_path / "run", dataset=tiny_data(), progress=False)
     assert [r["epoch"] for r in runs.read_metrics(tmp_path / "run")] == [1, 2]
+    pairs = RunConfig(data=config.data, model=config.model, train=TrainConfig(epochs=1, batch_size=2))  # 33 + 1
+    train(pairs, tmp_path / "pairs", dataset=tiny_data(), progress=False)
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "pairs")] == [1]
     with pytest.raises(InputError, match="at least 2 examples, got 1; call model.eval"):
         model.train().encode(torch.rand(1, 1, 6, 6))
     assert model.eval().encode(torch.rand(1, 1, 6, 6)).mean.shape == (1, 2)
