@@ -98,6 +98,10 @@ def test_resume_with_a_lower_learning_rate_fine_tunes_from_the_checkpoint(tmp_pa
     after = weights(vaelab.load(tmp_path / "run"))
     step = max(float((after[k] - before[k]).abs().max()) for k in before)
     assert 0 < step < 0.01  # one epoch of Adam steps of about 1e-4 each
+    # a finished run resumed to the epochs it has trains nothing, and keeps the rate it was trained with
+    Trainer(tiny_config(epochs=3, lr=1e-5), tmp_path / "run", dataset=tiny_data(), progress=False).fit(resume=True)
+    assert runs.load_config(tmp_path / "run").train.lr == 1e-4
+    assert [r["lr"] for r in runs.read_metrics(tmp_path / "run")] == [1e-3, 1e-3, 1e-4]
 
 
 def test_cosine_schedule_anneals_the_rate_at_every_step(tmp_path):
