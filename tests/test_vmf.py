@@ -167,6 +167,13 @@ def test_negative_order_is_rejected():
 SAMPLE_CASES = [(m, kappa) for m in (2, 3, 10, 64) for kappa in (0.1, 1.0, 10.0, 100.0, 1000.0)]
 
 
+def assert_sample_variance(z, variance):
+    """Var[z_i] within 5 standard errors of the sample variance of draws z (N, m), coordinate by coordinate."""
+    centred = z - z.mean(0)
+    var_stderr = ((centred**4).mean(0) - centred.var(0) ** 2).clamp(min=0).sqrt() / math.sqrt(z.shape[0])
+    assert ((centred.var(0) - variance).abs() <= 5 * var_stderr + 1e-12).all()
+
+
 @pytest.mark.parametrize("m,kappa", SAMPLE_CASES)
 def test_samples_match_mean_direction_and_resultant_length(m, kappa):
     n = 20_000
@@ -178,10 +185,7 @@ def test_samples_match_mean_direction_and_resultant_length(m, kappa):
     # E[z] = A_m(kappa) loc, coordinate by coordinate within 5 standard errors; <loc, z> has mean A_m(kappa)
     stderr = z.std(0) / math.sqrt(n)
     assert ((z.mean(0) - q.mean).abs() <= 5 * stderr + 1e-12).all()
-    # Var[z_i] (stddev raised NotImplementedError), within 5 standard errors of the sample variance
-    centred = z - z.mean(0)
-    var_stderr = ((centred**4).mean(0) - centred.var(0) ** 2).clamp(min=0).sqrt() / math.sqrt(n)
-    assert ((centred.var(0) - q.variance).abs() <= 5 * var_stderr + 1e-12).all()
+    assert_sample_variance(z, q.variance)  # (stddev raised NotImplementedError)
     torch.testing.assert_close(float(q.variance.sum() + (q.mean**2).sum()), 1.0)
     w = z @ loc
     a_m = bessel_iv_ratio(m / 2 - 1, torch.tensor(kappa, dtype=torch.float64))
@@ -203,10 +207,7 @@ def test_uniform_samples_and_density():
     assert p.batch_shape == () and p.event_shape == (5,)
     assert ((z.norm(dim=-1) - 1).abs() < 1e-12).all()
     assert (z.mean(0).abs() <= 5 * z.std(0) / math.sqrt(20_000)).all()
-    # E[z] = 0 and Var[z_i] = 1/m, the latter within 5 standard errors of the sample variance, for an expanded batch too
-    centred = z - z.mean(0)
-    var_stderr = ((centred**4).mean(0) - centred.var(0) ** 2).sqrt() / math.sqrt(20_000)
-    assert ((centred.var(0) - p.variance).abs() <= 5 * var_stderr).all()
+    assert_sample_variance(z, p.variance)  # E[z] = 0 and Var[z_i] = 1/m, for an expanded batch too
     wide = p.expand(torch.Size([3]))
     assert torch.equal(wide.mean, torch.zeros(3, 5, dtype=torch.float64))
     assert torch.equal(wide.variance, torch.full((3, 5), 0.2, dtype=torch.float64))
