@@ -452,6 +452,17 @@ def test_a_run_that_does_not_record_its_process_count_resumes_with_a_note(tmp_pa
     assert "record how many processes" not in capsys.readouterr().err  # epoch 2's checkpoint records it
 
 
+def test_a_finished_run_of_another_process_count_resumes_to_its_own_epochs_only(tmp_path):
+    """A torchrun job's size is checked only where training goes on: a finished run trains nothing, so another
+    size does not matter there."""
+    train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
+    state = runs.latest_checkpoint(tmp_path / "run").path / "trainer.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "processes": 2}))
+    train(tiny_config(epochs=1), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
+    with pytest.raises(TrainingError, match=r"was trained on 2 process\(es\), this job has 1"):
+        train(tiny_config(epochs=2), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
+
+
 def test_a_warm_up_longer_than_the_run_is_noted(tmp_path, capsys):
     """The KL weight of --warmup-epochs 8 --epochs 2 ended at a quarter of --beta, without a word."""
     train(tiny_config(epochs=2, warmup_epochs=8, beta=2.0), tmp_path / "long", dataset=tiny_data(), progress=False)
