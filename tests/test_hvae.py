@@ -254,9 +254,9 @@ def test_config_checks_name_the_flag():
         ModelConfig(model="vae", groups=(2,))
     with pytest.raises(ConfigError, match="convolutional"):
         ModelConfig(model="hvae", net="mlp")
-    with pytest.raises(ConfigError, match="--scale-floor"):
-        ModelConfig(model="hvae", scale_floor=1.5)
-    for floor in (0.0, 1.0):  # the model itself, built in Python, refuses the ends of (0, 1) too
+    for floor in (0.0, 1.0, 1.5):  # the ends of (0, 1) too, and by the model itself, built in Python
+        with pytest.raises(ConfigError, match="--scale-floor must be in"):
+            ModelConfig(model="hvae", scale_floor=floor)
         with pytest.raises(ConfigError, match="0 < scale_floor < 1"):
             HVAE(input_shape=(1, 12, 12), scale_floor=floor)
     with pytest.raises(ConfigError, match="use them with --model hvae"):
