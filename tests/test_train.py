@@ -118,6 +118,7 @@ def test_cosine_schedule_anneals_the_rate_at_every_step(tmp_path):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(last[-1])
     with pytest.raises(ConfigError, match="--lr-min"):
         tiny_config(lr=1e-3, lr_schedule="cosine", lr_min=1e-2)
+    assert learning_rate(tiny_config(lr=1e-3, lr_schedule="cosine", lr_min=1e-3).train, 2) == 1e-3  # (flat) taken
     with pytest.raises(ConfigError, match="--lr-schedule"):
         tiny_config(lr_schedule="step")
 
