@@ -339,3 +339,15 @@ def test_check_eight_bit_tolerates_float32_rounding_but_not_16_bit_levels():
     sixteen_bit = (257 * torch.arange(255, dtype=torch.float64) + 1) / 65535
     with pytest.raises(DataError, match=r"src has values that are not 8-bit levels k/255 \(off by up to 0.0039 "):
         check_eight_bit(sixteen_bit.float(), "src")
+
+
+def test_an_unknown_data_name_is_refused_as_typed():
+    """Only folder:, npz: and npy: name the user's files (made absolute, fingerprinted); any other name, with a
+    colon or without, stays as typed and is refused with the choices."""
+    from vaelab.config import DataConfig
+
+    for name in ("mnsit", "foo:bar.npz", "npz"):
+        config = DataConfig(name=name)
+        assert config.name == name and not config.from_files
+        with pytest.raises(DataError, match=rf"unknown data set '{name}'; choose one of mnist5k, .*, npy:PATH$"):
+            load_dataset(name)
