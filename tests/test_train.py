@@ -437,14 +437,19 @@ def test_weights_or_optimiser_state_gone_non_finite_under_a_finite_loss_are_not_
     vaelab.load(tmp_path / "run")
 
 
+def edit_trainer_state(run, edit):
+    """Rewrite the trainer.json of run's latest checkpoint with edit applied to its dict (e.g. an older vaelab's)."""
+    state = runs.latest_checkpoint(run).path / "trainer.json"
+    stored = json.loads(state.read_text())
+    edit(stored)
+    state.write_text(json.dumps(stored))
+
+
 def test_a_run_that_does_not_record_its_process_count_resumes_with_a_note(tmp_path, capsys):
     """Checkpoints before 2026-12-01 did not record their torchrun job's size: such a run went on with another
     global batch without a word."""
     train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
-    state = runs.latest_checkpoint(tmp_path / "run").path / "trainer.json"
-    stored = json.loads(state.read_text())
-    del stored["processes"]
-    state.write_text(json.dumps(stored))
+    edit_trainer_state(tmp_path / "run", lambda stored: stored.pop("processes"))
     capsys.readouterr()
     train(tiny_config(epochs=2), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
     assert (f"note: {tmp_path / 'run'} does not record how many processes trained it (vaelab before 2026-12-01): "
@@ -457,8 +462,7 @@ def test_a_finished_run_of_another_process_count_resumes_to_its_own_epochs_only(
     """A torchrun job's size is checked only where training goes on: a finished run trains nothing, so another
     size does not matter there."""
     train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
-    state = runs.latest_checkpoint(tmp_path / "run").path / "trainer.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "processes": 2}))
+    edit_trainer_state(tmp_path / "run", lambda stored: stored.update(processes=2))
     train(tiny_config(epochs=1), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
     with pytest.raises(TrainingError, match=r"was trained on 2 process\(es\), this job has 1"):
         train(tiny_config(epochs=2), tmp_path / "run", resume=True, dataset=tiny_data(), progress=False)
@@ -543,14 +547,15 @@ def test_kl_cycles_whose_rise_is_shorter_than_a_step_are_refused(tmp_path):
 
 
 def test_warmup_is_logged_and_beta_weights_the_kl(tmp_path):
+    data = tiny_data()
     started = time.perf_counter()
-    train(tiny_config(epochs=2, warmup_epochs=2, beta=3.0), tmp_path / "run", dataset=tiny_data(), progress=False)
+    train(tiny_config(epochs=2, warmup_epochs=2, beta=3.0), tmp_path / "run", dataset=data, progress=False)
     wall = time.perf_counter() - started
     records = runs.read_metrics(tmp_path / "run")
     assert 0 < records[0]["beta"] < records[1]["beta"] <= 3.0
     for r in records:  # each epoch's training time, and the throughput over it
         assert 0 < r["seconds"] < wall
-        assert r["samples_per_s"] == pytest.approx(len(tiny_data().train.x) / r["seconds"])
+        assert r["samples_per_s"] == pytest.approx(len(data.train.x) / r["seconds"])
 
 
 def test_binarisation_modes(tmp_path):
