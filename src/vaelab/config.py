@@ -280,8 +280,8 @@ class TrainConfig:
         if self.free_bits and self.objective != "elbo":
             raise ConfigError("--free-bits applies to the ELBO's KL term; use it with --objective elbo")
         _integer(self.seed, "--seed", minimum=0)
-        if self.seed >= 2**63:  # torch.manual_seed takes a signed 64-bit integer
-            raise ConfigError(f"--seed must be below 2**63, got {self.seed}")
+        if self.seed >= 2**64:  # torch.manual_seed's largest seed is 2**64 - 1 (vaelab sample's is too)
+            raise ConfigError(f"--seed must be below 2**64, got {self.seed}")
         device_name(self.device)
         if self.grad_clip is not None:
             _positive(self.grad_clip, "--grad-clip")
