@@ -510,10 +510,12 @@ def test_device_may_name_one_gpu_of_several(npz_data, vae_run, tmp_path, capsys)
     parser = build_parser()
     for argv in (["train"], ["evaluate", "RUN"], ["report", "RUN"], ["sample", "RUN"], ["reconstruct", "RUN"],
                  ["interpolate", "RUN"], ["serve", "RUN"]):
-        assert parser.parse_args([*argv, "--device", "cuda:1"]).device == "cuda:1"
-        with pytest.raises(SystemExit):  # torch.device would read it as cuda:0
-            parser.parse_args([*argv, "--device", "cuda:256"])
-        assert "argument --device: 'cuda:256': torch numbers GPUs cuda:0 to cuda:127" in capsys.readouterr().err
+        for taken in ("cuda:1", "cuda:127"):
+            assert parser.parse_args([*argv, "--device", taken]).device == taken
+        for wrapped in ("cuda:128", "cuda:256"):  # torch.device would read them as cuda:-128 and cuda:0
+            with pytest.raises(SystemExit):
+                parser.parse_args([*argv, "--device", wrapped])
+            assert f"argument --device: {wrapped!r}: torch numbers GPUs cuda:0 to cuda:127" in capsys.readouterr().err
         for bad in ("cuda:01", "cuda:-1", "cuda:", "gpu", "cuda1"):
             with pytest.raises(SystemExit):
                 parser.parse_args([*argv, "--device", bad])
