@@ -88,6 +88,8 @@ def test_configs_refuse_meaningless_combinations():
         config = RunConfig(model=ModelConfig(latent="vmf", kappa=kappa))  # (a stored run with it still loads)
         with pytest.raises(ConfigError, match=r"--kappa .* is outside \[1e-8, 1e5\]: above it a float32 code"):
             check_trainable(config)
+    for kappa in (1e-8, 1e5):  # the range's ends are taken
+        check_trainable(RunConfig(model=ModelConfig(latent="vmf", kappa=kappa)))
     with pytest.raises(ConfigError, match="--bn-mu"):
         ModelConfig(latent="vmf", bn_mu=0.5)
     with pytest.raises(ConfigError, match="--latent-dim"):
