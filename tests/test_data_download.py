@@ -293,6 +293,19 @@ def test_a_trickling_mirror_fails_and_what_killed_downloads_left_is_cleared(serv
         fetch.download_first([f"{base}slow/{name}"], tmp_path / "again.gz", digests[name])
 
 
+def test_a_part_file_is_stale_only_after_two_read_timeouts_and_a_minute(tmp_path, monkeypatch):
+    """A live download writes within every read timeout; only parts older than twice that and a minute are what a
+    killed one left (no test but a new part and an hour-old one set the line)."""
+    monkeypatch.setattr(fetch, "TIMEOUT_S", 100.0)  # the line at 260 s
+    now = time.time()
+    for age in (250, 270):
+        part = tmp_path / f".mnist.gz.{age}.part"
+        part.write_bytes(b"x")
+        os.utime(part, (now - age, now - age))
+    fetch._remove_stale_parts(tmp_path / "mnist.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mnist.gz.250.part"]
+
+
 def test_fashion_mnist_from_debian_dir_is_not_checksummed(idx_files, monkeypatch):
     folder, _ = idx_files
     monkeypatch.setattr(sources, "VAL_SIZE", VAL)  # digests stay upstream's: Debian files must not be checked
