@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from vaelab.fileio import usual_mode
 TIMEOUT_S = 60.0  # per connection attempt and per read; a stalled mirror fails instead of hanging a run
 MIN_RATE = 10_000  # bytes per second, on average after TIMEOUT_S: a mirror trickling slower fails too
 _CHUNK = 1 << 20
+SCHEMES = ("http", "https", "file")
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> SHA-256, hashed once per process
 
 
@@ -95,6 +97,8 @@ def _fetch(url: str, dest: Path, sha256: str) -> str | None:
     tmp: Path | None = None
     got = 0
     try:
+        if urllib.parse.urlsplit(url).scheme not in SCHEMES:  # (urllib said 'unknown url type' of the host or path)
+            return "not a URL: a base URL starts with http://, https:// or file://"
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             out = _on_disk(tempfile.NamedTemporaryFile, dir=dest.parent, prefix=f".{dest.name}.", suffix=".part",
                            delete=False)
@@ -133,9 +137,8 @@ def _fetch(url: str, dest: Path, sha256: str) -> str | None:
         return f"the connection closed early, after {got + len(e.partial)} bytes; try again"
     except OSError as e:  # the network's (an SSL error's errno is the SSL code: 1 read as EPERM, a local failure)
         return _describe(e)
-    except (http.client.HTTPException, ValueError) as e:
-        hint = " (a base URL needs http://, https:// or file://)" if isinstance(e, ValueError) else ""
-        return _describe(e) + hint
+    except (http.client.HTTPException, ValueError) as e:  # (ValueError: a malformed URL, e.g. 'http://[::1/')
+        return _describe(e)
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
