@@ -71,6 +71,9 @@ def test_missing_corpus_names_the_package(tmp_path):
     (tmp_path / "fortunes").write_text("One sentence of some words.\n%\nAnother sentence of words.\n")
     with pytest.raises(DataError, match=r"holds 2 usable sentence\(s\); give at least 3"):  # (train came back empty)
         load_fortunes(tmp_path)
+    (tmp_path / "fortunes").write_text("One sentence of some words.\n%\nAnother sentence of words.\n%\nA third one.\n")
+    ds = load_fortunes(tmp_path)  # three are enough: one sentence each
+    assert [len(split.x) for split in (ds.train, ds.val, ds.test)] == [1, 1, 1]
 
 
 @needs_fortunes
