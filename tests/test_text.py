@@ -76,6 +76,12 @@ def test_missing_corpus_names_the_package(tmp_path):
     assert [len(split.x) for split in (ds.train, ds.val, ds.test)] == [1, 1, 1]
 
 
+def test_vocabulary_keeps_tokens_seen_min_count_times_most_frequent_first():
+    sentences = [("b", "a", "c"), ("a", "b", "d", "<unk>"), ("b", "<unk>")]  # b 3, a 2, c and d once
+    assert build_vocab(sentences) == SPECIALS + ("b", "a")  # twice is enough (MIN_COUNT 2); specials not again
+    assert build_vocab(sentences, min_count=1) == SPECIALS + ("b", "a", "c", "d")  # ties alphabetical
+
+
 @needs_fortunes
 def test_fortunes_splits_are_disjoint_padded_and_use_a_train_only_vocabulary():
     ds = load_dataset("fortunes")
