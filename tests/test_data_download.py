@@ -64,6 +64,18 @@ def server(idx_files):
                         time.sleep(0.05)
                 except OSError:  # the client gave up
                     pass
+            elif self.path.startswith("/steady/"):  # the whole file in 8 pieces, one every 0.1 s
+                body = (folder / self.path.removeprefix("/steady/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for i in range(8):
+                        self.wfile.write(body[i * len(body) // 8:(i + 1) * len(body) // 8])
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                except OSError:  # the client gave up
+                    pass
             elif self.path.startswith("/cut/"):  # promises the whole file, sends half, closes
                 body = (folder / self.path.removeprefix("/cut/")).read_bytes()
                 self.send_response(200)
@@ -298,6 +310,19 @@ def test_a_trickling_mirror_fails_and_what_killed_downloads_left_is_cleared(serv
     assert not stale.exists() and live.exists()  # a download still being written is left alone
     with pytest.raises(DataError, match=r"slow/train-labels-idx1-ubyte\.gz: too slow \(\d+\.\d kB/s after \d+ s\)"):
         fetch.download_first([f"{base}slow/{name}"], tmp_path / "again.gz", digests[name])
+
+
+def test_a_download_longer_than_the_read_timeout_but_fast_enough_completes(server, idx_files, tmp_path, monkeypatch):
+    """The rate rule applies after TIMEOUT_S only to mirrors slower than MIN_RATE: no test had a download outlast
+    TIMEOUT_S, so failing every one that did (a large file on a slow line) passed."""
+    base, _ = server
+    _, digests = idx_files
+    name = "train-labels-idx1-ubyte.gz"
+    monkeypatch.setattr(fetch, "TIMEOUT_S", 0.3)
+    monkeypatch.setattr(fetch, "MIN_RATE", 10)  # bytes per second; the fixture's file arrives at about 100
+    t0 = time.monotonic()
+    assert fetch.download_first([f"{base}steady/{name}"], tmp_path / name, digests[name]) == 0
+    assert time.monotonic() - t0 > 0.6 and (tmp_path / name).is_file()
 
 
 def test_a_part_file_is_stale_only_after_two_read_timeouts_and_a_minute(tmp_path, monkeypatch):
