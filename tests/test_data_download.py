@@ -145,6 +145,19 @@ def test_mirrors_are_tried_in_order(server, small_idx_sets, monkeypatch):
     assert len(requests) == 5  # the mirror that answered goes first for the other files (a dead one cost 4 timeouts)
 
 
+def test_a_file_no_mirror_has_names_each_mirror_once(server, small_idx_sets, monkeypatch):
+    """After a file came from the second mirror, the list for the next files was rebuilt around it; a slip there
+    (mirrors[used - 1:] for mirrors[used + 1:]) tried the dead one twice, and no test had a later file fail."""
+    base, requests = server
+    monkeypatch.setenv("VAELAB_MNIST_URL", f"{base}missing/ {base}")
+    monkeypatch.setitem(sources.MNIST_SHA256, "t10k-images-idx3-ubyte.gz", "0" * 64)  # the third file, on neither
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist")
+    assert str(info.value).count("t10k-images-idx3-ubyte.gz: ") == 2  # one problem per mirror
+    assert [r for r in requests if "t10k-images" in r] == ["/t10k-images-idx3-ubyte.gz",
+                                                           "/missing/t10k-images-idx3-ubyte.gz"]
+
+
 def test_corrupt_download_is_refused_and_removed(server, small_idx_sets, monkeypatch, offline_data):
     base, _ = server
     monkeypatch.setenv("VAELAB_MNIST_URL", base)
