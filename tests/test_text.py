@@ -54,7 +54,10 @@ def test_sentences_are_split_and_attributions_dropped(tmp_path):
         "\t\t-- Robert Heinlein\n%\n"
         "\"Why me?\" he asked the cat. Mr. Smith knows why.\n%\n"
         "Too short.\n%\n"
-        "_\bB_\bo_\bl_\bd words are underlined in old files.\n"
+        "_\bB_\bo_\bl_\bd words are underlined in old files.\n%\n"
+        "Four tokens here.\n%\n"  # the shortest kept; "Too short." (3) is dropped
+        + " ".join(f"w{i}" for i in range(19)) + ".\n%\n"  # 20 tokens, the longest kept
+        + " ".join(f"v{i}" for i in range(20)) + ".\n"  # 21: dropped
     )
     assert read_sentences(tmp_path) == [
         ("a", '"', "critic", '"', "is", "a", "man", "who", "creates", "nothing", "."),
@@ -62,6 +65,8 @@ def test_sentences_are_split_and_attributions_dropped(tmp_path):
         ('"', "why", "me", "?", '"', "he", "asked", "the", "cat", "."),
         ("mr", ".", "smith", "knows", "why", "."),
         ("bold", "words", "are", "underlined", "in", "old", "files", "."),
+        ("four", "tokens", "here", "."),
+        (*(f"w{i}" for i in range(19)), "."),
     ]
 
 
