@@ -338,6 +338,18 @@ def test_a_download_longer_than_the_read_timeout_but_fast_enough_completes(serve
     assert time.monotonic() - t0 > 0.6 and (tmp_path / name).is_file()
 
 
+def test_a_mirror_below_the_rate_fails_once_the_read_timeout_has_passed(server, tmp_path, monkeypatch):
+    """Average rate against MIN_RATE, at 200 B/s against 300: the trickle test's timeout of 0.3 s left 'got <
+    MIN_RATE / seconds' failing the same mirror too (the two part only after a second)."""
+    base, _ = server
+    monkeypatch.setattr(fetch, "TIMEOUT_S", 1.25)
+    monkeypatch.setattr(fetch, "MIN_RATE", 300)
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=r"slow/f: too slow \(0\.\d kB/s after \d s\)"):
+        download(f"{base}slow/f", tmp_path / "f", "0" * 64)
+    assert time.monotonic() - t0 < 4  # the slow path sends for 10 s
+
+
 def test_a_part_file_is_stale_only_after_two_read_timeouts_and_a_minute(tmp_path, monkeypatch):
     """A live download writes within every read timeout; only parts older than twice that and a minute are what a
     killed one left (no test but a new part and an hour-old one set the line)."""
