@@ -8,6 +8,7 @@ import stat
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from vaelab import evaluate, runs
@@ -83,6 +84,16 @@ def test_a_checkpoint_that_does_not_fit_config_json_says_which_weight(good_run, 
     assert main(["evaluate", str(run)]) == 2
     err = one_line(capsys)  # it ended at "Error(s) in loading state_dict for VAE:"
     assert "size mismatch for posterior" in err and "was config.json edited" in err
+
+
+def test_a_one_line_load_error_is_shown_whole(good_run, monkeypatch, capsys):
+    """torch's load errors run to two lines and more (the second is shown); one of a single line is shown as it is."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("weights on the meta device")
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", refuse)
+    assert main(["evaluate", str(good_run)]) == 2
+    assert "does not match the model config.json describes (weights on the meta device)" in one_line(capsys)
 
 
 def test_resume_refuses_another_model_or_a_preset_instead_of_passing_them_over(good_run, tmp_path, capsys):
