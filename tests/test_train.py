@@ -292,6 +292,10 @@ def test_a_damaged_checkpoint_names_the_intact_earlier_one_and_following_that_re
         with pytest.raises(CheckpointError, match=r"which is not a checkpoint folder in ") as caught:
             vaelab.load(run)
         assert str(caught.value).endswith(advice), folder
+    (root / "latest.json").write_text("{")  # the pointer itself damaged
+    with pytest.raises(CheckpointError, match=r"latest.json is damaged \(") as caught:
+        vaelab.load(run)
+    assert str(caught.value).endswith(advice)
     (root / "latest.json").unlink()  # no pointer: the newest folder whose trainer.json reads is offered
     with pytest.raises(CheckpointError, match=r"latest.json is missing; the run holds epoch-0002: to use it"):
         vaelab.load(run)
