@@ -231,6 +231,16 @@ def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path,
         after = runs.latest_checkpoint(tmp_path / "run")
         assert after.path == before.path and after.epoch == 1
         assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))  # no debris
+    def cuda_error(*args, **kwargs):
+        raise RuntimeError("CUDA error")
+
+    with monkeypatch.context() as patch:  # torch's other RuntimeErrors are no full disk: they go up as they are
+        patch.setattr(runs.torch, "save", cuda_error)
+        with pytest.raises(RuntimeError, match="^CUDA error$"):
+            runs.save_checkpoint(tmp_path / "run", model=model, optimizer=torch.optim.Adam(model.parameters()),
+                                 state={"epoch": 2})
+    assert runs.latest_checkpoint(tmp_path / "run").path == before.path
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))
     vaelab.load(tmp_path / "run")
 
 
