@@ -209,6 +209,11 @@ def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path,
     model = train(tiny_config(epochs=1), tmp_path / "run", dataset=tiny_data(), progress=False)
     before = runs.latest_checkpoint(tmp_path / "run")
 
+    def assert_last_good_kept():
+        after = runs.latest_checkpoint(tmp_path / "run")
+        assert after.path == before.path and after.epoch == 1
+        assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))  # no debris
+
     # each writer's own way of saying the disk is full: tracebacks, the last with no file to name; and no room
     # for the temporary folder itself (there is none to clean up then)
     writers = {"save_file": (runs, "save_file"), "torch_save": (runs.torch, "save"),
@@ -228,9 +233,8 @@ def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path,
                                                       r"--resume$"):
                 runs.save_checkpoint(tmp_path / "run", model=model, optimizer=torch.optim.Adam(model.parameters()),
                                      state={"epoch": 2})
-        after = runs.latest_checkpoint(tmp_path / "run")
-        assert after.path == before.path and after.epoch == 1
-        assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))  # no debris
+        assert_last_good_kept()
+
     def cuda_error(*args, **kwargs):
         raise RuntimeError("CUDA error")
 
@@ -239,8 +243,7 @@ def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path,
         with pytest.raises(RuntimeError, match="^CUDA error$"):
             runs.save_checkpoint(tmp_path / "run", model=model, optimizer=torch.optim.Adam(model.parameters()),
                                  state={"epoch": 2})
-    assert runs.latest_checkpoint(tmp_path / "run").path == before.path
-    assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))
+    assert_last_good_kept()
     vaelab.load(tmp_path / "run")
 
 
