@@ -682,6 +682,18 @@ def test_sample_on_the_command_line_refuses_image_and_hierarchy_flags_for_a_text
     assert len((tmp_path / "s.txt").read_text().splitlines()) == 3
 
 
+def test_text_commands_write_their_sentences_beside_the_run_by_default(text_root, tmp_path, capsys):
+    from vaelab.cli import main
+
+    run = tmp_path / "text"
+    shutil.copytree(text_root / "text", run)
+    assert main(["sample", str(run), "--n", "3"]) == 0
+    assert main(["reconstruct", str(run), "--n", "2"]) == 0
+    assert main(["interpolate", str(run), "--a", "0", "--b", "-1", "--steps", "4"]) == 0
+    assert [len((run / name).read_text().splitlines())
+            for name in ("samples.txt", "reconstructions.txt", "interpolate-0-4.txt")] == [3, 2 * 2, 4]
+
+
 def sentences(response) -> list[str]:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/json"
