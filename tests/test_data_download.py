@@ -65,10 +65,7 @@ def server(idx_files):
                 except OSError:  # the client gave up
                     pass
             elif self.path.startswith("/steady/"):  # the whole file in 8 pieces, one every 0.1 s
-                body = (folder / self.path.removeprefix("/steady/")).read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
+                body = self.start_file("/steady/")
                 try:
                     for i in range(8):
                         self.wfile.write(body[i * len(body) // 8:(i + 1) * len(body) // 8])
@@ -77,14 +74,19 @@ def server(idx_files):
                 except OSError:  # the client gave up
                     pass
             elif self.path.startswith("/cut/"):  # promises the whole file, sends half, closes
-                body = (folder / self.path.removeprefix("/cut/")).read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
+                body = self.start_file("/cut/")
                 self.wfile.write(body[:len(body) // 2])
                 self.close_connection = True
             else:
                 super().do_GET()
+
+        def start_file(self, prefix):
+            """The fixture file the path names after prefix, its status and Content-Length sent."""
+            body = (folder / self.path.removeprefix(prefix)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return body
 
         def log_message(self, *args):
             pass
