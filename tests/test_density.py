@@ -121,6 +121,9 @@ def test_estimates_are_reproducible_and_independent_of_chunk_and_batch_size():
         got = log_likelihood(model, x, k=50, chunk=chunk, batch_size=batch_size, seed=3)
         torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-5)
     assert not torch.allclose(log_likelihood(model, x, k=50, seed=4), reference)
+    large = log_likelihood(model, x, k=50, seed=2**64)  # a seed of any size (from 2**63 was "must be >= 0")
+    torch.testing.assert_close(log_likelihood(model, x, k=50, chunk=7, seed=2**64), large, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(log_likelihood(model, x, k=50, seed=2**63), large)
 
 
 def passes_of(model):

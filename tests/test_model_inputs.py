@@ -292,9 +292,12 @@ def test_importance_sampling_refuses_empty_mistyped_or_impossible_data_and_resto
         with pytest.raises(InputError, match=message):
             importance_sample(model, bad, k=4)
         assert model.training  # the model's mode is restored on failure too
-    for arguments, message in [({"k": 0}, "k must be an integer >= 1, got 0"), ({"k": 2.5}, "k must be"),
-                               ({"k": True}, "k must be"), ({"k": 4, "chunk": 0}, "chunk must be an integer >= 1"),
-                               ({"k": 4, "batch_size": -1}, "batch_size must be"), ({"k": 4, "seed": -1}, "seed must")]:
+    for arguments, message in [({"k": 0}, r"k must be an integer from 1 to 2\*\*63 - 1, got 0"),
+                               ({"k": 2.5}, "k must be"), ({"k": True}, "k must be"),
+                               ({"k": 4, "chunk": 0}, "chunk must be an integer from 1"),
+                               ({"k": 4, "batch_size": -1}, "batch_size must be"),
+                               ({"k": 4, "seed": -1}, "seed must be an integer >= 0, got -1"),
+                               ({"k": 2**63}, r"k must be an integer from 1 to 2\*\*63 - 1, got 9223372036854775808")]:
         with pytest.raises(InputError, match=message):  # were TypeErrors from inside, or silently clamped to 1
             importance_sample(model, torch.rand(2, *SHAPE), **arguments)
     with pytest.raises(InputError, match="meta device"):  # was "Tensor.item() cannot be called on meta tensors"

@@ -180,7 +180,7 @@ def importance_sample(model: nn.Module, x: torch.Tensor, *, k: int = 5000, chunk
         exact = "; PCA's log p(x) is exact: log_likelihood(model, x)" if hasattr(model, "log_marginal") else ""
         raise InputError(f"importance_sample: {type(model).__name__} models have no latent posterior and prior to "
                          f"sample from; log p(x) needs a VAE{exact}")
-    k, seed = _whole("k", k, 1), _whole("seed", seed, 0)
+    k, seed = _whole("k", k, 1), _whole("seed", seed, 0, capped=False)
     chunk = None if chunk is None else _whole("chunk", chunk, 1)
     batch_size = None if batch_size is None else _whole("batch_size", batch_size, 1)
     _check_data(model, x, "importance_sample")
@@ -202,10 +202,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def _whole(name: str, value: object, lowest: int) -> int:
-    """importance_sample's counts and seed as Python ints (NumPy's too), or a one-line InputError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lowest <= value < 2**63:
-        raise InputError(f"importance_sample: {name} must be an integer >= {lowest}, got {value!r}")
+def _whole(name: str, value: object, lowest: int, capped: bool = True) -> int:
+    """importance_sample's counts and seed as Python ints (NumPy's too), or a one-line InputError. Counts stay
+    below 2**63, torch's largest size; a seed may be any size (numpy's SeedSequence takes it)."""
+    top = 2**63 if capped else math.inf
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lowest <= value < top:
+        limit = f"from {lowest} to 2**63 - 1" if capped else f">= {lowest}"
+        raise InputError(f"importance_sample: {name} must be an integer {limit}, got {value!r}")
     return int(value)
 
 
