@@ -198,7 +198,7 @@ def test_unreachable_and_silent_servers(monkeypatch, tmp_path):
         silent.close()
     assert not (tmp_path / "f").exists()
     for url in ("127.0.0.1:9/f", "mirror.example/f"):  # mirrors set without a scheme (the first read "unknown url
-        with pytest.raises(DataError, match=rf"\({re.escape(url)}: not a URL: a base URL starts with http://, "
+        with pytest.raises(DataError, match=rf"\({re.escape(url)}: not a URL: it must start with http://, "
                                             r"https:// or file://\)"):  # type: 127.0.0.1", with no hint)
             download(url, tmp_path / "f", "0" * 64)
     with pytest.raises(DataError, match=r"\(http://\[::1/f: Invalid IPv6 URL\)"):

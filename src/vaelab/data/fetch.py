@@ -98,7 +98,7 @@ def _fetch(url: str, dest: Path, sha256: str) -> str | None:
     got = 0
     try:
         if urllib.parse.urlsplit(url).scheme not in SCHEMES:  # (urllib said 'unknown url type' of the host or path)
-            return "not a URL: a base URL starts with http://, https:// or file://"
+            return f"not a URL: it must start with {', '.join(f'{s}://' for s in SCHEMES[:-1])} or {SCHEMES[-1]}://"
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             out = _on_disk(tempfile.NamedTemporaryFile, dir=dest.parent, prefix=f".{dest.name}.", suffix=".part",
                            delete=False)
