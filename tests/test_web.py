@@ -204,6 +204,24 @@ def test_sliders_span_three_standard_deviations_of_the_test_codes_most_used_dime
     assert s["sliders"]["span"] == pytest.approx([3 * float(std[i]) for i in s["sliders"]["dims"]], rel=1e-5)
 
 
+def test_an_unused_dimensions_slider_keeps_a_tenth_of_the_widest_span(runs_root, monkeypatch):
+    """The floor that keeps an unused dimension's slider movable: no test had a dimension below it."""
+    from vaelab.web import explorer
+
+    real, seen = explorer.test_codes, []
+
+    def one_unused(model, x):  # dimension 1 of the codes barely moves (a VAE's inactive unit)
+        seen.append(real(model, x) * torch.tensor([1.0, 1e-4, 1.0]))
+        return seen[-1]
+
+    monkeypatch.setattr(explorer, "test_codes", one_unused)
+    sliders = explorer.Explorer.load("vae", runs_root / "vae").summary["sliders"]
+    std = seen[0].double().std(0)
+    assert 1 in sliders["dims"] and std[1] < 0.01 * std.max()
+    floor = 0.1 * float(std.max()) + 1e-6  # (1e-6: above zero when all codes are one point)
+    assert sliders["span"] == pytest.approx([3 * max(float(std[i]), floor) for i in sliders["dims"]], rel=1e-5)
+
+
 def test_metrics_come_from_evaluation_json(runs_root):
     (runs_root / "pca" / "evaluation.json").write_text(json.dumps({"nll": 12.5, "test_kl": float("nan"),
                                                                                 "format": EVALUATION_FORMAT}))
